@@ -1,0 +1,365 @@
+//! The proxy's configuration: the `proxy.yaml` schema, the quick-mode equivalent built from
+//! command-line flags, and validation.
+//!
+//! Every error names the file, the field path and the reason
+//! (`proxy.yaml: routes[1].service: no service named "api" (known: "web")`), so an operator can
+//! fix it without reading code. Parsing and validation are pure; nothing here touches the network.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Default admin address: localhost only, like Linkerd's admin port.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:4191";
+/// Default outbound listener address.
+pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:4140";
+/// How long an upstream TCP connect may take before the request fails with 502.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// How long the upstream may take to send response headers before the request fails with 504.
+/// Envoy's default route timeout is the same 15 s.
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 15_000;
+/// How long in-flight requests may run after SIGTERM before the process exits anyway.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// How long a client may take to send a complete HTTP/1 request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Idle pooled upstream connections are closed after this long.
+pub const DEFAULT_POOL_IDLE_TIMEOUT_MS: u64 = 90_000;
+
+/// The whole proxy configuration, as in `proxy.yaml`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Admin server address (`/live`, `/ready`, `/metrics`, `/config`).
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Worker threads, each with its own runtime and its own `SO_REUSEPORT` listener.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_pool_idle_timeout_ms")]
+    pub pool_idle_timeout_ms: u64,
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+    /// Evaluated in order; the first match wins. Without a match the listener's
+    /// `default_service` is used, and without one the request gets 404.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub direction: Direction,
+    #[serde(default)]
+    pub default_service: Option<String>,
+}
+
+/// Which side of the application a listener serves; a label on every metric.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    #[default]
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// May be empty: requests then fail fast with 503 until endpoints arrive.
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+    #[serde(default)]
+    pub balancer: BalancerKind,
+}
+
+/// The protocol spoken to a service's endpoints.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// The same as the downstream request: HTTP/1.1 stays HTTP/1.1, HTTP/2 (and so gRPC) stays
+    /// HTTP/2. An upgrade (WebSocket) always uses HTTP/1.1.
+    #[default]
+    Auto,
+    Http1,
+    Http2,
+}
+
+/// Endpoint selection strategy of a service.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Power of two choices over peak-EWMA latency × (in-flight + 1), as Linkerd does.
+    #[default]
+    P2cEwma,
+    RoundRobin,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(rename = "match", default)]
+    pub matches: RouteMatch,
+    pub service: String,
+}
+
+/// All given conditions must hold. An empty match matches every request.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Exact host (without port), case-insensitive.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Exact header values, header names case-insensitive.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_admin() -> SocketAddr {
+    DEFAULT_ADMIN_ADDR.parse().expect("constant address parses")
+}
+fn default_workers() -> usize {
+    1
+}
+fn default_drain_timeout_ms() -> u64 {
+    DEFAULT_DRAIN_TIMEOUT_MS
+}
+fn default_header_read_timeout_ms() -> u64 {
+    DEFAULT_HEADER_READ_TIMEOUT_MS
+}
+fn default_connect_timeout_ms() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_MS
+}
+fn default_pool_idle_timeout_ms() -> u64 {
+    DEFAULT_POOL_IDLE_TIMEOUT_MS
+}
+fn default_response_timeout_ms() -> u64 {
+    DEFAULT_RESPONSE_TIMEOUT_MS
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{file}: {field}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    /// Field path, e.g. `routes[1].service`; `.` for the document itself.
+    pub field: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(file: &str, field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            file: file.to_string(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+// === impl ProxyConfig ===
+
+impl ProxyConfig {
+    /// Reads and validates a YAML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&file, ".", format!("cannot read: {e}")))?;
+        Self::from_yaml(&file, &text)
+    }
+
+    /// Parses and validates YAML text; `file` is only used in error messages.
+    pub fn from_yaml(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let config: ProxyConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            // serde_yaml_ng appends " at line L column C"; keep it, it helps find the spot.
+            ConfigError::new(file, field, inner)
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// The configuration of quick mode: one outbound listener in front of one service.
+    pub fn quick(listen: SocketAddr, upstreams: Vec<SocketAddr>, admin: SocketAddr) -> Self {
+        ProxyConfig {
+            admin,
+            workers: default_workers(),
+            drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            pool_idle_timeout_ms: DEFAULT_POOL_IDLE_TIMEOUT_MS,
+            listeners: vec![ListenerConfig {
+                name: "outbound".into(),
+                address: listen,
+                direction: Direction::Outbound,
+                default_service: Some(QUICK_SERVICE.into()),
+            }],
+            services: vec![ServiceConfig {
+                name: QUICK_SERVICE.into(),
+                endpoints: upstreams,
+                protocol: UpstreamProtocol::Auto,
+                response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
+                balancer: BalancerKind::default(),
+            }],
+            routes: Vec::new(),
+        }
+    }
+
+    /// Checks what the schema alone cannot: references, uniqueness, ranges.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        if self.workers == 0 || self.workers > 1024 {
+            return Err(ConfigError::new(
+                file,
+                "workers",
+                format!("must be between 1 and 1024, got {}", self.workers),
+            ));
+        }
+        if self.listeners.is_empty() {
+            return Err(ConfigError::new(file, "listeners", "at least one listener is required"));
+        }
+        for (field, value) in [
+            ("drain_timeout_ms", self.drain_timeout_ms),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("pool_idle_timeout_ms", self.pool_idle_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(file, field, "must be greater than 0"));
+            }
+        }
+
+        let mut service_names = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            if s.name.is_empty() {
+                return Err(ConfigError::new(file, format!("services[{i}].name"), "must not be empty"));
+            }
+            if !service_names.insert(s.name.as_str()) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("services[{i}].name"),
+                    format!("duplicate service name {:?}", s.name),
+                ));
+            }
+            let mut seen = HashSet::new();
+            for (j, e) in s.endpoints.iter().enumerate() {
+                if e.port() == 0 {
+                    return Err(ConfigError::new(
+                        file,
+                        format!("services[{i}].endpoints[{j}]"),
+                        format!("port must not be 0, got {e}"),
+                    ));
+                }
+                if !seen.insert(e) {
+                    return Err(ConfigError::new(
+                        file,
+                        format!("services[{i}].endpoints[{j}]"),
+                        format!("duplicate endpoint {e}"),
+                    ));
+                }
+            }
+        }
+        let known = || {
+            let mut names: Vec<_> = self.services.iter().map(|s| format!("{:?}", s.name)).collect();
+            names.sort();
+            if names.is_empty() {
+                "no services are defined".to_string()
+            } else {
+                format!("known: {}", names.join(", "))
+            }
+        };
+
+        let mut listener_names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if !listener_names.insert(l.name.as_str()) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("listeners[{i}].name"),
+                    format!("duplicate listener name {:?}", l.name),
+                ));
+            }
+            if !addresses.insert(l.address) || l.address == self.admin {
+                return Err(ConfigError::new(
+                    file,
+                    format!("listeners[{i}].address"),
+                    format!("address {} is already used by another listener or the admin server", l.address),
+                ));
+            }
+            if let Some(svc) = &l.default_service {
+                if !service_names.contains(svc.as_str()) {
+                    return Err(ConfigError::new(
+                        file,
+                        format!("listeners[{i}].default_service"),
+                        format!("no service named {svc:?} ({})", known()),
+                    ));
+                }
+            }
+        }
+
+        for (i, r) in self.routes.iter().enumerate() {
+            if !service_names.contains(r.service.as_str()) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("routes[{i}].service"),
+                    format!("no service named {:?} ({})", r.service, known()),
+                ));
+            }
+            if let Some(prefix) = &r.matches.path_prefix {
+                if !prefix.starts_with('/') {
+                    return Err(ConfigError::new(
+                        file,
+                        format!("routes[{i}].match.path_prefix"),
+                        format!("must start with '/', got {prefix:?}"),
+                    ));
+                }
+            }
+            for name in r.matches.headers.keys() {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(ConfigError::new(
+                        file,
+                        format!("routes[{i}].match.headers.{name}"),
+                        "is not a valid HTTP header name",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The service name quick mode gives to its `--upstream` endpoints.
+pub const QUICK_SERVICE: &str = "upstream";
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,87 @@
+use super::*;
+
+const GOOD: &str = r#"
+admin: 127.0.0.1:9991
+workers: 2
+listeners:
+  - name: outbound
+    address: 127.0.0.1:4140
+    default_service: web
+services:
+  - name: web
+    endpoints: ["127.0.0.1:8080", "127.0.0.1:8081"]
+  - name: api
+    protocol: http2
+    response_timeout_ms: 500
+routes:
+  - match: { host: api.local, path_prefix: /v1, headers: { x-tenant: a } }
+    service: api
+"#;
+
+#[test]
+fn parses_a_full_file_with_defaults() {
+    let c = ProxyConfig::from_yaml("proxy.yaml", GOOD).unwrap();
+    assert_eq!(c.workers, 2);
+    assert_eq!(c.listeners[0].direction, Direction::Outbound);
+    assert_eq!(c.services[0].endpoints.len(), 2);
+    assert_eq!(c.services[0].response_timeout_ms, DEFAULT_RESPONSE_TIMEOUT_MS);
+    assert_eq!(c.services[1].protocol, UpstreamProtocol::Http2);
+    assert_eq!(c.routes[0].matches.headers["x-tenant"], "a");
+    assert_eq!(c.connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS);
+}
+
+fn err(text: &str) -> ConfigError {
+    ProxyConfig::from_yaml("proxy.yaml", text).unwrap_err()
+}
+
+#[test]
+fn unknown_field_names_its_path() {
+    let e = err(&GOOD.replace("    protocol: http2", "    protocl: http2"));
+    assert_eq!(e.file, "proxy.yaml");
+    assert_eq!(e.field, "services[1].protocl");
+    assert!(e.reason.contains("unknown field `protocl`"), "{e}");
+}
+
+#[test]
+fn bad_address_names_its_path() {
+    let e = err(&GOOD.replace("127.0.0.1:8081", "127.0.0.1:notaport"));
+    assert_eq!(e.field, "services[0].endpoints[1]");
+    assert!(e.reason.contains("invalid socket address"), "{e}");
+}
+
+#[test]
+fn route_to_missing_service_is_refused() {
+    let e = err(&GOOD.replace("    service: api", "    service: nope"));
+    assert_eq!(e.to_string(), r#"proxy.yaml: routes[0].service: no service named "nope" (known: "api", "web")"#);
+}
+
+#[test]
+fn default_service_must_exist() {
+    let e = err(&GOOD.replace("default_service: web", "default_service: gone"));
+    assert_eq!(e.field, "listeners[0].default_service");
+}
+
+#[test]
+fn zero_workers_is_refused() {
+    let e = err(&GOOD.replace("workers: 2", "workers: 0"));
+    assert_eq!(e.to_string(), "proxy.yaml: workers: must be between 1 and 1024, got 0");
+}
+
+#[test]
+fn duplicate_endpoint_and_listener_on_admin_port_are_refused() {
+    let e = err(&GOOD.replace("127.0.0.1:8081", "127.0.0.1:8080"));
+    assert_eq!(e.field, "services[0].endpoints[1]");
+    let e = err(&GOOD.replace("address: 127.0.0.1:4140", "address: 127.0.0.1:9991"));
+    assert_eq!(e.field, "listeners[0].address");
+}
+
+#[test]
+fn quick_mode_is_valid() {
+    let c = ProxyConfig::quick(
+        "127.0.0.1:4140".parse().unwrap(),
+        vec!["127.0.0.1:8080".parse().unwrap()],
+        default_admin(),
+    );
+    c.validate("<command line>").unwrap();
+    assert_eq!(c.listeners[0].default_service.as_deref(), Some(QUICK_SERVICE));
+}

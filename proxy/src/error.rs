@@ -1,0 +1,116 @@
+//! The errors the proxy answers itself, and their one mapping to an HTTP status, a metric label
+//! and a short plain-text body that names the cause.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// The cause of a response the proxy made itself. The discriminant indexes per-cause metric
+/// handles, so keep [`ErrorKind::ALL`] in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    NoRoute = 0,
+    NoEndpoints = 1,
+    UpstreamConnect = 2,
+    UpstreamTimeout = 3,
+    UpstreamReset = 4,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::NoRoute,
+        ErrorKind::NoEndpoints,
+        ErrorKind::UpstreamConnect,
+        ErrorKind::UpstreamTimeout,
+        ErrorKind::UpstreamReset,
+    ];
+
+    /// The metric label and `x-cogmesh-error` header value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::NoRoute => "no_route",
+            ErrorKind::NoEndpoints => "no_endpoints",
+            ErrorKind::UpstreamConnect => "upstream_connect",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::UpstreamReset => "upstream_reset",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::NoRoute => StatusCode::NOT_FOUND,
+            ErrorKind::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// A failed request, with what the operator needs to act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches the request and the listener has no default service")]
+    NoRoute,
+    #[error("service {service:?} has no endpoints")]
+    NoEndpoints { service: String },
+    #[error("cannot connect to upstream {endpoint}: {cause}")]
+    UpstreamConnect { endpoint: SocketAddr, cause: String },
+    #[error("upstream {endpoint} sent no response headers within {} ms", after.as_millis())]
+    UpstreamTimeout { endpoint: SocketAddr, after: Duration },
+    #[error("upstream {endpoint} failed the request: {cause}")]
+    UpstreamReset { endpoint: SocketAddr, cause: String },
+}
+
+impl ProxyError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ProxyError::NoRoute => ErrorKind::NoRoute,
+            ProxyError::NoEndpoints { .. } => ErrorKind::NoEndpoints,
+            ProxyError::UpstreamConnect { .. } => ErrorKind::UpstreamConnect,
+            ProxyError::UpstreamTimeout { .. } => ErrorKind::UpstreamTimeout,
+            ProxyError::UpstreamReset { .. } => ErrorKind::UpstreamReset,
+        }
+    }
+
+    /// Classifies a client error from hyper-util's pooled client.
+    pub fn from_client(endpoint: SocketAddr, err: &hyper_util::client::legacy::Error) -> Self {
+        let cause = error_chain(err);
+        if err.is_connect() {
+            ProxyError::UpstreamConnect { endpoint, cause }
+        } else {
+            ProxyError::UpstreamReset { endpoint, cause }
+        }
+    }
+}
+
+/// `err` and its sources joined with ": ", the way an operator reads a cause.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_maps_to_one_status_and_label() {
+        for (i, k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+        assert_eq!(ErrorKind::NoEndpoints.status(), 503);
+        assert_eq!(ErrorKind::UpstreamConnect.status(), 502);
+        assert_eq!(ErrorKind::UpstreamTimeout.status(), 504);
+        assert_eq!(ErrorKind::UpstreamTimeout.label(), "upstream_timeout");
+    }
+}

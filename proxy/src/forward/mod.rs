@@ -1,0 +1,275 @@
+//! The request path of a listener: route the request to a service, pick an endpoint, rewrite
+//! the request for the hop (RFC 9110 hop-by-hop headers, `x-forwarded-*`, protocol), send it on
+//! the shared upstream pool, and stream the response back. Upgrades (WebSocket) are spliced.
+//!
+//! Bodies are never buffered: the downstream body is handed to the upstream client as it is,
+//! and the upstream body streams back inside [`ProxyBody`], which also keeps the endpoint's
+//! in-flight count until the response ends. Errors become responses through
+//! [`crate::error::ProxyError`], the one place that maps causes to statuses.
+
+mod body;
+mod headers;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderValue, CONTENT_TYPE, HOST};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+pub use self::body::ProxyBody;
+use crate::balance::InFlight;
+use crate::config::{ProxyConfig, UpstreamProtocol};
+use crate::error::ProxyError;
+use crate::route::{RoutingTable, SharedTable};
+
+/// The pooled upstream clients, shared by every listener and worker thread.
+#[derive(Clone)]
+pub struct Upstreams {
+    http1: Client<HttpConnector, Incoming>,
+    http2: Client<HttpConnector, Incoming>,
+}
+
+impl Upstreams {
+    pub fn new(config: &ProxyConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
+        let idle = Duration::from_millis(config.pool_idle_timeout_ms);
+        // The idle limit per host must be at least the concurrency, or connections churn
+        // (DESIGN.md, performance notes); the idle timeout only runs with a timer.
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(idle)
+            .pool_max_idle_per_host(usize::MAX)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Upstreams { http1, http2 }
+    }
+}
+
+/// The hyper service of one accepted connection.
+#[derive(Clone)]
+pub struct Forward {
+    table: SharedTable,
+    upstreams: Upstreams,
+    listener: usize,
+    client_ip: HeaderValue,
+}
+
+impl Forward {
+    pub fn new(table: SharedTable, upstreams: Upstreams, listener: usize, peer: SocketAddr) -> Self {
+        let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value");
+        Forward {
+            table,
+            upstreams,
+            listener,
+            client_ip,
+        }
+    }
+
+    async fn forward(self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let table = self.table.load_full();
+        let routes = &table.listeners[self.listener];
+        let Some(index) = table.route(self.listener, &req) else {
+            return self.fail(&routes.unrouted, start, ProxyError::NoRoute, &req);
+        };
+        let metrics = &routes.metrics[index];
+        metrics.requests.inc();
+        let grpc = is_grpc(&req);
+        match self.send(&table, index, req).await {
+            Ok((response, endpoint)) => {
+                let elapsed = start.elapsed();
+                endpoint.observe_rtt(elapsed);
+                metrics.latency.observe(elapsed.as_secs_f64());
+                metrics.response(response.status().as_u16());
+                response
+            }
+            Err(err) => {
+                let kind = err.kind();
+                warn!(service = %table.services[index].name, error = kind.label(), "{err}");
+                metrics.error(kind);
+                metrics.latency.observe(start.elapsed().as_secs_f64());
+                metrics.response(kind.status().as_u16());
+                error_response(&err, grpc)
+            }
+        }
+    }
+
+    fn fail(
+        &self,
+        metrics: &crate::metrics::ServiceMetrics,
+        start: Instant,
+        err: ProxyError,
+        req: &Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let kind = err.kind();
+        debug!(error = kind.label(), uri = %req.uri(), "{err}");
+        metrics.error(kind);
+        metrics.latency.observe(start.elapsed().as_secs_f64());
+        metrics.response(kind.status().as_u16());
+        error_response(&err, is_grpc(req))
+    }
+
+    async fn send(
+        &self,
+        table: &RoutingTable,
+        index: usize,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<ProxyBody>, Arc<crate::balance::Endpoint>), ProxyError> {
+        let service = &table.services[index];
+        let endpoint = service.endpoints.pick().ok_or_else(|| ProxyError::NoEndpoints {
+            service: service.name.clone(),
+        })?;
+        let endpoint = Arc::clone(endpoint);
+
+        let upgrade = headers::is_upgrade(&req);
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let use_http2 = !upgrade
+            && match service.protocol {
+                UpstreamProtocol::Auto => parts.version == Version::HTTP_2,
+                UpstreamProtocol::Http1 => false,
+                UpstreamProtocol::Http2 => true,
+            };
+
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        if !use_http2 && !parts.headers.contains_key(HOST) {
+            // HTTP/2 → HTTP/1.1: the authority moves to the Host header.
+            if let Some(authority) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                    parts.headers.insert(HOST, v);
+                }
+            }
+        }
+        headers::set_forwarded(&mut parts.headers, &self.client_ip);
+
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(endpoint.authority.clone())
+            .path_and_query(path)
+            .build()
+            .expect("scheme, authority and path are valid");
+        parts.version = if use_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+
+        let in_flight = InFlight::start(Arc::clone(&endpoint));
+        let client = if use_http2 {
+            &self.upstreams.http2
+        } else {
+            &self.upstreams.http1
+        };
+        let pending = client.request(Request::from_parts(parts, body));
+        let result = match service.response_timeout {
+            Some(after) => match tokio::time::timeout(after, pending).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(ProxyError::UpstreamTimeout {
+                        endpoint: endpoint.addr,
+                        after,
+                    })
+                }
+            },
+            None => pending.await,
+        };
+        let mut response = result.map_err(|e| ProxyError::from_client(endpoint.addr, &e))?;
+
+        let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if let (true, Some(downstream)) = (switched, downstream_upgrade) {
+            let upstream = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice(downstream, upstream));
+        }
+        headers::strip_hop_by_hop(response.headers_mut(), switched);
+        Ok((response.map(|b| ProxyBody::upstream(b, in_flight)), endpoint))
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for Forward {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.forward(req).await) })
+    }
+}
+
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The response for a request the proxy failed: the status of the cause, a plain-text body
+/// naming it, and `x-cogmesh-error` with the metric label. gRPC callers also get `grpc-status`
+/// UNAVAILABLE (or DEADLINE_EXCEEDED) and `grpc-message`, so their status says why.
+fn error_response(err: &ProxyError, grpc: bool) -> Response<ProxyBody> {
+    let kind = err.kind();
+    let text = format!("cogmesh: {err}\n");
+    let mut builder = Response::builder()
+        .status(kind.status())
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header("x-cogmesh-error", kind.label());
+    if grpc {
+        let code = if kind == crate::error::ErrorKind::UpstreamTimeout { "4" } else { "14" };
+        builder = builder.header("grpc-status", code);
+        if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(text.trim_end())) {
+            builder = builder.header("grpc-message", v);
+        }
+    }
+    builder
+        .body(ProxyBody::local(text.into()))
+        .expect("status and headers are valid")
+}
+
+/// `grpc-message` is percent-encoded outside printable ASCII (and `%` itself).
+fn percent_encode_grpc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Copies bytes both ways between the two halves of an upgraded connection until both close.
+async fn splice(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::join!(downstream, upstream) {
+        (Ok(down), Ok(up)) => {
+            let mut down = TokioIo::new(down);
+            let mut up = TokioIo::new(up);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                debug!("upgraded connection ended: {e}");
+            }
+        }
+        (down, up) => warn!(
+            downstream_ok = down.is_ok(),
+            upstream_ok = up.is_ok(),
+            "connection upgrade failed"
+        ),
+    }
+}

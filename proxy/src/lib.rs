@@ -1,0 +1,16 @@
+//! cogmesh-proxy: the sidecar of the cogmesh service mesh.
+//!
+//! The request path (see `DESIGN.md`): [`server`] accepts connections and serves HTTP/1.1 and
+//! HTTP/2 with hyper; [`forward`] routes each request ([`route`]) to a service, picks an endpoint
+//! ([`balance`]) and sends it on the shared upstream pool; [`metrics`] and [`admin`] make it
+//! observable; [`config`] describes it all.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod metrics;
+pub mod route;
+pub mod server;

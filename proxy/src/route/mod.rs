@@ -1,0 +1,235 @@
+//! The routing table: which service a request goes to, and each service's endpoints.
+//!
+//! A [`RoutingTable`] is immutable. The proxy keeps the current one behind
+//! `arc_swap::ArcSwap`; each request loads it without locking, and a new configuration (or,
+//! later, the control plane) stores a whole new table built by [`RoutingTable::build`], which
+//! carries endpoint statistics over from the previous table.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Request};
+use serde::Serialize;
+
+use crate::balance::{EndpointSet, EndpointSnapshot};
+use crate::config::{Direction, ProxyConfig, UpstreamProtocol};
+use crate::metrics::{Metrics, ServiceMetrics};
+
+/// The service label of requests that matched no route.
+pub const UNROUTED_SERVICE: &str = "unknown";
+
+pub struct RoutingTable {
+    pub version: u64,
+    pub services: Vec<Service>,
+    routes: Vec<Route>,
+    pub listeners: Vec<ListenerRoutes>,
+}
+
+pub struct Service {
+    pub name: String,
+    pub protocol: UpstreamProtocol,
+    pub response_timeout: Option<Duration>,
+    pub endpoints: EndpointSet,
+}
+
+/// Per listener: the default service and the metric handles of every service seen through it.
+pub struct ListenerRoutes {
+    pub name: String,
+    pub direction: Direction,
+    default_service: Option<usize>,
+    /// Indexed like `RoutingTable::services`.
+    pub metrics: Vec<ServiceMetrics>,
+    pub unrouted: ServiceMetrics,
+}
+
+struct Route {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    service: usize,
+}
+
+impl RoutingTable {
+    /// Builds a table from a validated configuration, reusing endpoint statistics of `previous`.
+    pub fn build(config: &ProxyConfig, previous: Option<&RoutingTable>, metrics: &Metrics) -> Self {
+        let old: HashMap<&str, &Service> = previous
+            .map(|p| p.services.iter().map(|s| (s.name.as_str(), s)).collect())
+            .unwrap_or_default();
+        let services: Vec<Service> = config
+            .services
+            .iter()
+            .map(|s| Service {
+                name: s.name.clone(),
+                protocol: s.protocol,
+                response_timeout: (s.response_timeout_ms > 0)
+                    .then(|| Duration::from_millis(s.response_timeout_ms)),
+                endpoints: EndpointSet::rebuild(
+                    old.get(s.name.as_str()).map(|o| &o.endpoints),
+                    &s.endpoints,
+                    s.balancer,
+                ),
+            })
+            .collect();
+        let index: HashMap<&str, usize> =
+            services.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                host: r.matches.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                path_prefix: r.matches.path_prefix.clone(),
+                headers: r
+                    .matches
+                    .headers
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?))
+                    })
+                    .collect(),
+                service: index[r.service.as_str()],
+            })
+            .collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let direction = l.direction.as_str();
+                ListenerRoutes {
+                    name: l.name.clone(),
+                    direction: l.direction,
+                    default_service: l.default_service.as_ref().map(|s| index[s.as_str()]),
+                    metrics: services.iter().map(|s| metrics.service(direction, &s.name)).collect(),
+                    unrouted: metrics.service(direction, UNROUTED_SERVICE),
+                }
+            })
+            .collect();
+        RoutingTable {
+            version: previous.map_or(1, |p| p.version + 1),
+            services,
+            routes,
+            listeners,
+        }
+    }
+
+    /// The index of the service a request on `listener` goes to.
+    pub fn route<B>(&self, listener: usize, req: &Request<B>) -> Option<usize> {
+        let host = request_host(req);
+        for r in &self.routes {
+            if let Some(h) = &r.host {
+                match host {
+                    Some(got) if got.eq_ignore_ascii_case(h) => {}
+                    _ => continue,
+                }
+            }
+            if let Some(p) = &r.path_prefix {
+                if !req.uri().path().starts_with(p.as_str()) {
+                    continue;
+                }
+            }
+            if r.headers.iter().all(|(k, v)| req.headers().get(k) == Some(v)) {
+                return Some(r.service);
+            }
+        }
+        self.listeners[listener].default_service
+    }
+
+    pub fn snapshot(&self) -> TableSnapshot {
+        TableSnapshot {
+            version: self.version,
+            services: self
+                .services
+                .iter()
+                .map(|s| ServiceSnapshot {
+                    name: s.name.clone(),
+                    balancer: format!("{:?}", s.endpoints.kind()),
+                    endpoints: s.endpoints.endpoints().iter().map(|e| e.snapshot()).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The request's host without port: from the URI (HTTP/2 `:authority`, absolute-form) or the
+/// `Host` header.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    let raw = match req.uri().host() {
+        Some(h) => h,
+        None => req.headers().get(http::header::HOST)?.to_str().ok()?,
+    };
+    // Strip a port, but not from a bracketed IPv6 literal.
+    Some(match raw.rfind(':') {
+        Some(i) if !raw.ends_with(']') && !raw[..i].contains(':') => &raw[..i],
+        _ => raw,
+    })
+}
+
+#[derive(Serialize)]
+pub struct TableSnapshot {
+    pub version: u64,
+    pub services: Vec<ServiceSnapshot>,
+}
+
+#[derive(Serialize)]
+pub struct ServiceSnapshot {
+    pub name: String,
+    pub balancer: String,
+    pub endpoints: Vec<EndpointSnapshot>,
+}
+
+/// The shared, swappable current table.
+pub type SharedTable = Arc<arc_swap::ArcSwap<RoutingTable>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RoutingTable {
+        let c = ProxyConfig::from_yaml(
+            "t.yaml",
+            r#"
+listeners:
+  - { name: out, address: "127.0.0.1:4140", default_service: web }
+services:
+  - { name: web, endpoints: ["127.0.0.1:8080"] }
+  - { name: api }
+routes:
+  - { match: { host: API.local, path_prefix: /v1 }, service: api }
+  - { match: { headers: { x-canary: "1" } }, service: api }
+"#,
+        )
+        .unwrap();
+        RoutingTable::build(&c, None, &Metrics::new())
+    }
+
+    fn req(uri: &str, host: &str, canary: bool) -> Request<()> {
+        let mut b = Request::builder().uri(uri).header("host", host);
+        if canary {
+            b = b.header("x-canary", "1");
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn routes_by_host_path_and_header_then_default() {
+        let t = table();
+        assert_eq!(t.route(0, &req("/v1/x", "api.local:4140", false)), Some(1));
+        assert_eq!(t.route(0, &req("/v2/x", "api.local", false)), Some(0));
+        assert_eq!(t.route(0, &req("/v1/x", "web.local", false)), Some(0));
+        assert_eq!(t.route(0, &req("/", "web.local", true)), Some(1));
+        assert_eq!(t.route(0, &req("http://api.local/v1", "ignored", false)), Some(1));
+    }
+
+    #[test]
+    fn a_rebuilt_table_has_the_next_version() {
+        let t = table();
+        let c = ProxyConfig::quick(
+            "127.0.0.1:1".parse().unwrap(),
+            vec![],
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let next = RoutingTable::build(&c, Some(&t), &Metrics::new());
+        assert_eq!(next.version, 2);
+        assert_eq!(next.route(0, &req("/", "x", false)), Some(0));
+    }
+}

@@ -1,0 +1,239 @@
+//! Process shape: one `current_thread` tokio runtime per worker thread, each with its own
+//! `SO_REUSEPORT` listener socket per configured listener (thread-per-core; DESIGN.md measured it
+//! ≈18 % ahead of the work-stealing runtime). The routing table, endpoint statistics, metrics and
+//! the upstream pool are shared by every worker without locks on the request path.
+//!
+//! The main thread runs the admin server and waits for SIGTERM/SIGINT; then every worker stops
+//! accepting, asks its connections to finish (HTTP/2 GOAWAY, HTTP/1 closes after the in-flight
+//! response) and waits for them up to the drain timeout.
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::admin;
+use crate::config::ProxyConfig;
+use crate::forward::{Forward, Upstreams};
+use crate::metrics::Metrics;
+use crate::route::{RoutingTable, SharedTable};
+
+/// Why the proxy could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start a runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// What the admin server shows and the workers share.
+pub struct State {
+    pub config: ProxyConfig,
+    pub metrics: Metrics,
+    pub table: SharedTable,
+    pub ready: AtomicBool,
+}
+
+/// Binds everything, serves until SIGTERM/SIGINT, drains, and returns.
+pub fn run(config: ProxyConfig) -> Result<(), ServeError> {
+    let admin_listener = bind(config.admin, false).map_err(|source| ServeError::Bind {
+        what: "the admin server".into(),
+        addr: config.admin,
+        source,
+    })?;
+    let reuse_port = config.workers > 1;
+    let mut sockets: Vec<Vec<(usize, StdTcpListener)>> = (0..config.workers).map(|_| Vec::new()).collect();
+    for (index, l) in config.listeners.iter().enumerate() {
+        for worker in sockets.iter_mut() {
+            let socket = bind(l.address, reuse_port).map_err(|source| ServeError::Bind {
+                what: format!("listener {:?}", l.name),
+                addr: l.address,
+                source,
+            })?;
+            worker.push((index, socket));
+        }
+    }
+
+    let metrics = Metrics::new();
+    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build(&config, None, &metrics)));
+    let upstreams = Upstreams::new(&config);
+    let drain = Duration::from_millis(config.drain_timeout_ms);
+    let state = Arc::new(State {
+        config,
+        metrics,
+        table,
+        ready: AtomicBool::new(false),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let mut workers = Vec::new();
+    for (i, listeners) in sockets.into_iter().enumerate() {
+        let state = Arc::clone(&state);
+        let upstreams = upstreams.clone();
+        let stop = stop_rx.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ServeError::Runtime)?;
+        let handle = std::thread::Builder::new()
+            .name(format!("cogmesh-worker-{i}"))
+            .spawn(move || runtime.block_on(worker(listeners, state, upstreams, stop, drain)))
+            .map_err(ServeError::Runtime)?;
+        workers.push(handle);
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    runtime.block_on(async {
+        let admin_listener = TcpListener::from_std(admin_listener).map_err(ServeError::Runtime)?;
+        tokio::spawn(admin::serve(admin_listener, Arc::clone(&state)));
+        state.ready.store(true, Ordering::Release);
+        for l in &state.config.listeners {
+            info!(listener = %l.name, address = %l.address, direction = l.direction.as_str(), "listening");
+        }
+        info!(address = %state.config.admin, workers = state.config.workers, "admin server listening");
+        wait_for_signal().await;
+        info!(drain_ms = drain.as_millis() as u64, "shutting down: draining connections");
+        state.ready.store(false, Ordering::Release);
+        let _ = stop_tx.send(true);
+        for w in workers {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+        info!("stopped");
+        Ok(())
+    })
+}
+
+/// A listening socket; with `reuse_port`, several sockets share the address and the kernel
+/// spreads connections over them.
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<StdTcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("cannot install signal handlers; running until killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+fn server_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(config.header_read_timeout_ms));
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+async fn worker(
+    listeners: Vec<(usize, StdTcpListener)>,
+    state: Arc<State>,
+    upstreams: Upstreams,
+    stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let graceful = Arc::new(GracefulShutdown::new());
+    let builder = Arc::new(server_builder(&state.config));
+    let mut accepting = Vec::new();
+    for (index, socket) in listeners {
+        let listener = match TcpListener::from_std(socket) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("cannot register listener: {e}");
+                continue;
+            }
+        };
+        accepting.push(tokio::spawn(accept_loop(
+            listener,
+            index,
+            Arc::clone(&state),
+            upstreams.clone(),
+            Arc::clone(&builder),
+            Arc::clone(&graceful),
+            stop.clone(),
+        )));
+    }
+    for task in accepting {
+        let _ = task.await;
+    }
+    // Every accept loop has ended and dropped its handle.
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        return;
+    };
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        warn!("drain timeout reached with connections still open; closing them");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    index: usize,
+    state: Arc<State>,
+    upstreams: Upstreams,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let config = &state.config.listeners[index];
+    let open = state.metrics.connections(config.direction.as_str(), &config.name);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(listener = %config.name, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = Forward::new(Arc::clone(&state.table), upstreams.clone(), index, peer);
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
+        let open = open.clone();
+        open.inc();
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn).await {
+                debug!(%peer, "connection ended with an error: {e}");
+            }
+            open.dec();
+        });
+    }
+}
