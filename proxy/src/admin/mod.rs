@@ -56,7 +56,11 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
 
 fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is served here\n");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET is served here\n",
+        );
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "text/plain", "live\n"),

@@ -42,8 +42,8 @@ pub struct EndpointSnapshot {
 
 impl Endpoint {
     pub fn new(addr: SocketAddr) -> Self {
-        let authority = Authority::try_from(addr.to_string().as_str())
-            .expect("a socket address is a valid authority");
+        let authority =
+            Authority::try_from(addr.to_string().as_str()).expect("a socket address is a valid authority");
         Endpoint {
             addr,
             authority,
@@ -116,7 +116,11 @@ impl EndpointSet {
             .unwrap_or_default();
         let endpoints = addrs
             .iter()
-            .map(|a| old.get(a).map(|e| Arc::clone(e)).unwrap_or_else(|| Arc::new(Endpoint::new(*a))))
+            .map(|a| {
+                old.get(a)
+                    .map(|e| Arc::clone(e))
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(*a)))
+            })
             .collect();
         EndpointSet {
             endpoints,

@@ -38,11 +38,17 @@ async fn peak_ewma_on_a_paused_clock() {
     tokio::time::advance(Duration::from_secs(10)).await;
     e.observe(Duration::from_millis(10));
     let expected = 100e6 * (-1.0f64).exp() + 10e6 * (1.0 - (-1.0f64).exp());
-    assert!((e.estimate_ns() - expected).abs() < 1.0, "{} vs {expected}", e.estimate_ns());
+    assert!(
+        (e.estimate_ns() - expected).abs() < 1.0,
+        "{} vs {expected}",
+        e.estimate_ns()
+    );
 }
 
 fn addrs(n: u16) -> Vec<SocketAddr> {
-    (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i))).collect()
+    (0..n)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
+        .collect()
 }
 
 #[test]
@@ -67,7 +73,9 @@ fn round_robin_cycles() {
 #[test]
 fn p2c_avoids_the_loaded_endpoint() {
     let set = EndpointSet::rebuild(None, &addrs(2), BalancerKind::P2cEwma);
-    let _busy: Vec<_> = (0..5).map(|_| InFlight::start(Arc::clone(&set.endpoints()[0]))).collect();
+    let _busy: Vec<_> = (0..5)
+        .map(|_| InFlight::start(Arc::clone(&set.endpoints()[0])))
+        .collect();
     for _ in 0..100 {
         assert_eq!(set.pick().unwrap().addr.port(), 9001);
     }
@@ -75,5 +83,7 @@ fn p2c_avoids_the_loaded_endpoint() {
 
 #[test]
 fn empty_set_picks_nothing() {
-    assert!(EndpointSet::rebuild(None, &[], BalancerKind::P2cEwma).pick().is_none());
+    assert!(EndpointSet::rebuild(None, &[], BalancerKind::P2cEwma)
+        .pick()
+        .is_none());
 }

@@ -203,8 +203,13 @@ impl ProxyConfig {
         let config: ProxyConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner().to_string();
-            // serde_yaml_ng appends " at line L column C"; keep it, it helps find the spot.
-            ConfigError::new(file, field, inner)
+            // serde_yaml_ng prefixes its own (shorter) path, e.g. "services[0]: unknown field";
+            // ours is the full one, so drop that prefix. Its " at line L column C" stays.
+            let reason = match inner.split_once(": ") {
+                Some((prefix, rest)) if !prefix.contains(' ') => rest.to_string(),
+                _ => inner,
+            };
+            ConfigError::new(file, field, reason)
         })?;
         config.validate(file)?;
         Ok(config)
@@ -246,7 +251,11 @@ impl ProxyConfig {
             ));
         }
         if self.listeners.is_empty() {
-            return Err(ConfigError::new(file, "listeners", "at least one listener is required"));
+            return Err(ConfigError::new(
+                file,
+                "listeners",
+                "at least one listener is required",
+            ));
         }
         for (field, value) in [
             ("drain_timeout_ms", self.drain_timeout_ms),
@@ -262,7 +271,11 @@ impl ProxyConfig {
         let mut service_names = HashSet::new();
         for (i, s) in self.services.iter().enumerate() {
             if s.name.is_empty() {
-                return Err(ConfigError::new(file, format!("services[{i}].name"), "must not be empty"));
+                return Err(ConfigError::new(
+                    file,
+                    format!("services[{i}].name"),
+                    "must not be empty",
+                ));
             }
             if !service_names.insert(s.name.as_str()) {
                 return Err(ConfigError::new(
@@ -313,7 +326,10 @@ impl ProxyConfig {
                 return Err(ConfigError::new(
                     file,
                     format!("listeners[{i}].address"),
-                    format!("address {} is already used by another listener or the admin server", l.address),
+                    format!(
+                        "address {} is already used by another listener or the admin server",
+                        l.address
+                    ),
                 ));
             }
             if let Some(svc) = &l.default_service {

@@ -52,7 +52,10 @@ fn bad_address_names_its_path() {
 #[test]
 fn route_to_missing_service_is_refused() {
     let e = err(&GOOD.replace("    service: api", "    service: nope"));
-    assert_eq!(e.to_string(), r#"proxy.yaml: routes[0].service: no service named "nope" (known: "api", "web")"#);
+    assert_eq!(
+        e.to_string(),
+        r#"proxy.yaml: routes[0].service: no service named "nope" (known: "api", "web")"#
+    );
 }
 
 #[test]
@@ -64,7 +67,10 @@ fn default_service_must_exist() {
 #[test]
 fn zero_workers_is_refused() {
     let e = err(&GOOD.replace("workers: 2", "workers: 0"));
-    assert_eq!(e.to_string(), "proxy.yaml: workers: must be between 1 and 1024, got 0");
+    assert_eq!(
+        e.to_string(),
+        "proxy.yaml: workers: must be between 1 and 1024, got 0"
+    );
 }
 
 #[test]
@@ -84,4 +90,11 @@ fn quick_mode_is_valid() {
     );
     c.validate("<command line>").unwrap();
     assert_eq!(c.listeners[0].default_service.as_deref(), Some(QUICK_SERVICE));
+}
+
+#[test]
+fn the_shipped_example_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local/proxy.yaml");
+    let c = ProxyConfig::from_file(Path::new(path)).unwrap();
+    assert_eq!(c.services.len(), 2);
 }

@@ -47,7 +47,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove(KEEP_ALIVE);
     headers.remove(PROXY_CONNECTION);
     headers.remove(TRANSFER_ENCODING);
-    if headers.get(TE).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+    if headers
+        .get(TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
         headers.remove(TE);
     }
     if upgrade {
@@ -80,7 +83,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -103,7 +109,11 @@ mod tests {
 
     #[test]
     fn keeps_te_trailers_and_upgrade_when_upgrading() {
-        let mut h = map(&[("te", "trailers"), ("connection", "Upgrade"), ("upgrade", "websocket")]);
+        let mut h = map(&[
+            ("te", "trailers"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["upgrade"], "websocket");

@@ -171,7 +171,11 @@ impl Forward {
             .path_and_query(path)
             .build()
             .expect("scheme, authority and path are valid");
-        parts.version = if use_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        parts.version = if use_http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
 
         let in_flight = InFlight::start(Arc::clone(&endpoint));
         let client = if use_http2 {
@@ -232,7 +236,11 @@ fn error_response(err: &ProxyError, grpc: bool) -> Response<ProxyBody> {
         .header(CONTENT_TYPE, "text/plain; charset=utf-8")
         .header("x-cogmesh-error", kind.label());
     if grpc {
-        let code = if kind == crate::error::ErrorKind::UpstreamTimeout { "4" } else { "14" };
+        let code = if kind == crate::error::ErrorKind::UpstreamTimeout {
+            "4"
+        } else {
+            "14"
+        };
         builder = builder.header("grpc-status", code);
         if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(text.trim_end())) {
             builder = builder.header("grpc-message", v);

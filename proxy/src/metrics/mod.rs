@@ -91,7 +91,11 @@ impl Metrics {
             Unit::Seconds,
             latency.clone(),
         );
-        registry.register("proxy_error", "Requests failed by the proxy, by cause", errors.clone());
+        registry.register(
+            "proxy_error",
+            "Requests failed by the proxy, by cause",
+            errors.clone(),
+        );
         registry.register(
             "tcp_open_connections",
             "Accepted TCP connections currently open",
@@ -234,10 +238,19 @@ mod tests {
         let m = Metrics::new();
         m.service("outbound", "web").requests.inc();
         let text = m.encode();
-        assert!(text.contains("# HELP request_total Requests routed to a service."), "{text}");
+        assert!(
+            text.contains("# HELP request_total Requests routed to a service."),
+            "{text}"
+        );
         assert!(text.contains("# TYPE request_total counter"), "{text}");
-        assert!(text.contains("request_total{direction=\"outbound\",service=\"web\"} 1"), "{text}");
-        assert!(text.contains("# TYPE response_latency_seconds histogram"), "{text}");
+        assert!(
+            text.contains("request_total{direction=\"outbound\",service=\"web\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE response_latency_seconds histogram"),
+            "{text}"
+        );
         assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
     }
 }

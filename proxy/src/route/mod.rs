@@ -71,8 +71,11 @@ impl RoutingTable {
                 ),
             })
             .collect();
-        let index: HashMap<&str, usize> =
-            services.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+        let index: HashMap<&str, usize> = services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
         let routes = config
             .routes
             .iter()
@@ -84,7 +87,10 @@ impl RoutingTable {
                     .headers
                     .iter()
                     .filter_map(|(k, v)| {
-                        Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?))
+                        Some((
+                            HeaderName::from_bytes(k.as_bytes()).ok()?,
+                            HeaderValue::from_str(v).ok()?,
+                        ))
                     })
                     .collect(),
                 service: index[r.service.as_str()],
@@ -99,7 +105,10 @@ impl RoutingTable {
                     name: l.name.clone(),
                     direction: l.direction,
                     default_service: l.default_service.as_ref().map(|s| index[s.as_str()]),
-                    metrics: services.iter().map(|s| metrics.service(direction, &s.name)).collect(),
+                    metrics: services
+                        .iter()
+                        .map(|s| metrics.service(direction, &s.name))
+                        .collect(),
                     unrouted: metrics.service(direction, UNROUTED_SERVICE),
                 }
             })

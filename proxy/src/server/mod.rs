@@ -69,7 +69,9 @@ pub fn run(config: ProxyConfig) -> Result<(), ServeError> {
     }
 
     let metrics = Metrics::new();
-    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build(&config, None, &metrics)));
+    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
+        &config, None, &metrics,
+    )));
     let upstreams = Upstreams::new(&config);
     let drain = Duration::from_millis(config.drain_timeout_ms);
     let state = Arc::new(State {
@@ -109,7 +111,10 @@ pub fn run(config: ProxyConfig) -> Result<(), ServeError> {
         }
         info!(address = %state.config.admin, workers = state.config.workers, "admin server listening");
         wait_for_signal().await;
-        info!(drain_ms = drain.as_millis() as u64, "shutting down: draining connections");
+        info!(
+            drain_ms = drain.as_millis() as u64,
+            "shutting down: draining connections"
+        );
         state.ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
         for w in workers {
@@ -136,7 +141,8 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<StdTcpListener> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         warn!("cannot install signal handlers; running until killed");
         return std::future::pending().await;
     };

@@ -1,0 +1,443 @@
+//! Side-by-side benchmark of the cogmesh proxy core against no proxy and three peers.
+//!
+//! ```text
+//! bench/setup.sh && cargo build --release -p cogmesh-proxy -p cogmesh-bench \
+//!     && target/release/proxy-bench [--quick]
+//! ```
+//! (or `bench/run.sh [--quick]`, which does exactly that).
+//!
+//! One run on one machine: a single nginx upstream answers every request with a 1 KiB body from
+//! memory, on an HTTP/1.1 listener and an h2c (HTTP/2 prior knowledge) listener. In front of it, in
+//! turn: direct (no proxy), `cogmesh-proxy`, Envoy, HAProxy and nginx as a reverse proxy, each with
+//! the same N workers (threads or processes), for every N in `--workers` (default 1 and 2). For each
+//! proxy, N and protocol, a fresh proxy process is started, checked with a real request through it,
+//! and measured:
+//!
+//! 1. latency added over direct at a fixed rate: `oha -q 1000 --latency-correction` (open loop),
+//!    p50 / p99 / p99.9, for HTTP/1.1 and h2c, as proxied minus the direct case of the same round;
+//! 2. maximum throughput: closed loop, `wrk -c 64 -t 2` (HTTP/1.1; h2c with `--h2c-throughput`,
+//!    by h2load), and the ratio of cogmesh to each peer;
+//! 3. CPU seconds per 1000 requests (utime + stime from `/proc/PID/stat`, summed over all the
+//!    proxy's processes, before and after each run) and RSS: idle (VmRSS once ready) and peak under
+//!    load (VmHWM), summed over processes.
+//!
+//! Everything repeats in R interleaved rounds (default 3, the proxy order rotating each round) and
+//! the tables show medians: single runs on a small machine are noisy. Ports are picked at run time
+//! on 127.0.0.1, every load run is bounded in time, and every process started is stopped and reaped,
+//! also on error and on Ctrl-C. The defaults take about 10 minutes, `--quick` about 2.
+//!
+//! This is a report, not a test: nothing here compares a number with a threshold.
+
+pub mod load;
+pub mod peers;
+pub mod procs;
+pub mod report;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use crate::load::{ClosedLoop, Oha};
+use crate::peers::{Instance, Kind, Proto, Tools, Upstream};
+use crate::report::{Sample, Setup};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "proxy-bench",
+    about = "Side-by-side benchmark: direct vs cogmesh-proxy vs Envoy vs HAProxy vs nginx",
+    long_about = None
+)]
+pub struct Options {
+    /// About 2 minutes: 1 round, 3 s runs, 0.5 s warm-up (explicit flags still win).
+    #[arg(long)]
+    pub quick: bool,
+    /// Interleaved rounds; tables report medians [default: 3, quick: 1].
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Worker counts N to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub workers: Vec<usize>,
+    /// Which of direct, cogmesh, envoy, haproxy, nginx to run, comma-separated (direct is always
+    /// run: the latency table is relative to it). Missing binaries are skipped.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,cogmesh,envoy,haproxy,nginx"
+    )]
+    pub proxies: Vec<String>,
+    /// Open-loop request rate for the latency runs, requests per second.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u32,
+    /// Seconds per open-loop latency run [default: 5, quick: 3].
+    #[arg(long)]
+    pub latency_secs: Option<f64>,
+    /// Connections the open-loop client spreads its requests over.
+    #[arg(long, default_value_t = 16)]
+    pub latency_connections: usize,
+    /// Runtime threads of the open-loop client (oha --worker-threads); 0 = oha's default (one per
+    /// core). One thread keeps up with 1000 req/s and leaves the other core to the servers.
+    #[arg(long, default_value_t = 1)]
+    pub latency_client_threads: usize,
+    /// Seconds per closed-loop throughput run (whole seconds) [default: 5, quick: 3].
+    #[arg(long)]
+    pub throughput_secs: Option<f64>,
+    /// Connections of the closed-loop client.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Threads of the closed-loop client.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Seconds of traffic before the measured runs of each proxy, not measured [default: 1,
+    /// quick: 0.5].
+    #[arg(long)]
+    pub warmup_secs: Option<f64>,
+    /// Also measure h2c maximum throughput (h2load), which adds a closed-loop run per proxy.
+    #[arg(long)]
+    pub h2c_throughput: bool,
+    /// nginx worker processes of the upstream.
+    #[arg(long, default_value_t = 1)]
+    pub upstream_workers: usize,
+    /// The cogmesh-proxy binary [default: <repo>/target/release/cogmesh-proxy].
+    #[arg(long)]
+    pub cogmesh_bin: Option<PathBuf>,
+    /// Extra argument for cogmesh-proxy (repeatable), e.g. --cogmesh-arg=--protocol=http1.
+    #[arg(long, allow_hyphen_values = true)]
+    pub cogmesh_arg: Vec<String>,
+    /// Keep the temp dir with the generated configs, logs and raw tool output.
+    #[arg(long)]
+    pub keep_temp: bool,
+    /// Also write every sample and the tables' inputs as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// The settings in force once `--quick` and the defaults are applied.
+struct Plan {
+    rounds: usize,
+    workers: Vec<usize>,
+    kinds: Vec<Kind>,
+    latency: Duration,
+    throughput: Duration,
+    warmup: Duration,
+}
+
+impl Plan {
+    fn new(options: &Options, tools: &Tools) -> Result<(Plan, Vec<String>)> {
+        let secs = |value: Option<f64>, normal: f64, quick: f64| -> Result<Duration> {
+            let secs = value.unwrap_or(if options.quick { quick } else { normal });
+            if !(secs > 0.0 && secs <= 120.0) {
+                bail!("run durations must be within (0, 120] seconds, got {secs}");
+            }
+            Ok(Duration::from_secs_f64(secs))
+        };
+        let mut skipped = Vec::new();
+        let mut kinds = vec![Kind::Direct];
+        for name in &options.proxies {
+            let kind = Kind::parse(name.trim())?;
+            if kinds.contains(&kind) {
+                continue;
+            }
+            if tools.binary(kind).is_some() {
+                kinds.push(kind);
+            } else {
+                skipped.push(format!("{}: binary not found, skipped", kind.name()));
+            }
+        }
+        kinds.sort();
+        let workers = options.workers.clone();
+        if workers.is_empty() || workers.contains(&0) {
+            bail!("--workers needs counts of at least 1");
+        }
+        let rounds = options.rounds.unwrap_or(if options.quick { 1 } else { 3 });
+        if rounds == 0 {
+            bail!("--rounds must be at least 1");
+        }
+        let plan = Plan {
+            rounds,
+            workers,
+            kinds,
+            latency: secs(options.latency_secs, 5.0, 3.0)?,
+            throughput: Duration::from_secs(secs(options.throughput_secs, 5.0, 3.0)?.as_secs().max(1)),
+            warmup: Duration::from_secs_f64(
+                options
+                    .warmup_secs
+                    .unwrap_or(if options.quick { 0.5 } else { 1.0 })
+                    .clamp(0.0, 30.0),
+            ),
+        };
+        Ok((plan, skipped))
+    }
+
+    /// Rough wall time: load runs plus ~0.7 s of start/stop per proxy process.
+    fn estimate(&self, h2c_throughput: bool) -> Duration {
+        let per_proto = self.warmup + self.latency + Duration::from_millis(700);
+        let h2c_max = if h2c_throughput {
+            self.throughput
+        } else {
+            Duration::ZERO
+        };
+        let per_case = per_proto * 2 + self.throughput + h2c_max;
+        per_case * (self.rounds * self.workers.len() * self.kinds.len()) as u32
+    }
+}
+
+/// Parses the command line, runs the bench, prints the tables. Exit code 130 after an interrupt.
+pub fn main_with_args() -> i32 {
+    procs::install_signal_handlers();
+    let options = Options::parse();
+    match run(&options) {
+        Ok(()) => 0,
+        Err(err) => {
+            if procs::interrupted() {
+                eprintln!("proxy-bench: interrupted; every process it started was stopped");
+                130
+            } else {
+                eprintln!("proxy-bench: {err:#}");
+                1
+            }
+        }
+    }
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    let repo = peers::repo_root();
+    let tools = Tools::find(&repo, options.cogmesh_bin.as_deref())?;
+    let (plan, skipped) = Plan::new(options, &tools)?;
+    let dir = std::env::temp_dir().join(format!("cogmesh-bench-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let result = run_in(options, &tools, &plan, &skipped, &dir);
+    let keep = options.keep_temp || !matches!(result, Ok(true));
+    if keep {
+        eprintln!(
+            "configs, logs and raw output kept in {} (--keep-temp, or a case failed)",
+            dir.display()
+        );
+    } else {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    result.map(|_| ())
+}
+
+/// Runs every case; `Ok(true)` if none failed.
+fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir: &Path) -> Result<bool> {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "cogmesh proxy bench: {} round(s), N = {:?}, {} CPU cores, upstream nginx with {} worker(s), \
+         1 KiB body, loopback",
+        plan.rounds, plan.workers, cores, options.upstream_workers
+    );
+    for line in tools.versions().iter().chain(skipped) {
+        println!("  {line}");
+    }
+    if !options.cogmesh_arg.is_empty() {
+        println!("  cogmesh-proxy extra args: {:?}", options.cogmesh_arg);
+    }
+    let load = load_average();
+    println!("  load average before the run: {load:.2}");
+    if load > 0.5 {
+        println!("  warning: something else is using the CPU (builds?); latency tails will be noisy");
+    }
+    let estimate = plan.estimate(options.h2c_throughput);
+    eprintln!(
+        "estimated time: about {} min {} s",
+        estimate.as_secs() / 60,
+        estimate.as_secs() % 60
+    );
+
+    let mut upstream = Upstream::start(tools, dir, options.upstream_workers)?;
+    let oha = Oha {
+        bin: &tools.oha,
+        connections: options.latency_connections,
+        threads: options.latency_client_threads,
+    };
+    let closed = ClosedLoop {
+        wrk: &tools.wrk,
+        h2load: tools.h2load.as_deref(),
+        connections: options.connections,
+        threads: options.threads,
+    };
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    for round in 0..plan.rounds {
+        for &workers in &plan.workers {
+            // Rotate the order each round so no proxy always runs first or right after another.
+            let mut order = plan.kinds.clone();
+            let len = order.len();
+            order.rotate_left(round % len);
+            for kind in order {
+                for proto in [Proto::H1, Proto::H2c] {
+                    let case = Case {
+                        round,
+                        workers,
+                        kind,
+                        proto,
+                    };
+                    let sample = case.measure(options, tools, plan, &upstream, &oha, &closed, dir);
+                    procs::check_interrupted()?;
+                    eprintln!("[{:>4.0}s] {}", started.elapsed().as_secs_f64(), sample.summary());
+                    samples.push(sample);
+                }
+            }
+        }
+        upstream.server.check_alive().context("the upstream nginx died")?;
+    }
+    drop(upstream);
+
+    let setup = Setup {
+        rounds: plan.rounds,
+        workers: plan.workers.clone(),
+        kinds: plan.kinds.clone(),
+        rate: options.rate,
+        latency_secs: plan.latency.as_secs_f64(),
+        latency_connections: options.latency_connections,
+        throughput_secs: plan.throughput.as_secs_f64(),
+        connections: options.connections,
+        threads: options.threads,
+        h2c_throughput: options.h2c_throughput,
+    };
+    print!("{}", report::render(&setup, &samples));
+    let failures: Vec<&Sample> = samples.iter().filter(|s| s.error.is_some()).collect();
+    if !failures.is_empty() {
+        println!(
+            "\n{} case(s) failed and are left out of the medians:",
+            failures.len()
+        );
+        for sample in &failures {
+            println!("  {}", sample.summary());
+        }
+    }
+    println!(
+        "\ntotal time {:.0} s; load average at the end {:.2} (the bench itself keeps it near 2)",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+    if let Some(path) = &options.json {
+        let json = serde_json::json!({
+            "tools": tools.versions(),
+            "rounds": plan.rounds,
+            "workers": plan.workers,
+            "rate": options.rate,
+            "latency_secs": plan.latency.as_secs_f64(),
+            "throughput_secs": plan.throughput.as_secs_f64(),
+            "connections": options.connections,
+            "samples": samples,
+        });
+        fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(failures.is_empty())
+}
+
+struct Case {
+    round: usize,
+    workers: usize,
+    kind: Kind,
+    proto: Proto,
+}
+
+impl Case {
+    #[allow(clippy::too_many_arguments)]
+    fn measure(
+        &self,
+        options: &Options,
+        tools: &Tools,
+        plan: &Plan,
+        upstream: &Upstream,
+        oha: &Oha,
+        closed: &ClosedLoop,
+        dir: &Path,
+    ) -> Sample {
+        let mut sample = Sample::new(self.round, self.workers, self.kind, self.proto);
+        if let Err(err) = self.measure_into(&mut sample, options, tools, plan, upstream, oha, closed, dir) {
+            sample.error = Some(format!("{err:#}"));
+        }
+        sample
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn measure_into(
+        &self,
+        sample: &mut Sample,
+        options: &Options,
+        tools: &Tools,
+        plan: &Plan,
+        upstream: &Upstream,
+        oha: &Oha,
+        closed: &ClosedLoop,
+        dir: &Path,
+    ) -> Result<()> {
+        let case_dir = dir.join(format!(
+            "r{}-n{}-{}-{}",
+            self.round + 1,
+            self.workers,
+            self.kind.name(),
+            match self.proto {
+                Proto::H1 => "h1",
+                Proto::H2c => "h2c",
+            }
+        ));
+        fs::create_dir_all(&case_dir)?;
+        let mut instance = Instance::start(
+            self.kind,
+            self.proto,
+            self.workers,
+            upstream,
+            tools,
+            &case_dir,
+            &options.cogmesh_arg,
+        )?;
+        let url = instance.url();
+        let usage = |instance: &Instance| instance.server.as_ref().map(|server| server.usage());
+        sample.rss_idle_kib = usage(&instance).map(|u| u.rss_kib);
+
+        if !plan.warmup.is_zero() {
+            let warm = oha.open_loop(&url, self.proto, options.rate, plan.warmup, &case_dir)?;
+            if warm.ok == 0 {
+                bail!("warm-up got no 200 response: {}", warm.failures);
+            }
+        }
+
+        let before = usage(&instance);
+        let latency = oha.open_loop(&url, self.proto, options.rate, plan.latency, &case_dir)?;
+        let after = usage(&instance);
+        if let (Some(before), Some(after)) = (before, after) {
+            let requests = (latency.ok + latency.failed).max(1);
+            sample.cpu_s_per_1k_at_rate = Some((after.cpu_secs - before.cpu_secs) / requests as f64 * 1000.0);
+        }
+        sample.latency = Some(latency);
+        alive(&mut instance)?;
+
+        if self.proto == Proto::H1 || options.h2c_throughput {
+            let before = usage(&instance);
+            let throughput = closed.run(&url, self.proto, plan.throughput, &case_dir)?;
+            let after = usage(&instance);
+            if let (Some(before), Some(after)) = (before, after) {
+                let requests = throughput.requests.max(1);
+                sample.cpu_s_per_1k_at_max =
+                    Some((after.cpu_secs - before.cpu_secs) / requests as f64 * 1000.0);
+            }
+            sample.throughput = Some(throughput);
+            alive(&mut instance)?;
+        }
+        sample.rss_peak_kib = usage(&instance).map(|u| u.hwm_kib);
+        Ok(())
+    }
+}
+
+fn alive(instance: &mut Instance) -> Result<()> {
+    match instance.server.as_mut() {
+        Some(server) => server.check_alive(),
+        None => Ok(()),
+    }
+}
+
+/// The 1-minute load average, 0 if unknown.
+fn load_average() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,551 @@
+//! The samples of a run and the tables printed from them.
+//!
+//! Owns: [`Sample`] (one proxy, one protocol, one worker count, one round), medians over rounds,
+//! "added over direct" (per round: proxied minus the direct case of the same round, then the
+//! median), the cogmesh-to-peer ratios, and plain-text table layout.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::load::{Latency, Throughput};
+use crate::peers::{Kind, Proto};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub round: usize,
+    pub workers: usize,
+    pub kind: Kind,
+    pub proto: Proto,
+    pub latency: Option<Latency>,
+    pub throughput: Option<Throughput>,
+    /// CPU seconds of the proxy's processes per 1000 requests during the open-loop run.
+    pub cpu_s_per_1k_at_rate: Option<f64>,
+    /// The same during the closed-loop (maximum throughput) run.
+    pub cpu_s_per_1k_at_max: Option<f64>,
+    /// Sum of VmRSS over the proxy's processes once it is ready, KiB.
+    pub rss_idle_kib: Option<u64>,
+    /// Sum of VmHWM over the proxy's processes after all its load runs, KiB.
+    pub rss_peak_kib: Option<u64>,
+    pub error: Option<String>,
+}
+
+impl Sample {
+    pub fn new(round: usize, workers: usize, kind: Kind, proto: Proto) -> Sample {
+        Sample {
+            round,
+            workers,
+            kind,
+            proto,
+            latency: None,
+            throughput: None,
+            cpu_s_per_1k_at_rate: None,
+            cpu_s_per_1k_at_max: None,
+            rss_idle_kib: None,
+            rss_peak_kib: None,
+            error: None,
+        }
+    }
+
+    /// One line for the progress log.
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "round {} N={} {:<8} {:<8}",
+            self.round + 1,
+            self.workers,
+            self.kind.name(),
+            self.proto.label()
+        );
+        if let Some(l) = &self.latency {
+            let _ = write!(
+                line,
+                " p50 {:.0}µs p99 {:.0}µs p99.9 {:.0}µs",
+                l.p50_us, l.p99_us, l.p999_us
+            );
+            if l.failed > 0 {
+                let _ = write!(line, " ({} failed: {})", l.failed, l.failures);
+            }
+        }
+        if let Some(t) = &self.throughput {
+            let _ = write!(line, " | {:.0} req/s", t.rps);
+            if t.errors > 0 {
+                let _ = write!(line, " ({} errors)", t.errors);
+            }
+        }
+        if let Some(cpu) = self.cpu_s_per_1k_at_max {
+            let _ = write!(line, " | {cpu:.4} CPU s/1k");
+        }
+        if let (Some(idle), Some(peak)) = (self.rss_idle_kib, self.rss_peak_kib) {
+            let _ = write!(line, " | RSS {} → {} MiB", mib(idle), mib(peak));
+        }
+        if let Some(err) = &self.error {
+            let _ = write!(line, " | FAILED: {}", err.lines().next().unwrap_or_default());
+        }
+        line
+    }
+}
+
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+/// A table with right-aligned columns (the first two left-aligned).
+struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Table {
+        Table {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let columns = self.header.len();
+        let width = |i: usize| {
+            self.rows
+                .iter()
+                .filter_map(|row| row.get(i))
+                .chain([&self.header[i]])
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        };
+        let widths: Vec<usize> = (0..columns).map(width).collect();
+        let mut out = String::new();
+        for row in [&self.header].into_iter().chain(&self.rows) {
+            let mut line = String::from(" ");
+            for (i, cell) in row.iter().enumerate() {
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                if i < 2 {
+                    line.push_str(cell);
+                    line.push_str(&" ".repeat(pad));
+                } else {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(cell);
+                }
+                line.push_str("  ");
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// What the tables need to know about the run besides the samples.
+pub struct Setup {
+    pub rounds: usize,
+    pub workers: Vec<usize>,
+    pub kinds: Vec<Kind>,
+    pub rate: u32,
+    pub latency_secs: f64,
+    pub latency_connections: usize,
+    pub throughput_secs: f64,
+    pub connections: usize,
+    pub threads: usize,
+    pub h2c_throughput: bool,
+}
+
+struct View<'a> {
+    samples: &'a [Sample],
+}
+
+impl View<'_> {
+    fn of(&self, workers: usize, kind: Kind, proto: Proto) -> impl Iterator<Item = &Sample> {
+        self.samples
+            .iter()
+            .filter(move |s| s.workers == workers && s.kind == kind && s.proto == proto && s.error.is_none())
+    }
+
+    fn median(
+        &self,
+        workers: usize,
+        kind: Kind,
+        proto: Proto,
+        value: impl Fn(&Sample) -> Option<f64>,
+    ) -> Option<f64> {
+        median(self.of(workers, kind, proto).filter_map(value).collect())
+    }
+
+    fn values(
+        &self,
+        workers: usize,
+        kind: Kind,
+        proto: Proto,
+        value: impl Fn(&Sample) -> Option<f64>,
+    ) -> Vec<f64> {
+        self.of(workers, kind, proto).filter_map(value).collect()
+    }
+
+    /// Median over rounds of (this kind's value − direct's value in the same round).
+    fn added(
+        &self,
+        workers: usize,
+        kind: Kind,
+        proto: Proto,
+        value: impl Fn(&Latency) -> f64,
+    ) -> Option<f64> {
+        let diffs = self
+            .of(workers, kind, proto)
+            .filter_map(|s| {
+                let mine = value(s.latency.as_ref()?);
+                let direct = self
+                    .of(workers, Kind::Direct, proto)
+                    .find(|d| d.round == s.round)?;
+                Some(mine - value(direct.latency.as_ref()?))
+            })
+            .collect();
+        median(diffs)
+    }
+
+    fn failures(&self, workers: usize, kind: Kind, proto: Proto) -> usize {
+        self.samples
+            .iter()
+            .filter(|s| s.workers == workers && s.kind == kind && s.proto == proto && s.error.is_some())
+            .count()
+    }
+}
+
+fn opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
+}
+
+fn signed(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| format!("{v:+.0}"))
+}
+
+/// cogmesh ÷ peer for a peer's row (blank on cogmesh's own row).
+fn vs_cogmesh(kind: Kind, cogmesh: Option<f64>, peer: Option<f64>) -> String {
+    if kind == Kind::Cogmesh {
+        String::new()
+    } else {
+        ratio(cogmesh, peer)
+    }
+}
+
+/// cogmesh ÷ peer, when both are there and positive.
+fn ratio(cogmesh: Option<f64>, peer: Option<f64>) -> String {
+    match (cogmesh, peer) {
+        (Some(c), Some(p)) if c > 0.0 && p > 0.0 => format!("{:.2}", c / p),
+        _ => "-".to_string(),
+    }
+}
+
+fn spread(values: &[f64]) -> String {
+    if values.len() < 2 {
+        return "-".to_string();
+    }
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.0}–{hi:.0}")
+}
+
+pub fn render(setup: &Setup, samples: &[Sample]) -> String {
+    let view = View { samples };
+    let mut out = String::new();
+    let rounds = format!(
+        "median of {} round{}",
+        setup.rounds,
+        if setup.rounds == 1 { "" } else { "s" }
+    );
+    let failed_note = |workers, kind, proto| {
+        let failed = view.failures(workers, kind, proto);
+        if failed > 0 {
+            format!(" ({failed} failed)")
+        } else {
+            String::new()
+        }
+    };
+
+    for proto in [Proto::H1, Proto::H2c] {
+        let _ = writeln!(
+            out,
+            "\n1. Latency added over direct, {} — open loop {} req/s, oha --latency-correction, {} \
+             connections, {:.0} s; µs, proxied − direct of the same round, {rounds}; \
+             direct row: absolute µs",
+            proto.label(),
+            setup.rate,
+            setup.latency_connections,
+            setup.latency_secs
+        );
+        let mut table = Table::new(&[
+            "N",
+            "proxy",
+            "p50",
+            "p99",
+            "p99.9",
+            "p99 ×direct",
+            "cogmesh÷peer p50/p99/p99.9",
+            "failed req",
+        ]);
+        for &workers in &setup.workers {
+            for &kind in &setup.kinds {
+                let lat =
+                    |f: fn(&Latency) -> f64| view.median(workers, kind, proto, |s| s.latency.as_ref().map(f));
+                let failed: u64 = view
+                    .of(workers, kind, proto)
+                    .filter_map(|s| s.latency.as_ref().map(|l| l.failed))
+                    .sum();
+                let name = format!("{}{}", kind.name(), failed_note(workers, kind, proto));
+                if kind == Kind::Direct {
+                    table.row(vec![
+                        workers.to_string(),
+                        name,
+                        opt(lat(|l| l.p50_us), 0),
+                        opt(lat(|l| l.p99_us), 0),
+                        opt(lat(|l| l.p999_us), 0),
+                        "1.00".into(),
+                        String::new(),
+                        failed.to_string(),
+                    ]);
+                    continue;
+                }
+                let added = |k: Kind, f: fn(&Latency) -> f64| view.added(workers, k, proto, f);
+                let ratios = [
+                    |l: &Latency| l.p50_us,
+                    |l: &Latency| l.p99_us,
+                    |l: &Latency| l.p999_us,
+                ]
+                .map(|f| ratio(added(Kind::Cogmesh, f), added(kind, f)))
+                .join("/");
+                let ratios = if kind == Kind::Cogmesh {
+                    String::new()
+                } else {
+                    ratios
+                };
+                let direct_p99 = view.median(workers, Kind::Direct, proto, |s| {
+                    s.latency.as_ref().map(|l| l.p99_us)
+                });
+                table.row(vec![
+                    workers.to_string(),
+                    name,
+                    signed(added(kind, |l| l.p50_us)),
+                    signed(added(kind, |l| l.p99_us)),
+                    signed(added(kind, |l| l.p999_us)),
+                    ratio(lat(|l| l.p99_us), direct_p99),
+                    ratios,
+                    failed.to_string(),
+                ]);
+            }
+        }
+        out.push_str(&table.render());
+    }
+
+    let throughput_protos: &[Proto] = if setup.h2c_throughput {
+        &[Proto::H1, Proto::H2c]
+    } else {
+        &[Proto::H1]
+    };
+    for &proto in throughput_protos {
+        let tool = match proto {
+            Proto::H1 => format!("wrk -t {}", setup.threads),
+            Proto::H2c => format!("h2load -t {} -m 1", setup.threads),
+        };
+        let _ = writeln!(
+            out,
+            "\n2. Maximum throughput, {} — closed loop, {tool} -c {}, {:.0} s; req/s, {rounds}",
+            proto.label(),
+            setup.connections,
+            setup.throughput_secs
+        );
+        let mut table = Table::new(&[
+            "N",
+            "proxy",
+            "req/s",
+            "×direct",
+            "cogmesh÷peer",
+            "min–max",
+            "errors",
+        ]);
+        for &workers in &setup.workers {
+            let rps = |kind| view.median(workers, kind, proto, |s| s.throughput.as_ref().map(|t| t.rps));
+            for &kind in &setup.kinds {
+                let errors: u64 = view
+                    .of(workers, kind, proto)
+                    .filter_map(|s| s.throughput.as_ref().map(|t| t.errors))
+                    .sum();
+                table.row(vec![
+                    workers.to_string(),
+                    format!("{}{}", kind.name(), failed_note(workers, kind, proto)),
+                    opt(rps(kind), 0),
+                    ratio(rps(kind), rps(Kind::Direct)),
+                    if kind == Kind::Direct {
+                        String::new()
+                    } else {
+                        vs_cogmesh(kind, rps(Kind::Cogmesh), rps(kind))
+                    },
+                    spread(&view.values(workers, kind, proto, |s| s.throughput.as_ref().map(|t| t.rps))),
+                    errors.to_string(),
+                ]);
+            }
+        }
+        out.push_str(&table.render());
+    }
+
+    let _ = writeln!(
+        out,
+        "\n3. CPU seconds per 1000 requests (utime+stime of all the proxy's processes) and RSS \
+         (MiB, summed over processes; peak = VmHWM after the load runs), {rounds}"
+    );
+    let mut header = vec!["N", "proxy", "CPU@max h1", "cogmesh÷peer"];
+    if setup.h2c_throughput {
+        header.push("CPU@max h2c");
+    }
+    header.extend([
+        "CPU@rate h1",
+        "CPU@rate h2c",
+        "RSS idle",
+        "RSS peak h1",
+        "cogmesh÷peer",
+        "RSS peak h2c",
+    ]);
+    let mut table = Table::new(&header);
+    for &workers in &setup.workers {
+        for &kind in setup.kinds.iter().filter(|k| **k != Kind::Direct) {
+            let cpu_max = |kind, proto| view.median(workers, kind, proto, |s| s.cpu_s_per_1k_at_max);
+            let cpu_rate = |proto| view.median(workers, kind, proto, |s| s.cpu_s_per_1k_at_rate);
+            let mem = |kind, proto, f: fn(&Sample) -> Option<u64>| {
+                view.median(workers, kind, proto, |s| f(s).map(|kib| kib as f64 / 1024.0))
+            };
+            let peak = |kind| mem(kind, Proto::H1, |s| s.rss_peak_kib);
+            let mut row = vec![
+                workers.to_string(),
+                kind.name().to_string(),
+                opt(cpu_max(kind, Proto::H1), 4),
+                vs_cogmesh(kind, cpu_max(Kind::Cogmesh, Proto::H1), cpu_max(kind, Proto::H1)),
+            ];
+            if setup.h2c_throughput {
+                row.push(opt(cpu_max(kind, Proto::H2c), 4));
+            }
+            row.extend([
+                opt(cpu_rate(Proto::H1), 4),
+                opt(cpu_rate(Proto::H2c), 4),
+                opt(mem(kind, Proto::H1, |s| s.rss_idle_kib), 1),
+                opt(peak(kind), 1),
+                vs_cogmesh(kind, peak(Kind::Cogmesh), peak(kind)),
+                opt(mem(kind, Proto::H2c, |s| s.rss_peak_kib), 1),
+            ]);
+            table.row(row);
+        }
+    }
+    out.push_str(&table.render());
+    out.push_str(
+        "\nN = worker threads/processes of each proxy. cogmesh÷peer: below 1 means cogmesh adds \
+         less latency / uses less CPU or memory; above 1 in the throughput table means cogmesh \
+         serves more. CPU@max is measured during the closed-loop run, CPU@rate during the \
+         open-loop run (it includes the proxy's idle work, and /proc counts in 10 ms ticks).\n",
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![f64::NAN, 5.0]), Some(5.0));
+    }
+
+    fn sample(round: usize, kind: Kind, p50: f64, rps: f64, cpu: f64) -> Sample {
+        let mut s = Sample::new(round, 1, kind, Proto::H1);
+        s.latency = Some(Latency {
+            p50_us: p50,
+            p99_us: p50 * 2.0,
+            p999_us: p50 * 4.0,
+            rps: 1000.0,
+            ok: 5000,
+            ..Latency::default()
+        });
+        s.throughput = Some(Throughput {
+            requests: (rps * 5.0) as u64,
+            secs: 5.0,
+            rps,
+            errors: 0,
+        });
+        if kind != Kind::Direct {
+            s.cpu_s_per_1k_at_max = Some(cpu);
+            s.rss_idle_kib = Some(4096);
+            s.rss_peak_kib = Some(8192);
+        }
+        s
+    }
+
+    #[test]
+    fn added_latency_pairs_rounds_and_ratios_compare_to_cogmesh() {
+        let samples = vec![
+            sample(0, Kind::Direct, 50.0, 80_000.0, 0.0),
+            sample(0, Kind::Cogmesh, 70.0, 40_000.0, 0.020),
+            sample(0, Kind::Envoy, 130.0, 20_000.0, 0.040),
+            sample(1, Kind::Direct, 60.0, 80_000.0, 0.0),
+            sample(1, Kind::Cogmesh, 80.0, 44_000.0, 0.020),
+            sample(1, Kind::Envoy, 140.0, 22_000.0, 0.040),
+        ];
+        let view = View { samples: &samples };
+        assert_eq!(view.added(1, Kind::Cogmesh, Proto::H1, |l| l.p50_us), Some(20.0));
+        assert_eq!(view.added(1, Kind::Envoy, Proto::H1, |l| l.p50_us), Some(80.0));
+        let setup = Setup {
+            rounds: 2,
+            workers: vec![1],
+            kinds: vec![Kind::Direct, Kind::Cogmesh, Kind::Envoy],
+            rate: 1000,
+            latency_secs: 5.0,
+            latency_connections: 16,
+            throughput_secs: 5.0,
+            connections: 64,
+            threads: 2,
+            h2c_throughput: false,
+        };
+        let text = render(&setup, &samples);
+        // cogmesh adds 20 µs at p50, envoy 80: ratio 0.25; throughput 42k vs 21k: ratio 2.00.
+        assert!(text.contains("0.25/"), "{text}");
+        assert!(text.contains("2.00"), "{text}");
+        assert!(text.contains("40000–44000"), "{text}");
+        // CPU: 0.020 vs 0.040 s per 1000 requests.
+        assert!(text.contains("0.0200"), "{text}");
+        assert!(text.contains("0.50"), "{text}");
+    }
+
+    #[test]
+    fn ratio_needs_two_positive_values() {
+        assert_eq!(ratio(Some(1.0), Some(4.0)), "0.25");
+        assert_eq!(ratio(Some(1.0), Some(-4.0)), "-");
+        assert_eq!(ratio(None, Some(4.0)), "-");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let mut table = Table::new(&["N", "proxy", "req/s"]);
+        table.row(vec!["1".into(), "cogmesh".into(), "42000".into()]);
+        table.row(vec!["2".into(), "nginx".into(), "7".into()]);
+        let text = table.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1].len(), lines[2].len());
+        assert!(lines[2].ends_with("    7"));
+    }
+}

@@ -1,0 +1,7 @@
+//! cogmesh-control: the cogmesh control plane and the pieces behind the `cogmesh` operator CLI.
+//!
+//! Today it holds [`workload`], the sample workload server that tests and benchmarks put behind the
+//! sidecar; the control plane proper (registry, aggregator, autoscaler) joins it here.
+#![forbid(unsafe_code)]
+
+pub mod workload;

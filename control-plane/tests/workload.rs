@@ -1,0 +1,311 @@
+//! End-to-end checks of `cogmesh workload`, served in-process on a loopback port chosen at run time
+//! and driven with real clients: hyper (HTTP/1.1 and h2c), tonic (gRPC) and tungstenite (WebSocket).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cogmesh_control::workload;
+use cogmesh_proto::v1::workload_client::WorkloadClient;
+use cogmesh_proto::v1::InferRequest;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_tungstenite::tungstenite::Message;
+
+const NAME: &str = "w-test";
+
+/// A workload running in-process; `stop` triggers its graceful shutdown.
+struct Running {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), workload::WorkloadError>>,
+}
+
+async fn start() -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(workload::serve(listener, NAME.into(), async {
+        let _ = stopped.await;
+    }));
+    Running { addr, stop, task }
+}
+
+impl Running {
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+type ChunkSender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+type ChunkBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+
+fn chunk_body() -> (ChunkSender, ChunkBody) {
+    let (tx, rx) = mpsc::channel(4);
+    (tx, StreamBody::new(ReceiverStream::new(rx)))
+}
+
+/// An HTTP/1.1 or h2c (prior knowledge) connection.
+enum Conn<B> {
+    H1(hyper::client::conn::http1::SendRequest<B>),
+    H2(hyper::client::conn::http2::SendRequest<B>),
+}
+
+impl<B> Conn<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    async fn open(addr: SocketAddr, version: Version) -> Self {
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        if version == Version::HTTP_2 {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            Conn::H2(send)
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn.with_upgrades());
+            Conn::H1(send)
+        }
+    }
+
+    async fn send(&mut self, mut req: Request<B>, addr: SocketAddr) -> Response<Incoming> {
+        match self {
+            Conn::H1(send) => {
+                req.headers_mut()
+                    .insert(http::header::HOST, addr.to_string().parse().unwrap());
+                send.send_request(req).await.unwrap()
+            }
+            Conn::H2(send) => {
+                *req.uri_mut() = format!("http://{addr}{}", req.uri()).parse().unwrap();
+                send.send_request(req).await.unwrap()
+            }
+        }
+    }
+}
+
+async fn get(addr: SocketAddr, version: Version, path: &str) -> (StatusCode, Response<Bytes>) {
+    let mut conn = Conn::open(addr, version).await;
+    let req = Request::get(path).body(Empty::<Bytes>::new()).unwrap();
+    let response = conn.send(req, addr).await;
+    let status = response.status();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (status, Response::from_parts(parts, body))
+}
+
+#[tokio::test]
+async fn http_routes_on_both_versions() {
+    let workload = start().await;
+    let addr = workload.addr;
+    for version in [Version::HTTP_11, Version::HTTP_2] {
+        let (status, response) = get(addr, version, "/").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(response.body().as_ref(), [b'x'; 1024]);
+        assert_eq!(response.headers()["x-served-by"], NAME);
+        assert_eq!(response.headers()["content-type"], "text/plain");
+
+        let n = 200_000;
+        let (status, response) = get(addr, version, &format!("/bytes?n={n}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(response.headers()["content-length"], n.to_string().as_str());
+        assert_eq!(response.body().len(), n);
+        assert!(response
+            .body()
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i % 251) as u8));
+
+        let (status, response) = get(addr, version, "/sleep?ms=20").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(response.body().as_ref(), b"slept 20 ms");
+
+        let (status, response) = get(addr, version, "/status/418").await;
+        assert_eq!(status, StatusCode::IM_A_TEAPOT);
+        assert_eq!(response.body().as_ref(), b"status 418");
+        assert_eq!(response.headers()["x-served-by"], NAME);
+        assert_eq!(get(addr, version, "/status/101").await.0, StatusCode::BAD_REQUEST);
+        assert_eq!(get(addr, version, "/status/x").await.0, StatusCode::BAD_REQUEST);
+
+        let (status, response) = get(addr, version, "/headers").await;
+        assert_eq!(status, StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        let expected = if version == Version::HTTP_2 {
+            "HTTP/2.0"
+        } else {
+            "HTTP/1.1"
+        };
+        assert_eq!(json["version"], expected);
+        assert!(json["headers"].is_object());
+
+        assert_eq!(get(addr, version, "/ws").await.0, StatusCode::BAD_REQUEST);
+        let (status, response) = get(addr, version, "/nope").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(response.headers()["x-served-by"], NAME);
+    }
+    workload.shutdown().await;
+}
+
+/// Each chunk comes back before the next one is sent: the echo does not buffer the body.
+#[tokio::test]
+async fn echo_streams_chunk_by_chunk() {
+    let workload = start().await;
+    let addr = workload.addr;
+    for version in [Version::HTTP_11, Version::HTTP_2] {
+        let mut conn = Conn::open(addr, version).await;
+        let (tx, body) = chunk_body();
+        let req = Request::post("/echo")
+            .header("content-type", "application/x-test")
+            .body(body)
+            .unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"one"))))
+            .await
+            .unwrap();
+        let response = conn.send(req, addr).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "application/x-test");
+        let mut body = response.into_body();
+        for chunk in ["one", "two", "three"] {
+            if chunk != "one" {
+                tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.unwrap();
+            }
+            let mut got = Vec::new();
+            while got.len() < chunk.len() {
+                let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                    .await
+                    .expect("echo answers before the request ends")
+                    .unwrap()
+                    .unwrap();
+                got.extend_from_slice(&frame.into_data().unwrap());
+            }
+            assert_eq!(got, chunk.as_bytes());
+        }
+        drop(tx);
+        assert!(body.collect().await.unwrap().to_bytes().is_empty());
+    }
+    workload.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_workload_service() {
+    let workload = start().await;
+    let mut client = WorkloadClient::connect(format!("http://{}", workload.addr))
+        .await
+        .unwrap();
+    let prompt = |p: &str| InferRequest {
+        prompt: p.into(),
+        ..Default::default()
+    };
+
+    let reply = client.infer(prompt("hi")).await.unwrap();
+    assert_eq!(reply.metadata().get("x-served-by").unwrap(), NAME);
+    let reply = reply.into_inner();
+    assert_eq!(
+        (reply.text.as_str(), reply.served_by.as_str(), reply.seq),
+        ("echo: hi", NAME, 0)
+    );
+
+    let error = client
+        .infer(InferRequest {
+            fail_code: 5,
+            fail_message: "no such model".into(),
+            ..prompt("hi")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::NotFound);
+    assert_eq!(error.message(), "no such model");
+
+    let parts: Vec<_> = client
+        .generate(InferRequest {
+            count: 3,
+            ..prompt("hi")
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    let parts: Vec<_> = parts.iter().map(|r| (r.text.as_str(), r.seq)).collect();
+    assert_eq!(parts, [("part 0", 0), ("part 1", 1), ("part 2", 2)]);
+
+    let upload = tokio_stream::iter(["a", "b", "c"].map(prompt));
+    let reply = client.upload(upload).await.unwrap().into_inner();
+    assert_eq!((reply.text.as_str(), reply.seq), ("a,b,c", 3));
+
+    let (tx, rx) = mpsc::channel(4);
+    let mut replies = client
+        .converse(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for (seq, p) in ["x", "y"].into_iter().enumerate() {
+        tx.send(prompt(p)).await.unwrap();
+        let reply = replies.message().await.unwrap().unwrap();
+        assert_eq!((reply.text, reply.seq), (format!("echo: {p}"), seq as u64));
+    }
+    tx.send(InferRequest {
+        fail_code: 8,
+        fail_message: "too much".into(),
+        ..prompt("z")
+    })
+    .await
+    .unwrap();
+    let error = replies.message().await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(error.message(), "too much");
+
+    workload.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_echo() {
+    let workload = start().await;
+    let tcp = TcpStream::connect(workload.addr).await.unwrap();
+    let url = format!("ws://{}/ws", workload.addr);
+    let (mut ws, response) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(response.headers()["x-served-by"], NAME);
+
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    ws.send(Message::binary(vec![0_u8, 1, 2])).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::binary(vec![0_u8, 1, 2])
+    );
+    ws.close(None).await.unwrap();
+    while let Some(message) = ws.next().await {
+        if message.is_err() {
+            break;
+        }
+    }
+    workload.shutdown().await;
+}
+
+/// Shutdown lets a request in flight finish and then returns.
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let workload = start().await;
+    let addr = workload.addr;
+    let in_flight = tokio::spawn(get(addr, Version::HTTP_11, "/sleep?ms=300"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    workload.shutdown().await;
+    let (status, response) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(response.body().as_ref(), b"slept 300 ms");
+    assert!(TcpStream::connect(addr).await.is_err());
+}

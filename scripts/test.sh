@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every cogmesh test. On first use it installs what the tests need on a fresh Debian
+# machine with the Rust toolchain: Debian packages (curl, promtool from `prometheus`, python venv
+# support) and a Python venv at .venv with grpcio/grpcio-tools. Then it builds the binaries the
+# end-to-end tests start and runs `cargo test` over the whole workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+
+need_apt=()
+command -v curl >/dev/null || need_apt+=(curl)
+command -v promtool >/dev/null || need_apt+=(prometheus)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+if ((${#need_apt[@]})); then
+    echo "test.sh: installing Debian packages: ${need_apt[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# Python peers for the gRPC interop tests.
+PY_PACKAGES=(grpcio==1.85.1 grpcio-tools==1.85.1)
+if ! "$REPO/.venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+    echo "test.sh: creating the Python venv at .venv"
+    python3 -m venv "$REPO/.venv"
+    "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+fi
+export COGMESH_PYTHON="$REPO/.venv/bin/python"
+
+# The end-to-end tests start the real binaries from target/debug.
+cargo build --workspace --bins
+cargo test --workspace -- --test-threads "${COGMESH_TEST_THREADS:-4}"

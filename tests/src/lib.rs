@@ -1,0 +1,275 @@
+//! Harness for the end-to-end tests: start the real `cogmesh-proxy` and `cogmesh` binaries (and
+//! Python peers) on loopback ports picked at run time, wait until they are ready, and stop them
+//! when the test ends, whatever happens.
+//!
+//! The binaries are looked up next to the test executable (`target/<profile>/`); the test command
+//! (`scripts/test.sh`) builds them before running the tests.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr")
+}
+
+/// Path of a workspace binary built next to the tests.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, as scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// The Python interpreter of the test venv (`.venv`, made by scripts/test.sh).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("COGMESH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test.sh, which creates the venv",
+        p.display()
+    );
+    p
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL after 5 s) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, `KILL`) with the `kill` command.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Waits for the process to exit, at most `limit`; `None` if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.signal("TERM");
+            if self.wait_exit(Duration::from_secs(5)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_tcp(addr: SocketAddr, proc: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            proc.is_running(),
+            "{} exited before listening on {addr}",
+            proc.name
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{} did not listen on {addr} within 20 s",
+            proc.name
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A minimal blocking HTTP/1.1 GET (for admin endpoints): status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A running `cogmesh workload`.
+pub struct Workload {
+    pub addr: SocketAddr,
+    pub proc: Proc,
+}
+
+pub fn start_workload(name: &str) -> Workload {
+    let addr = free_addr();
+    let mut proc = Proc::spawn(
+        &format!("workload {name}"),
+        Command::new(bin("cogmesh"))
+            .args(["workload", "--listen", &addr.to_string(), "--name", name])
+            .env("COGMESH_LOG", "warn"),
+    );
+    wait_tcp(addr, &mut proc);
+    Workload { addr, proc }
+}
+
+/// A running `cogmesh-proxy`.
+pub struct Proxy {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub proc: Proc,
+}
+
+impl Proxy {
+    /// Quick mode in front of `upstreams`, with extra flags.
+    pub fn quick(upstreams: &[SocketAddr], extra: &[&str]) -> Proxy {
+        let listen = free_addr();
+        let admin = free_addr();
+        let mut cmd = Command::new(bin("cogmesh-proxy"));
+        cmd.args(["--listen", &listen.to_string(), "--admin", &admin.to_string()]);
+        for u in upstreams {
+            cmd.args(["--upstream", &u.to_string()]);
+        }
+        cmd.args(extra).env("COGMESH_LOG", "warn");
+        Self::start(listen, admin, cmd)
+    }
+
+    /// Full mode: `yaml` is written to a temp file; `{listen}` and `{admin}` in it are replaced
+    /// by fresh loopback addresses.
+    pub fn with_config(yaml: &str) -> Proxy {
+        let listen = free_addr();
+        let admin = free_addr();
+        let text = yaml
+            .replace("{listen}", &listen.to_string())
+            .replace("{admin}", &admin.to_string());
+        let path = std::env::temp_dir().join(format!(
+            "cogmesh-proxy-{}-{}.yaml",
+            std::process::id(),
+            listen.port()
+        ));
+        std::fs::write(&path, text).expect("write config");
+        let mut cmd = Command::new(bin("cogmesh-proxy"));
+        cmd.arg("--config").arg(&path).env("COGMESH_LOG", "warn");
+        Self::start(listen, admin, cmd)
+    }
+
+    fn start(listen: SocketAddr, admin: SocketAddr, mut cmd: Command) -> Proxy {
+        let mut proc = Proc::spawn("cogmesh-proxy", &mut cmd);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http_get(admin, "/ready") {
+                break;
+            }
+            assert!(proc.is_running(), "cogmesh-proxy exited before becoming ready");
+            assert!(Instant::now() < deadline, "cogmesh-proxy not ready within 20 s");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Proxy { listen, admin, proc }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.listen, path)
+    }
+
+    pub fn metrics(&self) -> String {
+        let (status, body) = http_get(self.admin, "/metrics").expect("scrape metrics");
+        assert_eq!(status, 200);
+        body
+    }
+}
+
+/// The value of the sample whose line starts with `prefix` (name and labels), if present.
+pub fn metric_value(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs a command to completion with a time limit, returning (exit code, stdout, stderr).
+pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> (Option<i32>, String, String) {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn command");
+    let mut proc = Proc {
+        name: format!("{cmd:?}"),
+        child,
+    };
+    let status = proc.wait_exit(limit);
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(o) = proc.child.stdout.as_mut() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(e) = proc.child.stderr.as_mut() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(
+        status.is_some(),
+        "{cmd:?} did not finish within {limit:?}; stderr: {err}"
+    );
+    (status.and_then(|s| s.code()), out, err)
+}

@@ -1,0 +1,176 @@
+//! HTTP/2 cleartext (prior knowledge) and gRPC through the proxy: 100 concurrent h2c streams;
+//! unary, server-, client- and bidi-streaming calls with a tonic client, and with Python grpcio
+//! as client and as server; non-OK `grpc-status` with its message passed through.
+
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cogmesh_e2e::{free_addr, python, repo_root, run_with_timeout, start_workload, wait_tcp, Proc, Proxy};
+use cogmesh_proto::v1::workload_client::WorkloadClient;
+use cogmesh_proto::v1::InferRequest;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tonic::transport::Channel;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_with_100_concurrent_streams() {
+    let upstream = start_workload("w1");
+    let proxy = Proxy::quick(&[upstream.addr], &[]);
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<Bytes>>();
+    let mut calls = Vec::new();
+    for i in 0..100 {
+        let client = client.clone();
+        let url = proxy.url(&format!("/sleep?ms={}", 200 + i % 7));
+        calls.push(tokio::spawn(async move {
+            let resp = client.get(url.parse().unwrap()).await.expect("h2c request");
+            let status = resp.status();
+            let version = resp.version();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, version, body)
+        }));
+    }
+    for (i, c) in calls.into_iter().enumerate() {
+        let (status, version, body) = c.await.unwrap();
+        assert_eq!(status, 200, "stream {i}");
+        assert_eq!(version, http::Version::HTTP_2);
+        assert_eq!(body, format!("slept {} ms", 200 + i % 7));
+    }
+    // The upstream hop spoke HTTP/2 too (the protocol follows the client's).
+    let resp = client.get(proxy.url("/headers").parse().unwrap()).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+}
+
+async fn tonic_client(proxy: &Proxy) -> WorkloadClient<Channel> {
+    let channel = Channel::from_shared(proxy.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .expect("tonic connects to the proxy");
+    WorkloadClient::new(channel)
+}
+
+fn request(prompt: &str) -> InferRequest {
+    InferRequest {
+        prompt: prompt.into(),
+        ..Default::default()
+    }
+}
+
+/// Runs every call shape against whatever serves Workload behind `proxy`.
+async fn exercise_tonic(proxy: &Proxy, served_by: &str) {
+    let mut client = tonic_client(proxy).await;
+
+    let reply = client.infer(request("hi")).await.expect("unary").into_inner();
+    assert_eq!(reply.text, "echo: hi");
+    assert_eq!(reply.served_by, served_by);
+
+    let mut stream = client
+        .generate(InferRequest {
+            count: 5,
+            ..request("g")
+        })
+        .await
+        .expect("server streaming")
+        .into_inner();
+    let mut seqs = Vec::new();
+    while let Some(r) = stream.message().await.expect("stream message") {
+        seqs.push(r.seq);
+    }
+    assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
+
+    let up = tokio_stream::iter(["a", "b", "c"].map(request));
+    let reply = client.upload(up).await.expect("client streaming").into_inner();
+    assert_eq!(reply.text, "a,b,c");
+    assert_eq!(reply.seq, 3);
+
+    // Bidi: send one, read one, so the exchange really interleaves through the proxy.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = client
+        .converse(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("bidi")
+        .into_inner();
+    for i in 0..5u64 {
+        tx.send(request(&format!("m{i}"))).await.unwrap();
+        let r = replies.message().await.unwrap().expect("a reply per message");
+        assert_eq!((r.text.as_str(), r.seq), (format!("echo: m{i}").as_str(), i));
+    }
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
+
+    let status = client
+        .infer(InferRequest {
+            fail_code: tonic::Code::NotFound as i32,
+            fail_message: "no such model".into(),
+            ..request("x")
+        })
+        .await
+        .expect_err("a non-OK status");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert_eq!(status.message(), "no such model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_tonic_client_and_server() {
+    let upstream = start_workload("rust-workload");
+    let proxy = Proxy::quick(&[upstream.addr], &[]);
+    exercise_tonic(&proxy, "rust-workload").await;
+}
+
+fn peer_script() -> std::path::PathBuf {
+    repo_root().join("tests/python/grpc_peer.py")
+}
+
+fn python_client(target: std::net::SocketAddr, case: &str) -> serde_json::Value {
+    let (code, out, err) = run_with_timeout(
+        Command::new(python()).arg(peer_script()).args([
+            "client",
+            "--target",
+            &target.to_string(),
+            "--case",
+            case,
+        ]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(0), "python client case {case} failed: {out}\n{err}");
+    serde_json::from_str(out.trim().lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("python client printed no JSON ({e}): {out}"))
+}
+
+#[test]
+fn grpc_python_client_through_the_proxy() {
+    let upstream = start_workload("rust-workload");
+    let proxy = Proxy::quick(&[upstream.addr], &[]);
+    let unary = python_client(proxy.listen, "unary");
+    assert_eq!(unary["text"], "echo: hi", "{unary}");
+    assert_eq!(unary["served_by"], "rust-workload", "{unary}");
+    let bidi = python_client(proxy.listen, "bidi");
+    assert_eq!(bidi["seqs"], serde_json::json!([0, 1, 2, 3, 4]), "{bidi}");
+    let error = python_client(proxy.listen, "error");
+    assert_eq!(error["code"], "NOT_FOUND", "{error}");
+    assert_eq!(error["details"], "no such model", "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_tonic_client_to_python_server() {
+    let addr = free_addr();
+    let mut server = Proc::spawn(
+        "python grpc server",
+        Command::new(python()).arg(peer_script()).args([
+            "server",
+            "--port",
+            &addr.port().to_string(),
+            "--name",
+            "python-workload",
+        ]),
+    );
+    wait_tcp(addr, &mut server);
+    let proxy = Proxy::quick(&[addr], &[]);
+    exercise_tonic(&proxy, "python-workload").await;
+}

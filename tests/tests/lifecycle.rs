@@ -1,0 +1,65 @@
+//! Process lifecycle: readiness and liveness on the admin server, `/config`, and graceful
+//! shutdown — SIGTERM while requests are in flight lets them complete, then the proxy exits 0.
+
+use std::time::Duration;
+
+use cogmesh_e2e::{http_get, start_workload, Proxy};
+
+#[test]
+fn admin_endpoints() {
+    let upstream = start_workload("w1");
+    let proxy = Proxy::quick(&[upstream.addr], &[]);
+    assert_eq!(http_get(proxy.admin, "/live").unwrap().0, 200);
+    assert_eq!(http_get(proxy.admin, "/ready").unwrap().0, 200);
+    let (status, body) = http_get(proxy.admin, "/config").unwrap();
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&body).expect("JSON config");
+    assert_eq!(
+        config["config"]["listeners"][0]["address"],
+        proxy.listen.to_string()
+    );
+    assert_eq!(
+        config["routing_table"]["services"][0]["endpoints"][0]["address"],
+        upstream.addr.to_string(),
+        "{config}"
+    );
+    assert_eq!(http_get(proxy.admin, "/nope").unwrap().0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_completes_in_flight_requests_then_exits_0() {
+    let upstream = start_workload("w1");
+    let mut proxy = Proxy::quick(&[upstream.addr], &["--workers", "2"]);
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let addr = proxy.listen;
+        calls.push(tokio::task::spawn_blocking(move || {
+            http_get(addr, "/sleep?ms=1500")
+        }));
+    }
+    // Wait until the proxy reports all six in flight (polling, no fixed sleep).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = http_get(proxy.admin, "/config").unwrap();
+        let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if config["routing_table"]["services"][0]["endpoints"][0]["in_flight"] == 6 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests never in flight: {config}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.proc.signal("TERM");
+    for c in calls {
+        let (status, body) = c.await.unwrap().expect("in-flight request completes");
+        assert_eq!(status, 200);
+        assert_eq!(body, "slept 1500 ms");
+    }
+    let status = proxy
+        .proc
+        .wait_exit(Duration::from_secs(15))
+        .expect("proxy exits after draining");
+    assert_eq!(status.code(), Some(0));
+}
