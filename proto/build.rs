@@ -4,7 +4,10 @@
 
 use std::path::PathBuf;
 
-const PROTO_FILES: &[&str] = &["cogmesh/v1/workload.proto"];
+const PROTO_FILES: &[&str] = &[
+    "cogmesh/v1/workload.proto",
+    "xds/data/orca/v3/orca_load_report.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -10,5 +10,11 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/cogmesh.v1.rs"));
 }
 
+/// `xds.data.orca.v3`: the ORCA load report, as upstreams send it.
+pub mod orca {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/xds.data.orca.v3.rs"));
+}
+
 /// The encoded `FileDescriptorSet` of every cogmesh proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cogmesh_descriptor.bin"));

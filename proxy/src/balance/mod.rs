@@ -3,22 +3,35 @@
 //!
 //! Statistics live in atomics inside `Arc<Endpoint>`, so every worker thread reads and updates
 //! them without a lock, and a routing-table swap that keeps an endpoint keeps its statistics
-//! (see [`EndpointSet::rebuild`]). The pure parts (pair draw, EWMA update, cost) are plain
-//! functions tested without a runtime.
+//! (see [`EndpointSet::rebuild`]). The decisions themselves are the pure functions of [`cost`].
+//!
+//! Strategies (per service): `cognitive` (default: weighted P2C over [`cost::cognitive_cost`]),
+//! `p2c_ewma` (Linkerd), `least_request` (Envoy, two choices), `round_robin`, and `ring_hash`
+//! (affinity on a header or cookie). Ejected endpoints are never picked.
 
+pub mod cost;
 mod ewma;
+pub mod orca;
+mod ring;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Authority;
 use serde::Serialize;
+use tokio::time::Instant;
 
 pub use self::ewma::{decayed_ewma, PeakEwma, DECAY_SECS, DEFAULT_RTT_MS};
+pub use self::ring::stable_hash;
+use self::ring::Ring;
 use crate::config::BalancerKind;
+
+/// A load report older than this is ignored (the endpoint counts as unloaded until it reports
+/// again), so an endpoint that stopped getting traffic is probed again.
+pub const DEFAULT_LOAD_STALE_MS: u64 = 10_000;
 
 /// One upstream address of a service.
 #[derive(Debug)]
@@ -27,17 +40,29 @@ pub struct Endpoint {
     /// `addr` as a URI authority, resolved once so requests do not format it.
     pub authority: Authority,
     in_flight: AtomicU64,
-    requests: AtomicU64,
+    /// Sum of the start times (ns since `epoch`) of the requests in flight: with `in_flight`
+    /// it gives their mean age, which bounds the latency of an endpoint that stopped answering.
+    in_flight_started_ns: AtomicU64,
+    picks: AtomicU64,
     rtt: PeakEwma,
+    /// f64 bits of the last reported load; `load_at_ns` 0 means never reported.
+    load: AtomicU64,
+    load_at_ns: AtomicU64,
+    ejected: AtomicBool,
+    epoch: Instant,
 }
 
-/// What `/config` shows of an endpoint.
+/// What `/config` and the metrics show of an endpoint.
 #[derive(Debug, Serialize)]
 pub struct EndpointSnapshot {
     pub address: SocketAddr,
+    pub weight: f64,
     pub in_flight: u64,
     pub requests: u64,
     pub rtt_ewma_ms: f64,
+    /// The last load report, while fresh.
+    pub load: Option<f64>,
+    pub ejected: bool,
 }
 
 impl Endpoint {
@@ -48,13 +73,27 @@ impl Endpoint {
             addr,
             authority,
             in_flight: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
+            in_flight_started_ns: AtomicU64::new(0),
+            picks: AtomicU64::new(0),
             rtt: PeakEwma::new(),
+            load: AtomicU64::new(0f64.to_bits()),
+            load_at_ns: AtomicU64::new(0),
+            ejected: AtomicBool::new(false),
+            epoch: Instant::now(),
         }
+    }
+
+    fn now_ns(&self) -> u64 {
+        // +1 so that a report at the epoch itself is not mistaken for "never".
+        self.epoch.elapsed().as_nanos() as u64 + 1
     }
 
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn picks(&self) -> u64 {
+        self.picks.load(Ordering::Relaxed)
     }
 
     /// Records an observed response latency.
@@ -62,40 +101,98 @@ impl Endpoint {
         self.rtt.observe(rtt);
     }
 
-    /// Linkerd's load estimate: latency × (outstanding requests + 1), in nanoseconds.
-    pub fn p2c_cost(&self) -> f64 {
-        self.rtt.estimate_ns() * (self.in_flight() as f64 + 1.0)
+    pub fn rtt_ewma_ns(&self) -> f64 {
+        self.rtt.estimate_ns()
     }
 
-    pub fn snapshot(&self) -> EndpointSnapshot {
+    /// Records the load the endpoint reported about itself.
+    pub fn observe_load(&self, load: f64) {
+        self.load.store(load.to_bits(), Ordering::Relaxed);
+        self.load_at_ns.store(self.now_ns(), Ordering::Relaxed);
+    }
+
+    /// The last reported load if it is younger than `stale`, else `None`.
+    pub fn fresh_load(&self, stale: Duration) -> Option<f64> {
+        let at = self.load_at_ns.load(Ordering::Relaxed);
+        if at == 0 || self.now_ns().saturating_sub(at) > stale.as_nanos() as u64 {
+            return None;
+        }
+        Some(f64::from_bits(self.load.load(Ordering::Relaxed)))
+    }
+
+    pub fn set_ejected(&self, ejected: bool) {
+        self.ejected.store(ejected, Ordering::Relaxed);
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed)
+    }
+
+    /// The latency estimate the balancer uses: the peak-EWMA, or the mean age of the requests
+    /// still in flight when that is larger (an endpoint that stalls answers nothing, so its
+    /// EWMA alone would never rise).
+    pub fn effective_rtt_ns(&self) -> f64 {
+        let ewma = self.rtt.estimate_ns();
+        let n = self.in_flight();
+        if n == 0 {
+            return ewma;
+        }
+        let started = self.in_flight_started_ns.load(Ordering::Relaxed) as f64 / n as f64;
+        let age = self.now_ns() as f64 - started;
+        ewma.max(age)
+    }
+
+    pub fn cognitive_cost(&self, weight: f64, stale: Duration) -> f64 {
+        let load = self.fresh_load(stale).unwrap_or(0.0);
+        cost::cognitive_cost(self.effective_rtt_ns(), self.in_flight(), load, weight)
+    }
+
+    pub fn p2c_cost(&self) -> f64 {
+        cost::p2c_ewma_cost(self.effective_rtt_ns(), self.in_flight())
+    }
+
+    pub fn snapshot(&self, weight: f64, stale: Duration) -> EndpointSnapshot {
         EndpointSnapshot {
             address: self.addr,
+            weight,
             in_flight: self.in_flight(),
-            requests: self.requests.load(Ordering::Relaxed),
+            requests: self.picks(),
             rtt_ewma_ms: self.rtt.estimate_ns() / 1e6,
+            load: self.fresh_load(stale),
+            ejected: self.is_ejected(),
         }
     }
 }
 
 /// Counts a request as outstanding on its endpoint until dropped.
 #[derive(Debug)]
-pub struct InFlight(Arc<Endpoint>);
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+    started_ns: u64,
+}
 
 impl InFlight {
     pub fn start(endpoint: Arc<Endpoint>) -> Self {
+        let started_ns = endpoint.now_ns();
+        endpoint
+            .in_flight_started_ns
+            .fetch_add(started_ns, Ordering::Relaxed);
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        endpoint.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(endpoint)
+        endpoint.picks.fetch_add(1, Ordering::Relaxed);
+        InFlight { endpoint, started_ns }
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.0
+        &self.endpoint
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint
+            .in_flight_started_ns
+            .fetch_sub(self.started_ns, Ordering::Relaxed);
     }
 }
 
@@ -103,30 +200,65 @@ impl Drop for InFlight {
 #[derive(Debug)]
 pub struct EndpointSet {
     endpoints: Vec<Arc<Endpoint>>,
+    weights: Vec<f64>,
+    /// Cumulative weights, for draws proportional to weight.
+    prefix: Vec<f64>,
+    uniform: bool,
     kind: BalancerKind,
+    stale: Duration,
     next: AtomicUsize,
+    ring: Option<Ring>,
 }
 
 impl EndpointSet {
-    /// Builds a set for `addrs`, reusing the endpoints (and so the statistics) of `previous`
-    /// for addresses that stay.
-    pub fn rebuild(previous: Option<&EndpointSet>, addrs: &[SocketAddr], kind: BalancerKind) -> Self {
+    /// Builds a set for `members` (address, weight), reusing the endpoints (and so the
+    /// statistics) of `previous` for addresses that stay. Weights ≤ 0 or not finite count as 1.
+    pub fn rebuild(
+        previous: Option<&EndpointSet>,
+        members: &[(SocketAddr, f64)],
+        kind: BalancerKind,
+        stale: Duration,
+    ) -> Self {
         let old: HashMap<SocketAddr, &Arc<Endpoint>> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
             .unwrap_or_default();
-        let endpoints = addrs
+        let endpoints: Vec<Arc<Endpoint>> = members
             .iter()
-            .map(|a| {
+            .map(|(a, _)| {
                 old.get(a)
                     .map(|e| Arc::clone(e))
                     .unwrap_or_else(|| Arc::new(Endpoint::new(*a)))
             })
             .collect();
+        let weights: Vec<f64> = members
+            .iter()
+            .map(|(_, w)| if w.is_finite() && *w > 0.0 { *w } else { 1.0 })
+            .collect();
+        let prefix = weights
+            .iter()
+            .scan(0.0, |acc, w| {
+                *acc += w;
+                Some(*acc)
+            })
+            .collect();
+        let uniform = weights.windows(2).all(|w| w[0] == w[1]);
+        let ring = (kind == BalancerKind::RingHash).then(|| Ring::build(&endpoints, &weights));
         EndpointSet {
             endpoints,
+            weights,
+            prefix,
+            uniform,
             kind,
+            stale,
             next: AtomicUsize::new(0),
+            ring,
         }
+    }
+
+    /// A set of equally weighted endpoints.
+    pub fn uniform(addrs: &[SocketAddr], kind: BalancerKind) -> Self {
+        let members: Vec<_> = addrs.iter().map(|a| (*a, 1.0)).collect();
+        Self::rebuild(None, &members, kind, Duration::from_millis(DEFAULT_LOAD_STALE_MS))
     }
 
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
@@ -137,36 +269,90 @@ impl EndpointSet {
         self.kind
     }
 
-    /// Picks the endpoint for the next request; `None` when the set is empty.
-    pub fn pick(&self) -> Option<&Arc<Endpoint>> {
+    pub fn load_staleness(&self) -> Duration {
+        self.stale
+    }
+
+    pub fn snapshots(&self) -> Vec<EndpointSnapshot> {
+        self.endpoints
+            .iter()
+            .zip(&self.weights)
+            .map(|(e, w)| e.snapshot(*w, self.stale))
+            .collect()
+    }
+
+    /// Picks the endpoint for the next request; `None` when no endpoint can take it.
+    /// `hash` is the request's affinity key, used by `ring_hash`.
+    pub fn pick(&self, hash: Option<u64>) -> Option<&Arc<Endpoint>> {
         let n = self.endpoints.len();
-        match n {
-            0 => None,
-            1 => Some(&self.endpoints[0]),
+        if n == 0 {
+            return None;
+        }
+        if n == 1 {
+            let e = &self.endpoints[0];
+            return (!e.is_ejected()).then_some(e);
+        }
+        let i = match self.kind {
+            BalancerKind::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            BalancerKind::RingHash => match (hash, &self.ring) {
+                (Some(h), Some(ring)) => return ring.lookup(h, &self.endpoints),
+                _ => self.draw_one(),
+            },
+            BalancerKind::Cognitive => {
+                let (a, b) = self.draw_two();
+                self.better(a, b, |e, w| e.cognitive_cost(w, self.stale))
+            }
+            BalancerKind::P2cEwma => {
+                let (a, b) = self.draw_two();
+                self.better(a, b, |e, _| e.p2c_cost())
+            }
+            BalancerKind::LeastRequest => {
+                let (a, b) = self.draw_two();
+                self.better(a, b, |e, w| e.in_flight() as f64 / w)
+            }
+        };
+        let e = &self.endpoints[i];
+        if !e.is_ejected() {
+            return Some(e);
+        }
+        // Rare: the choice was ejected. Take the next endpoint that is not.
+        (1..n)
+            .map(|k| &self.endpoints[(i + k) % n])
+            .find(|e| !e.is_ejected())
+    }
+
+    fn draw_one(&self) -> usize {
+        if self.uniform {
+            fastrand::usize(..self.endpoints.len())
+        } else {
+            cost::weighted_index(&self.prefix, fastrand::f64())
+        }
+    }
+
+    fn draw_two(&self) -> (usize, usize) {
+        let n = self.endpoints.len();
+        if self.uniform {
+            cost::pair(n, fastrand::usize(..n), fastrand::usize(..n - 1))
+        } else {
+            cost::weighted_pair(&self.prefix, fastrand::f64(), fastrand::f64())
+        }
+    }
+
+    /// Of two candidates, the one not ejected with the lower cost (the first on a tie).
+    fn better(&self, a: usize, b: usize, cost: impl Fn(&Endpoint, f64) -> f64) -> usize {
+        let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+        match (ea.is_ejected(), eb.is_ejected()) {
+            (false, true) => a,
+            (true, false) => b,
             _ => {
-                let i = match self.kind {
-                    BalancerKind::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
-                    BalancerKind::P2cEwma => {
-                        let (a, b) = pair(n, fastrand::usize(..n), fastrand::usize(..n - 1));
-                        if self.endpoints[b].p2c_cost() < self.endpoints[a].p2c_cost() {
-                            b
-                        } else {
-                            a
-                        }
-                    }
-                };
-                Some(&self.endpoints[i])
+                if cost(eb, self.weights[b]) < cost(ea, self.weights[a]) {
+                    b
+                } else {
+                    a
+                }
             }
         }
     }
-}
-
-/// Two distinct indices in `0..n` from two uniform draws `r1 ∈ 0..n` and `r2 ∈ 0..n-1`
-/// (`n ≥ 2`): the second draw skips the first index, so every pair is equally likely.
-pub fn pair(n: usize, r1: usize, r2: usize) -> (usize, usize) {
-    debug_assert!(n >= 2 && r1 < n && r2 < n - 1);
-    let second = if r2 >= r1 { r2 + 1 } else { r2 };
-    (r1, second)
 }
 
 #[cfg(test)]

@@ -1,22 +1,12 @@
 use super::*;
 
-#[test]
-fn pair_is_always_distinct_and_covers_every_pair() {
-    let n = 4;
-    let mut seen = std::collections::HashSet::new();
-    for r1 in 0..n {
-        for r2 in 0..n - 1 {
-            let (a, b) = pair(n, r1, r2);
-            assert_ne!(a, b);
-            assert!(a < n && b < n);
-            seen.insert((a, b));
-        }
-    }
-    // n × (n − 1) ordered pairs, each drawn by exactly one (r1, r2).
-    assert_eq!(seen.len(), n * (n - 1));
-    assert_eq!(pair(3, 1, 1), (1, 2));
-    assert_eq!(pair(3, 1, 0), (1, 0));
+fn addrs(n: u16) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
+        .collect()
 }
+
+const STALE: Duration = Duration::from_secs(10);
 
 #[test]
 fn ewma_takes_peaks_at_once_and_decays_toward_lower_samples() {
@@ -45,18 +35,36 @@ async fn peak_ewma_on_a_paused_clock() {
     );
 }
 
-fn addrs(n: u16) -> Vec<SocketAddr> {
-    (0..n)
-        .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
-        .collect()
+#[tokio::test(start_paused = true)]
+async fn load_reports_go_stale() {
+    let e = Endpoint::new(addrs(1)[0]);
+    assert_eq!(e.fresh_load(STALE), None);
+    e.observe_load(0.7);
+    assert_eq!(e.fresh_load(STALE), Some(0.7));
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(e.fresh_load(STALE), Some(0.7));
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(e.fresh_load(STALE), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_endpoint_costs_the_age_of_its_requests() {
+    let e = Arc::new(Endpoint::new(addrs(1)[0]));
+    let _stuck = InFlight::start(Arc::clone(&e));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    // EWMA still says 30 ms, but the request in flight is 2 s old.
+    assert_eq!(e.rtt_ewma_ns(), DEFAULT_RTT_MS * 1e6);
+    assert_eq!(e.effective_rtt_ns(), 2e9);
+    assert_eq!(e.cognitive_cost(1.0, STALE), 2e9 * 2.0);
 }
 
 #[test]
 fn rebuild_keeps_statistics_of_endpoints_that_stay() {
     let a = addrs(3);
-    let first = EndpointSet::rebuild(None, &a, BalancerKind::P2cEwma);
+    let first = EndpointSet::uniform(&a, BalancerKind::Cognitive);
     let guard = InFlight::start(Arc::clone(&first.endpoints()[1]));
-    let second = EndpointSet::rebuild(Some(&first), &a[1..], BalancerKind::P2cEwma);
+    let members: Vec<_> = a[1..].iter().map(|a| (*a, 2.0)).collect();
+    let second = EndpointSet::rebuild(Some(&first), &members, BalancerKind::Cognitive, STALE);
     assert_eq!(second.endpoints().len(), 2);
     assert_eq!(second.endpoints()[0].in_flight(), 1);
     drop(guard);
@@ -65,25 +73,111 @@ fn rebuild_keeps_statistics_of_endpoints_that_stay() {
 
 #[test]
 fn round_robin_cycles() {
-    let set = EndpointSet::rebuild(None, &addrs(3), BalancerKind::RoundRobin);
-    let picks: Vec<u16> = (0..6).map(|_| set.pick().unwrap().addr.port()).collect();
+    let set = EndpointSet::uniform(&addrs(3), BalancerKind::RoundRobin);
+    let picks: Vec<u16> = (0..6).map(|_| set.pick(None).unwrap().addr.port()).collect();
     assert_eq!(picks, vec![9000, 9001, 9002, 9000, 9001, 9002]);
 }
 
 #[test]
-fn p2c_avoids_the_loaded_endpoint() {
-    let set = EndpointSet::rebuild(None, &addrs(2), BalancerKind::P2cEwma);
-    let _busy: Vec<_> = (0..5)
-        .map(|_| InFlight::start(Arc::clone(&set.endpoints()[0])))
-        .collect();
+fn p2c_strategies_avoid_the_loaded_endpoint() {
+    for kind in [
+        BalancerKind::P2cEwma,
+        BalancerKind::Cognitive,
+        BalancerKind::LeastRequest,
+    ] {
+        let set = EndpointSet::uniform(&addrs(2), kind);
+        let _busy: Vec<_> = (0..5)
+            .map(|_| InFlight::start(Arc::clone(&set.endpoints()[0])))
+            .collect();
+        for _ in 0..100 {
+            assert_eq!(set.pick(None).unwrap().addr.port(), 9001, "{kind:?}");
+        }
+    }
+}
+
+#[test]
+fn cognitive_prefers_the_endpoint_reporting_less_load() {
+    let set = EndpointSet::uniform(&addrs(2), BalancerKind::Cognitive);
+    set.endpoints()[0].observe_load(0.9);
+    set.endpoints()[1].observe_load(0.1);
     for _ in 0..100 {
-        assert_eq!(set.pick().unwrap().addr.port(), 9001);
+        assert_eq!(set.pick(None).unwrap().addr.port(), 9001);
+    }
+    // p2c_ewma ignores the reports: both endpoints get picks.
+    let set = EndpointSet::uniform(&addrs(2), BalancerKind::P2cEwma);
+    set.endpoints()[0].observe_load(0.9);
+    let ports: std::collections::HashSet<u16> =
+        (0..200).map(|_| set.pick(None).unwrap().addr.port()).collect();
+    assert_eq!(ports.len(), 2);
+}
+
+#[test]
+fn ejected_endpoints_are_never_picked() {
+    for kind in [
+        BalancerKind::Cognitive,
+        BalancerKind::P2cEwma,
+        BalancerKind::LeastRequest,
+        BalancerKind::RoundRobin,
+        BalancerKind::RingHash,
+    ] {
+        let set = EndpointSet::uniform(&addrs(3), kind);
+        set.endpoints()[1].set_ejected(true);
+        for i in 0..300u64 {
+            let e = set.pick(Some(stable_hash(&i.to_le_bytes()))).unwrap();
+            assert_ne!(e.addr.port(), 9001, "{kind:?}");
+        }
+        for e in set.endpoints() {
+            e.set_ejected(true);
+        }
+        assert!(set.pick(Some(1)).is_none(), "{kind:?}");
+    }
+}
+
+#[test]
+fn ring_hash_is_sticky_and_moves_few_keys() {
+    let set = EndpointSet::uniform(&addrs(4), BalancerKind::RingHash);
+    let keys: Vec<u64> = (0..1000u64)
+        .map(|i| stable_hash(format!("user-{i}").as_bytes()))
+        .collect();
+    let first: Vec<u16> = keys
+        .iter()
+        .map(|k| set.pick(Some(*k)).unwrap().addr.port())
+        .collect();
+    let again: Vec<u16> = keys
+        .iter()
+        .map(|k| set.pick(Some(*k)).unwrap().addr.port())
+        .collect();
+    assert_eq!(first, again);
+    // Removing one endpoint of four moves only its keys (about a quarter).
+    let members: Vec<_> = addrs(3).into_iter().map(|a| (a, 1.0)).collect();
+    let smaller = EndpointSet::rebuild(Some(&set), &members, BalancerKind::RingHash, STALE);
+    let moved = keys
+        .iter()
+        .zip(&first)
+        .filter(|(k, port)| smaller.pick(Some(**k)).unwrap().addr.port() != **port)
+        .count();
+    let owned_by_removed = first.iter().filter(|p| **p == 9003).count();
+    assert_eq!(moved, owned_by_removed);
+}
+
+#[test]
+fn weighted_draws_follow_the_weights() {
+    let members: Vec<_> = addrs(3).into_iter().zip([1.0, 2.0, 4.0]).collect();
+    let set = EndpointSet::rebuild(None, &members, BalancerKind::RoundRobin, STALE);
+    let mut counts = [0usize; 3];
+    fastrand::seed(7);
+    for _ in 0..70_000 {
+        counts[set.draw_one()] += 1;
+    }
+    // Expected 10k / 20k / 40k; allow 5 %.
+    for (c, expected) in counts.iter().zip([10_000.0, 20_000.0, 40_000.0]) {
+        assert!((*c as f64 - expected).abs() < expected * 0.05, "{counts:?}");
     }
 }
 
 #[test]
 fn empty_set_picks_nothing() {
-    assert!(EndpointSet::rebuild(None, &[], BalancerKind::P2cEwma)
-        .pick()
+    assert!(EndpointSet::uniform(&[], BalancerKind::Cognitive)
+        .pick(None)
         .is_none());
 }

@@ -96,6 +96,16 @@ pub struct ServiceConfig {
     pub response_timeout_ms: u64,
     #[serde(default)]
     pub balancer: BalancerKind,
+    /// Affinity key for `balancer: ring_hash`, e.g. `{ header: x-session }`.
+    #[serde(default)]
+    pub hash_key: Option<HashKey>,
+    /// Load reports older than this are ignored.
+    #[serde(default = "default_load_report_stale_ms")]
+    pub load_report_stale_ms: u64,
+    /// Pass the upstream's `endpoint-load-metrics*` headers and trailers on to the client
+    /// (they are removed by default: they describe the endpoint, not the response).
+    #[serde(default)]
+    pub forward_load_reports: bool,
 }
 
 /// The protocol spoken to a service's endpoints.
@@ -114,10 +124,36 @@ pub enum UpstreamProtocol {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum BalancerKind {
-    /// Power of two choices over peak-EWMA latency × (in-flight + 1), as Linkerd does.
+    /// Weighted power of two choices over latency × queue × the endpoint's reported load.
     #[default]
+    Cognitive,
+    /// Power of two choices over peak-EWMA latency × (in-flight + 1), as Linkerd does.
     P2cEwma,
+    /// Two random choices, the one with fewer requests in flight wins, as Envoy's default.
+    LeastRequest,
     RoundRobin,
+    /// Consistent hashing on `hash_key`, for affinity.
+    RingHash,
+}
+
+impl BalancerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalancerKind::Cognitive => "cognitive",
+            BalancerKind::P2cEwma => "p2c_ewma",
+            BalancerKind::LeastRequest => "least_request",
+            BalancerKind::RoundRobin => "round_robin",
+            BalancerKind::RingHash => "ring_hash",
+        }
+    }
+}
+
+/// Where `ring_hash` finds a request's affinity key. Requests without it are spread at random.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HashKey {
+    Header(String),
+    Cookie(String),
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -161,6 +197,9 @@ fn default_connect_timeout_ms() -> u64 {
 }
 fn default_pool_idle_timeout_ms() -> u64 {
     DEFAULT_POOL_IDLE_TIMEOUT_MS
+}
+fn default_load_report_stale_ms() -> u64 {
+    crate::balance::DEFAULT_LOAD_STALE_MS
 }
 fn default_response_timeout_ms() -> u64 {
     DEFAULT_RESPONSE_TIMEOUT_MS
@@ -236,6 +275,9 @@ impl ProxyConfig {
                 protocol: UpstreamProtocol::Auto,
                 response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
                 balancer: BalancerKind::default(),
+                hash_key: None,
+                load_report_stale_ms: default_load_report_stale_ms(),
+                forward_load_reports: false,
             }],
             routes: Vec::new(),
         }
@@ -283,6 +325,22 @@ impl ProxyConfig {
                     format!("services[{i}].name"),
                     format!("duplicate service name {:?}", s.name),
                 ));
+            }
+            if s.balancer == BalancerKind::RingHash && s.hash_key.is_none() {
+                return Err(ConfigError::new(
+                    file,
+                    format!("services[{i}].hash_key"),
+                    "balancer ring_hash needs a hash_key (`{ header: NAME }` or `{ cookie: NAME }`)",
+                ));
+            }
+            if let Some(HashKey::Header(h)) = &s.hash_key {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(ConfigError::new(
+                        file,
+                        format!("services[{i}].hash_key.header"),
+                        format!("{h:?} is not a valid HTTP header name"),
+                    ));
+                }
             }
             let mut seen = HashSet::new();
             for (j, e) in s.endpoints.iter().enumerate() {

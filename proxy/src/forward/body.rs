@@ -8,22 +8,34 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::balance::InFlight;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::balance::{orca, InFlight};
 
 pub enum ProxyBody {
     /// Keeps the endpoint's in-flight count until the body ends or is dropped.
     Upstream {
         body: Incoming,
         in_flight: Option<InFlight>,
+        reports: Option<TrailerReports>,
     },
     Local(Option<Bytes>),
 }
 
+/// How to handle an ORCA report in the trailers (gRPC responses): record the load on the
+/// endpoint, count it, and strip it unless the service forwards reports.
+pub struct TrailerReports {
+    pub strip: bool,
+    pub accepted: Counter,
+    pub rejected: Counter,
+}
+
 impl ProxyBody {
-    pub fn upstream(body: Incoming, in_flight: InFlight) -> Self {
+    pub fn upstream(body: Incoming, in_flight: InFlight, reports: Option<TrailerReports>) -> Self {
         ProxyBody::Upstream {
             body,
             in_flight: Some(in_flight),
+            reports,
         }
     }
 
@@ -41,8 +53,17 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, in_flight } => {
-                let polled = Pin::new(body).poll_frame(cx);
+            ProxyBody::Upstream {
+                body,
+                in_flight,
+                reports,
+            } => {
+                let mut polled = Pin::new(body).poll_frame(cx);
+                if let (Poll::Ready(Some(Ok(frame))), Some(reports)) = (&mut polled, reports.as_ref()) {
+                    if let Some(trailers) = frame.trailers_mut() {
+                        read_trailer_report(trailers, in_flight.as_ref(), reports);
+                    }
+                }
                 if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
                     in_flight.take();
                 }
@@ -65,5 +86,28 @@ impl Body for ProxyBody {
             ProxyBody::Local(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Local(None) => SizeHint::with_exact(0),
         }
+    }
+}
+
+fn read_trailer_report(
+    trailers: &mut http::HeaderMap,
+    in_flight: Option<&InFlight>,
+    reports: &TrailerReports,
+) {
+    match orca::from_trailers(trailers) {
+        Ok(None) => return,
+        Ok(Some(report)) => {
+            if let (Some(load), Some(f)) = (report.load(), in_flight) {
+                f.endpoint().observe_load(load);
+            }
+            reports.accepted.inc();
+        }
+        Err(e) => {
+            tracing::debug!("ignoring load report in trailers: {e}");
+            reports.rejected.inc();
+        }
+    }
+    if reports.strip {
+        trailers.remove(orca::LOAD_TRAILER);
     }
 }

@@ -26,10 +26,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-pub use self::body::ProxyBody;
-use crate::balance::InFlight;
+pub use self::body::{ProxyBody, TrailerReports};
+use crate::balance::cost::retry_after_penalty;
+use crate::balance::{orca, InFlight};
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::error::ProxyError;
+use crate::metrics::ServiceMetrics;
 use crate::route::{RoutingTable, SharedTable};
 
 /// The pooled upstream clients, shared by every listener and worker thread.
@@ -93,10 +95,17 @@ impl Forward {
         let metrics = &routes.metrics[index];
         metrics.requests.inc();
         let grpc = is_grpc(&req);
-        match self.send(&table, index, req).await {
+        match self.send(&table, index, metrics, req).await {
             Ok((response, endpoint)) => {
                 let elapsed = start.elapsed();
-                endpoint.observe_rtt(elapsed);
+                // An endpoint that asks us to back off is charged a latency penalty, so the
+                // balancer moves traffic away from it for a while.
+                let penalty = matches!(response.status().as_u16(), 429 | 503)
+                    .then(|| response.headers().get(http::header::RETRY_AFTER))
+                    .flatten()
+                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                    .map(retry_after_penalty);
+                endpoint.observe_rtt(penalty.map_or(elapsed, |p| p.max(elapsed)));
                 metrics.latency.observe(elapsed.as_secs_f64());
                 metrics.response(response.status().as_u16());
                 response
@@ -114,7 +123,7 @@ impl Forward {
 
     fn fail(
         &self,
-        metrics: &crate::metrics::ServiceMetrics,
+        metrics: &ServiceMetrics,
         start: Instant,
         err: ProxyError,
         req: &Request<Incoming>,
@@ -131,12 +140,17 @@ impl Forward {
         &self,
         table: &RoutingTable,
         index: usize,
+        metrics: &ServiceMetrics,
         mut req: Request<Incoming>,
     ) -> Result<(Response<ProxyBody>, Arc<crate::balance::Endpoint>), ProxyError> {
         let service = &table.services[index];
-        let endpoint = service.endpoints.pick().ok_or_else(|| ProxyError::NoEndpoints {
-            service: service.name.clone(),
-        })?;
+        let endpoint =
+            service
+                .endpoints
+                .pick(service.hash_of(&req))
+                .ok_or_else(|| ProxyError::NoEndpoints {
+                    service: service.name.clone(),
+                })?;
         let endpoint = Arc::clone(endpoint);
 
         let upgrade = headers::is_upgrade(&req);
@@ -204,7 +218,33 @@ impl Forward {
             tokio::spawn(splice(downstream, upstream));
         }
         headers::strip_hop_by_hop(response.headers_mut(), switched);
-        Ok((response.map(|b| ProxyBody::upstream(b, in_flight)), endpoint))
+
+        match orca::from_headers(response.headers()) {
+            Ok(None) => {}
+            Ok(Some(report)) => {
+                if let Some(load) = report.load() {
+                    endpoint.observe_load(load);
+                }
+                metrics.load_reports_accepted.inc();
+            }
+            Err(e) => {
+                debug!(endpoint = %endpoint.addr, "ignoring load report: {e}");
+                metrics.load_reports_rejected.inc();
+            }
+        }
+        if !service.forward_load_reports {
+            response.headers_mut().remove(orca::LOAD_HEADER);
+        }
+        // gRPC carries its report in the trailers.
+        let trailer_reports = is_grpc(&response).then(|| TrailerReports {
+            strip: !service.forward_load_reports,
+            accepted: metrics.load_reports_accepted.clone(),
+            rejected: metrics.load_reports_rejected.clone(),
+        });
+        Ok((
+            response.map(|b| ProxyBody::upstream(b, in_flight, trailer_reports)),
+            endpoint,
+        ))
     }
 }
 
@@ -219,10 +259,26 @@ impl hyper::service::Service<Request<Incoming>> for Forward {
     }
 }
 
-fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
+fn is_grpc(msg: &impl HasHeaders) -> bool {
+    msg.headers()
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+trait HasHeaders {
+    fn headers(&self) -> &http::HeaderMap;
+}
+
+impl<B> HasHeaders for Request<B> {
+    fn headers(&self) -> &http::HeaderMap {
+        Request::headers(self)
+    }
+}
+
+impl<B> HasHeaders for Response<B> {
+    fn headers(&self) -> &http::HeaderMap {
+        Response::headers(self)
+    }
 }
 
 /// The response for a request the proxy failed: the status of the cause, a plain-text body

@@ -8,9 +8,15 @@
 //!   `classification` is `success` or `failure` (5xx or a proxy error);
 //! - `response_latency_seconds{direction,service}`: histogram, request start to response headers;
 //! - `proxy_error_total{direction,service,error}`: requests the proxy failed itself, by cause;
-//! - `tcp_open_connections{direction,listener}`: accepted connections currently open.
+//! - `tcp_open_connections{direction,listener}`: accepted connections currently open;
+//! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
+//!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
+//! - per endpoint, read from the routing table at scrape time (so the request path pays
+//!   nothing): `endpoint_in_flight`, `endpoint_rtt_ewma_seconds`, `endpoint_load` (while the
+//!   last report is fresh), `endpoint_weight`, `endpoint_ejected` gauges and `endpoint_picks_total`,
+//!   each labelled `{service,endpoint}`.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -48,6 +54,19 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoadReportLabels {
+    pub direction: &'static str,
+    pub service: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub direction: &'static str,
     pub listener: String,
@@ -67,6 +86,9 @@ pub struct Metrics {
     latency: HistogramFamily<TrafficLabels>,
     errors: Family<ErrorLabels, Counter>,
     connections: Family<ConnectionLabels, Gauge>,
+    load_reports: Family<LoadReportLabels, Counter>,
+    /// Set once the first routing table exists; read by the endpoint collector.
+    pub table: Arc<OnceLock<crate::route::SharedTable>>,
 }
 
 impl Default for Metrics {
@@ -83,6 +105,16 @@ impl Metrics {
         let latency: HistogramFamily<TrafficLabels> = Family::new_with_constructor(latency_histogram);
         let errors = Family::<ErrorLabels, Counter>::default();
         let connections = Family::<ConnectionLabels, Gauge>::default();
+        let load_reports = Family::<LoadReportLabels, Counter>::default();
+        let table = Arc::new(OnceLock::new());
+        registry.register(
+            "load_report",
+            "ORCA load reports read from upstream responses",
+            load_reports.clone(),
+        );
+        registry.register_collector(Box::new(EndpointCollector {
+            table: Arc::clone(&table),
+        }));
         registry.register("request", "Requests routed to a service", requests.clone());
         registry.register("response", "Responses sent to the client", responses.clone());
         registry.register_with_unit(
@@ -108,15 +140,17 @@ impl Metrics {
             latency,
             errors,
             connections,
+            load_reports,
+            table,
         }
     }
 
     /// The Prometheus text exposition (format 0.0.4) of every metric.
     pub fn encode(&self) -> String {
-        let mut open_metrics = String::new();
-        prometheus_client::encoding::text::encode(&mut open_metrics, &self.registry)
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
-        to_prometheus_text(&open_metrics)
+        out
     }
 
     /// Pre-resolves the handles of one (direction, service) pair.
@@ -132,8 +166,20 @@ impl Metrics {
             errors: self.errors.clone(),
             by_status: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
             by_error: (0..ErrorKind::ALL.len()).map(|_| OnceLock::new()).collect(),
+            load_reports_accepted: self.load_report_counter(direction, service, "accepted"),
+            load_reports_rejected: self.load_report_counter(direction, service, "rejected"),
             labels,
         }
+    }
+
+    fn load_report_counter(&self, direction: &'static str, service: &str, result: &'static str) -> Counter {
+        self.load_reports
+            .get_or_create(&LoadReportLabels {
+                direction,
+                service: service.to_string(),
+                result,
+            })
+            .clone()
     }
 
     pub fn connections(&self, direction: &'static str, listener: &str) -> Gauge {
@@ -144,41 +190,6 @@ impl Metrics {
             })
             .clone()
     }
-}
-
-/// `prometheus-client` writes OpenMetrics: counter families are named without `_total`, and
-/// there are `# UNIT` and `# EOF` lines. The Prometheus text format (what `promtool check
-/// metrics` and most scrapers expect by default) names the family like its samples.
-pub fn to_prometheus_text(open_metrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = open_metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .filter(|name| !name.ends_with("_total"))
-        .collect();
-    let mut out = String::with_capacity(open_metrics.len() + counters.len() * 16);
-    for line in open_metrics.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let meta = ["# HELP ", "# TYPE "].into_iter().find(|p| line.starts_with(p));
-        match meta {
-            Some(prefix) => {
-                let rest = &line[prefix.len()..];
-                let name = rest.split(' ').next().unwrap_or_default();
-                if counters.contains(name) {
-                    out.push_str(prefix);
-                    out.push_str(name);
-                    out.push_str("_total");
-                    out.push_str(&rest[name.len()..]);
-                } else {
-                    out.push_str(line);
-                }
-            }
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
 }
 
 const STATUS_SLOTS: usize = 600;
@@ -193,6 +204,8 @@ pub struct ServiceMetrics {
     errors: Family<ErrorLabels, Counter>,
     by_status: Vec<OnceLock<Counter>>,
     by_error: Vec<OnceLock<Counter>>,
+    pub load_reports_accepted: Counter,
+    pub load_reports_rejected: Counter,
 }
 
 impl ServiceMetrics {
@@ -229,6 +242,88 @@ impl ServiceMetrics {
     }
 }
 
+/// Encodes the per-endpoint gauges from the current routing table at scrape time.
+struct EndpointCollector {
+    table: Arc<OnceLock<crate::route::SharedTable>>,
+}
+
+impl std::fmt::Debug for EndpointCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EndpointCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for EndpointCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+
+        let Some(shared) = self.table.get() else {
+            return Ok(());
+        };
+        let table = shared.load();
+        let rows: Vec<(EndpointLabels, crate::balance::EndpointSnapshot)> = table
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.endpoints.snapshots().into_iter().map(|e| {
+                    let labels = EndpointLabels {
+                        service: s.name.clone(),
+                        endpoint: e.address.to_string(),
+                    };
+                    (labels, e)
+                })
+            })
+            .collect();
+        type Gauges = [(
+            &'static str,
+            &'static str,
+            fn(&crate::balance::EndpointSnapshot) -> Option<f64>,
+        ); 5];
+        let gauges: Gauges = [
+            ("endpoint_in_flight", "Requests in flight to the endpoint", |e| {
+                Some(e.in_flight as f64)
+            }),
+            (
+                "endpoint_rtt_ewma_seconds",
+                "Peak-EWMA response latency of the endpoint",
+                |e| Some(e.rtt_ewma_ms / 1e3),
+            ),
+            (
+                "endpoint_load",
+                "Load the endpoint last reported (ORCA), while fresh",
+                |e| e.load,
+            ),
+            ("endpoint_weight", "Balancer weight of the endpoint", |e| {
+                Some(e.weight)
+            }),
+            ("endpoint_ejected", "1 while the endpoint is ejected", |e| {
+                Some(if e.ejected { 1.0 } else { 0.0 })
+            }),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (labels, e) in &rows {
+                if let Some(v) = value(e) {
+                    ConstGauge::new(v).encode(family.encode_family(labels)?)?;
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "endpoint_picks",
+            "Requests sent to the endpoint",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, e) in &rows {
+            ConstCounter::new(e.requests).encode(family.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,5 +347,32 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_gauges_come_from_the_table() {
+        let m = Metrics::new();
+        let config = crate::config::ProxyConfig::quick(
+            "127.0.0.1:1".parse().unwrap(),
+            vec!["127.0.0.1:9".parse().unwrap()],
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let table = crate::route::RoutingTable::build(&config, None, &m);
+        table.services[0].endpoints.endpoints()[0].observe_load(0.25);
+        let _ = m.table.set(Arc::new(arc_swap::ArcSwap::from_pointee(table)));
+        let text = m.encode();
+        assert!(
+            text.contains(r#"endpoint_load{service="upstream",endpoint="127.0.0.1:9"} 0.25"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"endpoint_picks_total{service="upstream",endpoint="127.0.0.1:9"} 0"#),
+            "{text}"
+        );
     }
 }

@@ -13,7 +13,7 @@ use http::{HeaderName, HeaderValue, Request};
 use serde::Serialize;
 
 use crate::balance::{EndpointSet, EndpointSnapshot};
-use crate::config::{Direction, ProxyConfig, UpstreamProtocol};
+use crate::config::{Direction, HashKey, ProxyConfig, UpstreamProtocol};
 use crate::metrics::{Metrics, ServiceMetrics};
 
 /// The service label of requests that matched no route.
@@ -31,6 +31,8 @@ pub struct Service {
     pub protocol: UpstreamProtocol,
     pub response_timeout: Option<Duration>,
     pub endpoints: EndpointSet,
+    pub hash_key: Option<HashKey>,
+    pub forward_load_reports: bool,
 }
 
 /// Per listener: the default service and the metric handles of every service seen through it.
@@ -66,9 +68,12 @@ impl RoutingTable {
                     .then(|| Duration::from_millis(s.response_timeout_ms)),
                 endpoints: EndpointSet::rebuild(
                     old.get(s.name.as_str()).map(|o| &o.endpoints),
-                    &s.endpoints,
+                    &s.endpoints.iter().map(|a| (*a, 1.0)).collect::<Vec<_>>(),
                     s.balancer,
+                    Duration::from_millis(s.load_report_stale_ms),
                 ),
+                hash_key: s.hash_key.clone(),
+                forward_load_reports: s.forward_load_reports,
             })
             .collect();
         let index: HashMap<&str, usize> = services
@@ -151,11 +156,32 @@ impl RoutingTable {
                 .iter()
                 .map(|s| ServiceSnapshot {
                     name: s.name.clone(),
-                    balancer: format!("{:?}", s.endpoints.kind()),
-                    endpoints: s.endpoints.endpoints().iter().map(|e| e.snapshot()).collect(),
+                    balancer: s.endpoints.kind().as_str(),
+                    endpoints: s.endpoints.snapshots(),
                 })
                 .collect(),
         }
+    }
+}
+
+impl Service {
+    /// The request's affinity key for `ring_hash`, hashed.
+    pub fn hash_of<B>(&self, req: &Request<B>) -> Option<u64> {
+        let key = self.hash_key.as_ref()?;
+        let value: &[u8] = match key {
+            HashKey::Header(name) => req.headers().get(name.as_str())?.as_bytes(),
+            HashKey::Cookie(name) => req
+                .headers()
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .find(|(k, _)| *k == name)?
+                .1
+                .as_bytes(),
+        };
+        Some(crate::balance::stable_hash(value))
     }
 }
 
@@ -182,7 +208,7 @@ pub struct TableSnapshot {
 #[derive(Serialize)]
 pub struct ServiceSnapshot {
     pub name: String,
-    pub balancer: String,
+    pub balancer: &'static str,
     pub endpoints: Vec<EndpointSnapshot>,
 }
 

@@ -72,6 +72,7 @@ pub fn run(config: ProxyConfig) -> Result<(), ServeError> {
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
         &config, None, &metrics,
     )));
+    let _ = metrics.table.set(Arc::clone(&table));
     let upstreams = Upstreams::new(&config);
     let drain = Duration::from_millis(config.drain_timeout_ms);
     let state = Arc::new(State {
