@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 const PROTO_FILES: &[&str] = &[
     "cogmesh/v1/workload.proto",
+    "cogmesh/v1/mesh.proto",
     "xds/data/orca/v3/orca_load_report.proto",
 ];
 
@@ -20,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // `MeshControl.Connect` would clash with the generated `connect` constructor; clients
+        // are built with `new(channel)` instead.
+        .build_transport(false)
         .compile_fds(fds)?;
     Ok(())
 }

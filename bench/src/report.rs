@@ -27,8 +27,14 @@ pub struct Sample {
     pub rss_idle_kib: Option<u64>,
     /// Sum of VmHWM over the proxy's processes after all its load runs, KiB.
     pub rss_peak_kib: Option<u64>,
+    /// CPU used by other processes on the machine during the measured runs (the larger of the
+    /// two), in cores: a build beside the bench shows here.
+    pub foreign_cpu_cores: Option<f64>,
     pub error: Option<String>,
 }
+
+/// Foreign CPU above which a sample is marked as disturbed.
+pub const DISTURBED_CORES: f64 = 0.10;
 
 impl Sample {
     pub fn new(round: usize, workers: usize, kind: Kind, proto: Proto) -> Sample {
@@ -43,6 +49,7 @@ impl Sample {
             cpu_s_per_1k_at_max: None,
             rss_idle_kib: None,
             rss_peak_kib: None,
+            foreign_cpu_cores: None,
             error: None,
         }
     }
@@ -77,6 +84,9 @@ impl Sample {
         }
         if let (Some(idle), Some(peak)) = (self.rss_idle_kib, self.rss_peak_kib) {
             let _ = write!(line, " | RSS {} → {} MiB", mib(idle), mib(peak));
+        }
+        if let Some(foreign) = self.foreign_cpu_cores.filter(|f| *f > DISTURBED_CORES) {
+            let _ = write!(line, " | disturbed: other processes used {foreign:.2} cores");
         }
         if let Some(err) = &self.error {
             let _ = write!(line, " | FAILED: {}", err.lines().next().unwrap_or_default());
@@ -451,6 +461,34 @@ pub fn render(setup: &Setup, samples: &[Sample]) -> String {
         }
     }
     out.push_str(&table.render());
+    let disturbed: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.foreign_cpu_cores.is_some_and(|f| f > DISTURBED_CORES))
+        .collect();
+    if !disturbed.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nwarning: {} of {} cases ran while other processes on the machine used more than \
+             {DISTURBED_CORES:.2} cores (worst {:.2}); their latency tails and throughput are suspect:",
+            disturbed.len(),
+            samples.len(),
+            disturbed
+                .iter()
+                .filter_map(|s| s.foreign_cpu_cores)
+                .fold(0.0, f64::max)
+        );
+        for sample in disturbed {
+            let _ = writeln!(
+                out,
+                "  round {} N={} {} {}: {:.2} cores",
+                sample.round + 1,
+                sample.workers,
+                sample.kind.name(),
+                sample.proto.label(),
+                sample.foreign_cpu_cores.unwrap_or(0.0)
+            );
+        }
+    }
     out.push_str(
         "\nN = worker threads/processes of each proxy. cogmesh÷peer: below 1 means cogmesh adds \
          less latency / uses less CPU or memory; above 1 in the throughput table means cogmesh \

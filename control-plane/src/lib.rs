@@ -4,4 +4,5 @@
 //! sidecar; the control plane proper (registry, aggregator, autoscaler) joins it here.
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod workload;

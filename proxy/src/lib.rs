@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod forward;
 pub mod metrics;

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use cogmesh_proxy::config::{ProxyConfig, UpstreamProtocol, DEFAULT_ADMIN_ADDR};
+use cogmesh_proxy::config::{
+    BalancerKind, ControlConfig, Direction, ProxyConfig, UpstreamProtocol, DEFAULT_ADMIN_ADDR,
+    DEFAULT_REPORT_INTERVAL_MS, DEFAULT_WEIGHT_EXPIRY_MS,
+};
 
 /// The cogmesh sidecar proxy: routes HTTP/1.1, HTTP/2 and gRPC to the endpoint that will answer
 /// soonest.
@@ -21,13 +24,42 @@ struct Args {
     #[arg(long, conflicts_with_all = ["listen", "upstream"])]
     config: Option<PathBuf>,
 
-    /// Quick mode: address of the (outbound) listener.
-    #[arg(long, requires = "upstream")]
+    /// Quick mode: address of the listener.
+    #[arg(long)]
     listen: Option<SocketAddr>,
 
-    /// Quick mode: an endpoint of the one service; repeat for several endpoints.
+    /// Quick mode: an endpoint of the one service; repeat for several endpoints. May be left
+    /// out with --control, which then provides the endpoints.
     #[arg(long, requires = "listen")]
     upstream: Vec<SocketAddr>,
+
+    /// Quick mode: the name of the one service (what the control plane calls it).
+    #[arg(long, default_value = cogmesh_proxy::config::QUICK_SERVICE)]
+    upstream_service: String,
+
+    /// Quick mode: the listener's direction (a metric label; inbound fronts the local app).
+    #[arg(long, value_enum, default_value_t = Direction::Outbound)]
+    direction: Direction,
+
+    /// Join the control plane at this address (`cogmesh control`). Overrides the file.
+    #[arg(long, requires = "service")]
+    control: Option<SocketAddr>,
+
+    /// With --control: the service this sidecar's own instance belongs to.
+    #[arg(long)]
+    service: Option<String>,
+
+    /// With --control: where other sidecars reach this instance [default: the listener].
+    #[arg(long)]
+    instance_address: Option<SocketAddr>,
+
+    /// With --control: this sidecar's unique name [default: SERVICE@INSTANCE_ADDRESS].
+    #[arg(long)]
+    node: Option<String>,
+
+    /// With --control: file that keeps the last accepted routing table (static stability).
+    #[arg(long)]
+    state_file: Option<PathBuf>,
 
     /// Admin server address (/live, /ready, /metrics, /config). Overrides the file's `admin`.
     #[arg(long)]
@@ -40,6 +72,10 @@ struct Args {
     /// Quick mode: protocol to the upstream (auto = same as the client's).
     #[arg(long, value_enum, default_value_t = UpstreamProtocol::Auto)]
     protocol: UpstreamProtocol,
+
+    /// Quick mode: how to pick an endpoint.
+    #[arg(long, value_enum, default_value_t = BalancerKind::Cognitive)]
+    balancer: BalancerKind,
 
     /// Quick mode: milliseconds the upstream may take to send response headers (504 after);
     /// 0 disables.
@@ -88,8 +124,30 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
         (Some(path), _) => (ProxyConfig::from_file(path)?, path.display().to_string()),
         (None, Some(listen)) => {
             let admin = DEFAULT_ADMIN_ADDR.parse().expect("constant address parses");
+            if args.upstream.is_empty() && args.control.is_none() {
+                return Err(cogmesh_proxy::config::ConfigError {
+                    file: FLAGS.into(),
+                    field: "--upstream".into(),
+                    reason: "give at least one --upstream ADDR (or --control, which provides endpoints)"
+                        .into(),
+                });
+            }
             let mut c = ProxyConfig::quick(listen, args.upstream.clone(), admin);
+            c.services[0].name = args.upstream_service.clone();
+            c.listeners[0].default_service = Some(args.upstream_service.clone());
+            c.listeners[0].direction = args.direction;
+            if args.direction == Direction::Inbound {
+                c.listeners[0].name = "inbound".into();
+            }
             c.services[0].protocol = args.protocol;
+            c.services[0].balancer = args.balancer;
+            if args.balancer == BalancerKind::RingHash {
+                return Err(cogmesh_proxy::config::ConfigError {
+                    file: FLAGS.into(),
+                    field: "--balancer".into(),
+                    reason: "ring_hash needs a hash_key; use a --config file".into(),
+                });
+            }
             if let Some(ms) = args.response_timeout_ms {
                 c.services[0].response_timeout_ms = ms;
             }
@@ -114,6 +172,18 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     }
     if let Some(ms) = args.drain_timeout_ms {
         config.drain_timeout_ms = ms;
+    }
+    if let (Some(address), Some(service)) = (args.control, &args.service) {
+        config.control = Some(ControlConfig {
+            address,
+            service: service.clone(),
+            node: args.node.clone(),
+            instance_address: args.instance_address,
+            zone: String::new(),
+            state_file: args.state_file.clone(),
+            report_interval_ms: DEFAULT_REPORT_INTERVAL_MS,
+            weight_expiry_ms: DEFAULT_WEIGHT_EXPIRY_MS,
+        });
     }
     // Flags can break what the file alone satisfied (e.g. --workers 0): validate the result,
     // naming the flags when they were the source.

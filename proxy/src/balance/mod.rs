@@ -44,6 +44,8 @@ pub struct Endpoint {
     /// it gives their mean age, which bounds the latency of an endpoint that stopped answering.
     in_flight_started_ns: AtomicU64,
     picks: AtomicU64,
+    /// Responses that were 5xx or failed in the proxy (connect, reset, timeout).
+    failures: AtomicU64,
     rtt: PeakEwma,
     /// f64 bits of the last reported load; `load_at_ns` 0 means never reported.
     load: AtomicU64,
@@ -75,6 +77,7 @@ impl Endpoint {
             in_flight: AtomicU64::new(0),
             in_flight_started_ns: AtomicU64::new(0),
             picks: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
             rtt: PeakEwma::new(),
             load: AtomicU64::new(0f64.to_bits()),
             load_at_ns: AtomicU64::new(0),
@@ -94,6 +97,14 @@ impl Endpoint {
 
     pub fn picks(&self) -> u64 {
         self.picks.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub fn record_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records an observed response latency.

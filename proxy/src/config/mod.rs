@@ -52,6 +52,49 @@ pub struct ProxyConfig {
     /// `default_service` is used, and without one the request gets 404.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// The control plane to join, if any.
+    #[serde(default)]
+    pub control: Option<ControlConfig>,
+}
+
+/// How the sidecar joins the control plane (`cogmesh control`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// The control plane's gRPC address.
+    pub address: SocketAddr,
+    /// The service this sidecar's own instance belongs to.
+    pub service: String,
+    /// Unique name of this sidecar; default `<service>@<instance_address>`.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Where other sidecars reach this instance; default the first listener's address.
+    #[serde(default)]
+    pub instance_address: Option<SocketAddr>,
+    #[serde(default)]
+    pub zone: String,
+    /// Where the last accepted routing table is kept, so a restart routes before the control
+    /// plane answers (static stability).
+    #[serde(default)]
+    pub state_file: Option<std::path::PathBuf>,
+    #[serde(default = "default_report_interval_ms")]
+    pub report_interval_ms: u64,
+    /// Without the control plane for this long, pushed weights fall back to neutral (the
+    /// endpoints stay).
+    #[serde(default = "default_weight_expiry_ms")]
+    pub weight_expiry_ms: u64,
+}
+
+/// Sidecars report their load this often.
+pub const DEFAULT_REPORT_INTERVAL_MS: u64 = 1_000;
+/// Pushed weights outlive the control plane this long.
+pub const DEFAULT_WEIGHT_EXPIRY_MS: u64 = 600_000;
+
+fn default_report_interval_ms() -> u64 {
+    DEFAULT_REPORT_INTERVAL_MS
+}
+fn default_weight_expiry_ms() -> u64 {
+    DEFAULT_WEIGHT_EXPIRY_MS
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -66,7 +109,7 @@ pub struct ListenerConfig {
 }
 
 /// Which side of the application a listener serves; a label on every metric.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Inbound,
@@ -123,6 +166,7 @@ pub enum UpstreamProtocol {
 /// Endpoint selection strategy of a service.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum BalancerKind {
     /// Weighted power of two choices over latency × queue × the endpoint's reported load.
     #[default]
@@ -280,6 +324,7 @@ impl ProxyConfig {
                 forward_load_reports: false,
             }],
             routes: Vec::new(),
+            control: None,
         }
     }
 
@@ -398,6 +443,19 @@ impl ProxyConfig {
                         format!("no service named {svc:?} ({})", known()),
                     ));
                 }
+            }
+        }
+
+        if let Some(c) = &self.control {
+            if c.service.is_empty() {
+                return Err(ConfigError::new(file, "control.service", "must not be empty"));
+            }
+            if c.report_interval_ms == 0 {
+                return Err(ConfigError::new(
+                    file,
+                    "control.report_interval_ms",
+                    "must be greater than 0",
+                ));
             }
         }
 

@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 
 pub use self::body::{ProxyBody, TrailerReports};
 use crate::balance::cost::retry_after_penalty;
-use crate::balance::{orca, InFlight};
+use crate::balance::{orca, Endpoint, InFlight};
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::metrics::ServiceMetrics;
@@ -106,12 +106,18 @@ impl Forward {
                     .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
                     .map(retry_after_penalty);
                 endpoint.observe_rtt(penalty.map_or(elapsed, |p| p.max(elapsed)));
+                if response.status().is_server_error() {
+                    endpoint.record_failure();
+                }
                 metrics.latency.observe(elapsed.as_secs_f64());
                 metrics.response(response.status().as_u16());
                 response
             }
-            Err(err) => {
+            Err((err, endpoint)) => {
                 let kind = err.kind();
+                if let Some(e) = endpoint {
+                    e.record_failure();
+                }
                 warn!(service = %table.services[index].name, error = kind.label(), "{err}");
                 metrics.error(kind);
                 metrics.latency.observe(start.elapsed().as_secs_f64());
@@ -142,15 +148,14 @@ impl Forward {
         index: usize,
         metrics: &ServiceMetrics,
         mut req: Request<Incoming>,
-    ) -> Result<(Response<ProxyBody>, Arc<crate::balance::Endpoint>), ProxyError> {
+    ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), (ProxyError, Option<Arc<Endpoint>>)> {
         let service = &table.services[index];
-        let endpoint =
-            service
-                .endpoints
-                .pick(service.hash_of(&req))
-                .ok_or_else(|| ProxyError::NoEndpoints {
-                    service: service.name.clone(),
-                })?;
+        let Some(endpoint) = service.endpoints.pick(service.hash_of(&req)) else {
+            let err = ProxyError::NoEndpoints {
+                service: service.name.clone(),
+            };
+            return Err((err, None));
+        };
         let endpoint = Arc::clone(endpoint);
 
         let upgrade = headers::is_upgrade(&req);
@@ -202,15 +207,19 @@ impl Forward {
             Some(after) => match tokio::time::timeout(after, pending).await {
                 Ok(result) => result,
                 Err(_) => {
-                    return Err(ProxyError::UpstreamTimeout {
+                    let err = ProxyError::UpstreamTimeout {
                         endpoint: endpoint.addr,
                         after,
-                    })
+                    };
+                    return Err((err, Some(endpoint)));
                 }
             },
             None => pending.await,
         };
-        let mut response = result.map_err(|e| ProxyError::from_client(endpoint.addr, &e))?;
+        let mut response = match result {
+            Ok(r) => r,
+            Err(e) => return Err((ProxyError::from_client(endpoint.addr, &e), Some(endpoint))),
+        };
 
         let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if let (true, Some(downstream)) = (switched, downstream_upgrade) {

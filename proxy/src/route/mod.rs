@@ -19,8 +19,15 @@ use crate::metrics::{Metrics, ServiceMetrics};
 /// The service label of requests that matched no route.
 pub const UNROUTED_SERVICE: &str = "unknown";
 
+/// Endpoints (with weights) of services, as pushed by the control plane; they replace the
+/// configured endpoints of the services they name.
+pub type EndpointOverrides = HashMap<String, Vec<(std::net::SocketAddr, f64)>>;
+
 pub struct RoutingTable {
+    /// Local version: bumped by every rebuild.
     pub version: u64,
+    /// The control-plane table version this table applies (0: configuration only).
+    pub control_version: u64,
     pub services: Vec<Service>,
     routes: Vec<Route>,
     pub listeners: Vec<ListenerRoutes>,
@@ -55,6 +62,17 @@ struct Route {
 impl RoutingTable {
     /// Builds a table from a validated configuration, reusing endpoint statistics of `previous`.
     pub fn build(config: &ProxyConfig, previous: Option<&RoutingTable>, metrics: &Metrics) -> Self {
+        Self::build_with(config, previous, metrics, &EndpointOverrides::new(), 0)
+    }
+
+    /// Like [`RoutingTable::build`], with the endpoints of some services replaced.
+    pub fn build_with(
+        config: &ProxyConfig,
+        previous: Option<&RoutingTable>,
+        metrics: &Metrics,
+        overrides: &EndpointOverrides,
+        control_version: u64,
+    ) -> Self {
         let old: HashMap<&str, &Service> = previous
             .map(|p| p.services.iter().map(|s| (s.name.as_str(), s)).collect())
             .unwrap_or_default();
@@ -68,7 +86,10 @@ impl RoutingTable {
                     .then(|| Duration::from_millis(s.response_timeout_ms)),
                 endpoints: EndpointSet::rebuild(
                     old.get(s.name.as_str()).map(|o| &o.endpoints),
-                    &s.endpoints.iter().map(|a| (*a, 1.0)).collect::<Vec<_>>(),
+                    &overrides
+                        .get(&s.name)
+                        .cloned()
+                        .unwrap_or_else(|| s.endpoints.iter().map(|a| (*a, 1.0)).collect()),
                     s.balancer,
                     Duration::from_millis(s.load_report_stale_ms),
                 ),
@@ -120,6 +141,7 @@ impl RoutingTable {
             .collect();
         RoutingTable {
             version: previous.map_or(1, |p| p.version + 1),
+            control_version,
             services,
             routes,
             listeners,
@@ -151,6 +173,7 @@ impl RoutingTable {
     pub fn snapshot(&self) -> TableSnapshot {
         TableSnapshot {
             version: self.version,
+            control_version: self.control_version,
             services: self
                 .services
                 .iter()
@@ -202,6 +225,7 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 #[derive(Serialize)]
 pub struct TableSnapshot {
     pub version: u64,
+    pub control_version: u64,
     pub services: Vec<ServiceSnapshot>,
 }
 

@@ -106,6 +106,9 @@ pub fn run(config: ProxyConfig) -> Result<(), ServeError> {
     runtime.block_on(async {
         let admin_listener = TcpListener::from_std(admin_listener).map_err(ServeError::Runtime)?;
         tokio::spawn(admin::serve(admin_listener, Arc::clone(&state)));
+        if let Some(control) = state.config.control.clone() {
+            tokio::spawn(crate::control::run(Arc::clone(&state), control));
+        }
         state.ready.store(true, Ordering::Release);
         for l in &state.config.listeners {
             info!(listener = %l.name, address = %l.address, direction = l.direction.as_str(), "listening");

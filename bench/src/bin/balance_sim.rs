@@ -1,0 +1,152 @@
+//! `balance-sim`: a deterministic discrete-event simulation comparing cogmesh's balancer
+//! strategies (`cognitive`, `p2c_ewma`, `least_request`, `round_robin`, and `cognitive_w` where
+//! the control plane would push weights) on the proxy's own decision functions.
+//!
+//! ```text
+//! cargo run --release -p cogmesh-bench --bin balance-sim -- [--seed N] [--quick] [--sidecars N]
+//!     [--scenarios a,b80,b100,c] [--strategies cognitive,round_robin] [--observe-timeouts]
+//! ```
+//!
+//! Each backend has `capacity` slots and a FIFO queue, draws service times from the scenario's
+//! distribution, and reports `load = min(1, (busy + queued) / capacity)` with each response.
+//! Each sidecar balances its share of the requests seeing only what a real sidecar sees: its own
+//! in-flight requests per endpoint, the latencies of its responses, and the load reports they
+//! carry. Time is simulated and the random streams are seeded, so the same seed prints the same
+//! numbers; every strategy gets exactly the same requests.
+//!
+//! Scenarios:
+//! - (a) 11 backends, one of them takes 2 s per request for the middle half of the run, 1 s
+//!   client timeout (a timed-out request fails and frees the client; the backend still works on
+//!   it), Poisson at 70 % of capacity;
+//! - (b) capacities 4:8:16 slots (two backends each) with bounded queues (a full backend answers
+//!   503 `Retry-After: 1`, which the sidecar charges as `retry_after_penalty`), Poisson at 80 %
+//!   and 100 % of capacity;
+//! - (c) on/off Markov-modulated Poisson bursts (150 % / 30 % of capacity) of bimodal requests
+//!   (90 % cheap, 10 % 25× as expensive) on 8 equal backends.
+//!
+//! Latency percentiles are over every request as the client saw it, a failed one (timed out or
+//! rejected) counted as the timeout; `ok p99` is over the successful ones only; goodput is
+//! successful responses per second of the run.
+
+#[path = "../sim/mod.rs"]
+mod sim;
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+
+use sim::balancer::Strategy;
+use sim::engine::{run, RunOptions};
+use sim::rng::Rng;
+use sim::table::{render, Row};
+use sim::workload::scenarios;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "balance-sim",
+    about = "Deterministic simulation of cogmesh's balancer strategies"
+)]
+struct Args {
+    /// Seed of the workload and of the balancers' draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// 20 s of simulated time per run instead of 60 s.
+    #[arg(long)]
+    quick: bool,
+    /// Sidecars sharing the traffic, each with its own view of the endpoints.
+    #[arg(long, default_value_t = 4)]
+    sidecars: u32,
+    /// Scenarios to run (a, b80, b100, c).
+    #[arg(long, value_delimiter = ',', default_value = "a,b80,b100,c")]
+    scenarios: Vec<String>,
+    /// Strategies to compare (cognitive_w runs only where the scenario has weights).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cognitive,cognitive_w,p2c_ewma,least_request,round_robin"
+    )]
+    strategies: Vec<String>,
+    /// Count a timed-out request as an RTT sample of the timeout (as tower's PeakEwma does);
+    /// the proxy today records nothing for it.
+    #[arg(long)]
+    observe_timeouts: bool,
+    /// What-if: a timeout counts as a load report of 1 (the proxy does not do this).
+    #[arg(long)]
+    timeout_is_full_load: bool,
+    /// What-if: a load report does not go stale while requests are in flight on its endpoint
+    /// (the proxy expires it after 10 s regardless).
+    #[arg(long)]
+    keep_load_in_flight: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.sidecars == 0 {
+        bail!("--sidecars must be at least 1");
+    }
+    let mut strategies = Vec::new();
+    for s in &args.strategies {
+        match Strategy::parse(s) {
+            Some(k) => strategies.push(k),
+            None => bail!("unknown strategy {s:?}"),
+        }
+    }
+    let duration_s = if args.quick { 20 } else { 60 };
+    let all = scenarios(duration_s);
+    for key in &args.scenarios {
+        if !all.iter().any(|s| &s.key == key) {
+            bail!("unknown scenario {key:?} (a, b80, b100, c)");
+        }
+    }
+
+    let started = Instant::now();
+    let what_if: Vec<&str> = [
+        (args.observe_timeouts, "timeouts observed as RTT samples"),
+        (args.timeout_is_full_load, "a timeout counts as load 1"),
+        (
+            args.keep_load_in_flight,
+            "load reports kept while requests are in flight",
+        ),
+    ]
+    .iter()
+    .filter_map(|&(on, what)| on.then_some(what))
+    .collect();
+    println!(
+        "balance-sim: seed {}, {} s simulated per run, {} sidecar(s); {}",
+        args.seed,
+        duration_s,
+        args.sidecars,
+        if what_if.is_empty() {
+            "the proxy's behaviour".to_string()
+        } else {
+            format!("WHAT-IF (not the proxy): {}", what_if.join(", "))
+        }
+    );
+    for scenario in all.iter().filter(|s| args.scenarios.contains(&s.key)) {
+        let requests = scenario.requests(args.sidecars, &mut Rng::new(args.seed));
+        let opts = RunOptions {
+            sidecars: args.sidecars,
+            balancer_seed: args.seed ^ 0x5EED_BA1A_11CE,
+            observe_timeouts: args.observe_timeouts,
+            timeout_is_full_load: args.timeout_is_full_load,
+            keep_load_in_flight: args.keep_load_in_flight,
+        };
+        let rows: Vec<Row> = strategies
+            .iter()
+            .filter(|&&k| k != Strategy::CognitiveWeighted || scenario.weighted_variant)
+            .map(|&k| Row::from_outcome(run(scenario, &requests, k, opts)))
+            .collect();
+        println!();
+        println!("{}", scenario.title);
+        println!(
+            "  {}; {} requests",
+            scenario.describe(args.sidecars),
+            requests.len()
+        );
+        print!("{}", render(scenario, &rows));
+    }
+    println!();
+    println!("(wall time {:.1} s)", started.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! The discrete-event core: backends with `capacity` slots and a FIFO queue, sidecars that pick
+//! with a [`Sidecar`], client deadlines, and what every request experienced.
+//!
+//! Time is simulated (nanoseconds from the start of the run) and advances only from event to
+//! event; events at the same instant run in the order they were scheduled, so a run is a pure
+//! function of its inputs. A backend reports `load = min(1, (busy + queued) / capacity)` with
+//! every response (after the request leaves it), and the sidecar sees that report only if the
+//! response reaches it: a response that arrives after the client's deadline is dropped, report
+//! and latency with it, while the backend has still spent the work.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use cogmesh_proxy::balance::cost::retry_after_penalty;
+
+use super::balancer::{Sidecar, Strategy};
+use super::rng::Rng;
+use super::workload::{Request, Scenario, MS};
+
+/// How long a backend takes to answer 503 when its queue is full.
+const REJECT_NS: u64 = MS;
+/// The `Retry-After` (seconds) a full backend sends.
+const RETRY_AFTER_S: u64 = 1;
+
+/// Knobs of a run that are not part of the scenario.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    pub sidecars: u32,
+    /// Seed of the balancers' draws (the same for every strategy).
+    pub balancer_seed: u64,
+    /// Feed a timed-out request to the EWMA as a sample of the timeout, as tower's `PeakEwma`
+    /// does when its handle drops; the proxy today records no sample for it.
+    pub observe_timeouts: bool,
+    /// What-if: a timeout counts as a load report of 1 (the endpoint is saturated).
+    pub timeout_is_full_load: bool,
+    /// What-if: a load report does not go stale while requests are in flight on the endpoint.
+    pub keep_load_in_flight: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    /// A backend finished serving a request.
+    Done { backend: u32 },
+    /// A backend with a full queue answered 503.
+    Rejected { backend: u32 },
+    /// The client's deadline passed.
+    Deadline,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Event {
+    at_ns: u64,
+    seq: u64,
+    req: u32,
+    kind: Kind,
+}
+
+struct Backend {
+    capacity: u32,
+    busy: u32,
+    queue: VecDeque<u32>,
+    max_queue: Option<u32>,
+}
+
+#[derive(Clone, Copy)]
+struct Pending {
+    endpoint: u32,
+    sent_ns: u64,
+    open: bool,
+}
+
+/// What one strategy's run produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub strategy: Strategy,
+    pub requests: usize,
+    pub ok: usize,
+    /// Latency of every request as the client saw it, a failed one counted as the timeout.
+    pub latency_ns: Vec<u64>,
+    /// Latency of the successful requests only.
+    pub ok_latency_ns: Vec<u64>,
+    /// Per focus of the scenario: picks of its backends (in its window) and all picks there.
+    pub focus_picks: Vec<(u64, u64)>,
+    pub duration_ns: u64,
+}
+
+struct Sim<'a> {
+    scenario: &'a Scenario,
+    requests: &'a [Request],
+    opts: RunOptions,
+    backends: Vec<Backend>,
+    sidecars: Vec<Sidecar>,
+    pending: Vec<Pending>,
+    events: BinaryHeap<Reverse<Event>>,
+    seq: u64,
+    rng: Rng,
+    out: Outcome,
+}
+
+/// Runs `strategy` over `requests` (made by `scenario.requests`).
+pub fn run(scenario: &Scenario, requests: &[Request], strategy: Strategy, opts: RunOptions) -> Outcome {
+    let weights: Vec<f64> = match strategy {
+        Strategy::CognitiveWeighted => scenario.backends.iter().map(|b| b.weight).collect(),
+        _ => vec![1.0; scenario.backends.len()],
+    };
+    let mut sim = Sim {
+        scenario,
+        requests,
+        opts,
+        backends: scenario
+            .backends
+            .iter()
+            .map(|b| Backend {
+                capacity: b.capacity,
+                busy: 0,
+                queue: VecDeque::new(),
+                max_queue: b.max_queue,
+            })
+            .collect(),
+        sidecars: (0..opts.sidecars)
+            .map(|_| Sidecar::new(strategy, &weights, opts.keep_load_in_flight))
+            .collect(),
+        pending: Vec::with_capacity(requests.len()),
+        events: BinaryHeap::new(),
+        seq: 0,
+        rng: Rng::new(opts.balancer_seed),
+        out: Outcome {
+            strategy,
+            requests: requests.len(),
+            ok: 0,
+            latency_ns: Vec::with_capacity(requests.len()),
+            ok_latency_ns: Vec::with_capacity(requests.len()),
+            focus_picks: vec![(0, 0); scenario.focus.len()],
+            duration_ns: scenario.duration_ns,
+        },
+    };
+    sim.run();
+    sim.out
+}
+
+impl Sim<'_> {
+    fn schedule(&mut self, at_ns: u64, req: u32, kind: Kind) {
+        self.seq += 1;
+        self.events.push(Reverse(Event {
+            at_ns,
+            seq: self.seq,
+            req,
+            kind,
+        }));
+    }
+
+    fn run(&mut self) {
+        let mut next = 0usize;
+        loop {
+            let arrival = self.requests.get(next).map(|r| r.arrival_ns);
+            let event = self.events.peek().map(|Reverse(e)| e.at_ns);
+            match (arrival, event) {
+                (None, None) => break,
+                // Events due at the same instant as an arrival go first: a response that frees
+                // a slot is seen before the next decision.
+                (Some(a), Some(e)) if e <= a => self.event(),
+                (Some(_), _) => {
+                    self.arrive(next as u32);
+                    next += 1;
+                }
+                (None, Some(_)) => self.event(),
+            }
+        }
+    }
+
+    fn arrive(&mut self, req: u32) {
+        let r = self.requests[req as usize];
+        let now = r.arrival_ns;
+        let sidecar = &mut self.sidecars[r.sidecar as usize];
+        let endpoint = sidecar.pick(now, &mut self.rng);
+        sidecar.start(endpoint, now);
+        for (k, focus) in self.scenario.focus.iter().enumerate() {
+            if focus
+                .window_ns
+                .is_none_or(|(from, until)| (from..until).contains(&now))
+            {
+                self.out.focus_picks[k].1 += 1;
+                if focus.backends.contains(&endpoint) {
+                    self.out.focus_picks[k].0 += 1;
+                }
+            }
+        }
+        self.pending.push(Pending {
+            endpoint: endpoint as u32,
+            sent_ns: now,
+            open: true,
+        });
+        self.schedule(now + self.scenario.timeout_ns, req, Kind::Deadline);
+
+        let b = &mut self.backends[endpoint];
+        if b.busy < b.capacity {
+            b.busy += 1;
+            self.begin_service(endpoint, req, now);
+        } else if b.max_queue.is_some_and(|q| b.queue.len() >= q as usize) {
+            self.schedule(
+                now + REJECT_NS,
+                req,
+                Kind::Rejected {
+                    backend: endpoint as u32,
+                },
+            );
+        } else {
+            b.queue.push_back(req);
+        }
+    }
+
+    /// Starts serving `req` on a slot already counted busy.
+    fn begin_service(&mut self, backend: usize, req: u32, now: u64) {
+        let slow = self.scenario.backends[backend]
+            .slow
+            .as_ref()
+            .filter(|s| (s.from_ns..s.until_ns).contains(&now));
+        let service = slow.map_or(self.requests[req as usize].service_ns, |s| s.service_ns);
+        self.schedule(
+            now + service,
+            req,
+            Kind::Done {
+                backend: backend as u32,
+            },
+        );
+    }
+
+    fn event(&mut self) {
+        let Some(Reverse(e)) = self.events.pop() else {
+            return;
+        };
+        let now = e.at_ns;
+        match e.kind {
+            Kind::Done { backend } => {
+                let backend = backend as usize;
+                let b = &mut self.backends[backend];
+                match b.queue.pop_front() {
+                    Some(waiting) => self.begin_service(backend, waiting, now),
+                    None => b.busy -= 1,
+                }
+                let b = &self.backends[backend];
+                let load = ((b.busy as usize + b.queue.len()) as f64 / b.capacity as f64).min(1.0);
+                self.respond(e.req, now, load, true);
+            }
+            Kind::Rejected { backend } => {
+                let b = &self.backends[backend as usize];
+                let load = ((b.busy as usize + b.queue.len()) as f64 / b.capacity as f64).min(1.0);
+                self.respond(e.req, now, load, false);
+            }
+            Kind::Deadline => {
+                let p = self.pending[e.req as usize];
+                if !p.open {
+                    return;
+                }
+                self.pending[e.req as usize].open = false;
+                let sidecar = &mut self.sidecars[self.requests[e.req as usize].sidecar as usize];
+                let endpoint = p.endpoint as usize;
+                if self.opts.observe_timeouts {
+                    sidecar.observe_rtt(endpoint, now, now - p.sent_ns);
+                }
+                if self.opts.timeout_is_full_load {
+                    sidecar.observe_load(endpoint, now, 1.0);
+                }
+                sidecar.finish(endpoint, p.sent_ns);
+                self.out.latency_ns.push(self.scenario.timeout_ns);
+            }
+        }
+    }
+
+    /// A response (200 if `ok`, else 503 with `Retry-After`) reaches the sidecar, if the client
+    /// is still waiting for it.
+    fn respond(&mut self, req: u32, now: u64, load: f64, ok: bool) {
+        let p = self.pending[req as usize];
+        if !p.open {
+            return;
+        }
+        self.pending[req as usize].open = false;
+        let sidecar = &mut self.sidecars[self.requests[req as usize].sidecar as usize];
+        let endpoint = p.endpoint as usize;
+        let latency = now - p.sent_ns;
+        let sample = if ok {
+            latency
+        } else {
+            latency.max(retry_after_penalty(RETRY_AFTER_S).as_nanos() as u64)
+        };
+        sidecar.observe_rtt(endpoint, now, sample);
+        sidecar.observe_load(endpoint, now, load);
+        sidecar.finish(endpoint, p.sent_ns);
+        if ok {
+            self.out.ok += 1;
+            self.out.latency_ns.push(latency);
+            self.out.ok_latency_ns.push(latency);
+        } else {
+            self.out.latency_ns.push(self.scenario.timeout_ns);
+        }
+    }
+}

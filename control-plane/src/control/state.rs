@@ -1,0 +1,317 @@
+//! The control plane's view of the mesh, rebuilt from what sidecars tell it: who is connected,
+//! which instance each one fronts, what they report, which table version each runs and what
+//! each refused. Updated under one mutex by the (few, per-event) gRPC handlers; nothing here is
+//! on a request path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use cogmesh_proto::v1::{
+    EndpointStatus, Hello, LoadReport, Rejection, RoutingTable, ServiceEndpoints, ServiceStatus,
+    SidecarStatus, WeightedEndpoint,
+};
+
+use super::weights::{self, Observation, WeightState};
+
+/// One sidecar, connected or not.
+#[derive(Debug)]
+pub struct Sidecar {
+    pub hello: Hello,
+    pub connected: bool,
+    /// Distinguishes a reconnection from the stream it replaced.
+    pub session: u64,
+    pub acked_version: u64,
+    pub sent_version: u64,
+    pub rejected: Vec<Rejection>,
+    /// Reports received since the last weight update.
+    pub pending: Vec<LoadReport>,
+    /// The instance's own last report of its cognitive load.
+    pub self_load: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct MeshState {
+    pub sidecars: BTreeMap<String, Sidecar>,
+    next_session: u64,
+    /// service → endpoint address → weight state.
+    weights: BTreeMap<String, BTreeMap<String, WeightState>>,
+    /// endpoint address → (qps, load) of the last update, for ListServices.
+    last_observed: HashMap<String, Observation>,
+    pub version: u64,
+    pub table: Arc<RoutingTable>,
+}
+
+impl MeshState {
+    /// Registers (or re-registers) a sidecar; returns its session number.
+    pub fn hello(&mut self, hello: Hello) -> u64 {
+        self.next_session += 1;
+        let session = self.next_session;
+        let node = hello.node.clone();
+        let previous = self.sidecars.remove(&node);
+        self.sidecars.insert(
+            node,
+            Sidecar {
+                hello,
+                connected: true,
+                session,
+                acked_version: previous.as_ref().map_or(0, |p| p.acked_version),
+                sent_version: 0,
+                // A NACKed version is never sent to that sidecar again, across reconnects.
+                rejected: previous.map(|p| p.rejected).unwrap_or_default(),
+                pending: Vec::new(),
+                self_load: None,
+            },
+        );
+        session
+    }
+
+    /// Marks a sidecar gone, unless a newer session of it took over.
+    pub fn disconnect(&mut self, node: &str, session: u64) -> bool {
+        match self.sidecars.get_mut(node) {
+            Some(s) if s.session == session => {
+                s.connected = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn report(&mut self, node: &str, report: LoadReport) {
+        if let Some(s) = self.sidecars.get_mut(node) {
+            if let Some(i) = &report.instance {
+                s.self_load = Some(i.cognitive_load);
+            }
+            s.pending.push(report);
+        }
+    }
+
+    pub fn ack(&mut self, node: &str, version: u64) {
+        if let Some(s) = self.sidecars.get_mut(node) {
+            s.acked_version = s.acked_version.max(version);
+        }
+    }
+
+    pub fn nack(&mut self, node: &str, version: u64, error: String) {
+        if let Some(s) = self.sidecars.get_mut(node) {
+            if !s.rejected.iter().any(|r| r.version == version) {
+                s.rejected.push(Rejection { version, error });
+            }
+        }
+    }
+
+    pub fn was_rejected(&self, node: &str, version: u64) -> bool {
+        self.sidecars
+            .get(node)
+            .is_some_and(|s| s.rejected.iter().any(|r| r.version == version))
+    }
+
+    /// Recomputes weights from the reports since the last call and, if the table changed,
+    /// makes a new version. Returns the new table when there is one.
+    pub fn recompute(&mut self, now_secs: f64, interval_secs: f64) -> Option<Arc<RoutingTable>> {
+        // Membership: every connected sidecar fronts one endpoint of its service.
+        let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for s in self.sidecars.values().filter(|s| s.connected) {
+            members
+                .entry(s.hello.service.clone())
+                .or_default()
+                .push(s.hello.instance_address.clone());
+        }
+        // Observations per endpoint, summed over reporters.
+        let mut qps: HashMap<String, f64> = HashMap::new();
+        let mut eps: HashMap<String, f64> = HashMap::new();
+        let mut seen_load: HashMap<String, (f64, usize)> = HashMap::new();
+        for s in self.sidecars.values_mut() {
+            for r in s.pending.drain(..) {
+                for e in r.endpoints {
+                    let Some(l) = e.load else { continue };
+                    *qps.entry(e.address.clone()).or_default() += l.reasoning_throughput_rps;
+                    *eps.entry(e.address.clone()).or_default() += l.errors_per_second;
+                    let slot = seen_load.entry(e.address).or_default();
+                    slot.0 += l.cognitive_load;
+                    slot.1 += 1;
+                }
+            }
+        }
+        let self_load: HashMap<&str, f64> = self
+            .sidecars
+            .values()
+            .filter_map(|s| Some((s.hello.instance_address.as_str(), s.self_load?)))
+            .collect();
+        // Reports are per interval; several reports from one sidecar in one interval add up,
+        // so normalize by how many intervals' worth we got is not needed: rates are rates.
+        let _ = interval_secs;
+
+        let mut weights = BTreeMap::new();
+        for (service, addrs) in &members {
+            let observed: BTreeMap<String, Option<Observation>> = addrs
+                .iter()
+                .map(|a| {
+                    let q = qps.get(a).copied().unwrap_or(0.0);
+                    let utilization = self_load
+                        .get(a.as_str())
+                        .copied()
+                        .or_else(|| seen_load.get(a).map(|(sum, n)| sum / *n as f64));
+                    let o = (q > 0.0).then(|| Observation {
+                        qps: q,
+                        eps: eps.get(a).copied().unwrap_or(0.0),
+                        utilization: utilization.unwrap_or(0.0),
+                    });
+                    if let Some(o) = o {
+                        self.last_observed.insert(a.clone(), o);
+                    }
+                    (a.clone(), o)
+                })
+                .collect();
+            let empty = BTreeMap::new();
+            let previous = self.weights.get(service).unwrap_or(&empty);
+            weights.insert(service.clone(), weights::update(previous, &observed, now_secs));
+        }
+        self.weights = weights;
+
+        let services: Vec<ServiceEndpoints> = self
+            .weights
+            .iter()
+            .map(|(name, endpoints)| ServiceEndpoints {
+                name: name.clone(),
+                endpoints: endpoints
+                    .iter()
+                    .map(|(address, w)| WeightedEndpoint {
+                        address: address.clone(),
+                        // Rounded so that noise below 1 % does not make a new version.
+                        weight: (w.weight * 100.0).round() / 100.0,
+                    })
+                    .collect(),
+            })
+            .collect();
+        if self.version > 0 && services == self.table.services {
+            return None;
+        }
+        self.version += 1;
+        self.table = Arc::new(RoutingTable {
+            version: self.version,
+            services,
+        });
+        Some(Arc::clone(&self.table))
+    }
+
+    pub fn services(&self) -> Vec<ServiceStatus> {
+        let nodes: HashMap<&str, &str> = self
+            .sidecars
+            .values()
+            .filter(|s| s.connected)
+            .map(|s| (s.hello.instance_address.as_str(), s.hello.node.as_str()))
+            .collect();
+        self.table
+            .services
+            .iter()
+            .map(|s| ServiceStatus {
+                name: s.name.clone(),
+                endpoints: s
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let o = self.last_observed.get(&e.address);
+                        EndpointStatus {
+                            address: e.address.clone(),
+                            weight: e.weight,
+                            node: nodes.get(e.address.as_str()).unwrap_or(&"").to_string(),
+                            cognitive_load: o.map_or(0.0, |o| o.utilization),
+                            qps: o.map_or(0.0, |o| o.qps),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    pub fn sync_status(&self) -> Vec<SidecarStatus> {
+        self.sidecars
+            .values()
+            .map(|s| SidecarStatus {
+                node: s.hello.node.clone(),
+                service: s.hello.service.clone(),
+                instance_address: s.hello.instance_address.clone(),
+                connected: s.connected,
+                acked_version: s.acked_version,
+                sent_version: s.sent_version,
+                rejected: s.rejected.clone(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cogmesh_proto::v1::{EndpointLoad, Load};
+
+    fn hello(node: &str, service: &str, addr: &str) -> Hello {
+        Hello {
+            node: node.into(),
+            service: service.into(),
+            instance_address: addr.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn membership_makes_versions_and_unchanged_tables_do_not() {
+        let mut m = MeshState::default();
+        m.hello(hello("a", "reasoning", "127.0.0.1:7001"));
+        let t1 = m.recompute(100.0, 1.0).expect("first table");
+        assert_eq!(t1.version, 1);
+        assert_eq!(t1.services[0].endpoints.len(), 1);
+        assert!(m.recompute(101.0, 1.0).is_none(), "nothing changed");
+        let s = m.hello(hello("b", "reasoning", "127.0.0.1:7002"));
+        let t2 = m.recompute(102.0, 1.0).expect("a member joined");
+        assert_eq!(t2.version, 2);
+        assert_eq!(t2.services[0].endpoints.len(), 2);
+        assert!(m.disconnect("b", s));
+        let t3 = m.recompute(103.0, 1.0).unwrap();
+        assert_eq!(t3.services[0].endpoints.len(), 1);
+    }
+
+    #[test]
+    fn reports_move_weights_and_nacks_are_remembered_across_reconnects() {
+        let mut m = MeshState::default();
+        m.hello(hello("a", "r", "127.0.0.1:7001"));
+        m.hello(hello("b", "r", "127.0.0.1:7002"));
+        m.hello(hello("client", "gw", "127.0.0.1:7000"));
+        // Settle slow start.
+        m.recompute(0.0, 1.0);
+        let load = |rps: f64, cl: f64| Load {
+            reasoning_throughput_rps: rps,
+            cognitive_load: cl,
+            ..Default::default()
+        };
+        for t in 1..=5 {
+            m.report(
+                "client",
+                LoadReport {
+                    unix_ms: 0,
+                    instance: None,
+                    endpoints: vec![
+                        EndpointLoad {
+                            service: "r".into(),
+                            address: "127.0.0.1:7001".into(),
+                            load: Some(load(50.0, 0.9)),
+                        },
+                        EndpointLoad {
+                            service: "r".into(),
+                            address: "127.0.0.1:7002".into(),
+                            load: Some(load(50.0, 0.3)),
+                        },
+                    ],
+                },
+            );
+            m.recompute(100.0 * t as f64, 1.0);
+        }
+        let r = m.table.services.iter().find(|s| s.name == "r").unwrap();
+        assert!(r.endpoints[1].weight > r.endpoints[0].weight, "{r:?}");
+
+        m.nack("client", 3, "bad".into());
+        assert!(m.was_rejected("client", 3));
+        m.hello(hello("client", "gw", "127.0.0.1:7000"));
+        assert!(m.was_rejected("client", 3), "forgotten after reconnect");
+    }
+}
