@@ -13,5 +13,6 @@ pub mod control;
 pub mod error;
 pub mod forward;
 pub mod metrics;
+pub mod reload;
 pub mod route;
 pub mod server;

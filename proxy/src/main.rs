@@ -109,7 +109,37 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cogmesh_proxy::server::run(config) {
+    let source = args.config.clone().map(|path| {
+        let (admin, workers, connect, drain) = (
+            args.admin,
+            args.workers,
+            args.connect_timeout_ms,
+            args.drain_timeout_ms,
+        );
+        let control = config.control.clone();
+        cogmesh_proxy::reload::ConfigSource {
+            path,
+            // The same command-line overrides apply to every reloaded file.
+            overrides: Box::new(move |c: &mut ProxyConfig| {
+                if let Some(a) = admin {
+                    c.admin = a;
+                }
+                if let Some(w) = workers {
+                    c.workers = w;
+                }
+                if let Some(ms) = connect {
+                    c.connect_timeout_ms = ms;
+                }
+                if let Some(ms) = drain {
+                    c.drain_timeout_ms = ms;
+                }
+                if control.is_some() && c.control.is_none() {
+                    c.control = control.clone();
+                }
+            }),
+        }
+    });
+    match cogmesh_proxy::server::run(config, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cogmesh-proxy: {e}");

@@ -5,7 +5,8 @@
 //!
 //! The proxy's `Endpoint` reads the wall clock (`tokio::time::Instant`), so it cannot run in
 //! simulated time; this file restates its few lines of bookkeeping with the clock as an
-//! argument. Everything that decides — costs, pair draws, EWMA update — is the proxy's code.
+//! argument. Everything that decides — costs, pair draws, EWMA update and its decay on read — is
+//! the proxy's code.
 
 use cogmesh_proxy::balance::cost::{cognitive_cost, p2c_ewma_cost, pair, weighted_pair};
 use cogmesh_proxy::balance::{decayed_ewma, DEFAULT_LOAD_STALE_MS, DEFAULT_RTT_MS};
@@ -47,6 +48,10 @@ impl Strategy {
     }
 }
 
+fn secs_since(then_ns: u64, now_ns: u64) -> f64 {
+    now_ns.saturating_sub(then_ns) as f64 / 1e9
+}
+
 /// What a sidecar knows about one endpoint (the fields of the proxy's `Endpoint`).
 #[derive(Clone, Debug)]
 struct View {
@@ -72,13 +77,21 @@ impl View {
         }
     }
 
+    /// `PeakEwma::estimate_ns`: the stored estimate decayed toward zero with the time since the
+    /// last sample. The proxy computes `stored × e^(−Δt/τ)`, which is exactly
+    /// `decayed_ewma(stored, 0, Δt)` (a zero sample is never a peak).
+    fn ewma_now_ns(&self, now: u64) -> f64 {
+        decayed_ewma(self.ewma_ns, 0.0, secs_since(self.ewma_at_ns, now))
+    }
+
     /// `Endpoint::effective_rtt_ns`: the EWMA, or the mean age of the requests in flight.
     fn effective_rtt_ns(&self, now: u64) -> f64 {
+        let ewma = self.ewma_now_ns(now);
         if self.in_flight == 0 {
-            return self.ewma_ns;
+            return ewma;
         }
         let started = self.started_sum_ns as f64 / self.in_flight as f64;
-        self.ewma_ns.max(now as f64 - started)
+        ewma.max(now as f64 - started)
     }
 
     /// `Endpoint::fresh_load`; with `keep_in_flight` (a what-if, not the proxy) a report does
@@ -194,10 +207,11 @@ impl Sidecar {
         v.started_sum_ns -= sent_ns;
     }
 
-    /// `Endpoint::observe_rtt` (`PeakEwma::observe`).
+    /// `Endpoint::observe_rtt` (`PeakEwma::observe`: the sample is folded into the stored
+    /// estimate, not the read-time decayed one).
     pub fn observe_rtt(&mut self, i: usize, now: u64, sample_ns: u64) {
         let v = &mut self.views[i];
-        let elapsed_secs = now.saturating_sub(v.ewma_at_ns) as f64 / 1e9;
+        let elapsed_secs = secs_since(v.ewma_at_ns, now);
         v.ewma_at_ns = now;
         v.ewma_ns = decayed_ewma(v.ewma_ns, sample_ns as f64, elapsed_secs);
     }
@@ -207,5 +221,34 @@ impl Sidecar {
         let v = &mut self.views[i];
         v.load = load;
         v.load_at_ns = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cogmesh_proxy::balance::DECAY_SECS;
+
+    #[test]
+    fn read_decay_matches_the_proxy_formula() {
+        // `PeakEwma::estimate_ns` is `stored × e^(−Δt/τ)`; the view computes it through
+        // `decayed_ewma` with a zero sample and must get the same bits.
+        let mut v = View::new();
+        v.ewma_ns = 123_456_789.0;
+        v.ewma_at_ns = 2_000_000_000;
+        for now in [2_000_000_000u64, 2_500_000_000, 9_000_000_000, 60_000_000_000] {
+            let since = (now - v.ewma_at_ns) as f64 / 1e9;
+            assert_eq!(v.ewma_now_ns(now), v.ewma_ns * (-since / DECAY_SECS).exp());
+        }
+    }
+
+    #[test]
+    fn a_stalled_endpoint_costs_the_age_of_its_requests() {
+        let mut s = Sidecar::new(Strategy::P2cEwma, &[1.0, 1.0], false);
+        s.start(0, 0);
+        // 2 s later nothing came back: the age (2 s) beats the decayed 30 ms initial estimate.
+        assert_eq!(s.views[0].effective_rtt_ns(2_000_000_000), 2e9);
+        s.finish(0, 0);
+        assert_eq!(s.views[0].in_flight, 0);
     }
 }

@@ -295,3 +295,127 @@ impl Sim<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::workload::{scenarios, Arrivals, BackendSpec, Focus, Service, SEC};
+
+    fn opts() -> RunOptions {
+        RunOptions {
+            sidecars: 2,
+            balancer_seed: 9,
+            observe_timeouts: false,
+            timeout_is_full_load: false,
+            keep_load_in_flight: false,
+        }
+    }
+
+    #[test]
+    fn every_request_ends_once_and_runs_repeat_exactly() {
+        for s in scenarios(4) {
+            let reqs = s.requests(2, &mut Rng::new(3));
+            assert_eq!(reqs.len(), s.requests(2, &mut Rng::new(3)).len());
+            for k in Strategy::ALL {
+                let a = run(&s, &reqs, k, opts());
+                assert_eq!(a.latency_ns.len(), reqs.len(), "{} {}", s.key, k.name());
+                assert!(a.ok <= reqs.len());
+                let b = run(&s, &reqs, k, opts());
+                assert_eq!((a.ok, a.latency_ns), (b.ok, b.latency_ns));
+            }
+        }
+    }
+
+    #[test]
+    fn an_idle_mesh_answers_in_the_service_time() {
+        let s = Scenario {
+            key: "t".into(),
+            title: String::new(),
+            backends: vec![
+                BackendSpec {
+                    capacity: 1000,
+                    max_queue: None,
+                    slow: None,
+                    weight: 1.0,
+                };
+                3
+            ],
+            service: Service::LogNormal {
+                mean_ms: 10.0,
+                sigma: 0.1,
+            },
+            arrivals: Arrivals::Poisson { load: 0.01 },
+            duration_ns: 5 * SEC,
+            timeout_ns: SEC,
+            focus: vec![Focus {
+                label: "b0".into(),
+                backends: vec![0],
+                window_ns: None,
+            }],
+            weighted_variant: false,
+        };
+        let reqs = s.requests(1, &mut Rng::new(1));
+        let o = run(
+            &s,
+            &reqs,
+            Strategy::RoundRobin,
+            RunOptions {
+                sidecars: 1,
+                ..opts()
+            },
+        );
+        assert_eq!(o.ok, reqs.len());
+        let mut got = o.latency_ns.clone();
+        let mut want: Vec<u64> = reqs.iter().map(|r| r.service_ns).collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        // Round robin over 3: a third of the picks, within one.
+        let (hit, all) = o.focus_picks[0];
+        assert_eq!(all as usize, reqs.len());
+        assert!((hit as f64 - all as f64 / 3.0).abs() <= 1.0);
+    }
+
+    #[test]
+    fn a_full_queue_rejects_and_a_deadline_frees_the_client() {
+        let s = Scenario {
+            key: "t".into(),
+            title: String::new(),
+            backends: vec![BackendSpec {
+                capacity: 1,
+                max_queue: Some(1),
+                slow: None,
+                weight: 1.0,
+            }],
+            service: Service::LogNormal {
+                mean_ms: 10_000.0,
+                sigma: 0.01,
+            },
+            arrivals: Arrivals::Poisson { load: 0.0 },
+            duration_ns: SEC,
+            timeout_ns: SEC,
+            focus: Vec::new(),
+            weighted_variant: false,
+        };
+        // Three requests at once on one slot and a queue of one: one served (too slowly), one
+        // queued, one rejected at once; all three fail, at the timeout latency.
+        let reqs: Vec<Request> = (0..3)
+            .map(|i| Request {
+                arrival_ns: i,
+                sidecar: 0,
+                service_ns: 10 * SEC,
+            })
+            .collect();
+        let o = run(
+            &s,
+            &reqs,
+            Strategy::Cognitive,
+            RunOptions {
+                sidecars: 1,
+                ..opts()
+            },
+        );
+        assert_eq!(o.ok, 0);
+        assert_eq!(o.latency_ns, vec![SEC; 3]);
+    }
+}

@@ -174,7 +174,8 @@ mod tests {
     #[test]
     fn steps_are_bounded_and_weights_clamped() {
         let names = ["a", "b", "c", "d"];
-        let prev: BTreeMap<String, WeightState> = names.iter().map(|n| (n.to_string(), settled(1.0))).collect();
+        let prev: BTreeMap<String, WeightState> =
+            names.iter().map(|n| (n.to_string(), settled(1.0))).collect();
         // b is 1000× better than the others: its EWMA target (4 × 1000/1003 ≈ 3.99) is more
         // than the ×2 a single update may move, so the step cap binds.
         let seen: BTreeMap<String, Option<Observation>> = names
@@ -193,7 +194,10 @@ mod tests {
         let m = state.values().map(|s| s.weight).sum::<f64>() / 4.0;
         assert!((m - 1.0).abs() < 1e-9);
         for s in state.values() {
-            assert!(s.weight >= MIN_RATIO * m - 1e-9 && s.weight <= MAX_RATIO * m + 1e-9, "{state:?}");
+            assert!(
+                s.weight >= MIN_RATIO * m - 1e-9 && s.weight <= MAX_RATIO * m + 1e-9,
+                "{state:?}"
+            );
         }
         assert!(state["b"].weight > 3.0, "{state:?}");
     }

@@ -75,7 +75,8 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/config" => {
             let table = state.table.load();
             let body = serde_json::json!({
-                "config": &state.config,
+                "config": &**state.config.load(),
+                "last_reload": &*state.last_reload.lock().unwrap_or_else(|p| p.into_inner()),
                 "routing_table": table.snapshot(),
             });
             text(

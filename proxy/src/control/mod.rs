@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::ControlConfig;
-use crate::route::{EndpointOverrides, RoutingTable};
+use crate::route::EndpointOverrides;
 use crate::server::State;
 
 /// First reconnect delay; doubles up to `MAX_BACKOFF_MS`, with full jitter.
@@ -103,8 +103,9 @@ pub fn overrides_from(
 
 /// Applies a pushed (or persisted) table; with `neutral`, all weights become 1.
 fn apply(state: &State, table: &TableMsg, neutral: bool) -> Result<(), TableError> {
-    let known: HashSet<&str> = state.config.services.iter().map(|s| s.name.as_str()).collect();
-    let own: HashSet<SocketAddr> = state.config.listeners.iter().map(|l| l.address).collect();
+    let config = state.config.load();
+    let known: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+    let own: HashSet<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
     let mut overrides = overrides_from(table, &known, &own)?;
     if neutral {
         for members in overrides.values_mut() {
@@ -113,15 +114,7 @@ fn apply(state: &State, table: &TableMsg, neutral: bool) -> Result<(), TableErro
             }
         }
     }
-    let current = state.table.load();
-    let next = RoutingTable::build_with(
-        &state.config,
-        Some(&current),
-        &state.metrics,
-        &overrides,
-        table.version,
-    );
-    state.table.store(Arc::new(next));
+    state.rebuild_table(|pushed| *pushed = (overrides, table.version));
     Ok(())
 }
 
@@ -166,7 +159,7 @@ pub async fn run(state: Arc<State>, config: ControlConfig) {
     let mut last = restore(&state, &config);
     let instance_address = config
         .instance_address
-        .unwrap_or_else(|| state.config.listeners[0].address);
+        .unwrap_or_else(|| state.config.load().listeners[0].address);
     let hello = Hello {
         node: config
             .node

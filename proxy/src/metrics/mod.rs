@@ -9,6 +9,7 @@
 //! - `response_latency_seconds{direction,service}`: histogram, request start to response headers;
 //! - `proxy_error_total{direction,service,error}`: requests the proxy failed itself, by cause;
 //! - `tcp_open_connections{direction,listener}`: accepted connections currently open;
+//! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
 //! - per endpoint, read from the routing table at scrape time (so the request path pays
@@ -61,6 +62,11 @@ pub struct LoadReportLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     pub service: String,
     pub endpoint: String,
@@ -87,6 +93,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     connections: Family<ConnectionLabels, Gauge>,
     load_reports: Family<LoadReportLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
     /// Set once the first routing table exists; read by the endpoint collector.
     pub table: Arc<OnceLock<crate::route::SharedTable>>,
 }
@@ -107,6 +114,12 @@ impl Metrics {
         let connections = Family::<ConnectionLabels, Gauge>::default();
         let load_reports = Family::<LoadReportLabels, Counter>::default();
         let table = Arc::new(OnceLock::new());
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reload",
+            "Configuration reloads, applied or refused",
+            reloads.clone(),
+        );
         registry.register(
             "load_report",
             "ORCA load reports read from upstream responses",
@@ -141,8 +154,15 @@ impl Metrics {
             errors,
             connections,
             load_reports,
+            reloads,
             table,
         }
+    }
+
+    /// The reload counter for `applied` (true) or `refused` (false).
+    pub fn config_reloads(&self, applied: bool) -> Counter {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.get_or_create(&ReloadLabels { result }).clone()
     }
 
     /// The Prometheus text exposition (format 0.0.4) of every metric.

@@ -9,7 +9,7 @@
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -25,7 +25,7 @@ use crate::admin;
 use crate::config::ProxyConfig;
 use crate::forward::{Forward, Upstreams};
 use crate::metrics::Metrics;
-use crate::route::{RoutingTable, SharedTable};
+use crate::route::{EndpointOverrides, RoutingTable, SharedTable};
 
 /// Why the proxy could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -42,14 +42,35 @@ pub enum ServeError {
 
 /// What the admin server shows and the workers share.
 pub struct State {
-    pub config: ProxyConfig,
+    /// The configuration in force; a reload swaps it (see [`crate::reload`]).
+    pub config: ArcSwap<ProxyConfig>,
     pub metrics: Metrics,
     pub table: SharedTable,
     pub ready: AtomicBool,
+    /// Endpoints pushed by the control plane and the table version they came from; they
+    /// survive configuration reloads. The lock also serializes table rebuilds.
+    pub pushed: Mutex<(EndpointOverrides, u64)>,
+    /// The outcome of the last configuration reload, for `/config`.
+    pub last_reload: Mutex<Option<crate::reload::ReloadOutcome>>,
 }
 
-/// Binds everything, serves until SIGTERM/SIGINT, drains, and returns.
-pub fn run(config: ProxyConfig) -> Result<(), ServeError> {
+impl State {
+    /// Rebuilds the routing table from the configuration in force and the pushed endpoints,
+    /// keeping endpoint statistics, and swaps it in. `update` may change the pushed endpoints
+    /// first (under the same lock, so two rebuilds never race).
+    pub fn rebuild_table(&self, update: impl FnOnce(&mut (EndpointOverrides, u64))) {
+        let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        update(&mut pushed);
+        let config = self.config.load();
+        let current = self.table.load();
+        let next = RoutingTable::build_with(&config, Some(&current), &self.metrics, &pushed.0, pushed.1);
+        self.table.store(Arc::new(next));
+    }
+}
+
+/// Binds everything, serves until SIGTERM/SIGINT, drains, and returns. With `source`, the
+/// configuration file is watched and reloaded (see [`crate::reload`]).
+pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> Result<(), ServeError> {
     let admin_listener = bind(config.admin, false).map_err(|source| ServeError::Bind {
         what: "the admin server".into(),
         addr: config.admin,
@@ -76,10 +97,12 @@ pub fn run(config: ProxyConfig) -> Result<(), ServeError> {
     let upstreams = Upstreams::new(&config);
     let drain = Duration::from_millis(config.drain_timeout_ms);
     let state = Arc::new(State {
-        config,
+        config: ArcSwap::from_pointee(config),
         metrics,
         table,
         ready: AtomicBool::new(false),
+        pushed: Mutex::new((EndpointOverrides::new(), 0)),
+        last_reload: Mutex::new(None),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -106,14 +129,18 @@ pub fn run(config: ProxyConfig) -> Result<(), ServeError> {
     runtime.block_on(async {
         let admin_listener = TcpListener::from_std(admin_listener).map_err(ServeError::Runtime)?;
         tokio::spawn(admin::serve(admin_listener, Arc::clone(&state)));
-        if let Some(control) = state.config.control.clone() {
+        let config = state.config.load_full();
+        if let Some(control) = config.control.clone() {
             tokio::spawn(crate::control::run(Arc::clone(&state), control));
         }
+        if let Some(source) = source {
+            tokio::spawn(crate::reload::watch(Arc::clone(&state), source));
+        }
         state.ready.store(true, Ordering::Release);
-        for l in &state.config.listeners {
+        for l in &config.listeners {
             info!(listener = %l.name, address = %l.address, direction = l.direction.as_str(), "listening");
         }
-        info!(address = %state.config.admin, workers = state.config.workers, "admin server listening");
+        info!(address = %config.admin, workers = config.workers, "admin server listening");
         wait_for_signal().await;
         info!(
             drain_ms = drain.as_millis() as u64,
@@ -174,7 +201,7 @@ async fn worker(
     drain: Duration,
 ) {
     let graceful = Arc::new(GracefulShutdown::new());
-    let builder = Arc::new(server_builder(&state.config));
+    let builder = Arc::new(server_builder(&state.config.load()));
     let mut accepting = Vec::new();
     for (index, socket) in listeners {
         let listener = match TcpListener::from_std(socket) {
@@ -215,7 +242,8 @@ async fn accept_loop(
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let config = &state.config.listeners[index];
+    // Listeners cannot change on reload (see crate::reload), so this copy stays accurate.
+    let config = state.config.load().listeners[index].clone();
     let open = state.metrics.connections(config.direction.as_str(), &config.name);
     loop {
         let accepted = tokio::select! {
