@@ -211,7 +211,8 @@ pub fn run(options: &Options) -> Result<()> {
     // Run every round on the same cogmesh build, even if a rebuild replaces the binary meanwhile.
     tools.snapshot_cogmesh(&dir)?;
     let result = run_in(options, &tools, &plan, &skipped, &dir);
-    let keep = options.keep_temp || !matches!(result, Ok(true));
+    // Keep the evidence when a case failed or the bench did; not after a Ctrl-C.
+    let keep = options.keep_temp || matches!(result, Ok(false)) || (result.is_err() && !procs::interrupted());
     if keep {
         eprintln!(
             "configs, logs and raw output kept in {} (--keep-temp, or a case failed)",

@@ -6,8 +6,8 @@
 //! `/proc/PID/stat`) and memory (`VmRSS`, `VmHWM` from `/proc/PID/status`) summed over a process
 //! group, and picking free loopback ports at run time.
 //!
-//! Every child also gets `PR_SET_PDEATHSIG(SIGKILL)`, so none outlives the bench even if the bench
-//! itself is killed with SIGKILL.
+//! Every child also gets `PR_SET_PDEATHSIG` (SIGTERM for servers, SIGKILL for load generators), so
+//! none outlives the bench even if the bench itself is killed with SIGKILL.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -69,11 +69,14 @@ pub fn sleep(duration: Duration) -> Result<()> {
     }
 }
 
-fn die_with_parent(command: &mut Command) {
+/// Has the kernel send `signal` to the child when the bench dies, however it dies. Servers get
+/// SIGTERM so that a master process (nginx) still stops its workers, which do not inherit the
+/// setting; load generators get SIGKILL.
+fn die_with_parent(command: &mut Command, signal: libc::c_int) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        command.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, signal, 0, 0, 0);
             Ok(())
         });
     }
@@ -100,7 +103,7 @@ impl Server {
             .stdout(out)
             .stderr(err)
             .process_group(0);
-        die_with_parent(command);
+        die_with_parent(command, libc::SIGTERM);
         let child = command
             .spawn()
             .with_context(|| format!("start {name}: {command:?}"))?;
@@ -189,7 +192,7 @@ pub fn run_bounded(command: &mut Command, limit: Duration, out: &Path) -> Result
         .stdin(Stdio::null())
         .stdout(File::create(out)?)
         .stderr(File::create(&err_path)?);
-    die_with_parent(command);
+    die_with_parent(command, libc::SIGKILL);
     let mut child = command.spawn().with_context(|| format!("start {command:?}"))?;
     let deadline = Instant::now() + limit;
     let status = loop {

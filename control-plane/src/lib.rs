@@ -4,5 +4,6 @@
 //! sidecar; the control plane proper (registry, aggregator, autoscaler) joins it here.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod control;
 pub mod workload;

@@ -41,16 +41,47 @@ enum Command {
     /// Run the control plane: sidecars connect to it (MeshControl), operators query it
     /// (MeshAdmin); gRPC health and reflection are served too.
     Control(ControlArgs),
+    /// Validate a control.yaml (and its environment layers) without starting anything.
+    Check(CheckArgs),
+    /// Services, endpoints and their weights, from a running control plane.
+    Routes(AdminArgs),
+    /// Sidecars and their sync state (versions ACKed, NACKed and why), and the control plane's
+    /// configuration status.
+    Status(AdminArgs),
 }
 
 #[derive(Debug, Args)]
 struct ControlArgs {
-    /// gRPC address to listen on.
-    #[arg(long, value_name = "ADDR", default_value = cogmesh_control::control::DEFAULT_LISTEN)]
-    listen: SocketAddr,
+    /// control.yaml; its environment file (control.<environment>.yaml) is layered on top, then
+    /// COGMESH_* variables, then these flags. Watched and reloaded on change or SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// gRPC address to listen on [default: from the file, else 127.0.0.1:7070].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
     /// How often endpoint weights are recomputed from sidecar reports, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = cogmesh_control::control::DEFAULT_WEIGHT_INTERVAL_MS)]
-    weight_interval_ms: u64,
+    #[arg(long, value_name = "MS")]
+    weight_interval_ms: Option<u64>,
+    /// After a restart into a running mesh, hold pushes this long so every sidecar can
+    /// reconnect first (a fresh mesh is served at once).
+    #[arg(long, value_name = "MS", default_value_t = cogmesh_control::control::DEFAULT_STARTUP_GRACE_MS)]
+    startup_grace_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The control.yaml to validate (with its environment file and COGMESH_* variables).
+    file: std::path::PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// The control plane's gRPC address.
+    #[arg(long, value_name = "ADDR", default_value = cogmesh_control::control::DEFAULT_LISTEN)]
+    control: SocketAddr,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +137,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Workload(args) => workload(args).await,
             Command::Control(args) => control(args).await,
+            Command::Check(args) => check(args),
+            Command::Routes(args) => cogmesh_control::cli::routes(args.control, args.json).await,
+            Command::Status(args) => cogmesh_control::cli::status(args.control, args.json).await,
         }
     })
 }
@@ -130,17 +164,52 @@ async fn workload(args: WorkloadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn load_control_config(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<cogmesh_control::control::config::Resolved> {
+    Ok(cogmesh_control::control::config::load(file, &|k| {
+        std::env::var(k).ok()
+    })?)
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let resolved = load_control_config(Some(&args.file))?;
+    println!(
+        "{}: valid ({} environment, listen {}, weight interval {} ms, {} static service(s))",
+        resolved.sources.join(" + "),
+        resolved.environment.as_str(),
+        resolved.listen,
+        resolved.weight_interval_ms,
+        resolved.services.len()
+    );
+    Ok(())
+}
+
 async fn control(args: ControlArgs) -> anyhow::Result<()> {
-    if args.weight_interval_ms == 0 {
-        anyhow::bail!("--weight-interval-ms: must be greater than 0");
+    let mut resolved = load_control_config(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        resolved.listen = listen;
+    }
+    if let Some(ms) = args.weight_interval_ms {
+        anyhow::ensure!(
+            ms > 0 && ms <= 60_000,
+            "--weight-interval-ms: must be between 1 and 60000, got {ms}"
+        );
+        resolved.weight_interval_ms = ms;
     }
     let shutdown = shutdown_signal().context("installing signal handlers")?;
-    let listener = TcpListener::bind(args.listen)
+    let listener = TcpListener::bind(resolved.listen)
         .await
-        .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
-    tracing::info!(address = %args.listen, "control plane listening");
+        .with_context(|| format!("listen {}: cannot bind", resolved.listen))?;
+    tracing::info!(
+        address = %resolved.listen,
+        environment = resolved.environment.as_str(),
+        "control plane listening"
+    );
     let config = cogmesh_control::control::ControlConfig {
-        weight_interval: std::time::Duration::from_millis(args.weight_interval_ms),
+        resolved,
+        startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
+        path: args.config,
     };
     cogmesh_control::control::serve(listener, config, shutdown)
         .await

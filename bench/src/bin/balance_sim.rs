@@ -4,29 +4,37 @@
 //!
 //! ```text
 //! cargo run --release -p cogmesh-bench --bin balance-sim -- [--seed N] [--quick] [--sidecars N]
-//!     [--scenarios a,b80,b100,c] [--strategies cognitive,round_robin] [--observe-timeouts]
+//!     [--scenarios a,b80,b100,c] [--strategies cognitive,round_robin]
+//!     [--observe-timeouts] [--timeout-is-full-load] [--keep-load-in-flight]
 //! ```
 //!
 //! Each backend has `capacity` slots and a FIFO queue, draws service times from the scenario's
 //! distribution, and reports `load = min(1, (busy + queued) / capacity)` with each response.
-//! Each sidecar balances its share of the requests seeing only what a real sidecar sees: its own
-//! in-flight requests per endpoint, the latencies of its responses, and the load reports they
-//! carry. Time is simulated and the random streams are seeded, so the same seed prints the same
-//! numbers; every strategy gets exactly the same requests.
+//! Each sidecar (4 by default, each request goes to one at random) balances its share seeing
+//! only what a real sidecar sees: its own in-flight requests per endpoint, the latencies of its
+//! responses, and the load reports they carry. Time is simulated and the random streams are
+//! seeded, so the same seed prints the same numbers; every strategy gets exactly the same
+//! requests. A full run simulates 60 s per scenario and strategy and takes well under a second.
 //!
 //! Scenarios:
-//! - (a) 11 backends, one of them takes 2 s per request for the middle half of the run, 1 s
-//!   client timeout (a timed-out request fails and frees the client; the backend still works on
-//!   it), Poisson at 70 % of capacity;
-//! - (b) capacities 4:8:16 slots (two backends each) with bounded queues (a full backend answers
-//!   503 `Retry-After: 1`, which the sidecar charges as `retry_after_penalty`), Poisson at 80 %
-//!   and 100 % of capacity;
-//! - (c) on/off Markov-modulated Poisson bursts (150 % / 30 % of capacity) of bimodal requests
-//!   (90 % cheap, 10 % 25× as expensive) on 8 equal backends.
+//! - (a) 11 backends × 4 slots, one of them takes 2 s per request for the middle half of the
+//!   run, 1 s client timeout (a timed-out request fails and frees the client; the backend still
+//!   works on it), Poisson at 70 % of capacity;
+//! - (b) capacities 4:8:16 slots (two backends each) with queues bounded at 4× the slots (a full
+//!   backend answers 503 `Retry-After: 1`, which the sidecar charges as `retry_after_penalty`,
+//!   as the proxy's forwarder does), Poisson at 80 % and 100 % of capacity; `cognitive_w` adds
+//!   weights proportional to capacity, what the control plane's weights converge to at best;
+//! - (c) on/off Markov-modulated Poisson bursts (130 % of capacity for ~1 s, 35 % for ~2 s) on
+//!   8 equal backends, 0.5 % of the requests 100× as expensive as the rest.
 //!
 //! Latency percentiles are over every request as the client saw it, a failed one (timed out or
 //! rejected) counted as the timeout; `ok p99` is over the successful ones only; goodput is
-//! successful responses per second of the run.
+//! successful responses per second of the run; `→X %` columns are the share of picks that went
+//! to the backends X (within the window shown).
+//!
+//! The default is the proxy's behaviour. The `--observe-timeouts`, `--timeout-is-full-load` and
+//! `--keep-load-in-flight` flags are what-ifs, changes the proxy does not make, to measure
+//! candidate fixes; the header line says when one is on.
 
 #[path = "../sim/mod.rs"]
 mod sim;

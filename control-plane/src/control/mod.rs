@@ -10,6 +10,7 @@
 //! Weights are recomputed every `weight_interval` from the reports received since the last
 //! update (see [`weights`]); a new table version is made only when something changed.
 
+pub mod config;
 mod state;
 pub mod weights;
 
@@ -21,8 +22,9 @@ use std::time::Duration;
 use cogmesh_proto::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
 use cogmesh_proto::v1::mesh_control_server::{MeshControl, MeshControlServer};
 use cogmesh_proto::v1::{
-    control_message, sidecar_message, ControlMessage, ListServicesRequest, ListServicesResponse,
-    RoutingTable, SidecarMessage, SyncStatusRequest, SyncStatusResponse, WatchTablesRequest,
+    control_message, sidecar_message, ConfigStatusRequest, ConfigStatusResponse, ControlMessage,
+    ListServicesRequest, ListServicesResponse, RoutingTable, SidecarMessage, SyncStatusRequest,
+    SyncStatusResponse, WatchTablesRequest,
 };
 use futures_util::Stream;
 use tokio::sync::watch;
@@ -38,32 +40,56 @@ pub const DEFAULT_WEIGHT_INTERVAL_MS: u64 = 1_000;
 /// The control plane's default address (localhost; the sidecars' `--control`).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 
-#[derive(Clone, Debug)]
+/// What `serve` runs with: the configuration in force and, to reload it, where it came from.
 pub struct ControlConfig {
-    pub weight_interval: Duration,
+    pub resolved: config::Resolved,
+    /// See [`DEFAULT_STARTUP_GRACE_MS`].
+    pub startup_grace: Duration,
+    /// The base `control.yaml`, watched (with its environment file) and reloaded on change or
+    /// SIGHUP.
+    pub path: Option<std::path::PathBuf>,
 }
 
-impl Default for ControlConfig {
-    fn default() -> Self {
-        ControlConfig {
-            weight_interval: Duration::from_millis(DEFAULT_WEIGHT_INTERVAL_MS),
-        }
-    }
+/// Reload bookkeeping for `MeshAdmin.GetConfigStatus`.
+#[derive(Debug, Default)]
+struct ConfigStatus {
+    applied: u64,
+    refused: u64,
+    last_error: String,
 }
 
 /// Shared by every stream handler.
 struct Mesh {
     state: Mutex<MeshState>,
+    config: Mutex<config::Resolved>,
+    config_status: Mutex<ConfigStatus>,
+    /// The weight interval in force, in ms (a reload may change it).
+    weight_interval_ms: std::sync::atomic::AtomicU64,
     tables: watch::Sender<Arc<RoutingTable>>,
     /// Turns true at shutdown: every sidecar stream ends, so the server can drain.
     stopping: watch::Sender<bool>,
     start: Instant,
+    startup_grace: Duration,
 }
 
 /// How long open streams may take to end after a shutdown signal.
 pub const DRAIN_TIMEOUT_MS: u64 = 5_000;
 
+/// After a restart into a running mesh (a sidecar says Hello with a table it got earlier), the
+/// control plane knows only the sidecars that have reconnected so far. Pushing then would tell
+/// the others' clients that those instances are gone. So while some sidecar came back with a
+/// table, pushes wait this long after start: longer than the sidecars' longest reconnect delay
+/// (30 s), so every live sidecar has said Hello again. Meanwhile sidecars route with what they
+/// have (static stability). A fresh mesh (no sidecar has a table) is served at once.
+pub const DEFAULT_STARTUP_GRACE_MS: u64 = 32_000;
+
 impl Mesh {
+    /// Whether pushes must still wait (see [`DEFAULT_STARTUP_GRACE_MS`]); how long if so.
+    fn hold_pushes(&self) -> Option<Duration> {
+        let left = self.startup_grace.checked_sub(self.start.elapsed())?;
+        (self.state().existing_mesh && !left.is_zero()).then_some(left)
+    }
+
     fn now_secs(&self) -> f64 {
         self.start.elapsed().as_secs_f64()
     }
@@ -71,6 +97,42 @@ impl Mesh {
     fn state(&self) -> std::sync::MutexGuard<'_, MeshState> {
         // A panic while holding the lock would be a bug; keep serving with the data as is.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Re-reads the configuration; a bad one is refused and the last good one stays.
+    fn reload(&self, path: &std::path::Path) {
+        let current = self.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = config::load(Some(path), &|k| std::env::var(k).ok())
+            .map_err(|e| e.to_string())
+            .and_then(|next| {
+                if next.listen != current.listen {
+                    return Err(format!(
+                        "{}: listen: changing it ({} → {}) needs a restart",
+                        next.sources.join(" + "),
+                        current.listen,
+                        next.listen
+                    ));
+                }
+                Ok(next)
+            });
+        let mut status = self.config_status.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(next) => {
+                status.applied += 1;
+                info!(environment = next.environment.as_str(), "configuration reloaded");
+                self.weight_interval_ms
+                    .store(next.weight_interval_ms, std::sync::atomic::Ordering::Relaxed);
+                self.state().statics = next.services.clone();
+                *self.config.lock().unwrap_or_else(|p| p.into_inner()) = next;
+                drop(status);
+                self.publish(0.0);
+            }
+            Err(e) => {
+                status.refused += 1;
+                warn!("configuration refused, keeping the last good one: {e}");
+                status.last_error = e;
+            }
+        }
     }
 
     /// Recomputes and publishes a new table if anything changed.
@@ -97,25 +159,31 @@ pub async fn serve(
     let (tables, _) = watch::channel(Arc::new(RoutingTable::default()));
     let (stopping, _) = watch::channel(false);
     let mesh = Arc::new(Mesh {
-        state: Mutex::new(MeshState::default()),
+        state: Mutex::new(MeshState::with_statics(config.resolved.services.clone())),
+        weight_interval_ms: std::sync::atomic::AtomicU64::new(config.resolved.weight_interval_ms),
+        config: Mutex::new(config.resolved.clone()),
+        config_status: Mutex::new(ConfigStatus::default()),
         tables,
         stopping,
         start: Instant::now(),
+        startup_grace: config.startup_grace,
     });
     mesh.publish(0.0);
 
     let ticker = {
         let mesh = Arc::clone(&mesh);
-        let interval = config.weight_interval;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
-                mesh.publish(interval.as_secs_f64());
+                let ms = mesh.weight_interval_ms.load(std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                mesh.publish(ms as f64 / 1e3);
             }
         })
     };
+    let watcher = config
+        .path
+        .clone()
+        .map(|path| tokio::spawn(watch_config(Arc::clone(&mesh), path)));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MeshControlServer<ControlService>>().await;
@@ -169,7 +237,58 @@ pub async fn serve(
         }
     };
     ticker.abort();
+    if let Some(w) = watcher {
+        w.abort();
+    }
     result
+}
+
+/// Reloads the configuration when its files change or on SIGHUP.
+async fn watch_config(mesh: Arc<Mesh>, path: std::path::PathBuf) {
+    use notify::Watcher;
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("control")
+        .to_string();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            // The base file or any environment file beside it.
+            let ours = event.paths.iter().any(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&stem) && !n.ends_with(".tmp"))
+            });
+            if ours {
+                let _ = tx.send(());
+            }
+        }
+    })
+    .ok();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| ".".into());
+    if let Some(w) = watcher.as_mut() {
+        if let Err(e) = w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            warn!(dir = %dir.display(), "cannot watch the configuration (SIGHUP still reloads): {e}");
+        }
+    }
+    let mut hup = signal(SignalKind::hangup()).ok();
+    loop {
+        tokio::select! {
+            got = rx.recv() => if got.is_none() { return },
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                info!("SIGHUP: reloading the configuration");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while rx.try_recv().is_ok() {}
+        mesh.reload(&path);
+    }
 }
 
 // === impl ControlService ===
@@ -242,6 +361,14 @@ async fn push_tables(
             _ = &mut done => return,
             _ = stopping.wait_for(|s| *s) => return,
             changed = tables.changed() => if changed.is_err() { return },
+        }
+        if let Some(left) = mesh.hold_pushes() {
+            debug!(%node, left_ms = left.as_millis() as u64, "holding pushes until every sidecar is back");
+            tokio::select! {
+                _ = &mut done => return,
+                _ = stopping.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(left) => {}
+            }
         }
         let table = Arc::clone(&tables.borrow_and_update());
         if table.version == 0 {
@@ -330,6 +457,22 @@ impl MeshAdmin for AdminService {
         Ok(Response::new(SyncStatusResponse {
             current_version: state.version,
             sidecars: state.sync_status(),
+        }))
+    }
+
+    async fn get_config_status(
+        &self,
+        _: Request<ConfigStatusRequest>,
+    ) -> Result<Response<ConfigStatusResponse>, Status> {
+        let config = self.mesh.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let status = self.mesh.config_status.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Response::new(ConfigStatusResponse {
+            environment: config.environment.as_str().to_string(),
+            sources: config.sources.clone(),
+            reloads_applied: status.applied,
+            reloads_refused: status.refused,
+            last_error: status.last_error.clone(),
+            effective_json: serde_json::to_string(&config).unwrap_or_default(),
         }))
     }
 

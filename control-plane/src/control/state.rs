@@ -39,11 +39,28 @@ pub struct MeshState {
     last_observed: HashMap<String, Observation>,
     pub version: u64,
     pub table: Arc<RoutingTable>,
+    /// Services known from configuration (static discovery).
+    pub statics: Vec<super::config::StaticService>,
+    /// Set when a sidecar says Hello with a table from before this process started.
+    pub existing_mesh: bool,
 }
 
 impl MeshState {
+    pub fn with_statics(statics: Vec<super::config::StaticService>) -> Self {
+        MeshState {
+            statics,
+            ..MeshState::default()
+        }
+    }
+
     /// Registers (or re-registers) a sidecar; returns its session number.
     pub fn hello(&mut self, hello: Hello) -> u64 {
+        // A sidecar that already runs a table from an earlier life of the control plane: keep
+        // versions monotonic across restarts, and note that the mesh existed before us.
+        if hello.table_version > 0 {
+            self.existing_mesh = true;
+            self.version = self.version.max(hello.table_version);
+        }
         self.next_session += 1;
         let session = self.next_session;
         let node = hello.node.clone();
@@ -110,6 +127,12 @@ impl MeshState {
     pub fn recompute(&mut self, now_secs: f64, interval_secs: f64) -> Option<Arc<RoutingTable>> {
         // Membership: every connected sidecar fronts one endpoint of its service.
         let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for s in &self.statics {
+            members
+                .entry(s.name.clone())
+                .or_default()
+                .extend(s.endpoints.iter().map(|e| e.to_string()));
+        }
         for s in self.sidecars.values().filter(|s| s.connected) {
             members
                 .entry(s.hello.service.clone())

@@ -16,7 +16,7 @@ mod ring;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,10 @@ pub use self::ewma::{decayed_ewma, PeakEwma, DECAY_SECS, DEFAULT_RTT_MS};
 pub use self::ring::stable_hash;
 use self::ring::Ring;
 use crate::config::BalancerKind;
+
+/// An endpoint that timed out or refused a connection is not picked for this long (unless it
+/// is the last one available): a stalled endpoint otherwise looks idle, since it answers nothing.
+pub const GATEWAY_FAILURE_EJECTION_MS: u64 = 10_000;
 
 /// A load report older than this is ignored (the endpoint counts as unloaded until it reports
 /// again), so an endpoint that stopped getting traffic is probed again.
@@ -50,7 +54,8 @@ pub struct Endpoint {
     /// f64 bits of the last reported load; `load_at_ns` 0 means never reported.
     load: AtomicU64,
     load_at_ns: AtomicU64,
-    ejected: AtomicBool,
+    /// Not a candidate until this time (ns since `epoch`); 0: never ejected.
+    ejected_until_ns: AtomicU64,
     epoch: Instant,
 }
 
@@ -81,7 +86,7 @@ impl Endpoint {
             rtt: PeakEwma::new(),
             load: AtomicU64::new(0f64.to_bits()),
             load_at_ns: AtomicU64::new(0),
-            ejected: AtomicBool::new(false),
+            ejected_until_ns: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -131,12 +136,29 @@ impl Endpoint {
         Some(f64::from_bits(self.load.load(Ordering::Relaxed)))
     }
 
+    /// Ejects the endpoint until further notice (`true`) or returns it (`false`).
     pub fn set_ejected(&self, ejected: bool) {
-        self.ejected.store(ejected, Ordering::Relaxed);
+        let until = if ejected { u64::MAX } else { 0 };
+        self.ejected_until_ns.store(until, Ordering::Relaxed);
+    }
+
+    /// Ejects the endpoint for `duration`: no request is sent to it until then.
+    pub fn eject_for(&self, duration: Duration) {
+        let until = self.now_ns().saturating_add(duration.as_nanos() as u64);
+        self.ejected_until_ns.store(until, Ordering::Relaxed);
     }
 
     pub fn is_ejected(&self) -> bool {
-        self.ejected.load(Ordering::Relaxed)
+        let until = self.ejected_until_ns.load(Ordering::Relaxed);
+        until != 0 && self.now_ns() < until
+    }
+
+    /// What a gateway failure (timeout, refused connection) tells the balancer: the endpoint
+    /// took at least `waited` and is as loaded as it gets. Whether to eject it as well is the
+    /// caller's decision, which knows whether other endpoints are left.
+    pub fn observe_gateway_failure(&self, waited: Duration) {
+        self.observe_rtt(waited);
+        self.observe_load(1.0);
     }
 
     /// The latency estimate the balancer uses: the peak-EWMA, or the mean age of the requests
@@ -274,6 +296,11 @@ impl EndpointSet {
 
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
+    }
+
+    /// Endpoints that are candidates now.
+    pub fn available(&self) -> usize {
+        self.endpoints.iter().filter(|e| !e.is_ejected()).count()
     }
 
     pub fn kind(&self) -> BalancerKind {

@@ -181,3 +181,19 @@ fn empty_set_picks_nothing() {
         .pick(None)
         .is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn ejection_for_a_while_ends_by_itself() {
+    let set = EndpointSet::uniform(&addrs(2), BalancerKind::Cognitive);
+    let e = &set.endpoints()[0];
+    e.observe_gateway_failure(Duration::from_secs(1));
+    assert_eq!(e.fresh_load(STALE), Some(1.0));
+    e.eject_for(Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS));
+    assert_eq!(set.available(), 1);
+    for _ in 0..50 {
+        assert_eq!(set.pick(None).unwrap().addr.port(), 9001);
+    }
+    tokio::time::advance(Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS)).await;
+    assert!(!e.is_ejected());
+    assert_eq!(set.available(), 2);
+}

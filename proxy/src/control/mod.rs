@@ -177,7 +177,11 @@ pub async fn run(state: Arc<State>, config: ControlConfig) {
     let mut attempt = 0u32;
     loop {
         let mut joined = false;
-        let outcome = session(&state, &config, hello.clone(), &mut last, &mut joined).await;
+        let hello = Hello {
+            table_version: last.as_ref().map_or(0, |t| t.version),
+            ..hello.clone()
+        };
+        let outcome = session(&state, &config, hello, &mut last, &mut joined).await;
         match outcome {
             Ok(()) => info!("control plane closed the stream"),
             Err(e) => warn!(

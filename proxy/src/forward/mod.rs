@@ -28,8 +28,9 @@ use tracing::{debug, warn};
 
 pub use self::body::{ProxyBody, TrailerReports};
 use crate::balance::cost::retry_after_penalty;
-use crate::balance::{orca, Endpoint, InFlight};
+use crate::balance::{orca, Endpoint, InFlight, GATEWAY_FAILURE_EJECTION_MS};
 use crate::config::{ProxyConfig, UpstreamProtocol};
+use crate::error::ErrorKind;
 use crate::error::ProxyError;
 use crate::metrics::ServiceMetrics;
 use crate::route::{RoutingTable, SharedTable};
@@ -117,6 +118,14 @@ impl Forward {
                 let kind = err.kind();
                 if let Some(e) = endpoint {
                     e.record_failure();
+                    if matches!(kind, ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnect) {
+                        e.observe_gateway_failure(start.elapsed());
+                        // Keep at least one endpoint available: with none, every request would
+                        // fail fast, which is worse than trying a slow one.
+                        if table.services[index].endpoints.available() > 1 {
+                            e.eject_for(Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS));
+                        }
+                    }
                 }
                 warn!(service = %table.services[index].name, error = kind.label(), "{err}");
                 metrics.error(kind);
