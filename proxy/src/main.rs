@@ -86,6 +86,11 @@ struct Args {
     #[arg(long)]
     connect_timeout_ms: Option<u64>,
 
+    /// Concurrent HTTP/2 streams per upstream connection before another connection to the
+    /// endpoint is opened (up to 8). Overrides the file.
+    #[arg(long)]
+    http2_streams_per_connection: Option<u64>,
+
     /// Milliseconds in-flight requests may take to finish after SIGTERM. Overrides the file.
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
@@ -110,11 +115,12 @@ fn main() -> ExitCode {
         }
     };
     let source = args.config.clone().map(|path| {
-        let (admin, workers, connect, drain) = (
+        let (admin, workers, connect, drain, streams) = (
             args.admin,
             args.workers,
             args.connect_timeout_ms,
             args.drain_timeout_ms,
+            args.http2_streams_per_connection,
         );
         let control = config.control.clone();
         cogmesh_proxy::reload::ConfigSource {
@@ -132,6 +138,9 @@ fn main() -> ExitCode {
                 }
                 if let Some(ms) = drain {
                     c.drain_timeout_ms = ms;
+                }
+                if let Some(n) = streams {
+                    c.http2_streams_per_connection = n;
                 }
                 if control.is_some() && c.control.is_none() {
                     c.control = control.clone();
@@ -202,6 +211,9 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     }
     if let Some(ms) = args.drain_timeout_ms {
         config.drain_timeout_ms = ms;
+    }
+    if let Some(n) = args.http2_streams_per_connection {
+        config.http2_streams_per_connection = n;
     }
     if let (Some(address), Some(service)) = (args.control, &args.service) {
         config.control = Some(ControlConfig {

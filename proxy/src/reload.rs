@@ -67,6 +67,11 @@ fn restart_only_change(old: &ProxyConfig, new: &ProxyConfig) -> Option<String> {
             new.pool_idle_timeout_ms,
         ),
         ("drain_timeout_ms", old.drain_timeout_ms, new.drain_timeout_ms),
+        (
+            "http2_streams_per_connection",
+            old.http2_streams_per_connection,
+            new.http2_streams_per_connection,
+        ),
     ];
     for (field, a, b) in fixed {
         if a != b {

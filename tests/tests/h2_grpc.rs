@@ -174,3 +174,70 @@ async fn grpc_tonic_client_to_python_server() {
     let proxy = Proxy::quick(&[addr], &[]);
     exercise_tonic(&proxy, "python-workload").await;
 }
+
+/// A real h2c server (hyper) that counts the connections it accepts and answers every request
+/// after 300 ms, so concurrent requests overlap.
+async fn counting_h2_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                break;
+            };
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+async fn concurrent_h2(proxy: &Proxy, n: usize) {
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<Bytes>>();
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let client = client.clone();
+            let url = proxy.url("/");
+            tokio::spawn(async move { client.get(url.parse().unwrap()).await.map(|r| r.status()) })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().expect("h2c request"), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_upstream_connection_opens_per_stream_limit() {
+    use std::sync::atomic::Ordering;
+    // Default limit (100 streams per connection): 30 concurrent streams share one connection.
+    let (addr, count) = counting_h2_server().await;
+    let proxy = Proxy::quick(&[addr], &[]);
+    concurrent_h2(&proxy, 30).await;
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+
+    // 10 streams per connection: 30 concurrent streams need more than one connection, and never
+    // more than the cap of 8.
+    let (addr, count) = counting_h2_server().await;
+    let proxy = Proxy::quick(&[addr], &["--http2-streams-per-connection", "10"]);
+    concurrent_h2(&proxy, 30).await;
+    let n = count.load(Ordering::SeqCst);
+    assert!((2..=8).contains(&n), "{n} upstream connections");
+}

@@ -24,6 +24,9 @@ pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 15_000;
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// How long a client may take to send a complete HTTP/1 request head.
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Streams per upstream HTTP/2 connection before another one is opened; 100 is the limit many
+/// servers advertise (and the minimum RFC 9113 recommends).
+pub const DEFAULT_HTTP2_STREAMS_PER_CONNECTION: u64 = 100;
 /// Idle pooled upstream connections are closed after this long.
 pub const DEFAULT_POOL_IDLE_TIMEOUT_MS: u64 = 90_000;
 
@@ -45,6 +48,10 @@ pub struct ProxyConfig {
     pub connect_timeout_ms: u64,
     #[serde(default = "default_pool_idle_timeout_ms")]
     pub pool_idle_timeout_ms: u64,
+    /// Concurrent HTTP/2 streams per upstream connection before another connection to the
+    /// same endpoint is opened (up to 8 connections).
+    #[serde(default = "default_http2_streams_per_connection")]
+    pub http2_streams_per_connection: u64,
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
@@ -245,6 +252,9 @@ fn default_pool_idle_timeout_ms() -> u64 {
 fn default_load_report_stale_ms() -> u64 {
     crate::balance::DEFAULT_LOAD_STALE_MS
 }
+fn default_http2_streams_per_connection() -> u64 {
+    DEFAULT_HTTP2_STREAMS_PER_CONNECTION
+}
 fn default_response_timeout_ms() -> u64 {
     DEFAULT_RESPONSE_TIMEOUT_MS
 }
@@ -307,6 +317,7 @@ impl ProxyConfig {
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             pool_idle_timeout_ms: DEFAULT_POOL_IDLE_TIMEOUT_MS,
+            http2_streams_per_connection: DEFAULT_HTTP2_STREAMS_PER_CONNECTION,
             listeners: vec![ListenerConfig {
                 name: "outbound".into(),
                 address: listen,
@@ -349,6 +360,7 @@ impl ProxyConfig {
             ("header_read_timeout_ms", self.header_read_timeout_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("pool_idle_timeout_ms", self.pool_idle_timeout_ms),
+            ("http2_streams_per_connection", self.http2_streams_per_connection),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(file, field, "must be greater than 0"));

@@ -36,11 +36,22 @@ use crate::metrics::ServiceMetrics;
 use crate::route::{RoutingTable, SharedTable};
 
 /// The pooled upstream clients, shared by every listener and worker thread.
+///
+/// HTTP/1: one pool, idle connections kept per endpoint without limit (closed after the idle
+/// timeout). HTTP/2: each client keeps one multiplexed connection per endpoint, and there are
+/// [`MAX_HTTP2_CONNECTIONS`] clients, each with its own pool: a request goes on connection
+/// `in_flight / http2_streams_per_connection` of its endpoint, so an endpoint gets another
+/// connection for every `http2_streams_per_connection` concurrent streams instead of queueing
+/// behind one connection's stream limit.
 #[derive(Clone)]
 pub struct Upstreams {
     http1: Client<HttpConnector, Incoming>,
-    http2: Client<HttpConnector, Incoming>,
+    http2: Arc<[Client<HttpConnector, Incoming>]>,
+    streams_per_connection: u64,
 }
+
+/// The most HTTP/2 connections to one endpoint.
+pub const MAX_HTTP2_CONNECTIONS: usize = 8;
 
 impl Upstreams {
     pub fn new(config: &ProxyConfig) -> Self {
@@ -56,13 +67,27 @@ impl Upstreams {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        Upstreams { http1, http2 }
+        let http2 = (0..MAX_HTTP2_CONNECTIONS)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .http2_only(true)
+                    .pool_idle_timeout(idle)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(connector.clone())
+            })
+            .collect();
+        Upstreams {
+            http1,
+            http2,
+            streams_per_connection: config.http2_streams_per_connection.max(1),
+        }
+    }
+
+    /// The HTTP/2 client for the next stream to an endpoint with `in_flight` streams open.
+    fn http2_for(&self, in_flight: u64) -> &Client<HttpConnector, Incoming> {
+        let i = (in_flight / self.streams_per_connection) as usize;
+        &self.http2[i.min(self.http2.len() - 1)]
     }
 }
 
@@ -205,9 +230,10 @@ impl Forward {
             Version::HTTP_11
         };
 
+        let open = endpoint.in_flight();
         let in_flight = InFlight::start(Arc::clone(&endpoint));
         let client = if use_http2 {
-            &self.upstreams.http2
+            self.upstreams.http2_for(open)
         } else {
             &self.upstreams.http1
         };
