@@ -53,7 +53,13 @@ impl PeakEwma {
 
     /// The estimate now: the stored value decayed by the time since it was stored.
     pub fn estimate_ns(&self) -> f64 {
-        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        self.estimate_ns_at(Instant::now())
+    }
+
+    /// [`PeakEwma::estimate_ns`] at `now`, so that a caller comparing several endpoints reads
+    /// the clock once.
+    pub fn estimate_ns_at(&self, now: Instant) -> f64 {
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let since = now_ns.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64 / 1e9;
         self.stored_ns() * (-since / DECAY_SECS).exp()
     }

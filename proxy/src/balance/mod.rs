@@ -92,8 +92,13 @@ impl Endpoint {
     }
 
     fn now_ns(&self) -> u64 {
-        // +1 so that a report at the epoch itself is not mistaken for "never".
-        self.epoch.elapsed().as_nanos() as u64 + 1
+        self.ns_at(Instant::now())
+    }
+
+    /// Nanoseconds since this endpoint's epoch at `now`, +1 so that an event at the epoch
+    /// itself is not mistaken for "never".
+    fn ns_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -129,8 +134,12 @@ impl Endpoint {
 
     /// The last reported load if it is younger than `stale`, else `None`.
     pub fn fresh_load(&self, stale: Duration) -> Option<f64> {
+        self.fresh_load_at(Instant::now(), stale)
+    }
+
+    fn fresh_load_at(&self, now: Instant, stale: Duration) -> Option<f64> {
         let at = self.load_at_ns.load(Ordering::Relaxed);
-        if at == 0 || self.now_ns().saturating_sub(at) > stale.as_nanos() as u64 {
+        if at == 0 || self.ns_at(now).saturating_sub(at) > stale.as_nanos() as u64 {
             return None;
         }
         Some(f64::from_bits(self.load.load(Ordering::Relaxed)))
@@ -165,23 +174,35 @@ impl Endpoint {
     /// still in flight when that is larger (an endpoint that stalls answers nothing, so its
     /// EWMA alone would never rise).
     pub fn effective_rtt_ns(&self) -> f64 {
-        let ewma = self.rtt.estimate_ns();
+        self.effective_rtt_ns_at(Instant::now())
+    }
+
+    fn effective_rtt_ns_at(&self, now: Instant) -> f64 {
+        let ewma = self.rtt.estimate_ns_at(now);
         let n = self.in_flight();
         if n == 0 {
             return ewma;
         }
         let started = self.in_flight_started_ns.load(Ordering::Relaxed) as f64 / n as f64;
-        let age = self.now_ns() as f64 - started;
+        let age = self.ns_at(now) as f64 - started;
         ewma.max(age)
     }
 
     pub fn cognitive_cost(&self, weight: f64, stale: Duration) -> f64 {
-        let load = self.fresh_load(stale).unwrap_or(0.0);
-        cost::cognitive_cost(self.effective_rtt_ns(), self.in_flight(), load, weight)
+        self.cognitive_cost_at(Instant::now(), weight, stale)
+    }
+
+    fn cognitive_cost_at(&self, now: Instant, weight: f64, stale: Duration) -> f64 {
+        let load = self.fresh_load_at(now, stale).unwrap_or(0.0);
+        cost::cognitive_cost(self.effective_rtt_ns_at(now), self.in_flight(), load, weight)
     }
 
     pub fn p2c_cost(&self) -> f64 {
-        cost::p2c_ewma_cost(self.effective_rtt_ns(), self.in_flight())
+        self.p2c_cost_at(Instant::now())
+    }
+
+    fn p2c_cost_at(&self, now: Instant) -> f64 {
+        cost::p2c_ewma_cost(self.effective_rtt_ns_at(now), self.in_flight())
     }
 
     pub fn snapshot(&self, weight: f64, stale: Duration) -> EndpointSnapshot {
@@ -338,11 +359,13 @@ impl EndpointSet {
             },
             BalancerKind::Cognitive => {
                 let (a, b) = self.draw_two();
-                self.better(a, b, |e, w| e.cognitive_cost(w, self.stale))
+                let now = Instant::now();
+                self.better(a, b, |e, w| e.cognitive_cost_at(now, w, self.stale))
             }
             BalancerKind::P2cEwma => {
                 let (a, b) = self.draw_two();
-                self.better(a, b, |e, _| e.p2c_cost())
+                let now = Instant::now();
+                self.better(a, b, |e, _| e.p2c_cost_at(now))
             }
             BalancerKind::LeastRequest => {
                 let (a, b) = self.draw_two();
