@@ -139,6 +139,7 @@ impl Endpoint {
 
     fn fresh_load_at(&self, now: Instant, stale: Duration) -> Option<f64> {
         let at = self.load_at_ns.load(Ordering::Relaxed);
+        // `at` may lie in the future (see `observe_gateway_failure`): fresh until then + stale.
         if at == 0 || self.ns_at(now).saturating_sub(at) > stale.as_nanos() as u64 {
             return None;
         }
@@ -165,9 +166,16 @@ impl Endpoint {
     /// What a gateway failure (timeout, refused connection) tells the balancer: the endpoint
     /// took at least `waited` and is as loaded as it gets. Whether to eject it as well is the
     /// caller's decision, which knows whether other endpoints are left.
-    pub fn observe_gateway_failure(&self, waited: Duration) {
+    ///
+    /// The full-load report stays in force for `hold` (the ejection) and then for the usual
+    /// staleness bound, so the endpoint does not come back from ejection looking idle: it
+    /// answers nothing, so nothing else would refresh its report, and an unloaded-looking
+    /// endpoint beside healthy ones that report real load would win every draw.
+    pub fn observe_gateway_failure(&self, waited: Duration, hold: Duration) {
         self.observe_rtt(waited);
-        self.observe_load(1.0);
+        self.load.store(1f64.to_bits(), Ordering::Relaxed);
+        let at = self.now_ns().saturating_add(hold.as_nanos() as u64);
+        self.load_at_ns.store(at, Ordering::Relaxed);
     }
 
     /// The latency estimate the balancer uses: the peak-EWMA, or the mean age of the requests
@@ -376,9 +384,16 @@ impl EndpointSet {
         if !e.is_ejected() {
             return Some(e);
         }
-        // Rare: the choice was ejected. Take the next endpoint that is not.
-        (1..n)
-            .map(|k| &self.endpoints[(i + k) % n])
+        // The choice was ejected. Round robin moves on to the next turn, so the ejected
+        // endpoint's share spreads over all the others; every other strategy takes the first
+        // available endpoint after a random start. (Always taking the ejected endpoint's
+        // neighbour would double that neighbour's load and can cascade into ejecting them all.)
+        let start = match self.kind {
+            BalancerKind::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
+            _ => fastrand::usize(..n),
+        };
+        (0..n)
+            .map(|k| &self.endpoints[(start + k) % n])
             .find(|e| !e.is_ejected())
     }
 

@@ -186,14 +186,35 @@ fn empty_set_picks_nothing() {
 async fn ejection_for_a_while_ends_by_itself() {
     let set = EndpointSet::uniform(&addrs(2), BalancerKind::Cognitive);
     let e = &set.endpoints()[0];
-    e.observe_gateway_failure(Duration::from_secs(1));
+    let ejection = Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS);
+    e.observe_gateway_failure(Duration::from_secs(1), ejection);
     assert_eq!(e.fresh_load(STALE), Some(1.0));
-    e.eject_for(Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS));
+    e.eject_for(ejection);
     assert_eq!(set.available(), 1);
     for _ in 0..50 {
         assert_eq!(set.pick(None).unwrap().addr.port(), 9001);
     }
-    tokio::time::advance(Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS)).await;
+    tokio::time::advance(ejection).await;
     assert!(!e.is_ejected());
     assert_eq!(set.available(), 2);
+    // The full-load report outlives the ejection by the staleness bound.
+    tokio::time::advance(STALE).await;
+    assert_eq!(e.fresh_load(STALE), Some(1.0));
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(e.fresh_load(STALE), None);
+}
+
+#[test]
+fn round_robin_spreads_an_ejected_endpoints_turns() {
+    let set = EndpointSet::uniform(&addrs(4), BalancerKind::RoundRobin);
+    set.endpoints()[1].set_ejected(true);
+    let mut counts = [0usize; 4];
+    for _ in 0..3000 {
+        counts[(set.pick(None).unwrap().addr.port() - 9000) as usize] += 1;
+    }
+    assert_eq!(counts[1], 0);
+    // Each of the three others gets a third, not the neighbour a double share.
+    for c in [counts[0], counts[2], counts[3]] {
+        assert!((900..=1100).contains(&c), "{counts:?}");
+    }
 }

@@ -144,11 +144,12 @@ impl Forward {
                 if let Some(e) = endpoint {
                     e.record_failure();
                     if matches!(kind, ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnect) {
-                        e.observe_gateway_failure(start.elapsed());
+                        let ejection = Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS);
+                        e.observe_gateway_failure(start.elapsed(), ejection);
                         // Keep at least one endpoint available: with none, every request would
                         // fail fast, which is worse than trying a slow one.
                         if table.services[index].endpoints.available() > 1 {
-                            e.eject_for(Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS));
+                            e.eject_for(ejection);
                         }
                     }
                 }
