@@ -29,7 +29,6 @@ use cogmesh_proto::v1::{
 use futures_util::Stream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
@@ -332,65 +331,80 @@ impl MeshControl for ControlService {
         let session = self.mesh.state().hello(hello);
         self.mesh.publish(0.0);
 
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(push_tables(Arc::clone(&self.mesh), node.clone(), tx, done_rx));
         tokio::spawn(read_sidecar(
             Arc::clone(&self.mesh),
-            node,
+            node.clone(),
             session,
             inbound,
             done_tx,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(push_stream(Arc::clone(&self.mesh), node, done_rx)))
     }
 }
 
-/// Sends every new table to one sidecar: the latest wins, a NACKed version is skipped.
-async fn push_tables(
+/// What one sidecar's push stream waits on.
+struct Pushes {
     mesh: Arc<Mesh>,
     node: String,
-    tx: tokio::sync::mpsc::Sender<Result<ControlMessage, Status>>,
-    mut done: tokio::sync::oneshot::Receiver<()>,
-) {
+    tables: watch::Receiver<Arc<RoutingTable>>,
+    stopping: watch::Receiver<bool>,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// The tables sent to one sidecar, pulled by the gRPC stream only when it can send: a table is
+/// cloned for the wire at that moment and never queued, so at most one is pending per sidecar
+/// and the latest wins. A version the sidecar NACKed is skipped.
+fn push_stream(
+    mesh: Arc<Mesh>,
+    node: String,
+    done: tokio::sync::oneshot::Receiver<()>,
+) -> BoxStream<ControlMessage> {
     let mut tables = mesh.tables.subscribe();
-    let mut stopping = mesh.stopping.subscribe();
     tables.mark_changed();
-    loop {
-        tokio::select! {
-            _ = &mut done => return,
-            _ = stopping.wait_for(|s| *s) => return,
-            changed = tables.changed() => if changed.is_err() { return },
-        }
-        if let Some(left) = mesh.hold_pushes() {
-            debug!(%node, left_ms = left.as_millis() as u64, "holding pushes until every sidecar is back");
+    let stopping = mesh.stopping.subscribe();
+    let pushes = Pushes {
+        mesh,
+        node,
+        tables,
+        stopping,
+        done,
+    };
+    Box::pin(futures_util::stream::unfold(pushes, |mut p| async move {
+        loop {
             tokio::select! {
-                _ = &mut done => return,
-                _ = stopping.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(left) => {}
+                _ = &mut p.done => return None,
+                _ = p.stopping.wait_for(|s| *s) => return None,
+                changed = p.tables.changed() => if changed.is_err() { return None },
             }
-        }
-        let table = Arc::clone(&tables.borrow_and_update());
-        if table.version == 0 {
-            continue;
-        }
-        {
-            let mut state = mesh.state();
-            if state.was_rejected(&node, table.version) {
-                debug!(%node, version = table.version, "not resending a refused version");
+            if let Some(left) = p.mesh.hold_pushes() {
+                debug!(node = %p.node, left_ms = left.as_millis() as u64, "holding pushes until every sidecar is back");
+                tokio::select! {
+                    _ = &mut p.done => return None,
+                    _ = p.stopping.wait_for(|s| *s) => return None,
+                    _ = tokio::time::sleep(left) => {}
+                }
+            }
+            let table = Arc::clone(&p.tables.borrow_and_update());
+            if table.version == 0 {
                 continue;
             }
-            if let Some(s) = state.sidecars.get_mut(&node) {
-                s.sent_version = table.version;
+            {
+                let mut state = p.mesh.state();
+                if state.was_rejected(&p.node, table.version) {
+                    debug!(node = %p.node, version = table.version, "not resending a refused version");
+                    continue;
+                }
+                if let Some(s) = state.sidecars.get_mut(&p.node) {
+                    s.sent_version = table.version;
+                }
             }
+            let message = ControlMessage {
+                kind: Some(control_message::Kind::RoutingTable((*table).clone())),
+            };
+            return Some((Ok(message), p));
         }
-        let message = ControlMessage {
-            kind: Some(control_message::Kind::RoutingTable((*table).clone())),
-        };
-        if tx.send(Ok(message)).await.is_err() {
-            return;
-        }
-    }
+    }))
 }
 
 /// Reads a sidecar's reports and acknowledgements until its stream ends.

@@ -23,8 +23,6 @@ pub struct Sidecar {
     pub acked_version: u64,
     pub sent_version: u64,
     pub rejected: Vec<Rejection>,
-    /// Reports received since the last weight update.
-    pub pending: Vec<LoadReport>,
     /// The instance's own last report of its cognitive load.
     pub self_load: Option<f64>,
 }
@@ -43,6 +41,19 @@ pub struct MeshState {
     pub statics: Vec<super::config::StaticService>,
     /// Set when a sidecar says Hello with a table from before this process started.
     pub existing_mesh: bool,
+    /// Per-endpoint sums of the reports since the last weight update.
+    window: HashMap<String, Accumulated>,
+    window_reports: u64,
+    window_reporters: std::collections::HashSet<String>,
+}
+
+/// Sums over the reports of one weight-update window, for one endpoint.
+#[derive(Debug, Default)]
+struct Accumulated {
+    qps: f64,
+    eps: f64,
+    load_sum: f64,
+    load_n: u32,
 }
 
 impl MeshState {
@@ -75,7 +86,6 @@ impl MeshState {
                 sent_version: 0,
                 // A NACKed version is never sent to that sidecar again, across reconnects.
                 rejected: previous.map(|p| p.rejected).unwrap_or_default(),
-                pending: Vec::new(),
                 self_load: None,
             },
         );
@@ -93,12 +103,29 @@ impl MeshState {
         }
     }
 
+    /// Folds a report into the window's per-endpoint sums at once, so memory stays
+    /// proportional to the number of endpoints, not to sidecars × endpoints × reports.
     pub fn report(&mut self, node: &str, report: LoadReport) {
-        if let Some(s) = self.sidecars.get_mut(node) {
-            if let Some(i) = &report.instance {
-                s.self_load = Some(i.cognitive_load);
-            }
-            s.pending.push(report);
+        let Some(s) = self.sidecars.get_mut(node) else {
+            return;
+        };
+        if let Some(i) = &report.instance {
+            s.self_load = Some(i.cognitive_load);
+        }
+        self.window_reports += 1;
+        if !self.window_reporters.contains(node) {
+            self.window_reporters.insert(node.to_string());
+        }
+        for e in report.endpoints {
+            let Some(l) = e.load else { continue };
+            let acc = match self.window.get_mut(&e.address) {
+                Some(a) => a,
+                None => self.window.entry(e.address).or_default(),
+            };
+            acc.qps += l.reasoning_throughput_rps;
+            acc.eps += l.errors_per_second;
+            acc.load_sum += l.cognitive_load;
+            acc.load_n += 1;
         }
     }
 
@@ -139,22 +166,28 @@ impl MeshState {
                 .or_default()
                 .push(s.hello.instance_address.clone());
         }
-        // Observations per endpoint, summed over reporters.
-        let mut qps: HashMap<String, f64> = HashMap::new();
-        let mut eps: HashMap<String, f64> = HashMap::new();
-        let mut seen_load: HashMap<String, (f64, usize)> = HashMap::new();
-        for s in self.sidecars.values_mut() {
-            for r in s.pending.drain(..) {
-                for e in r.endpoints {
-                    let Some(l) = e.load else { continue };
-                    *qps.entry(e.address.clone()).or_default() += l.reasoning_throughput_rps;
-                    *eps.entry(e.address.clone()).or_default() += l.errors_per_second;
-                    let slot = seen_load.entry(e.address).or_default();
-                    slot.0 += l.cognitive_load;
-                    slot.1 += 1;
-                }
-            }
-        }
+        // Observations per endpoint, summed over reporters. Rates are rates: when a sidecar
+        // sent k reports in this window, its rates were added k times, so divide by the mean k.
+        let window = std::mem::take(&mut self.window);
+        let per_reporter = if self.window_reporters.is_empty() {
+            1.0
+        } else {
+            (self.window_reports as f64 / self.window_reporters.len() as f64).max(1.0)
+        };
+        self.window_reports = 0;
+        self.window_reporters.clear();
+        let qps: HashMap<&str, f64> = window
+            .iter()
+            .map(|(a, w)| (a.as_str(), w.qps / per_reporter))
+            .collect();
+        let eps: HashMap<&str, f64> = window
+            .iter()
+            .map(|(a, w)| (a.as_str(), w.eps / per_reporter))
+            .collect();
+        let seen_load: HashMap<&str, (f64, usize)> = window
+            .iter()
+            .map(|(a, w)| (a.as_str(), (w.load_sum, w.load_n as usize)))
+            .collect();
         let self_load: HashMap<&str, f64> = self
             .sidecars
             .values()
@@ -169,14 +202,14 @@ impl MeshState {
             let observed: BTreeMap<String, Option<Observation>> = addrs
                 .iter()
                 .map(|a| {
-                    let q = qps.get(a).copied().unwrap_or(0.0);
+                    let q = qps.get(a.as_str()).copied().unwrap_or(0.0);
                     let utilization = self_load
                         .get(a.as_str())
                         .copied()
-                        .or_else(|| seen_load.get(a).map(|(sum, n)| sum / *n as f64));
+                        .or_else(|| seen_load.get(a.as_str()).map(|(sum, n)| sum / *n as f64));
                     let o = (q > 0.0).then(|| Observation {
                         qps: q,
-                        eps: eps.get(a).copied().unwrap_or(0.0),
+                        eps: eps.get(a.as_str()).copied().unwrap_or(0.0),
                         utilization: utilization.unwrap_or(0.0),
                     });
                     if let Some(o) = o {
