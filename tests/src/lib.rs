@@ -294,6 +294,26 @@ pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> (Option<i32>, Str
     (status.and_then(|s| s.code()), out, err)
 }
 
+impl Proxy {
+    /// An inbound sidecar in front of `app`, registered with the control plane at `control` as
+    /// an instance of `service`.
+    pub fn inbound(control: SocketAddr, app: SocketAddr, service: &str) -> Proxy {
+        Proxy::quick(
+            &[app],
+            &[
+                "--direction",
+                "inbound",
+                "--upstream-service",
+                "local",
+                "--control",
+                &control.to_string(),
+                "--service",
+                service,
+            ],
+        )
+    }
+}
+
 /// A running `cogmesh control`.
 pub struct ControlPlane {
     pub addr: SocketAddr,

@@ -14,21 +14,8 @@ use cogmesh_e2e::{
 use cogmesh_proto::v1::mesh_admin_client::MeshAdminClient;
 use cogmesh_proto::v1::{SyncStatusRequest, SyncStatusResponse};
 
-/// An inbound sidecar in front of `app`, registered as an instance of `service`.
 fn inbound(cp: &ControlPlane, app: std::net::SocketAddr, service: &str) -> Proxy {
-    Proxy::quick(
-        &[app],
-        &[
-            "--direction",
-            "inbound",
-            "--upstream-service",
-            "local",
-            "--control",
-            &cp.addr.to_string(),
-            "--service",
-            service,
-        ],
-    )
+    Proxy::inbound(cp.addr, app, service)
 }
 
 fn config(proxy: &Proxy) -> serde_json::Value {

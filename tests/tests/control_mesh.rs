@@ -15,19 +15,7 @@ use cogmesh_e2e::{
 };
 
 fn inbound(cp: &ControlPlane, app: std::net::SocketAddr) -> Proxy {
-    Proxy::quick(
-        &[app],
-        &[
-            "--direction",
-            "inbound",
-            "--upstream-service",
-            "local",
-            "--control",
-            &cp.addr.to_string(),
-            "--service",
-            "reasoning",
-        ],
-    )
+    Proxy::inbound(cp.addr, app, "reasoning")
 }
 
 fn client(cp: &ControlPlane, extra: &[&str]) -> Proxy {
