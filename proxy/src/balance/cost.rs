@@ -21,6 +21,23 @@ pub fn cognitive_cost(rtt_ns: f64, in_flight: u64, load: f64, weight: f64) -> f6
     rtt_ns * (in_flight as f64 + 1.0) / (1.0 - load) / weight
 }
 
+/// Requests in flight whose mean age exceeds this many times the endpoint's latency estimate
+/// are overdue: the endpoint has stopped answering at its usual pace.
+pub const OVERDUE_FACTOR: f64 = 2.0;
+
+/// The load the cognitive cost uses: the endpoint's fresh report (0 without one), raised to
+/// [`MAX_LOAD`] while its requests are overdue — a stalled endpoint sends no new report, and
+/// the last one it sent (from before it stalled) would otherwise make it look idle beside
+/// healthy endpoints that report their real load.
+pub fn effective_load(reported: Option<f64>, mean_age_ns: f64, rtt_ewma_ns: f64) -> f64 {
+    let load = reported.unwrap_or(0.0);
+    if mean_age_ns > OVERDUE_FACTOR * rtt_ewma_ns {
+        load.max(MAX_LOAD)
+    } else {
+        load
+    }
+}
+
 /// Linkerd's peak-EWMA load: latency × (in-flight + 1).
 pub fn p2c_ewma_cost(rtt_ns: f64, in_flight: u64) -> f64 {
     rtt_ns * (in_flight as f64 + 1.0)
@@ -137,6 +154,20 @@ mod tests {
         assert_eq!(seen.len(), n * (n - 1));
         assert_eq!(pair(3, 1, 1), (1, 2));
         assert_eq!(pair(3, 1, 0), (1, 0));
+    }
+
+    #[test]
+    fn overdue_endpoints_count_as_saturated() {
+        // Mean age 50 ms against a 30 ms estimate: on time, the report stands.
+        assert_eq!(effective_load(Some(0.25), 50e6, 30e6), 0.25);
+        assert_eq!(effective_load(None, 50e6, 30e6), 0.0);
+        // Mean age 61 ms: overdue, saturated whatever it last said.
+        assert_eq!(effective_load(Some(0.25), 61e6, 30e6), MAX_LOAD);
+        assert_eq!(effective_load(None, 61e6, 30e6), MAX_LOAD);
+        // A report above the cap is kept (the cost caps it anyway).
+        assert_eq!(effective_load(Some(1.0), 61e6, 30e6), 1.0);
+        // Nothing in flight: mean age 0, never overdue.
+        assert_eq!(effective_load(Some(0.5), 0.0, 30e6), 0.5);
     }
 
     #[test]

@@ -186,14 +186,17 @@ impl Endpoint {
     }
 
     fn effective_rtt_ns_at(&self, now: Instant) -> f64 {
-        let ewma = self.rtt.estimate_ns_at(now);
+        self.rtt.estimate_ns_at(now).max(self.mean_in_flight_age_ns(now))
+    }
+
+    /// Mean age of the requests in flight (0 with none).
+    fn mean_in_flight_age_ns(&self, now: Instant) -> f64 {
         let n = self.in_flight();
         if n == 0 {
-            return ewma;
+            return 0.0;
         }
         let started = self.in_flight_started_ns.load(Ordering::Relaxed) as f64 / n as f64;
-        let age = self.ns_at(now) as f64 - started;
-        ewma.max(age)
+        (self.ns_at(now) as f64 - started).max(0.0)
     }
 
     pub fn cognitive_cost(&self, weight: f64, stale: Duration) -> f64 {
@@ -201,8 +204,10 @@ impl Endpoint {
     }
 
     fn cognitive_cost_at(&self, now: Instant, weight: f64, stale: Duration) -> f64 {
-        let load = self.fresh_load_at(now, stale).unwrap_or(0.0);
-        cost::cognitive_cost(self.effective_rtt_ns_at(now), self.in_flight(), load, weight)
+        let ewma = self.rtt.estimate_ns_at(now);
+        let age = self.mean_in_flight_age_ns(now);
+        let load = cost::effective_load(self.fresh_load_at(now, stale), age, ewma);
+        cost::cognitive_cost(ewma.max(age), self.in_flight(), load, weight)
     }
 
     pub fn p2c_cost(&self) -> f64 {
