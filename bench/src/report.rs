@@ -34,7 +34,7 @@ pub struct Sample {
 }
 
 /// Foreign CPU above which a sample is marked as disturbed.
-pub const DISTURBED_CORES: f64 = 0.10;
+pub const DISTURBED_CORES: f64 = 0.25;
 
 impl Sample {
     pub fn new(round: usize, workers: usize, kind: Kind, proto: Proto) -> Sample {
@@ -469,7 +469,8 @@ pub fn render(setup: &Setup, samples: &[Sample]) -> String {
         let _ = writeln!(
             out,
             "\nwarning: {} of {} cases ran while other processes on the machine used more than \
-             {DISTURBED_CORES:.2} cores (worst {:.2}); their latency tails and throughput are suspect:",
+             {DISTURBED_CORES:.2} cores (worst {:.2}); their latency tails and throughput are \
+             suspect (cores used by others in each):",
             disturbed.len(),
             samples.len(),
             disturbed
@@ -477,16 +478,23 @@ pub fn render(setup: &Setup, samples: &[Sample]) -> String {
                 .filter_map(|s| s.foreign_cpu_cores)
                 .fold(0.0, f64::max)
         );
+        // One line per round and N: "round 2 N=1: envoy h2c 1.70, nginx HTTP/1.1 0.31".
+        let mut groups: Vec<((usize, usize), Vec<String>)> = Vec::new();
         for sample in disturbed {
-            let _ = writeln!(
-                out,
-                "  round {} N={} {} {}: {:.2} cores",
-                sample.round + 1,
-                sample.workers,
+            let key = (sample.round, sample.workers);
+            let item = format!(
+                "{} {} {:.2}",
                 sample.kind.name(),
                 sample.proto.label(),
                 sample.foreign_cpu_cores.unwrap_or(0.0)
             );
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, items)) => items.push(item),
+                None => groups.push((key, vec![item])),
+            }
+        }
+        for ((round, workers), items) in groups {
+            let _ = writeln!(out, "  round {} N={workers}: {}", round + 1, items.join(", "));
         }
     }
     out.push_str(
@@ -544,6 +552,9 @@ mod tests {
             sample(1, Kind::Cogmesh, 80.0, 44_000.0, 0.020),
             sample(1, Kind::Envoy, 140.0, 22_000.0, 0.040),
         ];
+        let mut samples = samples;
+        samples[2].foreign_cpu_cores = Some(1.5);
+        samples[4].foreign_cpu_cores = Some(0.1);
         let view = View { samples: &samples };
         assert_eq!(view.added(1, Kind::Cogmesh, Proto::H1, |l| l.p50_us), Some(20.0));
         assert_eq!(view.added(1, Kind::Envoy, Proto::H1, |l| l.p50_us), Some(80.0));
@@ -567,6 +578,9 @@ mod tests {
         // CPU: 0.020 vs 0.040 s per 1000 requests.
         assert!(text.contains("0.0200"), "{text}");
         assert!(text.contains("0.50"), "{text}");
+        // Only the case above the threshold is listed as disturbed.
+        assert!(text.contains("1 of 6 cases"), "{text}");
+        assert!(text.contains("  round 1 N=1: envoy HTTP/1.1 1.50\n"), "{text}");
     }
 
     #[test]

@@ -5,21 +5,32 @@
 //! ```text
 //! cargo run --release -p cogmesh-bench --bin balance-sim -- [--seed N] [--quick] [--sidecars N]
 //!     [--scenarios a,b80,b100,c] [--strategies cognitive,round_robin]
-//!     [--observe-timeouts] [--timeout-is-full-load] [--keep-load-in-flight]
+//!     [--no-gateway-failure-handling] [--keep-load-in-flight]
 //! ```
 //!
 //! Each backend has `capacity` slots and a FIFO queue, draws service times from the scenario's
 //! distribution, and reports `load = min(1, (busy + queued) / capacity)` with each response.
 //! Each sidecar (4 by default, each request goes to one at random) balances its share seeing
 //! only what a real sidecar sees: its own in-flight requests per endpoint, the latencies of its
-//! responses, and the load reports they carry. Time is simulated and the random streams are
-//! seeded, so the same seed prints the same numbers; every strategy gets exactly the same
-//! requests. A full run simulates 60 s per scenario and strategy and takes well under a second.
+//! responses, the load reports they carry, and its own timeouts. The scenario's timeout is the
+//! sidecar's response timeout (`response_timeout_ms`): when it passes the sidecar answers 504
+//! and, as the proxy's forwarder does with a gateway failure, records an RTT sample of the time
+//! waited and a load report of 1 for the endpoint, stamped at the end of the ejection time so
+//! that it stays fresh for 10 s + 10 s (`observe_gateway_failure(waited, hold)`), and ejects it
+//! for `GATEWAY_FAILURE_EJECTION_MS` (10 s) unless it is the last endpoint available to that
+//! sidecar. An ejected endpoint loses any P2C draw to one that is not; when the strategy's
+//! choice is ejected all the same (`EndpointSet::pick`), round robin advances its counter once
+//! more and takes the first endpoint not ejected from that turn on (so the ejected endpoint's
+//! turn is taken by the next one *instead of* that one's own turn), and the other strategies
+//! take the first one not ejected from a uniformly random index (one more draw from the seeded
+//! stream, made only then). Time is simulated and the random streams are seeded, so the same
+//! seed prints the same numbers; every strategy gets exactly the same requests. A full run
+//! simulates 60 s per scenario and strategy and takes well under a second.
 //!
 //! Scenarios:
 //! - (a) 11 backends × 4 slots, one of them takes 2 s per request for the middle half of the
-//!   run, 1 s client timeout (a timed-out request fails and frees the client; the backend still
-//!   works on it), Poisson at 70 % of capacity;
+//!   run, 1 s response timeout (a timed-out request fails, frees the client and counts as a
+//!   gateway failure; the backend still works on it), Poisson at 70 % of capacity;
 //! - (b) capacities 4:8:16 slots (two backends each) with queues bounded at 4× the slots (a full
 //!   backend answers 503 `Retry-After: 1`, which the sidecar charges as `retry_after_penalty`,
 //!   as the proxy's forwarder does), Poisson at 80 % and 100 % of capacity; `cognitive_w` adds
@@ -27,14 +38,24 @@
 //! - (c) on/off Markov-modulated Poisson bursts (130 % of capacity for ~1 s, 35 % for ~2 s) on
 //!   8 equal backends, 0.5 % of the requests 100× as expensive as the rest.
 //!
+//! In (a), `round_robin` used to collapse (about 50–57 % success): when an ejected endpoint's
+//! turn went to the next endpoint in index order, that one got twice its share (140 % of its
+//! capacity here), timed out in turn, was ejected and passed three shares on, and the ejections
+//! cascaded through every backend. With the proxy's current fallback each remaining endpoint
+//! keeps one share, and round robin loses only the requests it sends to the slow backend
+//! before and between its ejections.
+//!
 //! Latency percentiles are over every request as the client saw it, a failed one (timed out or
 //! rejected) counted as the timeout; `ok p99` is over the successful ones only; goodput is
-//! successful responses per second of the run; `→X %` columns are the share of picks that went
-//! to the backends X (within the window shown).
+//! successful responses per second of the run; `ejections` counts the endpoints the sidecars
+//! ejected after a timeout (a renewal counts again); `→X %` columns are the share of picks that
+//! went to the backends X (within the window shown).
 //!
-//! The default is the proxy's behaviour. The `--observe-timeouts`, `--timeout-is-full-load` and
-//! `--keep-load-in-flight` flags are what-ifs, changes the proxy does not make, to measure
-//! candidate fixes; the header line says when one is on.
+//! The default is the proxy's behaviour. `--no-gateway-failure-handling` (the proxy before it
+//! handled timeouts: the balancer learned nothing from one) and `--keep-load-in-flight` are
+//! what-ifs, not what the proxy does; the header line says when one is on. (The earlier
+//! `--observe-timeouts` and `--timeout-is-full-load` what-ifs are gone: both are now part of the
+//! proxy's behaviour, and so of the default.)
 
 #[path = "../sim/mod.rs"]
 mod sim;
@@ -75,13 +96,10 @@ struct Args {
         default_value = "cognitive,cognitive_w,p2c_ewma,least_request,round_robin"
     )]
     strategies: Vec<String>,
-    /// Count a timed-out request as an RTT sample of the timeout (as tower's PeakEwma does);
-    /// the proxy today records nothing for it.
+    /// What-if (the proxy before its gateway-failure handling): a timeout teaches the balancer
+    /// nothing (no RTT sample, no load report) and ejects nothing.
     #[arg(long)]
-    observe_timeouts: bool,
-    /// What-if: a timeout counts as a load report of 1 (the proxy does not do this).
-    #[arg(long)]
-    timeout_is_full_load: bool,
+    no_gateway_failure_handling: bool,
     /// What-if: a load report does not go stale while requests are in flight on its endpoint
     /// (the proxy expires it after 10 s regardless).
     #[arg(long)]
@@ -110,8 +128,10 @@ fn main() -> Result<()> {
 
     let started = Instant::now();
     let what_if: Vec<&str> = [
-        (args.observe_timeouts, "timeouts observed as RTT samples"),
-        (args.timeout_is_full_load, "a timeout counts as load 1"),
+        (
+            args.no_gateway_failure_handling,
+            "timeouts neither observed nor ejected",
+        ),
         (
             args.keep_load_in_flight,
             "load reports kept while requests are in flight",
@@ -136,8 +156,7 @@ fn main() -> Result<()> {
         let opts = RunOptions {
             sidecars: args.sidecars,
             balancer_seed: args.seed ^ 0x5EED_BA1A_11CE,
-            observe_timeouts: args.observe_timeouts,
-            timeout_is_full_load: args.timeout_is_full_load,
+            gateway_failure_handling: !args.no_gateway_failure_handling,
             keep_load_in_flight: args.keep_load_in_flight,
         };
         let rows: Vec<Row> = strategies

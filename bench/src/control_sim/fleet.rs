@@ -328,8 +328,16 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts `n` sidecars over `channels` (sidecar i uses channel i mod len); returns at once.
-    /// Sidecar 0 fronts instance 0, whose weight is watched.
-    pub fn start(n: usize, instances: usize, mode: ReportMode, channels: &[Channel], low_load: f64) -> Fleet {
+    /// Sidecar 0 fronts instance 0, whose weight is watched. With a `join_rate` (sidecars per
+    /// second), sidecar i opens its stream i / join_rate seconds from now; else all at once.
+    pub fn start(
+        n: usize,
+        instances: usize,
+        mode: ReportMode,
+        channels: &[Channel],
+        low_load: f64,
+        join_rate: Option<f64>,
+    ) -> Fleet {
         let instance_addresses: Vec<String> = (0..instances).map(address).collect();
         let watched = Arc::new(Watched {
             service: SERVICE.into(),
@@ -373,6 +381,7 @@ impl Fleet {
                 channel: channels[idx % channels.len()].clone(),
                 codec: codec.clone(),
                 gate: Arc::clone(&gate),
+                join_at: join_rate.map(|rate| shared.base + Duration::from_secs_f64(idx as f64 / rate)),
             };
             tasks.spawn(sidecar.run());
         }
@@ -391,6 +400,7 @@ struct Sidecar {
     channel: Channel,
     codec: SidecarCodec,
     gate: Arc<Semaphore>,
+    join_at: Option<Instant>,
 }
 
 impl Sidecar {
@@ -409,6 +419,9 @@ impl Sidecar {
         tx.send(shared.hello(self.idx))
             .await
             .map_err(|_| "request stream closed")?;
+        if let Some(at) = self.join_at {
+            tokio::time::sleep_until(at).await;
+        }
         let permit = self.gate.acquire().await.map_err(|e| e.to_string())?;
         let mut grpc = tonic::client::Grpc::new(self.channel).max_decoding_message_size(64 << 20);
         grpc.ready()

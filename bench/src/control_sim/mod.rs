@@ -82,6 +82,10 @@ pub struct Options {
     /// subset of reporters per endpoint, and the control plane's qps sums (and weights) jitter.
     #[arg(long, value_name = "K")]
     pub fanout: Option<usize>,
+    /// Sidecars joining per second, as in a rolling start; 0 = all at once, as when a restarted
+    /// control plane sees every sidecar reconnect (at most 256 Hellos in flight either way).
+    #[arg(long, default_value_t = 0.0)]
+    pub join_rate: f64,
     /// Seconds after the last sidecar joined before measuring (slow start lasts 30 s).
     #[arg(long, default_value_t = 31.0)]
     pub settle_secs: f64,
@@ -248,11 +252,52 @@ struct Probe {
     versions: u64,
 }
 
+/// CPU used over a window, in cores (CPU seconds per second).
+#[derive(Clone, Copy, Debug, Default)]
+struct Cores {
+    secs: f64,
+    /// The control plane.
+    cp: f64,
+    /// This process: the simulated sidecars.
+    sim: f64,
+    /// Everything else on the machine (a build running beside the bench, say).
+    foreign: f64,
+}
+
+struct CpuWindow {
+    wall: Instant,
+    cp: f64,
+    sim: f64,
+    machine: f64,
+}
+
+impl CpuWindow {
+    fn open(cp: &ControlPlane) -> CpuWindow {
+        CpuWindow {
+            wall: Instant::now(),
+            cp: cp.usage().cpu_secs,
+            sim: own_cpu_secs(),
+            machine: plane::machine_cpu_secs().0,
+        }
+    }
+
+    fn close(&self, cp: &ControlPlane) -> Cores {
+        let secs = self.wall.elapsed().as_secs_f64().max(1e-3);
+        let cp = (cp.usage().cpu_secs - self.cp) / secs;
+        let sim = (own_cpu_secs() - self.sim) / secs;
+        let machine = (plane::machine_cpu_secs().0 - self.machine) / secs;
+        Cores {
+            secs,
+            cp,
+            sim,
+            foreign: (machine - cp - sim).max(0.0),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Steady {
-    secs: f64,
-    cp_cores: f64,
-    sim_cores: f64,
+    cores: Cores,
     versions: u64,
     reports_per_sec: f64,
     tables_per_sec: f64,
@@ -272,7 +317,8 @@ struct Outcome {
     table_bytes: u64,
     table_endpoints: u64,
     probes: Vec<Probe>,
-    probe_cp_cores: Option<f64>,
+    probe_cores: Option<Cores>,
+    connected_at_failure: usize,
     error: Option<String>,
 }
 
@@ -303,7 +349,19 @@ async fn measure(options: &Options, n: usize, bin: &std::path::Path, dir: &std::
         }
     };
     if let Err(e) = measure_in(options, &mut cp, &mut outcome).await {
-        outcome.error = Some(format!("{e:#}"));
+        // When the watchdog killed the control plane, the sidecars' failing streams may be
+        // noticed first: name the cause.
+        std::thread::sleep(Duration::from_millis(200));
+        outcome.error = Some(match cp.killed_at_kib() {
+            Some(kib) => format!(
+                "the control plane was killed by the bench's RSS watchdog at {} MiB (--max-rss-mib) \
+                 with {} of {} sidecars connected",
+                kib / 1024,
+                outcome.connected_at_failure,
+                outcome.n
+            ),
+            None => format!("{e:#}"),
+        });
     }
     let hwm = cp.usage().hwm_kib;
     outcome.peak_kib = match (hwm, cp.killed_at_kib()) {
@@ -339,12 +397,31 @@ async fn measure_in(options: &Options, cp: &mut ControlPlane, outcome: &mut Outc
         outcome.conns
     );
 
-    // 1. Connect.
+    let join_rate = (options.join_rate > 0.0).then_some(options.join_rate);
+    let fleet = Fleet::start(n, outcome.instances, mode, &channels, options.low_load, join_rate);
+    let shared = Arc::clone(&fleet.shared);
+    let result = run_phases(options, cp, outcome, &shared).await;
+    outcome.connected_at_failure = shared.connected.load(Ordering::Relaxed);
+    result?;
+    // Stop: the control plane ends every stream, then the tasks go.
+    cp.stop(Duration::from_secs(8));
+    fleet.shutdown().await;
+    drop(channels);
+    Ok(())
+}
+
+/// Connect, settle, steady, probes.
+async fn run_phases(
+    options: &Options,
+    cp: &mut ControlPlane,
+    outcome: &mut Outcome,
+    shared: &Shared,
+) -> Result<()> {
+    let n = outcome.n;
+    // 1. Connect (the sidecar tasks started just before).
     let cpu_before = cp.usage().cpu_secs;
     let connect_started = Instant::now();
-    let fleet = Fleet::start(n, outcome.instances, mode, &channels, options.low_load);
-    let shared = Arc::clone(&fleet.shared);
-    let connected = wait_for(cp, &shared, secs(options.connect_timeout_secs), |s| {
+    let connected = wait_for(cp, shared, secs(options.connect_timeout_secs), |s| {
         s.with_table.load(Ordering::Relaxed) == n
     })
     .await?;
@@ -369,7 +446,7 @@ async fn measure_in(options: &Options, cp: &mut ControlPlane, outcome: &mut Outc
 
     // 2. Settle: past slow start and quiet.
     let settle = secs(options.settle_secs);
-    let quiet = wait_for(cp, &shared, settle + Duration::from_secs(60), |s| {
+    let quiet = wait_for(cp, shared, settle + Duration::from_secs(60), |s| {
         s.since_last_connect() >= settle && s.quiet_for() >= Duration::from_secs(2)
     })
     .await?;
@@ -379,21 +456,18 @@ async fn measure_in(options: &Options, cp: &mut ControlPlane, outcome: &mut Outc
     }
 
     // 3. Steady state.
-    let (cpu0, sim0, v0, r0, t0) = (
-        cp.usage().cpu_secs,
-        own_cpu_secs(),
+    let (v0, r0, t0) = (
         shared.max_version(),
         shared.reports.load(Ordering::Relaxed),
         shared.tables.load(Ordering::Relaxed),
     );
-    let window = Instant::now();
-    wait_for(cp, &shared, secs(options.steady_secs), |_| false).await?;
-    let wall = window.elapsed().as_secs_f64();
+    let window = CpuWindow::open(cp);
+    wait_for(cp, shared, secs(options.steady_secs), |_| false).await?;
+    let cores = window.close(cp);
+    let wall = cores.secs;
     let usage = cp.usage();
     outcome.steady = Some(Steady {
-        secs: wall,
-        cp_cores: (usage.cpu_secs - cpu0) / wall,
-        sim_cores: (own_cpu_secs() - sim0) / wall,
+        cores,
         versions: shared.max_version() - v0,
         reports_per_sec: (shared.reports.load(Ordering::Relaxed) - r0) as f64 / wall,
         tables_per_sec: (shared.tables.load(Ordering::Relaxed) - t0) as f64 / wall,
@@ -406,22 +480,21 @@ async fn measure_in(options: &Options, cp: &mut ControlPlane, outcome: &mut Outc
         eprintln!(
             "N = {n}: steady: control plane {:.3} cores, RSS {:.0} MiB, {} new versions in {:.0} s, \
              {:.0} reports/s; probing…",
-            s.cp_cores,
+            s.cores.cp,
             usage.rss_kib as f64 / 1024.0,
             s.versions,
-            s.secs,
+            s.cores.secs,
             s.reports_per_sec
         );
     }
 
     // 4. Probes.
-    let cpu0 = cp.usage().cpu_secs;
-    let window = Instant::now();
+    let window = CpuWindow::open(cp);
     let interval = Duration::from_millis(options.weight_interval_ms);
     let quiet_needed = (interval * 5).max(Duration::from_secs(1));
     for k in 0..options.probes {
         let down = k % 2 == 0;
-        let quiet = wait_for(cp, &shared, Duration::from_secs(20), |s| {
+        let quiet = wait_for(cp, shared, Duration::from_secs(20), |s| {
             s.quiet_for() >= quiet_needed && s.converged() == n
         })
         .await?;
@@ -437,7 +510,7 @@ async fn measure_in(options: &Options, cp: &mut ControlPlane, outcome: &mut Outc
         let v0 = shared.max_version();
         shared.arm(low, high);
         shared.set_load(0, if down { options.high_load } else { options.low_load });
-        wait_for(cp, &shared, secs(options.probe_timeout_secs), |s| {
+        wait_for(cp, shared, secs(options.probe_timeout_secs), |s| {
             s.t0_ns().is_some() && s.arrived() == n
         })
         .await?;
@@ -475,13 +548,8 @@ async fn measure_in(options: &Options, cp: &mut ControlPlane, outcome: &mut Outc
         );
         outcome.probes.push(probe);
     }
-    outcome.probe_cp_cores = Some((cp.usage().cpu_secs - cpu0) / window.elapsed().as_secs_f64());
+    outcome.probe_cores = Some(window.close(cp));
     outcome.peak_kib = Some(cp.usage().hwm_kib);
-
-    // Stop: the control plane ends every stream, then the tasks go.
-    cp.stop(Duration::from_secs(8));
-    fleet.shutdown().await;
-    drop(channels);
     Ok(())
 }
 
@@ -584,13 +652,13 @@ fn render(outcomes: &[Outcome]) -> String {
         let p99 = percentile(&all, 99.0);
         let measured_all = !o.probes.is_empty() && o.error.is_none();
         let latency_pass = measured_all.then(|| missed == 0 && p99.is_some_and(|p| p < TARGET_P99_MS));
-        let cores = o.steady.as_ref().map(|s| s.cp_cores);
+        let cores = o.steady.as_ref().map(|s| s.cores.cp);
         let _ = writeln!(
             out,
             "{:>6} {:>5} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} | {:>10} {:>9} {:>13}",
             o.n,
             o.instances,
-            o.connect_secs.map_or("-".into(), |s| format!("{s:.1}")),
+            o.connect_secs.map_or("-".into(), |s| format!("{s:.2}")),
             cores.map_or("-".into(), |c| format!("{c:.3}")),
             mib(o.rss_kib),
             mib(o.peak_kib),
@@ -604,7 +672,7 @@ fn render(outcomes: &[Outcome]) -> String {
             },
             o.steady
                 .as_ref()
-                .map_or("-".into(), |s| format!("{:.1}", s.versions as f64 / s.secs)),
+                .map_or("-".into(), |s| format!("{:.1}", s.versions as f64 / s.cores.secs)),
             verdict(latency_pass),
             verdict(cores.map(|c| c < TARGET_CORES)),
             verdict(o.peak_kib.map(|k| (k as f64 / 1024.0) < TARGET_RSS_MIB)),
@@ -639,26 +707,35 @@ fn render(outcomes: &[Outcome]) -> String {
         if let Some(s) = &o.steady {
             let _ = writeln!(
                 out,
-                "  steady: {:.0} reports/s, {:.1} tables/s received, simulator {:.2} cores; table \
-                 {} endpoints, {:.1} KiB → {:.1} MiB per version fanned out to all sidecars",
+                "  steady: {:.0} reports/s, {:.1} tables/s received; simulator {:.2} cores, others \
+                 {:.2} cores; table {} endpoints, {:.1} KiB → {:.1} MiB per version fanned out to all \
+                 sidecars",
                 s.reports_per_sec,
                 s.tables_per_sec,
-                s.sim_cores,
+                s.cores.sim,
+                s.cores.foreign,
                 o.table_endpoints,
                 o.table_bytes as f64 / 1024.0,
                 o.table_bytes as f64 * o.n as f64 / (1024.0 * 1024.0)
             );
         }
-        if let Some(c) = o.probe_cp_cores {
-            let _ = writeln!(out, "  control plane during the probes: {c:.3} cores");
-        }
-        for (k, p) in o.probes.iter().enumerate() {
+        if let Some(c) = o.probe_cores {
             let _ = writeln!(
                 out,
-                "  probe {} {:<4} from weight {:.2}: p50 {} p99 {} max {} ms, {} missed, {} early, {} versions{}",
+                "  during the probes ({:.0} s): control plane {:.3} cores, simulator {:.2}, others {:.2}",
+                c.secs, c.cp, c.sim, c.foreign
+            );
+        }
+        for (k, p) in o.probes.iter().enumerate() {
+            let _ =
+                writeln!(
+                out,
+                "  probe {} {:<4} from weight {:.2}: min {} p50 {} p99 {} max {} ms, {} missed, {} early, \
+                 {} versions{}",
                 k + 1,
                 if p.down { "down" } else { "up" },
                 p.baseline,
+                fmt_ms(p.latencies_ms.first().copied()),
                 fmt_ms(percentile(&p.latencies_ms, 50.0)),
                 fmt_ms(percentile(&p.latencies_ms, 99.0)),
                 fmt_ms(p.latencies_ms.last().copied()),

@@ -1,7 +1,8 @@
 //! One sidecar's balancer in simulated time: the per-endpoint statistics the proxy keeps
-//! (in-flight count and the sum of their start times, peak-EWMA latency, last load report) and
-//! the strategies, written as `cogmesh_proxy::balance::EndpointSet::pick` does them, on top of
-//! the proxy's own pure functions (`balance::cost::*`, `balance::decayed_ewma`).
+//! (in-flight count and the sum of their start times, peak-EWMA latency, last load report,
+//! ejection deadline) and the strategies, written as `cogmesh_proxy::balance::EndpointSet::pick`
+//! does them (ejected endpoints included), on top of the proxy's own pure functions
+//! (`balance::cost::*`, `balance::decayed_ewma`).
 //!
 //! The proxy's `Endpoint` reads the wall clock (`tokio::time::Instant`), so it cannot run in
 //! simulated time; this file restates its few lines of bookkeeping with the clock as an
@@ -9,7 +10,9 @@
 //! the proxy's code.
 
 use cogmesh_proxy::balance::cost::{cognitive_cost, p2c_ewma_cost, pair, weighted_pair};
-use cogmesh_proxy::balance::{decayed_ewma, DEFAULT_LOAD_STALE_MS, DEFAULT_RTT_MS};
+use cogmesh_proxy::balance::{
+    decayed_ewma, DEFAULT_LOAD_STALE_MS, DEFAULT_RTT_MS, GATEWAY_FAILURE_EJECTION_MS,
+};
 
 use super::rng::Rng;
 use super::workload::MS;
@@ -62,6 +65,8 @@ struct View {
     ewma_at_ns: u64,
     load: f64,
     load_at_ns: Option<u64>,
+    /// Not a candidate before this time; 0: never ejected (`Endpoint::ejected_until_ns`).
+    ejected_until_ns: u64,
 }
 
 impl View {
@@ -74,7 +79,14 @@ impl View {
             ewma_at_ns: 0,
             load: 0.0,
             load_at_ns: None,
+            ejected_until_ns: 0,
         }
+    }
+
+    /// `Endpoint::is_ejected`. The proxy stamps `now + duration` and compares `now < until`
+    /// on the same clock, so its `+1` on the epoch cancels out.
+    fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until_ns != 0 && now < self.ejected_until_ns
     }
 
     /// `PeakEwma::estimate_ns`: the stored estimate decayed toward zero with the time since the
@@ -94,8 +106,10 @@ impl View {
         ewma.max(now as f64 - started)
     }
 
-    /// `Endpoint::fresh_load`; with `keep_in_flight` (a what-if, not the proxy) a report does
-    /// not go stale while requests are in flight on the endpoint.
+    /// `Endpoint::fresh_load`: fresh while `now − at ≤ stale`, the age counting as 0 while
+    /// `at` lies in the future (see [`Sidecar::observe_gateway_failure`]); with
+    /// `keep_in_flight` (a what-if, not the proxy) a report does not go stale while requests
+    /// are in flight on the endpoint.
     fn fresh_load(&self, now: u64, stale_ns: u64, keep_in_flight: bool) -> Option<f64> {
         let at = self.load_at_ns?;
         (now.saturating_sub(at) <= stale_ns || (keep_in_flight && self.in_flight > 0)).then_some(self.load)
@@ -113,6 +127,8 @@ pub struct Sidecar {
     next: usize,
     stale_ns: u64,
     keep_load_in_flight: bool,
+    /// Ejections made by [`Sidecar::gateway_failure`] (a renewal counts again).
+    ejections: u64,
 }
 
 impl Sidecar {
@@ -140,16 +156,27 @@ impl Sidecar {
             next: 0,
             stale_ns: DEFAULT_LOAD_STALE_MS * MS,
             keep_load_in_flight,
+            ejections: 0,
         }
     }
 
-    /// `EndpointSet::pick(None)` at simulated time `now` (no endpoint is ever ejected here).
-    pub fn pick(&mut self, now: u64, rng: &mut Rng) -> usize {
+    /// `EndpointSet::pick(None)` at simulated time `now`: the strategy's choice, or when that
+    /// is ejected the first endpoint that is not, scanning in index order (wrapping) from a
+    /// start that depends on the strategy: round robin advances its counter once more and starts
+    /// at the value that returns (the proxy's second `fetch_add`), every other strategy starts
+    /// at a uniform index (`fastrand::usize(..n)` in the proxy; one more draw from `rng` here,
+    /// made only in this case). `None` when every endpoint is ejected (the proxy answers 503
+    /// `no_endpoints`). The strategy draws (and round robin advances) whether or not its choice
+    /// is ejected, as in the proxy.
+    pub fn pick(&mut self, now: u64, rng: &mut Rng) -> Option<usize> {
         let n = self.views.len();
-        if n == 1 {
-            return 0;
+        if n == 0 {
+            return None;
         }
-        match self.strategy {
+        if n == 1 {
+            return (!self.views[0].is_ejected(now)).then_some(0);
+        }
+        let i = match self.strategy {
             Strategy::RoundRobin => {
                 let i = self.next % n;
                 self.next = self.next.wrapping_add(1);
@@ -157,7 +184,7 @@ impl Sidecar {
             }
             Strategy::Cognitive | Strategy::CognitiveWeighted => {
                 let (a, b) = self.draw_two(rng);
-                self.better(a, b, |v, w| {
+                self.better(a, b, now, |v, w| {
                     let load = v
                         .fresh_load(now, self.stale_ns, self.keep_load_in_flight)
                         .unwrap_or(0.0);
@@ -166,13 +193,37 @@ impl Sidecar {
             }
             Strategy::P2cEwma => {
                 let (a, b) = self.draw_two(rng);
-                self.better(a, b, |v, _| p2c_ewma_cost(v.effective_rtt_ns(now), v.in_flight))
+                self.better(a, b, now, |v, _| {
+                    p2c_ewma_cost(v.effective_rtt_ns(now), v.in_flight)
+                })
             }
             Strategy::LeastRequest => {
                 let (a, b) = self.draw_two(rng);
-                self.better(a, b, |v, w| v.in_flight as f64 / w)
+                self.better(a, b, now, |v, w| v.in_flight as f64 / w)
             }
+        };
+        if !self.views[i].is_ejected(now) {
+            return Some(i);
         }
+        let start = match self.strategy {
+            Strategy::RoundRobin => {
+                let start = self.next;
+                self.next = self.next.wrapping_add(1);
+                start % n
+            }
+            Strategy::Cognitive
+            | Strategy::CognitiveWeighted
+            | Strategy::P2cEwma
+            | Strategy::LeastRequest => rng.below(n),
+        };
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&j| !self.views[j].is_ejected(now))
+    }
+
+    /// `EndpointSet::available`: endpoints that are candidates at `now`.
+    pub fn available(&self, now: u64) -> usize {
+        self.views.iter().filter(|v| !v.is_ejected(now)).count()
     }
 
     fn draw_two(&self, rng: &mut Rng) -> (usize, usize) {
@@ -184,12 +235,20 @@ impl Sidecar {
         }
     }
 
-    /// The lower-cost candidate, the first on a tie (`EndpointSet::better`).
-    fn better(&self, a: usize, b: usize, cost: impl Fn(&View, f64) -> f64) -> usize {
-        if cost(&self.views[b], self.weights[b]) < cost(&self.views[a], self.weights[a]) {
-            b
-        } else {
-            a
+    /// Of two candidates, the one not ejected; else (both or neither ejected) the lower-cost
+    /// one, the first on a tie (`EndpointSet::better`).
+    fn better(&self, a: usize, b: usize, now: u64, cost: impl Fn(&View, f64) -> f64) -> usize {
+        let (va, vb) = (&self.views[a], &self.views[b]);
+        match (va.is_ejected(now), vb.is_ejected(now)) {
+            (false, true) => a,
+            (true, false) => b,
+            _ => {
+                if cost(vb, self.weights[b]) < cost(va, self.weights[a]) {
+                    b
+                } else {
+                    a
+                }
+            }
         }
     }
 
@@ -222,6 +281,44 @@ impl Sidecar {
         v.load = load;
         v.load_at_ns = Some(now);
     }
+
+    /// `Endpoint::eject_for`: not a candidate until `now + duration_ns` (a later ejection
+    /// replaces an earlier one).
+    pub fn eject_for(&mut self, i: usize, now: u64, duration_ns: u64) {
+        self.views[i].ejected_until_ns = now.saturating_add(duration_ns);
+    }
+
+    /// `Endpoint::observe_gateway_failure(waited, hold)`: an RTT sample of the wait, and a load
+    /// report of 1 stamped `now + hold_ns`, so that it stays fresh until `hold_ns` plus the
+    /// staleness bound after the failure (a report time in the future counts as age 0).
+    pub fn observe_gateway_failure(&mut self, i: usize, now: u64, waited_ns: u64, hold_ns: u64) {
+        self.observe_rtt(i, now, waited_ns);
+        let v = &mut self.views[i];
+        v.load = 1.0;
+        v.load_at_ns = Some(now.saturating_add(hold_ns));
+    }
+
+    /// What the proxy's forwarder does when a request to endpoint `i` fails with
+    /// `upstream_timeout` or `upstream_connect` after `waited_ns` (the `Err` branch of
+    /// `Forward::forward`, after the request's `InFlight` was dropped, i.e. after
+    /// [`Sidecar::finish`]): `observe_gateway_failure(waited, GATEWAY_FAILURE_EJECTION_MS)` (an
+    /// RTT sample of the wait and a load report of 1 held through the ejection, whether or not
+    /// the endpoint is then ejected), then, if more than one endpoint is available at that
+    /// moment (this one included when it is not already ejected),
+    /// `eject_for(GATEWAY_FAILURE_EJECTION_MS)`.
+    pub fn gateway_failure(&mut self, i: usize, now: u64, waited_ns: u64) {
+        let ejection_ns = GATEWAY_FAILURE_EJECTION_MS * MS;
+        self.observe_gateway_failure(i, now, waited_ns, ejection_ns);
+        if self.available(now) > 1 {
+            self.eject_for(i, now, ejection_ns);
+            self.ejections += 1;
+        }
+    }
+
+    /// How many times [`Sidecar::gateway_failure`] ejected an endpoint.
+    pub fn ejections(&self) -> u64 {
+        self.ejections
+    }
 }
 
 #[cfg(test)]
@@ -250,5 +347,283 @@ mod tests {
         assert_eq!(s.views[0].effective_rtt_ns(2_000_000_000), 2e9);
         s.finish(0, 0);
         assert_eq!(s.views[0].in_flight, 0);
+    }
+
+    const EJECT_NS: u64 = GATEWAY_FAILURE_EJECTION_MS * MS;
+    const STALE_NS: u64 = DEFAULT_LOAD_STALE_MS * MS;
+
+    #[test]
+    fn a_gateway_failure_is_a_sample_a_full_load_and_an_ejection() {
+        let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0, 1.0], false);
+        let now = 5 * 1_000_000_000;
+        s.start(0, now - 1_000_000_000);
+        s.finish(0, now - 1_000_000_000);
+        s.gateway_failure(0, now, 1_000_000_000);
+        // The wait is a peak: it replaces the estimate at once.
+        assert_eq!(s.views[0].ewma_now_ns(now), 1e9);
+        assert_eq!(s.views[0].fresh_load(now, s.stale_ns, false), Some(1.0));
+        // The full-load report is stamped at the end of the ejection.
+        assert_eq!(s.views[0].load_at_ns, Some(now + EJECT_NS));
+        assert_eq!(s.available(now), 2);
+        // `now < until`: ejected up to the last nanosecond, back at `now + 10 s` exactly.
+        assert!(s.views[0].is_ejected(now + EJECT_NS - 1));
+        assert!(!s.views[0].is_ejected(now + EJECT_NS));
+        assert_eq!(s.available(now + EJECT_NS), 3);
+        // The report stays fresh through the ejection and the staleness bound after it
+        // (`age > stale` is stale): up to `now + 20 s` included, not a nanosecond later.
+        let held_until = now + EJECT_NS + STALE_NS;
+        for t in [now + 1, now + EJECT_NS, now + EJECT_NS + 1, held_until] {
+            assert_eq!(s.views[0].fresh_load(t, s.stale_ns, false), Some(1.0), "{t}");
+        }
+        assert_eq!(s.views[0].fresh_load(held_until + 1, s.stale_ns, false), None);
+        // A report the endpoint sends later (a response) replaces the held one, stamped then.
+        s.observe_load(0, now + EJECT_NS + 1, 0.25);
+        assert_eq!(
+            s.views[0].fresh_load(held_until + 1, s.stale_ns, false),
+            Some(0.25)
+        );
+    }
+
+    #[test]
+    fn the_held_full_load_keeps_a_returning_endpoint_out_of_cognitive_draws() {
+        // Two endpoints; 0 failed at 1 s (ejected until 11 s). Endpoint 1 answers and reports
+        // load 0.5 all along. Back from ejection, 0 costs more than 1 on load alone (both have
+        // the same latency and nothing in flight) until 21 s: every pick goes to 1. Without
+        // the hold (the report stamped at 1 s) it would look idle from 11 s on and win.
+        let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0], false);
+        let mut rng = Rng::new(7);
+        let t0 = 1_000_000_000;
+        s.gateway_failure(0, t0, 30 * MS);
+        s.observe_rtt(1, t0, 30 * MS);
+        let mut t = t0 + EJECT_NS;
+        while t <= t0 + EJECT_NS + STALE_NS {
+            s.observe_load(1, t, 0.5);
+            assert_eq!(s.pick(t, &mut rng), Some(1), "{t}");
+            t += 100 * MS;
+        }
+        // Once the held report is stale, 0 looks unloaded and is the cheaper one.
+        let t = t0 + EJECT_NS + STALE_NS + 1;
+        s.observe_load(1, t, 0.5);
+        assert!((0..20).any(|_| s.pick(t, &mut rng) == Some(0)));
+    }
+
+    #[test]
+    fn the_last_available_endpoint_is_not_ejected() {
+        let mut s = Sidecar::new(Strategy::P2cEwma, &[1.0, 1.0], false);
+        s.gateway_failure(0, 10, 1_000);
+        assert_eq!(s.available(10), 1);
+        // Endpoint 1 fails too while 0 is out: it is the last one, so it stays (but is charged).
+        s.gateway_failure(1, 20, 1_000);
+        assert_eq!(s.available(20), 1);
+        assert!(!s.views[1].is_ejected(20));
+        // Its full-load report is held all the same (the proxy records it before deciding on
+        // the ejection, with the ejection time as the hold).
+        assert_eq!(s.views[1].load_at_ns, Some(20 + EJECT_NS));
+        let held_until = 20 + EJECT_NS + STALE_NS;
+        assert_eq!(s.views[1].fresh_load(held_until, s.stale_ns, false), Some(1.0));
+        assert_eq!(s.views[1].fresh_load(held_until + 1, s.stale_ns, false), None);
+        // Endpoint 0 fails again (a request sent before its ejection): it is already out and
+        // only 1 is available, so its ejection is not renewed.
+        s.gateway_failure(0, 30, 1_000);
+        assert_eq!(s.views[0].ejected_until_ns, 10 + EJECT_NS);
+        assert_eq!(s.ejections(), 1);
+    }
+
+    #[test]
+    fn a_failure_while_ejected_renews_the_ejection_if_others_are_left() {
+        let mut s = Sidecar::new(Strategy::P2cEwma, &[1.0; 3], false);
+        s.gateway_failure(0, 10, 1_000);
+        // Another request to 0, sent before the ejection, times out: two others are available.
+        s.gateway_failure(0, 500, 1_000);
+        assert_eq!(s.views[0].ejected_until_ns, 500 + EJECT_NS);
+        assert_eq!(s.ejections(), 2);
+    }
+
+    #[test]
+    fn every_strategy_skips_ejected_endpoints_as_the_proxy_does() {
+        for k in Strategy::ALL {
+            let mut s = Sidecar::new(k, &[1.0, 2.0, 4.0], false);
+            let mut rng = Rng::new(1);
+            s.eject_for(1, 0, EJECT_NS);
+            for t in 0..300 {
+                assert_ne!(s.pick(t, &mut rng), Some(1), "{}", k.name());
+            }
+            // Back after the ejection.
+            assert!(
+                (0..300).any(|t| s.pick(EJECT_NS + t, &mut rng) == Some(1)),
+                "{}",
+                k.name()
+            );
+            for i in 0..3 {
+                s.eject_for(i, EJECT_NS, EJECT_NS);
+            }
+            assert_eq!(s.pick(EJECT_NS + 1, &mut rng), None, "{}", k.name());
+        }
+    }
+
+    #[test]
+    fn round_robin_advances_once_more_on_an_ejected_turn() {
+        // `EndpointSet::pick`: the counter advances on every pick (`fetch_add`); when its turn
+        // is ejected it advances once more and the scan starts at the value that returns.
+        // Picks made one after another (as one sidecar's are here) so start the scan at the
+        // next turn, which the counter then skips: the ejected turn is taken by its neighbour
+        // *instead of* the neighbour's own, and no endpoint gets two shares.
+        let mut rng = Rng::new(1);
+        let mut s = Sidecar::new(Strategy::RoundRobin, &[1.0; 4], false);
+        s.eject_for(1, 0, EJECT_NS);
+        let got: Vec<_> = (0..9).map(|_| s.pick(1, &mut rng).unwrap()).collect();
+        assert_eq!(got, [0, 2, 3, 0, 2, 3, 0, 2, 3]);
+        // Three picks took four turns each time round.
+        assert_eq!(s.next, 12);
+
+        // Two ejected in a row: the second ejected turn is skipped by the extra advance, the
+        // scan runs past it to 3, whose own turn follows: 3 gets two picks in three.
+        let mut s = Sidecar::new(Strategy::RoundRobin, &[1.0; 4], false);
+        s.eject_for(1, 0, EJECT_NS);
+        s.eject_for(2, 0, EJECT_NS);
+        let got: Vec<_> = (0..6).map(|_| s.pick(1, &mut rng).unwrap()).collect();
+        assert_eq!(got, [0, 3, 3, 0, 3, 3]);
+        assert_eq!(s.next, 8);
+
+        // Where the extra turn lands on an ejected endpoint the scan wraps: 11 backends, 10
+        // and 0 ejected; the counter passes 10 (ejected) → start at 11 % 11 = 0 (ejected) → 1.
+        let mut s = Sidecar::new(Strategy::RoundRobin, &[1.0; 11], false);
+        s.eject_for(10, 0, EJECT_NS);
+        s.eject_for(0, 0, EJECT_NS);
+        let got: Vec<_> = (0..12).map(|_| s.pick(1, &mut rng).unwrap()).collect();
+        // Turn 0 ejected → start 1: 1; then 2..9; turn 10 ejected → start 11 ≡ 0 → 1; turn 12
+        // ≡ 1 → 1; then 2.
+        assert_eq!(got, [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 1, 2]);
+
+        // Every other endpoint out: 0 every time, two turns per pick.
+        let mut s = Sidecar::new(Strategy::RoundRobin, &[1.0; 4], false);
+        for i in 1..4 {
+            s.eject_for(i, 0, EJECT_NS);
+        }
+        let got: Vec<_> = (0..4).map(|_| s.pick(1, &mut rng).unwrap()).collect();
+        assert_eq!(got, [0, 0, 0, 0]);
+        // Turns 0 (0), 1 (out) + 2 → 0, 3 (out) + 4 → 0, 5 (out) + 6 → 0.
+        assert_eq!(s.next, 7);
+        // Round robin never draws a random number.
+        let mut fresh = Rng::new(1);
+        let mut used = Rng::new(1);
+        let mut s = Sidecar::new(Strategy::RoundRobin, &[1.0; 4], false);
+        s.eject_for(2, 0, EJECT_NS);
+        for _ in 0..10 {
+            s.pick(1, &mut used);
+        }
+        assert_eq!(fresh.next_u64(), used.next_u64());
+    }
+
+    #[test]
+    fn a_p2c_fallback_scans_from_a_uniform_start() {
+        // Five endpoints, 0 and 1 ejected, nothing observed: every cost is equal, so `better`
+        // takes the candidate not ejected, or the first of the pair. Replay the draws: the
+        // pair, then one uniform start only when the choice is ejected.
+        let ejected = |j: usize| j < 2;
+        for k in [Strategy::Cognitive, Strategy::P2cEwma, Strategy::LeastRequest] {
+            let mut s = Sidecar::new(k, &[1.0; 5], false);
+            s.eject_for(0, 0, EJECT_NS);
+            s.eject_for(1, 0, EJECT_NS);
+            let mut rng = Rng::new(21);
+            let mut replay = rng.clone();
+            let mut fell_back_to = [0u32; 5];
+            for t in 1..2_000 {
+                let (a, b) = pair(5, replay.below(5), replay.below(4));
+                let i = if ejected(a) && !ejected(b) { b } else { a };
+                let want = if ejected(i) {
+                    let start = replay.below(5);
+                    let j = (0..5).map(|d| (start + d) % 5).find(|&j| !ejected(j)).unwrap();
+                    fell_back_to[j] += 1;
+                    j
+                } else {
+                    i
+                };
+                assert_eq!(s.pick(t, &mut rng), Some(want), "{} at {t}", k.name());
+            }
+            assert_eq!(rng.next_u64(), replay.next_u64(), "{}", k.name());
+            // The pair (0, 1) comes 1 time in 10; its pick lands on 2 from starts 0, 1, 2 and
+            // on 3 or 4 from their own: not always on the ejected endpoints' neighbour.
+            let falls: u32 = fell_back_to.iter().sum();
+            assert!(falls > 100, "{} {falls}", k.name());
+            assert!(
+                fell_back_to[3] > falls / 10 && fell_back_to[4] > falls / 10,
+                "{fell_back_to:?}"
+            );
+            assert!(fell_back_to[2] > falls * 2 / 5, "{fell_back_to:?}");
+        }
+    }
+
+    #[test]
+    fn p2c_prefers_the_candidate_not_ejected_whatever_the_costs() {
+        // Two endpoints: every draw is the pair (0, 1) in some order.
+        for k in [Strategy::Cognitive, Strategy::P2cEwma, Strategy::LeastRequest] {
+            let mut s = Sidecar::new(k, &[1.0, 1.0], false);
+            let mut rng = Rng::new(3);
+            // Endpoint 1 is far more expensive by every cost, endpoint 0 is ejected.
+            for _ in 0..5 {
+                s.start(1, 0);
+            }
+            s.observe_rtt(1, 0, 5_000_000_000);
+            s.observe_load(1, 0, 0.9);
+            s.eject_for(0, 0, EJECT_NS);
+            for t in 1..100 {
+                assert_eq!(s.pick(t, &mut rng), Some(1), "{}", k.name());
+            }
+            // Both candidates ejected: the cheaper by cost (0), which is ejected, so a scan
+            // from a random start, which finds every endpoint ejected: nothing.
+            s.eject_for(1, 0, EJECT_NS);
+            assert_eq!(s.pick(100, &mut rng), None, "{}", k.name());
+        }
+    }
+
+    #[test]
+    fn both_ejected_candidates_compare_by_cost_then_fall_through() {
+        // Three endpoints, 0 and 1 ejected, 2 not: a pair (0, 1) goes to the cheaper of the two
+        // by cost, which is ejected, then to the first available endpoint from a random start,
+        // which is 2 whatever the start; any pair with 2 in it goes to 2.
+        let mut s = Sidecar::new(Strategy::P2cEwma, &[1.0; 3], false);
+        let mut rng = Rng::new(5);
+        s.eject_for(0, 0, EJECT_NS);
+        s.eject_for(1, 0, EJECT_NS);
+        for t in 0..200 {
+            assert_eq!(s.pick(t, &mut rng), Some(2));
+        }
+    }
+
+    #[test]
+    fn a_pick_draws_one_more_number_only_when_its_choice_is_ejected() {
+        // The proxy draws the pair before looking at ejections, and the fallback's start only
+        // when the choice is ejected.
+        for (k, weights) in [
+            (Strategy::Cognitive, [1.0; 3]),
+            (Strategy::CognitiveWeighted, [1.0, 2.0, 4.0]),
+            (Strategy::P2cEwma, [1.0; 3]),
+            (Strategy::LeastRequest, [1.0; 3]),
+        ] {
+            // One endpoint ejected: it loses every draw it is in, the choice is never ejected,
+            // two draws per pick, as with nothing ejected.
+            let (mut a, mut b) = (Rng::new(11), Rng::new(11));
+            let mut s = Sidecar::new(k, &weights, false);
+            let mut t = Sidecar::new(k, &weights, false);
+            t.eject_for(2, 0, EJECT_NS);
+            for now in 0..50 {
+                s.pick(now, &mut a);
+                t.pick(now, &mut b);
+            }
+            assert_eq!(a.next_u64(), b.next_u64(), "{}", k.name());
+            // All ejected: every choice is, three draws per pick (the pair and the start).
+            let (mut a, mut b) = (Rng::new(11), Rng::new(11));
+            for i in 0..3 {
+                t.eject_for(i, 0, EJECT_NS);
+            }
+            for now in 0..50 {
+                assert_eq!(t.pick(now, &mut a), None);
+            }
+            for _ in 0..150 {
+                b.next_u64();
+            }
+            assert_eq!(a.next_u64(), b.next_u64(), "{}", k.name());
+        }
     }
 }

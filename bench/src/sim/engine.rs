@@ -1,12 +1,20 @@
 //! The discrete-event core: backends with `capacity` slots and a FIFO queue, sidecars that pick
-//! with a [`Sidecar`], client deadlines, and what every request experienced.
+//! with a [`Sidecar`], the sidecars' response timeout, and what every request experienced.
 //!
 //! Time is simulated (nanoseconds from the start of the run) and advances only from event to
 //! event; events at the same instant run in the order they were scheduled, so a run is a pure
 //! function of its inputs. A backend reports `load = min(1, (busy + queued) / capacity)` with
 //! every response (after the request leaves it), and the sidecar sees that report only if the
-//! response reaches it: a response that arrives after the client's deadline is dropped, report
-//! and latency with it, while the backend has still spent the work.
+//! response reaches it: a response that arrives after the timeout is dropped, report and
+//! latency with it, while the backend has still spent the work.
+//!
+//! The scenario's timeout is the service's `response_timeout_ms` in the sidecar (the client
+//! waits at least as long): when it passes, the sidecar answers 504 `upstream_timeout` and does
+//! what the proxy's forwarder does with a gateway failure ([`Sidecar::gateway_failure`]: an RTT
+//! sample of the wait, a load report of 1 held through the ejection time and then fresh for the
+//! staleness bound, and an ejection for `GATEWAY_FAILURE_EJECTION_MS` unless the endpoint is the
+//! last one available to that sidecar). The simulated backends never refuse connections, so
+//! `upstream_connect` does not occur.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -28,11 +36,10 @@ pub struct RunOptions {
     pub sidecars: u32,
     /// Seed of the balancers' draws (the same for every strategy).
     pub balancer_seed: u64,
-    /// Feed a timed-out request to the EWMA as a sample of the timeout, as tower's `PeakEwma`
-    /// does when its handle drops; the proxy today records no sample for it.
-    pub observe_timeouts: bool,
-    /// What-if: a timeout counts as a load report of 1 (the endpoint is saturated).
-    pub timeout_is_full_load: bool,
+    /// What the proxy does on a timeout (`true`): see [`Sidecar::gateway_failure`]. `false` is
+    /// the proxy before that handling (not the proxy): a timeout only ends the request's
+    /// in-flight count, the balancer learns nothing and nothing is ejected.
+    pub gateway_failure_handling: bool,
     /// What-if: a load report does not go stale while requests are in flight on the endpoint.
     pub keep_load_in_flight: bool,
 }
@@ -43,7 +50,7 @@ enum Kind {
     Done { backend: u32 },
     /// A backend with a full queue answered 503.
     Rejected { backend: u32 },
-    /// The client's deadline passed.
+    /// The sidecar's response timeout passed (504 `upstream_timeout`, unless answered).
     Deadline,
 }
 
@@ -81,6 +88,9 @@ pub struct Outcome {
     pub ok_latency_ns: Vec<u64>,
     /// Per focus of the scenario: picks of its backends (in its window) and all picks there.
     pub focus_picks: Vec<(u64, u64)>,
+    /// Endpoints ejected after a gateway failure, summed over the sidecars (a renewal of an
+    /// ejection counts again).
+    pub ejections: u64,
     pub duration_ns: u64,
 }
 
@@ -131,10 +141,12 @@ pub fn run(scenario: &Scenario, requests: &[Request], strategy: Strategy, opts: 
             latency_ns: Vec::with_capacity(requests.len()),
             ok_latency_ns: Vec::with_capacity(requests.len()),
             focus_picks: vec![(0, 0); scenario.focus.len()],
+            ejections: 0,
             duration_ns: scenario.duration_ns,
         },
     };
     sim.run();
+    sim.out.ejections = sim.sidecars.iter().map(Sidecar::ejections).sum();
     sim.out
 }
 
@@ -172,7 +184,18 @@ impl Sim<'_> {
         let r = self.requests[req as usize];
         let now = r.arrival_ns;
         let sidecar = &mut self.sidecars[r.sidecar as usize];
-        let endpoint = sidecar.pick(now, &mut self.rng);
+        let Some(endpoint) = sidecar.pick(now, &mut self.rng) else {
+            // Every endpoint ejected: 503 `no_endpoints` at once, nothing sent, no pick counted.
+            // (Unreachable as the proxy ejects, since it keeps one endpoint available; kept so
+            // that a change there cannot panic here.)
+            self.pending.push(Pending {
+                endpoint: 0,
+                sent_ns: now,
+                open: false,
+            });
+            self.out.latency_ns.push(self.scenario.timeout_ns);
+            return;
+        };
         sidecar.start(endpoint, now);
         for (k, focus) in self.scenario.focus.iter().enumerate() {
             if focus
@@ -255,13 +278,12 @@ impl Sim<'_> {
                 self.pending[e.req as usize].open = false;
                 let sidecar = &mut self.sidecars[self.requests[e.req as usize].sidecar as usize];
                 let endpoint = p.endpoint as usize;
-                if self.opts.observe_timeouts {
-                    sidecar.observe_rtt(endpoint, now, now - p.sent_ns);
-                }
-                if self.opts.timeout_is_full_load {
-                    sidecar.observe_load(endpoint, now, 1.0);
-                }
+                // The proxy drops the request's `InFlight` when `send` returns the timeout,
+                // before the forwarder handles the failure.
                 sidecar.finish(endpoint, p.sent_ns);
+                if self.opts.gateway_failure_handling {
+                    sidecar.gateway_failure(endpoint, now, now - p.sent_ns);
+                }
                 self.out.latency_ns.push(self.scenario.timeout_ns);
             }
         }
@@ -299,14 +321,13 @@ impl Sim<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::workload::{scenarios, Arrivals, BackendSpec, Focus, Service, SEC};
+    use crate::sim::workload::{scenarios, Arrivals, BackendSpec, Focus, Service, Slow, SEC};
 
     fn opts() -> RunOptions {
         RunOptions {
             sidecars: 2,
             balancer_seed: 9,
-            observe_timeouts: false,
-            timeout_is_full_load: false,
+            gateway_failure_handling: true,
             keep_load_in_flight: false,
         }
     }
@@ -317,11 +338,22 @@ mod tests {
             let reqs = s.requests(2, &mut Rng::new(3));
             assert_eq!(reqs.len(), s.requests(2, &mut Rng::new(3)).len());
             for k in Strategy::ALL {
-                let a = run(&s, &reqs, k, opts());
-                assert_eq!(a.latency_ns.len(), reqs.len(), "{} {}", s.key, k.name());
-                assert!(a.ok <= reqs.len());
-                let b = run(&s, &reqs, k, opts());
-                assert_eq!((a.ok, a.latency_ns), (b.ok, b.latency_ns));
+                for gateway_failure_handling in [true, false] {
+                    let o = RunOptions {
+                        gateway_failure_handling,
+                        ..opts()
+                    };
+                    let a = run(&s, &reqs, k, o);
+                    assert_eq!(a.latency_ns.len(), reqs.len(), "{} {}", s.key, k.name());
+                    assert!(a.ok <= reqs.len());
+                    let b = run(&s, &reqs, k, o);
+                    assert_eq!((a.ok, a.latency_ns), (b.ok, b.latency_ns));
+                    assert_eq!(a.focus_picks, b.focus_picks);
+                    assert_eq!(a.ejections, b.ejections);
+                    if !gateway_failure_handling {
+                        assert_eq!(a.ejections, 0);
+                    }
+                }
             }
         }
     }
@@ -417,5 +449,145 @@ mod tests {
         );
         assert_eq!(o.ok, 0);
         assert_eq!(o.latency_ns, vec![SEC; 3]);
+    }
+
+    /// Two backends, 0 stuck at 10 s per request, a 1 s timeout, a request every 100 ms (at
+    /// 50 ms + k × 100 ms: request k + 10 arrives at the instant request k times out, and the
+    /// timeout is handled first).
+    fn stuck_pair() -> (Scenario, Vec<Request>) {
+        let backend = |slow: bool| BackendSpec {
+            capacity: 1000,
+            max_queue: None,
+            slow: slow.then_some(Slow {
+                from_ns: 0,
+                until_ns: u64::MAX,
+                service_ns: 10 * SEC,
+            }),
+            weight: 1.0,
+        };
+        let s = Scenario {
+            key: "t".into(),
+            title: String::new(),
+            backends: vec![backend(true), backend(false)],
+            service: Service::LogNormal {
+                mean_ms: 10.0,
+                sigma: 0.1,
+            },
+            arrivals: Arrivals::Poisson { load: 0.0 },
+            duration_ns: 30 * SEC,
+            timeout_ns: SEC,
+            focus: vec![
+                Focus {
+                    label: "before".into(),
+                    backends: vec![0],
+                    window_ns: Some((0, SEC)),
+                },
+                // The first timeout (of the request sent at 50 ms) is at 1.05 s: ejected until
+                // 11.05 s.
+                Focus {
+                    label: "ejected".into(),
+                    backends: vec![0],
+                    window_ns: Some((1_050 * MS, 11_050 * MS)),
+                },
+            ],
+            weighted_variant: false,
+        };
+        let reqs = (0..300)
+            .map(|k| Request {
+                arrival_ns: 50 * MS + k * 100 * MS,
+                sidecar: 0,
+                service_ns: 10 * MS,
+            })
+            .collect();
+        (s, reqs)
+    }
+
+    #[test]
+    fn a_timeout_ejects_the_endpoint_for_every_strategy() {
+        let (s, reqs) = stuck_pair();
+        for k in Strategy::ALL {
+            let one = RunOptions {
+                sidecars: 1,
+                ..opts()
+            };
+            let o = run(&s, &reqs, k, one);
+            // Nothing goes to the stuck backend while it is ejected (100 requests).
+            assert_eq!(o.focus_picks[1], (0, 100), "{}", k.name());
+            if k == Strategy::RoundRobin {
+                // Alternating until the first timeout: 0, 1, 0, 1, … (5 of the first 10).
+                assert_eq!(o.focus_picks[0], (5, 10));
+            }
+            // The other requests to 0 in flight then time out with only 1 available: one
+            // ejection per 10 s window in which 0 got a request; at least the first.
+            assert!(o.ejections >= 1, "{}", k.name());
+            // Without the handling, round robin keeps alternating through the ejection window.
+            let old = run(
+                &s,
+                &reqs,
+                k,
+                RunOptions {
+                    gateway_failure_handling: false,
+                    ..one
+                },
+            );
+            if k == Strategy::RoundRobin {
+                assert_eq!(old.focus_picks[1], (50, 100));
+                assert!(o.ok > old.ok);
+            }
+        }
+    }
+
+    #[test]
+    fn round_robin_spreads_an_ejected_turn_over_the_others() {
+        // Four backends, 0 stuck: while it is ejected (1.05–11.05 s, 100 requests) its turn
+        // goes to 1 and the counter then skips 1's own turn, so 1, 2 and 3 get a third each
+        // (before, 1 took 0's turn and its own: half).
+        let (mut s, reqs) = stuck_pair();
+        let healthy = s.backends[1].clone();
+        s.backends.push(healthy.clone());
+        s.backends.push(healthy);
+        s.focus = (0..4)
+            .map(|b| Focus {
+                label: format!("b{b}"),
+                backends: vec![b],
+                window_ns: Some((1_050 * MS, 11_050 * MS)),
+            })
+            .collect();
+        let o = run(
+            &s,
+            &reqs,
+            Strategy::RoundRobin,
+            RunOptions {
+                sidecars: 1,
+                ..opts()
+            },
+        );
+        let hits: Vec<u64> = o.focus_picks.iter().map(|&(hit, _)| hit).collect();
+        assert_eq!(hits[0], 0);
+        assert_eq!(hits.iter().sum::<u64>(), 100);
+        assert!(hits[1..].iter().all(|&h| (33..=34).contains(&h)), "{hits:?}");
+    }
+
+    #[test]
+    fn ejection_is_per_sidecar() {
+        // Sidecar 0 sends the first 10 requests and ejects backend 0 at 1.05 s; sidecar 1 sends
+        // the rest from 1.05 s on, has seen no failure, and alternates 0, 1, 0, … until its own
+        // first request to 0 (sent at 1.05 s) times out at 2.05 s: 5 picks of the stuck
+        // backend (1.05, 1.25, … 1.85 s) inside sidecar 0's ejection window, none after.
+        let (s, mut reqs) = stuck_pair();
+        for r in reqs.iter_mut().skip(10) {
+            r.sidecar = 1;
+        }
+        let o = run(
+            &s,
+            &reqs,
+            Strategy::RoundRobin,
+            RunOptions {
+                sidecars: 2,
+                ..opts()
+            },
+        );
+        assert_eq!(o.focus_picks[0], (5, 10));
+        assert_eq!(o.focus_picks[1], (5, 100));
     }
 }

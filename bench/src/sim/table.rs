@@ -1,5 +1,6 @@
-//! Summaries of a scenario's runs: percentiles, success rate, goodput, the p99 ratios against
-//! `round_robin` and `least_request`, printed as one aligned table per scenario.
+//! Summaries of a scenario's runs: percentiles, success rate, goodput, gateway-failure
+//! ejections, the p99 ratios against `round_robin` and `least_request`, printed as one aligned
+//! table per scenario.
 
 use super::balancer::Strategy;
 use super::engine::Outcome;
@@ -24,6 +25,7 @@ pub struct Row {
     pub ok_p99: f64,
     pub success: f64,
     pub goodput: f64,
+    pub ejections: u64,
     pub focus: Vec<f64>,
 }
 
@@ -39,6 +41,7 @@ impl Row {
             ok_p99: percentile_ms(&o.ok_latency_ns, 0.99),
             success: o.ok as f64 / o.requests.max(1) as f64,
             goodput: o.ok as f64 / (o.duration_ns as f64 / 1e9),
+            ejections: o.ejections,
             focus: o
                 .focus_picks
                 .iter()
@@ -81,6 +84,7 @@ pub fn render(scenario: &Scenario, rows: &[Row]) -> String {
         "ok p99 ms",
         "ok/rr",
         "ok/lr",
+        "ejections",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -100,6 +104,7 @@ pub fn render(scenario: &Scenario, rows: &[Row]) -> String {
             ms(r.ok_p99),
             ratio(r.ok_p99, rr.map(|b| b.1)),
             ratio(r.ok_p99, lr.map(|b| b.1)),
+            r.ejections.to_string(),
         ];
         line.extend(r.focus.iter().map(|f| format!("{:.1}", f * 100.0)));
         lines.push(line);

@@ -199,7 +199,8 @@ pub struct Scenario {
     pub service: Service,
     pub arrivals: Arrivals,
     pub duration_ns: u64,
-    /// The client's deadline: a request not answered by then fails and frees the client.
+    /// The sidecars' response timeout (the client waits at least as long): a request not
+    /// answered by then fails (504, a gateway failure for the balancer) and frees the client.
     pub timeout_ns: u64,
     pub focus: Vec<Focus>,
     /// Also run `cognitive_w` (weights pushed by the control plane).
@@ -293,8 +294,10 @@ pub fn scenarios(duration_s: u64) -> Vec<Scenario> {
         arrivals: Arrivals::Poisson { load: 0.7 },
         duration_ns,
         timeout_ns: SEC,
-        // The slow backend's last load report is fresh for the first 10 s of its slow period
-        // (`DEFAULT_LOAD_STALE_MS`), then ignored: its share is shown for both parts.
+        // Its share of the picks is shown for the first 10 s of the slow period (its last
+        // healthy load report is still fresh at first, then each sidecar's first timeout
+        // ejects it for 10 s, `GATEWAY_FAILURE_EJECTION_MS`) and for the rest, when it keeps
+        // returning from ejection with a stale load report and a decayed latency estimate.
         focus: [(from_ns, from_ns + 10 * SEC), (from_ns + 10 * SEC, until_ns)]
             .into_iter()
             .filter(|(from, until)| from < until)
