@@ -2,20 +2,24 @@
 //! (in-flight count and the sum of their start times, peak-EWMA latency, last load report,
 //! ejection deadline) and the strategies, written as `cogmesh_proxy::balance::EndpointSet::pick`
 //! does them (ejected endpoints included), on top of the proxy's own pure functions
-//! (`balance::cost::*`, `balance::decayed_ewma`).
+//! (`balance::cost::*`, `balance::decayed_ewma`). The cognitive cost's load term is the proxy's
+//! `cost::effective_load`: the fresh report, raised to `MAX_LOAD` while the endpoint's requests
+//! in flight are overdue (their mean age above `OVERDUE_FACTOR` × the decayed EWMA).
 //!
 //! The proxy's `Endpoint` reads the wall clock (`tokio::time::Instant`), so it cannot run in
 //! simulated time; this file restates its few lines of bookkeeping with the clock as an
 //! argument. Everything that decides — costs, pair draws, EWMA update and its decay on read — is
 //! the proxy's code.
 
-use cogmesh_proxy::balance::cost::{cognitive_cost, p2c_ewma_cost, pair, weighted_pair};
+use cogmesh_proxy::balance::cost::{cognitive_cost, effective_load, p2c_ewma_cost, pair, weighted_pair};
 use cogmesh_proxy::balance::{
     decayed_ewma, DEFAULT_LOAD_STALE_MS, DEFAULT_RTT_MS, GATEWAY_FAILURE_EJECTION_MS,
 };
 
 use super::rng::Rng;
 use super::workload::MS;
+#[cfg(test)]
+use super::workload::SEC;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
@@ -96,14 +100,31 @@ impl View {
         decayed_ewma(self.ewma_ns, 0.0, secs_since(self.ewma_at_ns, now))
     }
 
-    /// `Endpoint::effective_rtt_ns`: the EWMA, or the mean age of the requests in flight.
-    fn effective_rtt_ns(&self, now: u64) -> f64 {
-        let ewma = self.ewma_now_ns(now);
+    /// `Endpoint::mean_in_flight_age_ns`: the mean age of the requests in flight, 0 with none.
+    /// (The proxy stamps both `now` and the start times `+1` after its epoch; the offsets
+    /// cancel in the difference.)
+    fn mean_in_flight_age_ns(&self, now: u64) -> f64 {
         if self.in_flight == 0 {
-            return ewma;
+            return 0.0;
         }
         let started = self.started_sum_ns as f64 / self.in_flight as f64;
-        ewma.max(now as f64 - started)
+        (now as f64 - started).max(0.0)
+    }
+
+    /// `Endpoint::effective_rtt_ns`: the EWMA, or the mean age of the requests in flight.
+    fn effective_rtt_ns(&self, now: u64) -> f64 {
+        self.ewma_now_ns(now).max(self.mean_in_flight_age_ns(now))
+    }
+
+    /// `Endpoint::cognitive_cost_at`: the rtt term is [`View::effective_rtt_ns`]; the load term
+    /// is the proxy's `effective_load` of the fresh report (0 without one), the mean in-flight
+    /// age and the decayed EWMA: the report, raised to `MAX_LOAD` while the requests in flight
+    /// are overdue (mean age > `OVERDUE_FACTOR` × EWMA).
+    fn cognitive_cost(&self, now: u64, weight: f64, stale_ns: u64, keep_in_flight: bool) -> f64 {
+        let ewma = self.ewma_now_ns(now);
+        let age = self.mean_in_flight_age_ns(now);
+        let load = effective_load(self.fresh_load(now, stale_ns, keep_in_flight), age, ewma);
+        cognitive_cost(ewma.max(age), self.in_flight, load, weight)
     }
 
     /// `Endpoint::fresh_load`: fresh while `now − at ≤ stale`, the age counting as 0 while
@@ -185,10 +206,7 @@ impl Sidecar {
             Strategy::Cognitive | Strategy::CognitiveWeighted => {
                 let (a, b) = self.draw_two(rng);
                 self.better(a, b, now, |v, w| {
-                    let load = v
-                        .fresh_load(now, self.stale_ns, self.keep_load_in_flight)
-                        .unwrap_or(0.0);
-                    cognitive_cost(v.effective_rtt_ns(now), v.in_flight, load, w)
+                    v.cognitive_cost(now, w, self.stale_ns, self.keep_load_in_flight)
                 })
             }
             Strategy::P2cEwma => {
@@ -324,6 +342,7 @@ impl Sidecar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cogmesh_proxy::balance::cost::MAX_LOAD;
     use cogmesh_proxy::balance::DECAY_SECS;
 
     #[test]
@@ -351,6 +370,151 @@ mod tests {
 
     const EJECT_NS: u64 = GATEWAY_FAILURE_EJECTION_MS * MS;
     const STALE_NS: u64 = DEFAULT_LOAD_STALE_MS * MS;
+
+    #[test]
+    fn a_stalled_endpoint_is_overdue_and_saturated_in_the_cognitive_cost() {
+        // The proxy's `a_stalled_endpoint_costs_the_age_of_its_requests`: one request stuck
+        // for 2 s against the initial 30 ms estimate; overdue, so the load is 0.95 (factor 20)
+        // whatever it last reported, on top of the 2 s age as the rtt term.
+        for k in [Strategy::Cognitive, Strategy::CognitiveWeighted] {
+            let mut s = Sidecar::new(k, &[1.0, 2.0], false);
+            s.observe_load(0, 0, 0.1);
+            s.start(0, 0);
+            let now = 2_000_000_000;
+            let v = &s.views[0];
+            assert!((v.ewma_now_ns(now) - 30e6 * (-0.2f64).exp()).abs() < 1.0);
+            assert_eq!(v.effective_rtt_ns(now), 2e9);
+            let cost = v.cognitive_cost(now, s.weights[0], s.stale_ns, false);
+            assert!((cost - 2e9 * 2.0 * 20.0).abs() < 1.0, "{} {cost}", k.name());
+            // p2c_ewma's cost of the same view is unchanged: age × (in flight + 1).
+            assert_eq!(p2c_ewma_cost(v.effective_rtt_ns(now), v.in_flight), 4e9);
+        }
+    }
+
+    #[test]
+    fn overdue_compares_the_mean_age_with_the_decayed_estimate() {
+        // Estimate about 30 ms stamped at 1 s, report 0.25 then, one request sent then. The
+        // threshold is OVERDUE_FACTOR (1) × the estimate *decayed on read*: 30 ms × e^(−Δt/10 s).
+        assert_eq!(cogmesh_proxy::balance::cost::OVERDUE_FACTOR, 1.0);
+        let t0 = SEC;
+        let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0], false);
+        s.observe_rtt(0, t0, 30 * MS);
+        s.observe_load(0, t0, 0.25);
+        s.start(0, t0);
+        let cost_at = |s: &Sidecar, age_ns: u64| {
+            let now = t0 + age_ns;
+            let v = &s.views[0];
+            let ewma = v.ewma_ns * (-(age_ns as f64) / 1e9 / DECAY_SECS).exp();
+            assert_eq!(v.ewma_now_ns(now), ewma);
+            assert_eq!(v.mean_in_flight_age_ns(now), age_ns as f64);
+            (v.cognitive_cost(now, 1.0, s.stale_ns, false), ewma)
+        };
+        // 25 ms: on time, the report stands, and the rtt term is the decayed EWMA.
+        let (c, ewma) = cost_at(&s, 25 * MS);
+        assert_eq!(c, cognitive_cost(ewma, 1, 0.25, 1.0));
+        // 29.92 ms: under the stored 30 ms, but over the decayed 29.91 ms: overdue, and the
+        // rtt term is the age.
+        let (c, _) = cost_at(&s, 29_920_000);
+        assert_eq!(c, cognitive_cost(29.92e6, 1, MAX_LOAD, 1.0));
+        // Just below the decayed threshold (29.90 ms): on time, the rtt term is the estimate.
+        let (c, ewma) = cost_at(&s, 29_900_000);
+        assert_eq!(c, cognitive_cost(ewma, 1, 0.25, 1.0));
+        // Nothing in flight: age 0, never overdue.
+        s.finish(0, t0);
+        let now = t0 + 29_920_000;
+        let v = &s.views[0];
+        assert_eq!(v.mean_in_flight_age_ns(now), 0.0);
+        assert_eq!(
+            v.cognitive_cost(now, 1.0, s.stale_ns, false),
+            cognitive_cost(v.ewma_now_ns(now), 0, 0.25, 1.0)
+        );
+    }
+
+    #[test]
+    fn an_overdue_endpoint_without_a_report_counts_as_saturated() {
+        // Never reported (or its report went stale): 0 on time, 0.95 overdue; a report above
+        // the cap (a gateway failure's 1) is kept as it is.
+        let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0], false);
+        s.start(0, 0);
+        let v = &s.views[0];
+        let now = 20 * MS;
+        assert_eq!(
+            v.cognitive_cost(now, 1.0, s.stale_ns, false),
+            cognitive_cost(v.ewma_now_ns(now), 1, 0.0, 1.0)
+        );
+        let now = 100 * MS;
+        assert_eq!(
+            v.cognitive_cost(now, 1.0, s.stale_ns, false),
+            cognitive_cost(100e6, 1, MAX_LOAD, 1.0)
+        );
+        s.observe_load(0, now, 1.0);
+        // Load 1 is capped at 0.95 by the cost: the same value.
+        assert_eq!(
+            s.views[0].cognitive_cost(now, 1.0, s.stale_ns, false),
+            cognitive_cost(100e6, 1, MAX_LOAD, 1.0)
+        );
+        // The what-if that keeps reports while requests are in flight feeds the same rule.
+        let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0], true);
+        s.observe_load(0, 0, 0.1);
+        s.start(0, 0);
+        let now = 11 * SEC;
+        assert_eq!(s.views[0].fresh_load(now, s.stale_ns, true), Some(0.1));
+        assert_eq!(
+            s.views[0].cognitive_cost(now, 1.0, s.stale_ns, true),
+            cognitive_cost(11e9, 1, MAX_LOAD, 1.0)
+        );
+    }
+
+    #[test]
+    fn cognitive_stops_picking_a_stalled_endpoint_that_last_reported_idle() {
+        // Endpoint 0 answered in 30 ms and reported 0.1, then stalls with two requests in
+        // flight; endpoint 1 answers in 50 ms, reports 0.8 and has 4 requests in flight (sent
+        // 10 ms later). While 0's requests are on time it is the cheaper; once they are overdue
+        // (mean age 45 ms > its decayed 29.9 ms) its load term is 0.95 and it loses every draw,
+        // as it would not on its stale 0.1 (45 ms × 3 / 0.9 = 150 ms).
+        for (k, w0) in [(Strategy::Cognitive, 1.0), (Strategy::CognitiveWeighted, 2.0)] {
+            let mut s = Sidecar::new(k, &[w0, 1.0], false);
+            let mut rng = Rng::new(5);
+            let t0 = SEC;
+            s.observe_rtt(0, t0, 30 * MS);
+            s.observe_load(0, t0, 0.1);
+            s.start(0, t0);
+            s.start(0, t0);
+            s.observe_rtt(1, t0, 50 * MS);
+            for _ in 0..4 {
+                s.start(1, t0 + 10 * MS);
+            }
+            // At 20 ms: 0 costs 29.9 ms (its estimate) × 3 / 0.9 / w0 ≈ 100 ms / w0, 1 costs
+            // 49.9 ms × 5 / 0.2 ≈ 1248 ms.
+            let on_time = t0 + 20 * MS;
+            s.observe_load(1, on_time, 0.8);
+            assert!(
+                (0..20).all(|_| s.pick(on_time, &mut rng) == Some(0)),
+                "{}",
+                k.name()
+            );
+            // At 45 ms: 0 costs 45 ms × 3 × 20 / w0 = 2700 ms / w0, 1 about 1246 ms.
+            let overdue = t0 + 45 * MS;
+            s.observe_load(1, overdue, 0.8);
+            assert!(
+                (0..20).all(|_| s.pick(overdue, &mut rng) == Some(1)),
+                "{}",
+                k.name()
+            );
+        }
+        // p2c_ewma is unchanged: 45 ms × 3 = 135 ms against 49.8 ms × 5 = 249 ms: still 0.
+        let mut s = Sidecar::new(Strategy::P2cEwma, &[1.0, 1.0], false);
+        let mut rng = Rng::new(5);
+        let t0 = SEC;
+        s.observe_rtt(0, t0, 30 * MS);
+        s.start(0, t0);
+        s.start(0, t0);
+        s.observe_rtt(1, t0, 50 * MS);
+        for _ in 0..4 {
+            s.start(1, t0 + 10 * MS);
+        }
+        assert!((0..20).all(|_| s.pick(t0 + 45 * MS, &mut rng) == Some(0)));
+    }
 
     #[test]
     fn a_gateway_failure_is_a_sample_a_full_load_and_an_ejection() {
