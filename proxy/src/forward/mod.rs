@@ -91,21 +91,26 @@ impl Upstreams {
     }
 }
 
+/// What every connection of a worker shares: one `Arc` to clone per request instead of the
+/// table and every pooled client.
+pub struct Shared {
+    pub table: SharedTable,
+    pub upstreams: Upstreams,
+}
+
 /// The hyper service of one accepted connection.
 #[derive(Clone)]
 pub struct Forward {
-    table: SharedTable,
-    upstreams: Upstreams,
+    shared: Arc<Shared>,
     listener: usize,
     client_ip: HeaderValue,
 }
 
 impl Forward {
-    pub fn new(table: SharedTable, upstreams: Upstreams, listener: usize, peer: SocketAddr) -> Self {
+    pub fn new(shared: Arc<Shared>, listener: usize, peer: SocketAddr) -> Self {
         let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value");
         Forward {
-            table,
-            upstreams,
+            shared,
             listener,
             client_ip,
         }
@@ -113,7 +118,7 @@ impl Forward {
 
     async fn forward(self, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
-        let table = self.table.load_full();
+        let table = self.shared.table.load_full();
         let routes = &table.listeners[self.listener];
         let Some(index) = table.route(self.listener, &req) else {
             return self.fail(&routes.unrouted, start, ProxyError::NoRoute, &req);
@@ -234,9 +239,9 @@ impl Forward {
         let open = endpoint.in_flight();
         let in_flight = InFlight::start(Arc::clone(&endpoint));
         let client = if use_http2 {
-            self.upstreams.http2_for(open)
+            self.shared.upstreams.http2_for(open)
         } else {
-            &self.upstreams.http1
+            &self.shared.upstreams.http1
         };
         let pending = client.request(Request::from_parts(parts, body));
         let result = match service.response_timeout {

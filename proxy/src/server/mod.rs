@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::ProxyConfig;
-use crate::forward::{Forward, Upstreams};
+use crate::forward::{Forward, Shared, Upstreams};
 use crate::metrics::Metrics;
 use crate::route::{EndpointOverrides, RoutingTable, SharedTable};
 
@@ -245,6 +245,10 @@ async fn accept_loop(
     // Listeners cannot change on reload (see crate::reload), so this copy stays accurate.
     let config = state.config.load().listeners[index].clone();
     let open = state.metrics.connections(config.direction.as_str(), &config.name);
+    let shared = Arc::new(Shared {
+        table: Arc::clone(&state.table),
+        upstreams,
+    });
     loop {
         let accepted = tokio::select! {
             biased;
@@ -261,7 +265,7 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = Forward::new(Arc::clone(&state.table), upstreams.clone(), index, peer);
+        let service = Forward::new(Arc::clone(&shared), index, peer);
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let open = open.clone();
