@@ -199,15 +199,8 @@ fn render_level(
     };
     let _ = writeln!(
         out,
-        "\n  ({}) offered {} rps = {} % of capacity{}",
-        level.key,
-        level.rate,
-        level.percent,
-        if scenario.slow.is_some() {
-            ""
-        } else {
-            " — medians over rounds"
-        }
+        "\n  ({}) offered {} rps = {} % of capacity — medians over {} round(s)",
+        level.key, level.rate, level.percent, scenario.rounds
     );
     let slow = scenario.slow.is_some();
     let mut header = vec![

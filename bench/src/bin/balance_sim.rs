@@ -45,6 +45,13 @@
 //! keeps one share, and round robin loses only the requests it sends to the slow backend
 //! before and between its ejections.
 //!
+//! `cognitive` (and `cognitive_w`) cost an endpoint as the proxy does: `max(EWMA, mean age of
+//! the requests in flight) × (in flight + 1) / (1 − load) / weight`, where the load is the
+//! proxy's `cost::effective_load`: the fresh report (0 without one), raised to 0.95 while the
+//! mean age of the requests in flight exceeds `OVERDUE_FACTOR` (2) × the decayed peak-EWMA
+//! estimate — so a stalled endpoint stops looking as idle as its last report said, but only
+//! once its requests are overdue.
+//!
 //! Latency percentiles are over every request as the client saw it, a failed one (timed out or
 //! rejected) counted as the timeout; `ok p99` is over the successful ones only; goodput is
 //! successful responses per second of the run; `ejections` counts the endpoints the sidecars

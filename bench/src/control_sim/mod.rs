@@ -206,7 +206,16 @@ async fn run(options: &Options) -> Result<bool> {
         options.high_load,
         CHANGE_THRESHOLD * 100.0
     );
-    println!("  control plane: {} (logs in {})", bin.display(), dir.display());
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map_or("?".into(), |age| format!("built {} min ago", age.as_secs() / 60));
+    println!(
+        "  control plane: {} ({built}; logs in {})",
+        bin.display(),
+        dir.display()
+    );
     let (busy0, total0) = plane::machine_cpu_secs();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (busy1, total1) = plane::machine_cpu_secs();

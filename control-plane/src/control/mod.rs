@@ -328,8 +328,10 @@ impl MeshControl for ControlService {
         })?;
         let node = hello.node.clone();
         info!(%node, service = %hello.service, %address, peer = ?peer, "sidecar connected");
+        // Membership changes are published by the next weight tick, not here: a connect storm
+        // (thousands of sidecars after a rollout) then makes one table version per tick, not one
+        // per sidecar, each fanned out to everyone.
         let session = self.mesh.state().hello(hello);
-        self.mesh.publish(0.0);
 
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(read_sidecar(
@@ -441,9 +443,8 @@ async fn read_sidecar(
     }
     info!(%node, "sidecar disconnected");
     let _ = done.send(());
-    if mesh.state().disconnect(&node, session) {
-        mesh.publish(0.0);
-    }
+    // Published by the next weight tick, like a join.
+    mesh.state().disconnect(&node, session);
 }
 
 // === impl AdminService ===
