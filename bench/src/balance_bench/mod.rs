@@ -40,10 +40,17 @@
 //! and p99.9 below p2c_ewma's. A per-endpoint table says what each strategy did and, for
 //! cogmesh, what the proxy believed.
 //!
+//! Flags worth knowing (`--help` for all): `--scenarios b,a`, `--variants` (also
+//! `least_request`: cogmesh's own P2C on in-flight counts, to tell the balancer from the rest of
+//! the proxy), `--b-rounds`/`--a-rounds`, `--b-secs`/`--a-secs`, `--b-slots 2,4,8`,
+//! `--service-time-dist fixed`, `--sample-ms`, `--json FILE` (every sample), `--keep-temp` (keeps
+//! each run's directory: the proxy's log, oha's JSON, and `ticks.csv` with every sample of the
+//! workloads' queues and the proxy's view of each endpoint, for looking at a run over time).
+//!
 //! Client, proxy and workloads share the machine (2 cores here): runs during which other
 //! processes used more than 0.1 core are flagged. Ports are picked at run time on 127.0.0.1,
 //! every load run is bounded, every process started is stopped (also on error and Ctrl-C).
-//! The defaults take about 9 minutes, `--quick` about 2.5.
+//! The defaults take about 7 minutes, `--quick` about 2.
 
 pub mod fleet;
 pub mod measure;
@@ -70,14 +77,15 @@ use self::proxies::{Binaries, Variant};
     long_about = None
 )]
 pub struct Options {
-    /// About 2.5 minutes: 1 round, 5 s runs of (b), a 16 s run of (a), 1 s warm-ups (explicit
+    /// About 2 minutes: 1 round, 5 s runs of (b), a 16 s run of (a), 1 s warm-ups (explicit
     /// flags still win).
     #[arg(long)]
     pub quick: bool,
     /// Scenarios to run: b (capacities 1:2:4), a (one slow endpoint).
     #[arg(long, value_delimiter = ',', default_value = "b,a")]
     pub scenarios: Vec<String>,
-    /// Strategies: cognitive, round_robin, p2c_ewma, envoy (skipped if Envoy is missing).
+    /// Strategies: cognitive, round_robin, p2c_ewma, envoy (skipped if Envoy is missing); also
+    /// least_request (cogmesh's own, for diagnosis).
     #[arg(
         long,
         value_delimiter = ',',

@@ -5,8 +5,8 @@
 //!
 //! ```text
 //! bench/setup.sh && cargo build --release -p cogmesh-proxy -p cogmesh-control -p cogmesh-bench
-//! target/release/balance-bench            # about 9 minutes
-//! target/release/balance-bench --quick    # about 2.5 minutes
+//! target/release/balance-bench            # about 7 minutes
+//! target/release/balance-bench --quick    # about 2 minutes
 //! ```
 //!
 //! What it runs, how it measures and how to read the tables: see the `balance_bench` module.
