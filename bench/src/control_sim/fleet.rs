@@ -242,12 +242,15 @@ impl Shared {
     }
 
     fn hello(&self, idx: usize) -> SidecarMessage {
-        let (node, service) = if idx < self.instances {
-            (format!("{SERVICE}-{idx}"), SERVICE)
+        // As real sidecars do, each subscribes to the services it routes to: an instance only
+        // to its local app's service (not in the mesh table), a client to `reasoning`.
+        let (node, service, subscribes) = if idx < self.instances {
+            (format!("{SERVICE}-{idx}"), SERVICE, "local")
         } else {
             (
                 format!("{CLIENT_SERVICE}-{}", idx - self.instances),
                 CLIENT_SERVICE,
+                SERVICE,
             )
         };
         SidecarMessage {
@@ -258,6 +261,7 @@ impl Shared {
                 zone: "bench".into(),
                 version: "control-bench".into(),
                 table_version: 0,
+                subscriptions: vec![subscribes.into()],
             })),
         }
     }

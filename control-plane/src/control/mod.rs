@@ -331,6 +331,7 @@ impl MeshControl for ControlService {
         // Membership changes are published by the next weight tick, not here: a connect storm
         // (thousands of sidecars after a rollout) then makes one table version per tick, not one
         // per sidecar, each fanned out to everyone.
+        let subscriptions = hello.subscriptions.clone();
         let session = self.mesh.state().hello(hello);
 
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -341,7 +342,12 @@ impl MeshControl for ControlService {
             inbound,
             done_tx,
         ));
-        Ok(Response::new(push_stream(Arc::clone(&self.mesh), node, done_rx)))
+        Ok(Response::new(push_stream(
+            Arc::clone(&self.mesh),
+            node,
+            subscriptions,
+            done_rx,
+        )))
     }
 }
 
@@ -349,6 +355,8 @@ impl MeshControl for ControlService {
 struct Pushes {
     mesh: Arc<Mesh>,
     node: String,
+    /// Services this sidecar routes to; empty: all.
+    subscriptions: Vec<String>,
     tables: watch::Receiver<Arc<RoutingTable>>,
     stopping: watch::Receiver<bool>,
     done: tokio::sync::oneshot::Receiver<()>,
@@ -360,6 +368,7 @@ struct Pushes {
 fn push_stream(
     mesh: Arc<Mesh>,
     node: String,
+    subscriptions: Vec<String>,
     done: tokio::sync::oneshot::Receiver<()>,
 ) -> BoxStream<ControlMessage> {
     let mut tables = mesh.tables.subscribe();
@@ -368,6 +377,7 @@ fn push_stream(
     let pushes = Pushes {
         mesh,
         node,
+        subscriptions,
         tables,
         stopping,
         done,
@@ -401,12 +411,33 @@ fn push_stream(
                     s.sent_version = table.version;
                 }
             }
+            // Only the services the sidecar routes to: a client of one service does not get
+            // the whole mesh (what makes fan-out grow with the square of the mesh size).
             let message = ControlMessage {
-                kind: Some(control_message::Kind::RoutingTable((*table).clone())),
+                kind: Some(control_message::Kind::RoutingTable(for_subscriber(
+                    &table,
+                    &p.subscriptions,
+                ))),
             };
             return Some((Ok(message), p));
         }
     }))
+}
+
+/// The part of `table` a sidecar subscribed to (all of it without subscriptions).
+fn for_subscriber(table: &RoutingTable, subscriptions: &[String]) -> RoutingTable {
+    if subscriptions.is_empty() {
+        return table.clone();
+    }
+    RoutingTable {
+        version: table.version,
+        services: table
+            .services
+            .iter()
+            .filter(|s| subscriptions.contains(&s.name))
+            .cloned()
+            .collect(),
+    }
 }
 
 /// Reads a sidecar's reports and acknowledgements until its stream ends.
@@ -520,4 +551,30 @@ fn stream_from_watch(
             Some((Ok(table), (tables, stopping)))
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cogmesh_proto::v1::ServiceEndpoints;
+
+    #[test]
+    fn subscribers_get_only_their_services() {
+        let table = RoutingTable {
+            version: 3,
+            services: ["gateway", "reasoning", "memory"]
+                .iter()
+                .map(|n| ServiceEndpoints {
+                    name: n.to_string(),
+                    endpoints: vec![],
+                })
+                .collect(),
+        };
+        let t = for_subscriber(&table, &["reasoning".to_string()]);
+        assert_eq!(t.version, 3);
+        assert_eq!(t.services.len(), 1);
+        assert_eq!(t.services[0].name, "reasoning");
+        assert_eq!(for_subscriber(&table, &[]).services.len(), 3);
+        assert!(for_subscriber(&table, &["local".to_string()]).services.is_empty());
+    }
 }

@@ -170,6 +170,13 @@ pub async fn run(state: Arc<State>, config: ControlConfig) {
         zone: config.zone.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         table_version: last.as_ref().map_or(0, |t| t.version),
+        subscriptions: state
+            .config
+            .load()
+            .services
+            .iter()
+            .map(|s| s.name.clone())
+            .collect(),
     };
     let expiry = Duration::from_millis(config.weight_expiry_ms);
     let mut last_contact = Instant::now();
