@@ -188,18 +188,7 @@ impl Plan {
 pub fn main_with_args() -> i32 {
     procs::install_signal_handlers();
     let options = Options::parse();
-    match run(&options) {
-        Ok(()) => 0,
-        Err(err) => {
-            if procs::interrupted() {
-                eprintln!("proxy-bench: interrupted; every process it started was stopped");
-                130
-            } else {
-                eprintln!("proxy-bench: {err:#}");
-                1
-            }
-        }
-    }
+    i32::from(procs::exit_code("proxy-bench", run(&options)))
 }
 
 pub fn run(options: &Options) -> Result<()> {

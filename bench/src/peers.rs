@@ -95,7 +95,8 @@ pub struct Tools {
     pub cogmesh_origin: Option<PathBuf>,
 }
 
-fn on_path(name: &str) -> Option<PathBuf> {
+/// The first executable called `name` on PATH (or in the sbin directories).
+pub fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
@@ -103,9 +104,30 @@ fn on_path(name: &str) -> Option<PathBuf> {
         .find(|candidate| is_executable(candidate))
 }
 
-fn is_executable(path: &Path) -> bool {
+pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+/// The first non-empty line a program prints (stdout, else stderr) for `args`, e.g. its version.
+pub fn first_line(bin: &Path, args: &[&str]) -> String {
+    Command::new(bin)
+        .args(args)
+        .output()
+        .map(|out| {
+            let text = if out.stdout.is_empty() {
+                out.stderr
+            } else {
+                out.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|line| !line.trim().is_empty())
+                .unwrap_or("?")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|err| format!("? ({err})"))
 }
 
 fn first_executable(candidates: impl IntoIterator<Item = PathBuf>) -> Option<PathBuf> {
@@ -176,25 +198,6 @@ impl Tools {
 
     /// One line per tool with its version, for the report header.
     pub fn versions(&self) -> Vec<String> {
-        let first_line = |bin: &Path, args: &[&str]| -> String {
-            Command::new(bin)
-                .args(args)
-                .output()
-                .map(|out| {
-                    let text = if out.stdout.is_empty() {
-                        out.stderr
-                    } else {
-                        out.stdout
-                    };
-                    String::from_utf8_lossy(&text)
-                        .lines()
-                        .find(|line| !line.trim().is_empty())
-                        .unwrap_or("?")
-                        .trim()
-                        .to_string()
-                })
-                .unwrap_or_else(|err| format!("? ({err})"))
-        };
         let mut lines = vec![
             format!("oha: {}", first_line(&self.oha, &["--version"])),
             format!("wrk: {}", first_line(&self.wrk, &["--version"])),

@@ -49,6 +49,22 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// The exit code of a bench run, after saying why it failed: 130 after an interrupt (every
+/// process it started has been stopped), 1 on another error, 0 on success.
+pub fn exit_code(program: &str, result: Result<()>) -> u8 {
+    match result {
+        Ok(()) => 0,
+        Err(_) if interrupted() => {
+            eprintln!("{program}: interrupted; every process it started was stopped");
+            130
+        }
+        Err(err) => {
+            eprintln!("{program}: {err:#}");
+            1
+        }
+    }
+}
+
 pub fn check_interrupted() -> Result<()> {
     if interrupted() {
         bail!("interrupted");

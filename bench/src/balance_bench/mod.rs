@@ -64,6 +64,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cogmesh_bench::load::Oha;
+use cogmesh_bench::peers::{first_line, is_executable, on_path};
 use cogmesh_bench::{peers, procs};
 
 use self::fleet::{Fleet, SimSettings};
@@ -366,18 +367,6 @@ pub fn scenarios(options: &Options) -> Result<Vec<Scenario>> {
     Ok(out)
 }
 
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
 /// Finds the programs and copies cogmesh's two binaries into `dir`, so a rebuild during the
 /// run does not change them between strategies or rounds.
 fn binaries(options: &Options, repo: &Path, dir: &Path) -> Result<(Binaries, Vec<String>)> {
@@ -422,25 +411,7 @@ fn binaries(options: &Options, repo: &Path, dir: &Path) -> Result<(Binaries, Vec
             .find(|p| is_executable(p))
             .or_else(|| on_path("envoy")),
     };
-    let version = |bin: &Path| -> String {
-        std::process::Command::new(bin)
-            .arg("--version")
-            .output()
-            .map(|out| {
-                let text = if out.stdout.is_empty() {
-                    out.stderr
-                } else {
-                    out.stdout
-                };
-                String::from_utf8_lossy(&text)
-                    .lines()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("?")
-                    .trim()
-                    .to_string()
-            })
-            .unwrap_or_else(|err| format!("? ({err})"))
-    };
+    let version = |bin: &Path| first_line(bin, &["--version"]);
     let mut lines = vec![
         describe(&options.proxy_bin, "cogmesh-proxy"),
         describe(&options.cogmesh_bin, "cogmesh"),
@@ -465,18 +436,7 @@ fn binaries(options: &Options, repo: &Path, dir: &Path) -> Result<(Binaries, Vec
 pub fn main_with_args() -> u8 {
     procs::install_signal_handlers();
     let options = Options::parse();
-    match run(&options) {
-        Ok(()) => 0,
-        Err(err) => {
-            if procs::interrupted() {
-                eprintln!("balance-bench: interrupted; every process it started was stopped");
-                130
-            } else {
-                eprintln!("balance-bench: {err:#}");
-                1
-            }
-        }
-    }
+    procs::exit_code("balance-bench", run(&options))
 }
 
 pub fn run(options: &Options) -> Result<()> {

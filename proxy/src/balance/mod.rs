@@ -337,6 +337,18 @@ impl EndpointSet {
         self.endpoints.iter().filter(|e| !e.is_ejected()).count()
     }
 
+    /// What a timeout or refused connection to `endpoint` (after `waited`) does: the endpoint is
+    /// charged the wait and full load (see [`Endpoint::observe_gateway_failure`]) and ejected
+    /// for [`GATEWAY_FAILURE_EJECTION_MS`] — unless it is the last available one: with none,
+    /// every request would fail fast, which is worse than trying a slow one.
+    pub fn gateway_failure(&self, endpoint: &Endpoint, waited: Duration) {
+        let ejection = Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS);
+        endpoint.observe_gateway_failure(waited, ejection);
+        if self.available() > 1 {
+            endpoint.eject_for(ejection);
+        }
+    }
+
     pub fn kind(&self) -> BalancerKind {
         self.kind
     }

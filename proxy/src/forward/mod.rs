@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 
 pub use self::body::{ProxyBody, TrailerReports};
 use crate::balance::cost::retry_after_penalty;
-use crate::balance::{orca, Endpoint, InFlight, GATEWAY_FAILURE_EJECTION_MS};
+use crate::balance::{orca, Endpoint, InFlight};
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::error::ErrorKind;
 use crate::error::ProxyError;
@@ -121,7 +121,9 @@ impl Forward {
         let table = self.shared.table.load_full();
         let routes = &table.listeners[self.listener];
         let Some(index) = table.route(self.listener, &req) else {
-            return self.fail(&routes.unrouted, start, ProxyError::NoRoute, &req);
+            let err = ProxyError::NoRoute;
+            debug!(error = err.kind().label(), uri = %req.uri(), "{err}");
+            return Self::answer_error(&routes.unrouted, start, &err, is_grpc(&req));
         };
         let metrics = &routes.metrics[index];
         metrics.requests.inc();
@@ -146,40 +148,31 @@ impl Forward {
             }
             Err((err, endpoint)) => {
                 let kind = err.kind();
+                let service = &table.services[index];
                 if let Some(e) = endpoint {
                     e.record_failure();
                     if matches!(kind, ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnect) {
-                        let ejection = Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS);
-                        e.observe_gateway_failure(start.elapsed(), ejection);
-                        // Keep at least one endpoint available: with none, every request would
-                        // fail fast, which is worse than trying a slow one.
-                        if table.services[index].endpoints.available() > 1 {
-                            e.eject_for(ejection);
-                        }
+                        service.endpoints.gateway_failure(&e, start.elapsed());
                     }
                 }
-                warn!(service = %table.services[index].name, error = kind.label(), "{err}");
-                metrics.error(kind);
-                metrics.latency.observe(start.elapsed().as_secs_f64());
-                metrics.response(kind.status().as_u16());
-                error_response(&err, grpc)
+                warn!(service = %service.name, error = kind.label(), "{err}");
+                Self::answer_error(metrics, start, &err, grpc)
             }
         }
     }
 
-    fn fail(
-        &self,
+    /// Counts a request the proxy failed itself and makes its response.
+    fn answer_error(
         metrics: &ServiceMetrics,
         start: Instant,
-        err: ProxyError,
-        req: &Request<Incoming>,
+        err: &ProxyError,
+        grpc: bool,
     ) -> Response<ProxyBody> {
         let kind = err.kind();
-        debug!(error = kind.label(), uri = %req.uri(), "{err}");
         metrics.error(kind);
         metrics.latency.observe(start.elapsed().as_secs_f64());
         metrics.response(kind.status().as_u16());
-        error_response(&err, is_grpc(req))
+        error_response(err, grpc)
     }
 
     async fn send(
