@@ -57,6 +57,8 @@ pub struct Endpoint {
     /// Not a candidate until this time (ns since `epoch`); 0: never ejected.
     ejected_until_ns: AtomicU64,
     epoch: Instant,
+    /// Idle HTTP/1.1 connections to this endpoint.
+    pub http1: crate::forward::Http1Pool,
 }
 
 /// What `/config` and the metrics show of an endpoint.
@@ -88,6 +90,7 @@ impl Endpoint {
             load_at_ns: AtomicU64::new(0),
             ejected_until_ns: AtomicU64::new(0),
             epoch: Instant::now(),
+            http1: Default::default(),
         }
     }
 

@@ -10,14 +10,18 @@ use hyper::body::Incoming;
 
 use prometheus_client::metrics::counter::Counter;
 
+use super::pool::Lease;
 use crate::balance::{orca, InFlight};
 
 pub enum ProxyBody {
-    /// Keeps the endpoint's in-flight count until the body ends or is dropped.
+    /// Keeps the endpoint's in-flight count until the body ends or is dropped, and gives the
+    /// HTTP/1.1 connection back to the pool once the body has ended (dropping it half-way
+    /// closes the connection instead).
     Upstream {
         body: Incoming,
         in_flight: Option<InFlight>,
         reports: Option<TrailerReports>,
+        lease: Option<Lease>,
     },
     Local(Option<Bytes>),
 }
@@ -31,11 +35,21 @@ pub struct TrailerReports {
 }
 
 impl ProxyBody {
-    pub fn upstream(body: Incoming, in_flight: InFlight, reports: Option<TrailerReports>) -> Self {
+    pub fn upstream(
+        body: Incoming,
+        in_flight: InFlight,
+        reports: Option<TrailerReports>,
+        mut lease: Option<Lease>,
+    ) -> Self {
+        if body.is_end_stream() {
+            // No body to wait for (HEAD, 204, 304, empty): the connection is free already.
+            release(&mut lease);
+        }
         ProxyBody::Upstream {
             body,
             in_flight: Some(in_flight),
             reports,
+            lease,
         }
     }
 
@@ -57,15 +71,27 @@ impl Body for ProxyBody {
                 body,
                 in_flight,
                 reports,
+                lease,
             } => {
-                let mut polled = Pin::new(body).poll_frame(cx);
+                let mut polled = Pin::new(&mut *body).poll_frame(cx);
                 if let (Poll::Ready(Some(Ok(frame))), Some(reports)) = (&mut polled, reports.as_ref()) {
                     if let Some(trailers) = frame.trailers_mut() {
                         read_trailer_report(trailers, in_flight.as_ref(), reports);
                     }
                 }
-                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-                    in_flight.take();
+                match &polled {
+                    Poll::Ready(None) => {
+                        in_flight.take();
+                        release(lease);
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        in_flight.take();
+                        lease.take();
+                    }
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
+                        release(lease);
+                    }
+                    _ => {}
                 }
                 polled
             }
@@ -109,5 +135,12 @@ fn read_trailer_report(
     }
     if reports.strip {
         trailers.remove(orca::LOAD_TRAILER);
+    }
+}
+
+/// Gives a leased connection back to the pool, once.
+fn release(lease: &mut Option<Lease>) {
+    if let Some(l) = lease.take() {
+        l.release();
     }
 }

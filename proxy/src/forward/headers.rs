@@ -24,38 +24,74 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
+/// The hop-by-hop headers of RFC 9110 §7.6.1 (and the legacy `Proxy-Connection`), in the
+/// order of the bits [`strip_hop_by_hop`] uses for them.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TRANSFER_ENCODING,
+    TE,
+    UPGRADE,
+];
+const HAS_CONNECTION: u8 = 1;
+const HAS_TE: u8 = 1 << 4;
+const HAS_UPGRADE: u8 = 1 << 5;
+
 /// Removes the headers that describe this connection rather than the message: `Connection`
 /// and every header it names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`,
 /// and `TE` unless it is exactly `trailers` (gRPC needs that one end to end). With `upgrade`,
 /// `Upgrade` is kept and `Connection: upgrade` restated, so the next hop can switch too.
+///
+/// One pass over the names finds which of them are present, so a message without them costs
+/// no hash lookups (this runs twice per proxied request).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present & HAS_CONNECTION != 0 {
+        // Headers named by `Connection` other than the ones removed below anyway.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(upgrade && name == UPGRADE) && name != TE {
-                headers.remove(&name);
+            .map(str::trim)
+        {
+            let known = ["close", "keep-alive", "upgrade", "te", ""]
+                .iter()
+                .any(|k| token.eq_ignore_ascii_case(k));
+            if !known {
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(name);
+                }
             }
         }
-        headers.remove(CONNECTION);
+        for name in named {
+            headers.remove(&name);
+        }
     }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    headers.remove(TRANSFER_ENCODING);
-    if headers
-        .get(TE)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        headers.remove(TE);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        let bit = 1u8 << i;
+        if present & bit == 0 || bit == HAS_UPGRADE {
+            continue;
+        }
+        if bit == HAS_TE
+            && headers
+                .get(TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        {
+            continue;
+        }
+        headers.remove(name);
     }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & HAS_UPGRADE != 0 {
         headers.remove(UPGRADE);
     }
 }
@@ -118,6 +154,29 @@ mod tests {
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn connection_tokens_are_case_insensitive_and_may_repeat() {
+        let mut h = map(&[
+            ("Connection", "Keep-Alive"),
+            ("connection", " X-Trace-Hop ,close"),
+            ("x-trace-hop", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "TRAILERS"),
+            ("host", "a"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["te", "host"], "{h:?}");
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_is_untouched() {
+        let mut h = map(&[("host", "a"), ("accept", "*/*"), ("x-app", "1")]);
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
     }
 
     #[test]

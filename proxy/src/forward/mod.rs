@@ -9,6 +9,7 @@
 
 mod body;
 mod headers;
+mod pool;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,6 +28,8 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 pub use self::body::{ProxyBody, TrailerReports};
+pub use self::pool::{enter_worker, set_worker_count, Http1Pool};
+use self::pool::{Lease, PoolSettings};
 use crate::balance::cost::retry_after_penalty;
 use crate::balance::{orca, Endpoint, InFlight};
 use crate::config::{ProxyConfig, UpstreamProtocol};
@@ -35,17 +38,17 @@ use crate::error::ProxyError;
 use crate::metrics::ServiceMetrics;
 use crate::route::{RoutingTable, SharedTable};
 
-/// The pooled upstream clients, shared by every listener and worker thread.
+/// The upstream connections, shared by every listener and worker thread.
 ///
-/// HTTP/1: one pool, idle connections kept per endpoint without limit (closed after the idle
-/// timeout). HTTP/2: each client keeps one multiplexed connection per endpoint, and there are
+/// HTTP/1: idle keep-alive connections per endpoint (see [`pool`]), closed after the idle
+/// timeout. HTTP/2: each client keeps one multiplexed connection per endpoint, and there are
 /// [`MAX_HTTP2_CONNECTIONS`] clients, each with its own pool: a request goes on connection
 /// `in_flight / http2_streams_per_connection` of its endpoint, so an endpoint gets another
 /// connection for every `http2_streams_per_connection` concurrent streams instead of queueing
 /// behind one connection's stream limit.
 #[derive(Clone)]
 pub struct Upstreams {
-    http1: Client<HttpConnector, Incoming>,
+    http1: PoolSettings,
     http2: Arc<[Client<HttpConnector, Incoming>]>,
     streams_per_connection: u64,
 }
@@ -55,18 +58,12 @@ pub const MAX_HTTP2_CONNECTIONS: usize = 8;
 
 impl Upstreams {
     pub fn new(config: &ProxyConfig) -> Self {
+        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+        let idle = Duration::from_millis(config.pool_idle_timeout_ms);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
-        let idle = Duration::from_millis(config.pool_idle_timeout_ms);
-        // The idle limit per host must be at least the concurrency, or connections churn
-        // (DESIGN.md, performance notes); the idle timeout only runs with a timer.
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(idle)
-            .pool_max_idle_per_host(usize::MAX)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector.clone());
+        connector.set_connect_timeout(Some(connect_timeout));
+        // The idle timeout only runs with a timer.
         let http2 = (0..MAX_HTTP2_CONNECTIONS)
             .map(|_| {
                 Client::builder(TokioExecutor::new())
@@ -78,10 +75,18 @@ impl Upstreams {
             })
             .collect();
         Upstreams {
-            http1,
+            http1: PoolSettings {
+                connect_timeout,
+                idle_timeout: idle,
+            },
             http2,
             streams_per_connection: config.http2_streams_per_connection.max(1),
         }
+    }
+
+    /// How long an HTTP/1.1 connection may stay idle.
+    pub fn idle_timeout(&self) -> Duration {
+        self.http1.idle_timeout
     }
 
     /// The HTTP/2 client for the next stream to an endpoint with `in_flight` streams open.
@@ -89,6 +94,44 @@ impl Upstreams {
         let i = (in_flight / self.streams_per_connection) as usize;
         &self.http2[i.min(self.http2.len() - 1)]
     }
+
+    /// Sends a request that is ready for the hop and waits for the response headers.
+    async fn send(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        open: u64,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+        if req.version() == Version::HTTP_2 {
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(endpoint.authority.clone())
+                .path_and_query(origin_form(req.uri()))
+                .build()
+                .expect("scheme, authority and path are valid");
+            *req.uri_mut() = uri;
+            let response = self.http2_for(open).request(req).await;
+            return match response {
+                Ok(r) => Ok((r, None)),
+                Err(e) => Err(ProxyError::from_client(endpoint.addr, &e)),
+            };
+        }
+        *req.uri_mut() = Uri::from(origin_form(req.uri()));
+        if !req.headers().contains_key(HOST) {
+            let host =
+                HeaderValue::from_str(endpoint.authority.as_str()).expect("an authority is a valid header");
+            req.headers_mut().insert(HOST, host);
+        }
+        let (response, lease) = pool::send(endpoint, req, self.http1).await?;
+        Ok((response, Some(lease)))
+    }
+}
+
+/// The path and query of `uri`, `/` when it has none.
+fn origin_form(uri: &Uri) -> http::uri::PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
 }
 
 /// What every connection of a worker shares: one `Arc` to clone per request instead of the
@@ -142,7 +185,7 @@ impl Forward {
                 if response.status().is_server_error() {
                     endpoint.record_failure();
                 }
-                metrics.latency.observe(elapsed.as_secs_f64());
+                metrics.latency.observe(elapsed);
                 metrics.response(response.status().as_u16());
                 response
             }
@@ -170,7 +213,7 @@ impl Forward {
     ) -> Response<ProxyBody> {
         let kind = err.kind();
         metrics.error(kind);
-        metrics.latency.observe(start.elapsed().as_secs_f64());
+        metrics.latency.observe(start.elapsed());
         metrics.response(kind.status().as_u16());
         error_response(err, grpc)
     }
@@ -212,17 +255,6 @@ impl Forward {
         }
         headers::set_forwarded(&mut parts.headers, &self.client_ip);
 
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(endpoint.authority.clone())
-            .path_and_query(path)
-            .build()
-            .expect("scheme, authority and path are valid");
         parts.version = if use_http2 {
             Version::HTTP_2
         } else {
@@ -231,12 +263,10 @@ impl Forward {
 
         let open = endpoint.in_flight();
         let in_flight = InFlight::start(Arc::clone(&endpoint));
-        let client = if use_http2 {
-            self.shared.upstreams.http2_for(open)
-        } else {
-            &self.shared.upstreams.http1
-        };
-        let pending = client.request(Request::from_parts(parts, body));
+        let pending = self
+            .shared
+            .upstreams
+            .send(&endpoint, open, Request::from_parts(parts, body));
         let result = match service.response_timeout {
             Some(after) => match tokio::time::timeout(after, pending).await {
                 Ok(result) => result,
@@ -250,9 +280,9 @@ impl Forward {
             },
             None => pending.await,
         };
-        let mut response = match result {
+        let (mut response, lease) = match result {
             Ok(r) => r,
-            Err(e) => return Err((ProxyError::from_client(endpoint.addr, &e), Some(endpoint))),
+            Err(e) => return Err((e, Some(endpoint))),
         };
 
         let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -261,6 +291,8 @@ impl Forward {
             tokio::spawn(splice(downstream, upstream));
         }
         headers::strip_hop_by_hop(response.headers_mut(), switched);
+        // After a protocol switch the connection belongs to the spliced streams.
+        let lease = lease.filter(|_| !switched);
 
         match orca::from_headers(response.headers()) {
             Ok(None) => {}
@@ -285,7 +317,7 @@ impl Forward {
             rejected: metrics.load_reports_rejected.clone(),
         });
         Ok((
-            response.map(|b| ProxyBody::upstream(b, in_flight, trailer_reports)),
+            response.map(|b| ProxyBody::upstream(b, in_flight, trailer_reports, lease)),
             endpoint,
         ))
     }

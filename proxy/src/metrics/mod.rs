@@ -23,13 +23,15 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::error::ErrorKind;
 
+mod histogram;
+pub use self::histogram::LatencyHistogram;
+
 /// Latency buckets in seconds: 0.5 ms to 30 s, roughly ×2.5 apart.
-pub const LATENCY_BUCKETS_SECONDS: [f64; 14] = [
+pub static LATENCY_BUCKETS_SECONDS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
 ];
 
@@ -78,10 +80,10 @@ pub struct ConnectionLabels {
     pub listener: String,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type HistogramFamily<L> = Family<L, LatencyHistogram, fn() -> LatencyHistogram>;
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS_SECONDS)
+fn latency_histogram() -> LatencyHistogram {
+    LatencyHistogram::new(&LATENCY_BUCKETS_SECONDS)
 }
 
 /// Every metric family of the proxy, registered once at start.
@@ -219,7 +221,7 @@ const STATUS_SLOTS: usize = 600;
 pub struct ServiceMetrics {
     labels: TrafficLabels,
     pub requests: Counter,
-    pub latency: Histogram,
+    pub latency: LatencyHistogram,
     responses: Family<ResponseLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     by_status: Vec<OnceLock<Counter>>,

@@ -89,6 +89,7 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         }
     }
 
+    crate::forward::set_worker_count(config.workers);
     let metrics = Metrics::new();
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
         &config, None, &metrics,
@@ -117,7 +118,10 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
             .map_err(ServeError::Runtime)?;
         let handle = std::thread::Builder::new()
             .name(format!("cogmesh-worker-{i}"))
-            .spawn(move || runtime.block_on(worker(listeners, state, upstreams, stop, drain)))
+            .spawn(move || {
+                crate::forward::enter_worker(i);
+                runtime.block_on(worker(listeners, state, upstreams, stop, drain))
+            })
             .map_err(ServeError::Runtime)?;
         workers.push(handle);
     }
@@ -202,6 +206,11 @@ async fn worker(
 ) {
     let graceful = Arc::new(GracefulShutdown::new());
     let builder = Arc::new(server_builder(&state.config.load()));
+    tokio::spawn(sweep_idle(
+        Arc::clone(&state),
+        upstreams.idle_timeout(),
+        stop.clone(),
+    ));
     let mut accepting = Vec::new();
     for (index, socket) in listeners {
         let listener = match TcpListener::from_std(socket) {
@@ -230,6 +239,24 @@ async fn worker(
     };
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         warn!("drain timeout reached with connections still open; closing them");
+    }
+}
+
+/// Closes this worker's upstream connections that stayed idle past the idle timeout, for
+/// endpoints no request visits any more.
+async fn sweep_idle(state: Arc<State>, idle_timeout: Duration, mut stop: watch::Receiver<bool>) {
+    let every = (idle_timeout / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let table = state.table.load();
+        for service in &table.services {
+            for endpoint in service.endpoints.endpoints() {
+                endpoint.http1.sweep(idle_timeout);
+            }
+        }
     }
 }
 
