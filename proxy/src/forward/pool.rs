@@ -6,10 +6,13 @@
 //! idle connection of another worker, and only then opens a new one. The owning worker's list
 //! is locked by that worker alone on the hot path, so the lock is uncontended.
 //!
-//! A connection goes back to the pool when its response body has ended (see
-//! [`super::ProxyBody`]); one whose response was abandoned half-way is closed, since the rest
-//! of that response would still be on the wire. Idle connections close after the idle timeout:
-//! checked when a list is used, and by [`Http1Pool::sweep`] for endpoints nobody calls.
+//! A connection goes back to its owner's list when its response body has ended (see
+//! [`super::ProxyBody`]), whichever worker borrowed it; one whose response was abandoned
+//! half-way is closed, since the rest of that response would still be on the wire.
+//!
+//! Idle connections close after the idle timeout without reading the clock per request: each
+//! worker runs [`Http1Pool::sweep`] every half timeout, which closes the connections that have
+//! not been used across two sweeps — after between one and one and a half idle timeouts.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -22,7 +25,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tracing::debug;
 
 use crate::balance::Endpoint;
@@ -52,13 +54,22 @@ pub struct PoolSettings {
 
 struct Idle {
     sender: SendRequest<Incoming>,
-    since: Instant,
+    /// The sweep count of its list when it went idle.
+    since: u64,
+}
+
+/// One worker's idle connections to an endpoint; the most recently used one is last. Aligned
+/// to a cache line pair so two workers' lists never share one.
+#[repr(align(128))]
+#[derive(Default)]
+struct Slot {
+    idle: Vec<Idle>,
+    sweeps: u64,
 }
 
 /// The idle HTTP/1.1 connections of one endpoint.
 pub struct Http1Pool {
-    /// One list per worker; the most recently used connection is last.
-    slots: Box<[Mutex<Vec<Idle>>]>,
+    slots: Box<[Mutex<Slot>]>,
 }
 
 impl std::fmt::Debug for Http1Pool {
@@ -71,12 +82,12 @@ impl Default for Http1Pool {
     fn default() -> Self {
         let n = WORKERS.load(Ordering::Relaxed);
         Http1Pool {
-            slots: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+            slots: (0..n).map(|_| Mutex::default()).collect(),
         }
     }
 }
 
-fn lock(slot: &Mutex<Vec<Idle>>) -> MutexGuard<'_, Vec<Idle>> {
+fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
     slot.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -85,50 +96,51 @@ impl Http1Pool {
         WORKER.with(|w| w.get()) % self.slots.len()
     }
 
-    /// An idle open connection: this worker's most recent one, else another worker's.
-    fn take(&self, idle_timeout: Duration) -> Option<SendRequest<Incoming>> {
-        let now = Instant::now();
+    /// An idle open connection and the worker that owns it: this worker's most recent one,
+    /// else another worker's.
+    fn take(&self) -> Option<(SendRequest<Incoming>, usize)> {
         let own = self.own_slot();
-        if let Some(s) = take_live(&mut lock(&self.slots[own]), now, idle_timeout) {
-            return Some(s);
+        if let Some(s) = take_open(&mut lock(&self.slots[own]).idle) {
+            return Some((s, own));
         }
         self.slots
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != own)
-            .find_map(|(_, slot)| take_live(&mut *slot.try_lock().ok()?, now, idle_timeout))
+            .find_map(|(i, slot)| Some((take_open(&mut slot.try_lock().ok()?.idle)?, i)))
     }
 
-    /// Puts a connection whose response has ended back for the next request.
-    pub fn put(&self, sender: SendRequest<Incoming>) {
+    /// Puts a connection whose response has ended back in its owner's list.
+    fn put(&self, sender: SendRequest<Incoming>, owner: usize) {
         if sender.is_closed() {
             return;
         }
-        lock(&self.slots[self.own_slot()]).push(Idle {
-            sender,
-            since: Instant::now(),
-        });
+        let mut slot = lock(&self.slots[owner]);
+        let since = slot.sweeps;
+        slot.idle.push(Idle { sender, since });
     }
 
-    /// Closes this worker's connections that have been idle longer than `idle_timeout`.
-    pub fn sweep(&self, idle_timeout: Duration) {
-        let now = Instant::now();
+    /// Closes this worker's connections that have been idle since before its previous sweep;
+    /// run every half idle timeout, that is an idle time between one and one and a half
+    /// timeouts.
+    pub fn sweep(&self) {
         let mut slot = lock(&self.slots[self.own_slot()]);
-        slot.retain(|i| !i.sender.is_closed() && now.duration_since(i.since) <= idle_timeout);
+        let now = slot.sweeps;
+        slot.idle.retain(|i| !i.sender.is_closed() && i.since + 1 >= now);
+        slot.sweeps += 1;
     }
 
-    /// Idle connections over all workers, for tests and `/config`.
+    /// Idle connections over all workers.
     pub fn idle(&self) -> usize {
-        self.slots.iter().map(|s| lock(s).len()).sum()
+        self.slots.iter().map(|s| lock(s).idle.len()).sum()
     }
 }
 
-/// Pops the most recent connection that is open and not idle too long; the ones passed over
-/// are closed (dropping the sender ends an idle connection).
-fn take_live(slot: &mut Vec<Idle>, now: Instant, idle_timeout: Duration) -> Option<SendRequest<Incoming>> {
-    while let Some(idle) = slot.pop() {
-        if !idle.sender.is_closed() && now.duration_since(idle.since) <= idle_timeout {
-            return Some(idle.sender);
+/// Pops the most recent connection that is still open; closed ones are dropped.
+fn take_open(idle: &mut Vec<Idle>) -> Option<SendRequest<Incoming>> {
+    while let Some(i) = idle.pop() {
+        if !i.sender.is_closed() {
+            return Some(i.sender);
         }
     }
     None
@@ -138,11 +150,13 @@ fn take_live(slot: &mut Vec<Idle>, now: Instant, idle_timeout: Duration) -> Opti
 pub struct Lease {
     sender: SendRequest<Incoming>,
     endpoint: Arc<Endpoint>,
+    /// The worker whose runtime drives the connection.
+    owner: usize,
 }
 
 impl Lease {
     pub fn release(self) {
-        self.endpoint.http1.put(self.sender);
+        self.endpoint.http1.put(self.sender, self.owner);
     }
 }
 
@@ -157,9 +171,12 @@ pub async fn send(
 ) -> Result<(http::Response<Incoming>, Lease), ProxyError> {
     let addr = endpoint.addr;
     loop {
-        let (mut sender, pooled) = match endpoint.http1.take(settings.idle_timeout) {
-            Some(s) => (s, true),
-            None => (connect(addr, settings.connect_timeout).await?, false),
+        let (mut sender, owner, pooled) = match endpoint.http1.take() {
+            Some((s, owner)) => (s, owner, true),
+            None => {
+                let s = Box::pin(connect(addr, settings.connect_timeout)).await?;
+                (s, endpoint.http1.own_slot(), false)
+            }
         };
         if let Err(e) = sender.ready().await {
             if pooled {
@@ -172,6 +189,7 @@ pub async fn send(
                 let lease = Lease {
                     sender,
                     endpoint: Arc::clone(endpoint),
+                    owner,
                 };
                 return Ok((response, lease));
             }

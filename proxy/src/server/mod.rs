@@ -242,8 +242,8 @@ async fn worker(
     }
 }
 
-/// Closes this worker's upstream connections that stayed idle past the idle timeout, for
-/// endpoints no request visits any more.
+/// Closes this worker's upstream connections that stayed idle past the idle timeout (see
+/// [`crate::forward::Http1Pool::sweep`]).
 async fn sweep_idle(state: Arc<State>, idle_timeout: Duration, mut stop: watch::Receiver<bool>) {
     let every = (idle_timeout / 2).max(Duration::from_millis(100));
     loop {
@@ -254,7 +254,7 @@ async fn sweep_idle(state: Arc<State>, idle_timeout: Duration, mut stop: watch::
         let table = state.table.load();
         for service in &table.services {
             for endpoint in service.endpoints.endpoints() {
-                endpoint.http1.sweep(idle_timeout);
+                endpoint.http1.sweep();
             }
         }
     }
