@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod reload;
 pub mod route;
 pub mod server;
+pub mod worker;

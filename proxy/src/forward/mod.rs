@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 pub use self::body::{ProxyBody, TrailerReports};
-pub use self::pool::{enter_worker, set_worker_count, Http1Pool};
+pub use self::pool::Http1Pool;
 use self::pool::{Lease, PoolSettings};
 use crate::balance::cost::retry_after_penalty;
 use crate::balance::{orca, Endpoint, InFlight};

@@ -14,9 +14,7 @@
 //! worker runs [`Http1Pool::sweep`] every half timeout, which closes the connections that have
 //! not been used across two sweeps — after between one and one and a half idle timeouts.
 
-use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,21 +27,6 @@ use tracing::debug;
 
 use crate::balance::Endpoint;
 use crate::error::{error_chain, ProxyError};
-
-thread_local! {
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-static WORKERS: AtomicUsize = AtomicUsize::new(1);
-
-/// Sets how many idle lists each endpoint gets; call before the first endpoint is made.
-pub fn set_worker_count(n: usize) {
-    WORKERS.store(n.max(1), Ordering::Relaxed);
-}
-
-/// Marks the calling thread as worker `index`.
-pub fn enter_worker(index: usize) {
-    WORKER.with(|w| w.set(index));
-}
 
 /// How upstream HTTP/1.1 connections are opened and kept.
 #[derive(Clone, Copy, Debug)]
@@ -80,7 +63,7 @@ impl std::fmt::Debug for Http1Pool {
 
 impl Default for Http1Pool {
     fn default() -> Self {
-        let n = WORKERS.load(Ordering::Relaxed);
+        let n = crate::worker::count();
         Http1Pool {
             slots: (0..n).map(|_| Mutex::default()).collect(),
         }
@@ -93,7 +76,7 @@ fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
 
 impl Http1Pool {
     fn own_slot(&self) -> usize {
-        WORKER.with(|w| w.get()) % self.slots.len()
+        crate::worker::index() % self.slots.len()
     }
 
     /// An idle open connection and the worker that owns it: this worker's most recent one,

@@ -27,8 +27,8 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::error::ErrorKind;
 
-mod histogram;
-pub use self::histogram::LatencyHistogram;
+mod sharded;
+pub use self::sharded::{LatencyHistogram, ShardedCounter};
 
 /// Latency buckets in seconds: 0.5 ms to 30 s, roughly ×2.5 apart.
 pub static LATENCY_BUCKETS_SECONDS: [f64; 14] = [
@@ -89,8 +89,8 @@ fn latency_histogram() -> LatencyHistogram {
 /// Every metric family of the proxy, registered once at start.
 pub struct Metrics {
     registry: Registry,
-    requests: Family<TrafficLabels, Counter>,
-    responses: Family<ResponseLabels, Counter>,
+    requests: Family<TrafficLabels, ShardedCounter>,
+    responses: Family<ResponseLabels, ShardedCounter>,
     latency: HistogramFamily<TrafficLabels>,
     errors: Family<ErrorLabels, Counter>,
     connections: Family<ConnectionLabels, Gauge>,
@@ -109,8 +109,8 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<TrafficLabels, Counter>::default();
-        let responses = Family::<ResponseLabels, Counter>::default();
+        let requests = Family::<TrafficLabels, ShardedCounter>::default();
+        let responses = Family::<ResponseLabels, ShardedCounter>::default();
         let latency: HistogramFamily<TrafficLabels> = Family::new_with_constructor(latency_histogram);
         let errors = Family::<ErrorLabels, Counter>::default();
         let connections = Family::<ConnectionLabels, Gauge>::default();
@@ -220,11 +220,11 @@ const STATUS_SLOTS: usize = 600;
 /// or error seen for the first time resolves its handle once.
 pub struct ServiceMetrics {
     labels: TrafficLabels,
-    pub requests: Counter,
+    pub requests: ShardedCounter,
     pub latency: LatencyHistogram,
-    responses: Family<ResponseLabels, Counter>,
+    responses: Family<ResponseLabels, ShardedCounter>,
     errors: Family<ErrorLabels, Counter>,
-    by_status: Vec<OnceLock<Counter>>,
+    by_status: Vec<OnceLock<ShardedCounter>>,
     by_error: Vec<OnceLock<Counter>>,
     pub load_reports_accepted: Counter,
     pub load_reports_rejected: Counter,

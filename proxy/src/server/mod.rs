@@ -89,7 +89,7 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         }
     }
 
-    crate::forward::set_worker_count(config.workers);
+    crate::worker::set_count(config.workers);
     let metrics = Metrics::new();
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
         &config, None, &metrics,
@@ -119,7 +119,7 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         let handle = std::thread::Builder::new()
             .name(format!("cogmesh-worker-{i}"))
             .spawn(move || {
-                crate::forward::enter_worker(i);
+                crate::worker::enter(i);
                 runtime.block_on(worker(listeners, state, upstreams, stop, drain))
             })
             .map_err(ServeError::Runtime)?;
