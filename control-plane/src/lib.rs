@@ -6,4 +6,5 @@
 
 pub mod cli;
 pub mod control;
+pub mod scaling;
 pub mod workload;
