@@ -32,6 +32,7 @@ pub mod load;
 pub mod peers;
 pub mod procs;
 pub mod report;
+pub mod scaling_sim;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,9 @@
 //! Every tick (about once a second per service):
 //! 1. Demand, in replicas, per metric the policy targets: the HPA rule
 //!    `ready × observed / target`; the service's demand is the largest. A metric without an
-//!    observation is skipped, and then the tick may not scale down.
+//!    observation is skipped, and then the tick may not scale down. CPU and cognitive load are
+//!    first multiplied by offered ÷ served requests (see [`Observation::value`]), so a saturated
+//!    service shows its real demand instead of 100 %.
 //! 2. Scale-up follows the mean demand of the short (panic) window, or the trend when a linear
 //!    fit over half the stable window is clear (R² ≥ 0.6) and predicts more demand
 //!    `trend_lookahead_s` ahead; scale-down follows the mean of the stable window.
@@ -74,15 +76,29 @@ pub struct Observation {
     pub latency_p99_ms: Option<f64>,
     /// Requests in flight over all ready replicas.
     pub in_flight: Option<f64>,
+    /// Requests per second arriving at the service's sidecars (including ones that wait).
+    pub offered_rps: Option<f64>,
+    /// Responses per second the replicas produce.
+    pub served_rps: Option<f64>,
 }
 
 impl Observation {
-    /// The observed value of `metric`, in the units of its target.
+    /// Offered ÷ served traffic, when both are known: above 1 while requests pile up.
+    fn backlog_factor(&self) -> f64 {
+        match (self.offered_rps, self.served_rps) {
+            (Some(o), Some(s)) if s > 0.0 && o.is_finite() && s.is_finite() => (o / s).clamp(0.0, 100.0),
+            _ => 1.0,
+        }
+    }
+
+    /// The observed value of `metric`, in the units of its target. Work-driven utilizations
+    /// (CPU, cognitive load) are scaled by offered ÷ served traffic: a saturated replica shows
+    /// 100 % however much more work waits, and the sidecars see what waits.
     pub fn value(&self, metric: Metric) -> Option<f64> {
         let v = match metric {
-            Metric::Cpu => self.cpu,
+            Metric::Cpu => self.cpu.map(|c| c * self.backlog_factor()),
             Metric::Memory => self.memory,
-            Metric::CognitiveLoad => self.cognitive_load,
+            Metric::CognitiveLoad => self.cognitive_load.map(|c| c * self.backlog_factor()),
             Metric::LatencyP99 => self.latency_p99_ms,
             Metric::InFlight => self.in_flight.map(|f| f / f64::from(self.ready.max(1))),
         }?;

@@ -222,3 +222,23 @@ fn noise_around_the_target_does_not_flap() {
     }
     assert_eq!(decisions, 0, "ended at {replicas}");
 }
+
+#[test]
+fn offered_over_served_traffic_reveals_the_demand_behind_saturation() {
+    let p = ScalingPolicy {
+        stabilization_up_s: 0.0,
+        ..cpu_policy()
+    };
+    let mut s = EngineState::default();
+    // 3 replicas at 100 % cpu serve 150 req/s while 500 arrive: the real demand is
+    // 3 × (1.0 × 500 / 150) / 0.5 = 20 replicas, not the 6 that cpu alone says.
+    let o = Observation {
+        offered_rps: Some(500.0),
+        served_rps: Some(150.0),
+        ..obs(0, 3, 0, 1.0)
+    };
+    assert_eq!(o.value(Metric::Cpu), Some(1.0 * 500.0 / 150.0));
+    let d = decide(&p, &mut s, &o).expect("scale up");
+    assert_eq!((d.from, d.to), (3, 20), "{d:?}");
+    assert!(d.reason.starts_with("panic: demand 20.00"), "{}", d.reason);
+}
