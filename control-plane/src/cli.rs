@@ -1,11 +1,13 @@
-//! `cogmesh routes` and `cogmesh status`: read a running control plane through `MeshAdmin` and
-//! print a table (or JSON with `--json`) for operators.
+//! `cogmesh routes`, `cogmesh status` and `cogmesh scaling history`: read a running control
+//! plane through `MeshAdmin` and print a table (or JSON with `--json`) for operators.
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use cogmesh_proto::v1::mesh_admin_client::MeshAdminClient;
-use cogmesh_proto::v1::{ConfigStatusRequest, ListServicesRequest, SyncStatusRequest};
+use cogmesh_proto::v1::{
+    ConfigStatusRequest, ListScalingDecisionsRequest, ListServicesRequest, SyncStatusRequest,
+};
 use tonic::transport::Channel;
 
 async fn client(control: SocketAddr) -> anyhow::Result<MeshAdminClient<Channel>> {
@@ -120,4 +122,82 @@ pub async fn status(control: SocketAddr, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `cogmesh scaling history`: every recorded decision, oldest first.
+pub async fn scaling_history(control: SocketAddr, service: Option<String>, json: bool) -> anyhow::Result<()> {
+    let decisions = client(control)
+        .await?
+        .list_scaling_decisions(ListScalingDecisionsRequest {
+            service: service.unwrap_or_default(),
+        })
+        .await
+        .context("MeshAdmin.ListScalingDecisions")?
+        .into_inner()
+        .decisions;
+    if json {
+        let v: Vec<_> = decisions
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "service": d.service, "from": d.from_replicas, "to": d.to_replicas,
+                    "metric": d.metric, "observed": d.observed, "target": d.target,
+                    "reason": d.reason, "unix_ms": d.unix_ms, "policy_version": d.policy_version,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<20} {:>4} {:>4}  {:<22} REASON",
+        "TIME (UTC)", "SERVICE", "FROM", "TO", "METRIC"
+    );
+    for d in &decisions {
+        println!(
+            "{:<24} {:<20} {:>4} {:>4}  {:<22} {}",
+            utc(d.unix_ms),
+            d.service,
+            d.from_replicas,
+            d.to_replicas,
+            d.metric,
+            d.reason
+        );
+    }
+    Ok(())
+}
+
+/// `unix_ms` as `YYYY-MM-DD HH:MM:SS.mmm` (UTC), from the civil-from-days algorithm.
+fn utc(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00.000");
+        // 2026-11-26 12:00:00.250 UTC
+        assert_eq!(super::utc(1_795_694_400_250), "2026-11-26 12:00:00.250");
+        // A leap day.
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00.000");
+    }
 }

@@ -48,6 +48,24 @@ enum Command {
     /// Sidecars and their sync state (versions ACKed, NACKed and why), and the control plane's
     /// configuration status.
     Status(AdminArgs),
+    /// Autoscaling: `cogmesh scaling history` lists the decisions a control plane recorded.
+    #[command(subcommand)]
+    Scaling(ScalingCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ScalingCommand {
+    /// Every scaling decision recorded (oldest first), with its metric and reason.
+    History(HistoryArgs),
+}
+
+#[derive(Debug, Args)]
+struct HistoryArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Only this service's decisions.
+    #[arg(long)]
+    service: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +158,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Check(args) => check(args),
             Command::Routes(args) => cogmesh_control::cli::routes(args.control, args.json).await,
             Command::Status(args) => cogmesh_control::cli::status(args.control, args.json).await,
+            Command::Scaling(ScalingCommand::History(args)) => {
+                cogmesh_control::cli::scaling_history(args.admin.control, args.service, args.admin.json).await
+            }
         }
     })
 }

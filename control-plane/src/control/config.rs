@@ -55,6 +55,9 @@ pub struct ControlFile {
     /// Services whose endpoints are known without a sidecar (static discovery).
     #[serde(default)]
     pub services: Vec<StaticService>,
+    /// Autoscaling policies and the backend that applies decisions.
+    #[serde(default)]
+    pub scaling: crate::scaling::ScalingConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -120,6 +123,7 @@ pub struct Resolved {
     pub listen: SocketAddr,
     pub weight_interval_ms: u64,
     pub services: Vec<StaticService>,
+    pub scaling: crate::scaling::ScalingConfig,
     /// The files the configuration came from, in layer order.
     pub sources: Vec<String>,
 }
@@ -245,11 +249,16 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
             }
         }
     }
+    parsed
+        .scaling
+        .validate()
+        .map_err(|(field, reason)| err(&label, field, reason))?;
     Ok(Resolved {
         environment,
         listen,
         weight_interval_ms,
         services: parsed.services,
+        scaling: parsed.scaling,
         sources,
     })
 }

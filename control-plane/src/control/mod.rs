@@ -23,8 +23,9 @@ use cogmesh_proto::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
 use cogmesh_proto::v1::mesh_control_server::{MeshControl, MeshControlServer};
 use cogmesh_proto::v1::{
     control_message, sidecar_message, ConfigStatusRequest, ConfigStatusResponse, ControlMessage,
-    ListServicesRequest, ListServicesResponse, RoutingTable, SidecarMessage, SyncStatusRequest,
-    SyncStatusResponse, WatchTablesRequest,
+    ListScalingDecisionsRequest, ListScalingDecisionsResponse, ListServicesRequest, ListServicesResponse,
+    RoutingTable, ScalingDecision, SidecarMessage, SyncStatusRequest, SyncStatusResponse,
+    WatchScalingDecisionsRequest, WatchTablesRequest,
 };
 use futures_util::Stream;
 use tokio::sync::watch;
@@ -69,6 +70,7 @@ struct Mesh {
     stopping: watch::Sender<bool>,
     start: Instant,
     startup_grace: Duration,
+    scaler: Arc<crate::scaling::Scaler>,
 }
 
 /// How long open streams may take to end after a shutdown signal.
@@ -112,6 +114,12 @@ impl Mesh {
                         next.listen
                     ));
                 }
+                if let Some(field) = current.scaling.restart_needed(&next.scaling) {
+                    return Err(format!(
+                        "{}: {field}: changing it needs a restart (policies reload)",
+                        next.sources.join(" + ")
+                    ));
+                }
                 Ok(next)
             });
         let mut status = self.config_status.lock().unwrap_or_else(|p| p.into_inner());
@@ -122,6 +130,7 @@ impl Mesh {
                 self.weight_interval_ms
                     .store(next.weight_interval_ms, std::sync::atomic::Ordering::Relaxed);
                 self.state().statics = next.services.clone();
+                self.scaler.set_policies(&next.scaling);
                 *self.config.lock().unwrap_or_else(|p| p.into_inner()) = next;
                 drop(status);
                 self.publish(0.0);
@@ -166,8 +175,13 @@ pub async fn serve(
         stopping,
         start: Instant::now(),
         startup_grace: config.startup_grace,
+        scaler: Arc::new(crate::scaling::Scaler::new(
+            &config.resolved.scaling,
+            listener.local_addr().unwrap_or(config.resolved.listen),
+        )),
     });
     mesh.publish(0.0);
+    let scaling = spawn_scaling(Arc::clone(&mesh), config.resolved.scaling.interval_ms);
 
     let ticker = {
         let mesh = Arc::clone(&mesh);
@@ -200,6 +214,7 @@ pub async fn serve(
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
 
+    let mesh_for_shutdown = Arc::clone(&mesh);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (signalled_tx, mut signalled) = watch::channel(false);
     let shutdown = {
@@ -218,7 +233,9 @@ pub async fn serve(
         .add_service(MeshControlServer::new(ControlService {
             mesh: Arc::clone(&mesh),
         }))
-        .add_service(MeshAdminServer::new(AdminService { mesh }))
+        .add_service(MeshAdminServer::new(AdminService {
+            mesh: Arc::clone(&mesh),
+        }))
         .serve_with_incoming_shutdown(incoming, shutdown);
     let deadline = async move {
         while !*signalled.borrow_and_update() {
@@ -236,10 +253,32 @@ pub async fn serve(
         }
     };
     ticker.abort();
+    scaling.abort();
     if let Some(w) = watcher {
         w.abort();
     }
+    let scaler = Arc::clone(&mesh_for_shutdown.scaler);
+    let _ = tokio::task::spawn_blocking(move || scaler.shutdown()).await;
     result
+}
+
+/// Starts the process backend's replicas, then decides every `interval_ms`.
+fn spawn_scaling(mesh: Arc<Mesh>, interval_ms: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let scaler = Arc::clone(&mesh.scaler);
+        let _ = tokio::task::spawn_blocking(move || scaler.start()).await;
+        let mut every = tokio::time::interval(Duration::from_millis(interval_ms));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let services = mesh.state().services();
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let scaler = Arc::clone(&mesh.scaler);
+            let _ = tokio::task::spawn_blocking(move || scaler.tick(&services, unix_ms)).await;
+        }
+    })
 }
 
 /// Reloads the configuration when its files change or on SIGHUP.
@@ -532,6 +571,51 @@ impl MeshAdmin for AdminService {
         tables.mark_changed();
         let stopping = self.mesh.stopping.subscribe();
         Ok(Response::new(stream_from_watch(tables, stopping)))
+    }
+
+    async fn list_scaling_decisions(
+        &self,
+        request: Request<ListScalingDecisionsRequest>,
+    ) -> Result<Response<ListScalingDecisionsResponse>, Status> {
+        let service = request.into_inner().service;
+        let decisions = self
+            .mesh
+            .scaler
+            .history((!service.is_empty()).then_some(service.as_str()));
+        Ok(Response::new(ListScalingDecisionsResponse { decisions }))
+    }
+
+    type WatchScalingDecisionsStream = BoxStream<ScalingDecision>;
+
+    async fn watch_scaling_decisions(
+        &self,
+        request: Request<WatchScalingDecisionsRequest>,
+    ) -> Result<Response<Self::WatchScalingDecisionsStream>, Status> {
+        let service = request.into_inner().service;
+        let decisions = self.mesh.scaler.subscribe();
+        let stopping = self.mesh.stopping.subscribe();
+        Ok(Response::new(Box::pin(futures_util::stream::unfold(
+            (decisions, stopping, service),
+            |(mut decisions, mut stopping, service)| async move {
+                loop {
+                    let next = tokio::select! {
+                        next = decisions.recv() => next,
+                        _ = stopping.wait_for(|s| *s) => return None,
+                    };
+                    match next {
+                        Ok(d) if service.is_empty() || d.service == service => {
+                            return Some((Ok(d), (decisions, stopping, service)));
+                        }
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            let status = Status::data_loss(format!("{n} decisions were missed; list them"));
+                            return Some((Err(status), (decisions, stopping, service)));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        ))))
     }
 }
 

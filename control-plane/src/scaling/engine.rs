@@ -307,7 +307,7 @@ pub fn decide(policy: &ScalingPolicy, state: &mut EngineState, obs: &Observation
         state.last_scale_ms = Some(now);
         let reason = if panic {
             format!(
-                "panic: demand {} replicas is ≥ {}× the capacity of {total}",
+                "panic: {metric} demand {} replicas is ≥ {}× the capacity of {total}",
                 fmt_demand(panic_demand),
                 policy.panic_threshold
             )

@@ -77,7 +77,10 @@ fn panic_lifts_the_step_limit_and_blocks_scale_down() {
     };
     let d = decide(&p, &mut s, &o(0, 2, 0, 20.0)).expect("panic scale-up");
     assert_eq!((d.from, d.to, d.metric), (2, 10, Metric::InFlight));
-    assert_eq!(d.reason, "panic: demand 10.00 replicas is ≥ 2× the capacity of 2");
+    assert_eq!(
+        d.reason,
+        "panic: in_flight_per_replica demand 10.00 replicas is ≥ 2× the capacity of 2"
+    );
     assert!(s.panicking(1000));
     // Load vanishes at once: no scale-down while panicking (60 s stable window after the last
     // panic tick).
@@ -240,5 +243,9 @@ fn offered_over_served_traffic_reveals_the_demand_behind_saturation() {
     assert_eq!(o.value(Metric::Cpu), Some(1.0 * 500.0 / 150.0));
     let d = decide(&p, &mut s, &o).expect("scale up");
     assert_eq!((d.from, d.to), (3, 20), "{d:?}");
-    assert!(d.reason.starts_with("panic: demand 20.00"), "{}", d.reason);
+    assert!(
+        d.reason.starts_with("panic: cpu_utilization demand 20.00"),
+        "{}",
+        d.reason
+    );
 }

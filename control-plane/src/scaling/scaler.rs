@@ -1,0 +1,158 @@
+//! The autoscaler of a running control plane: every `interval_ms`, for each service with a
+//! policy, an [`Observation`] from what the sidecars report, a decision from the engine, and —
+//! when the count changes — a record in the history, a message to every watcher, and the
+//! backend's action.
+//!
+//! What a service's observation holds: `ready` = its endpoints in the routing table;
+//! `starting` = replicas the process backend started whose sidecar has not registered yet;
+//! `cognitive_load` = the mean of the fresh loads its endpoints reported, 0 for an endpoint
+//! without one (absent while the service has no endpoint); `offered_rps` = the requests per second all sidecars sent to it. Sidecars do not
+//! report CPU, memory, latency or in-flight per service yet, so policies on those wait (and,
+//! as the engine guarantees, never scale down) until they do.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use cogmesh_proto::v1::{ScalingDecision, ServiceStatus};
+use tokio::sync::broadcast;
+use tracing::info;
+
+use super::config::{BackendKind, ScalingConfig};
+use super::engine::{decide, EngineState, Observation};
+use super::history::{History, Record};
+use super::policy::ScalingPolicy;
+use super::process::ProcessBackend;
+
+pub struct Scaler {
+    services: Mutex<BTreeMap<String, (ScalingPolicy, EngineState)>>,
+    history: History,
+    decisions: broadcast::Sender<ScalingDecision>,
+    process: Option<ProcessBackend>,
+}
+
+impl Scaler {
+    pub fn new(config: &ScalingConfig, control: SocketAddr) -> Self {
+        let (decisions, _) = broadcast::channel(256);
+        let process =
+            (config.backend == BackendKind::Process).then(|| ProcessBackend::new(control, &config.services));
+        Scaler {
+            services: Mutex::new(
+                config
+                    .services
+                    .iter()
+                    .map(|(name, s)| (name.clone(), (s.policy.clone(), EngineState::default())))
+                    .collect(),
+            ),
+            history: History::open(config.history_file.as_deref()),
+            decisions,
+            process,
+        }
+    }
+
+    /// Applies reloaded policies; each service keeps its engine state (windows, cooldowns).
+    pub fn set_policies(&self, config: &ScalingConfig) {
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, s) in &config.services {
+            if let Some((policy, _)) = services.get_mut(name) {
+                if *policy != s.policy {
+                    info!(service = %name, "scaling policy reloaded");
+                    *policy = s.policy.clone();
+                }
+            }
+        }
+    }
+
+    /// Starts the process backend's minimum replicas.
+    pub fn start(&self) {
+        let Some(process) = &self.process else {
+            return;
+        };
+        let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, (policy, _)) in services.iter() {
+            process.scale(name, policy.min_replicas);
+        }
+    }
+
+    /// One round of decisions over `services` (the mesh's view) at `unix_ms`.
+    pub fn tick(&self, services: &[ServiceStatus], unix_ms: u64) {
+        let mut scaling = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, (policy, state)) in scaling.iter_mut() {
+            let status = services.iter().find(|s| &s.name == name);
+            let endpoints = status.map_or(&[][..], |s| &s.endpoints[..]);
+            let visible: HashSet<String> = endpoints.iter().map(|e| e.address.clone()).collect();
+            // A registered endpoint without a fresh load report is idle: its sidecar reports
+            // every second, and the app reports only while it serves.
+            let reported: Vec<f64> = endpoints.iter().map(|e| e.cognitive_load).collect();
+            let (ready, starting) = match &self.process {
+                // Only this backend's replicas count: endpoints from elsewhere stay as they are.
+                Some(p) => {
+                    let starting = p.starting(name, &visible);
+                    (p.running(name).saturating_sub(starting), starting)
+                }
+                None => (endpoints.len() as u32, 0),
+            };
+            let obs = Observation {
+                at_ms: unix_ms,
+                ready,
+                starting,
+                cognitive_load: (!reported.is_empty())
+                    .then(|| reported.iter().sum::<f64>() / reported.len() as f64),
+                offered_rps: Some(endpoints.iter().map(|e| e.qps).sum()),
+                ..Default::default()
+            };
+            let Some(d) = decide(policy, state, &obs) else {
+                continue;
+            };
+            info!(
+                service = %name, from = d.from, to = d.to, metric = %d.metric,
+                "scaling decision: {}", d.reason
+            );
+            let record = Record {
+                service: name.clone(),
+                from: d.from,
+                to: d.to,
+                metric: d.metric.name().to_string(),
+                observed: d.observed,
+                target: d.target,
+                reason: d.reason,
+                unix_ms,
+                policy_version: policy.version,
+            };
+            let _ = self.decisions.send(to_proto(&record));
+            self.history.append(record);
+            if let Some(p) = &self.process {
+                p.scale(name, d.to);
+            }
+        }
+    }
+
+    pub fn history(&self, service: Option<&str>) -> Vec<ScalingDecision> {
+        self.history.list(service).iter().map(to_proto).collect()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ScalingDecision> {
+        self.decisions.subscribe()
+    }
+
+    /// Stops the replicas the process backend started.
+    pub fn shutdown(&self) {
+        if let Some(p) = &self.process {
+            p.shutdown();
+        }
+    }
+}
+
+fn to_proto(r: &Record) -> ScalingDecision {
+    ScalingDecision {
+        service: r.service.clone(),
+        from_replicas: r.from,
+        to_replicas: r.to,
+        metric: r.metric.clone(),
+        observed: r.observed,
+        target: r.target,
+        reason: r.reason.clone(),
+        unix_ms: r.unix_ms,
+        policy_version: r.policy_version,
+    }
+}
