@@ -8,6 +8,7 @@ const PROTO_FILES: &[&str] = &[
     "cogmesh/v1/workload.proto",
     "cogmesh/v1/mesh.proto",
     "xds/data/orca/v3/orca_load_report.proto",
+    "externalscaler/externalscaler.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -16,5 +16,11 @@ pub mod orca {
     include!(concat!(env!("OUT_DIR"), "/xds.data.orca.v3.rs"));
 }
 
+/// `externalscaler`: KEDA's external scaler service, which the control plane serves.
+pub mod externalscaler {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/externalscaler.rs"));
+}
+
 /// The encoded `FileDescriptorSet` of every cogmesh proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cogmesh_descriptor.bin"));

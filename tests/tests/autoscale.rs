@@ -3,7 +3,8 @@
 //! through a client sidecar scales it up, the client's balancer spreads traffic to the new
 //! replicas, the service scales down once the load is gone and the window has passed, every
 //! decision is listed by `cogmesh scaling history` with its reason, and stopping the control
-//! plane stops every replica it started.
+//! plane stops every replica it started. And KEDA's external scaler, called with `grpcurl`,
+//! reports the policy's targets and the totals of what the replicas report.
 
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
@@ -11,10 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cogmesh_e2e::{bin, eventually, free_addr, http_get, run_with_timeout, wait_tcp, Proc, Proxy};
+use cogmesh_e2e::{bin, eventually, free_addr, grpcurl, http_get, run_with_timeout, wait_tcp, Proc, Proxy};
 
-/// `cogmesh routes --json` for one service: (address, qps) per endpoint.
-fn endpoints(control: SocketAddr, service: &str) -> Vec<(String, f64)> {
+/// The endpoints of `service` as `cogmesh routes --json` shows them.
+fn route_entries(control: SocketAddr, service: &str) -> Vec<serde_json::Value> {
     let (code, out, err) = run_with_timeout(
         Command::new(bin("cogmesh")).args(["routes", "--json", "--control", &control.to_string()]),
         Duration::from_secs(10),
@@ -26,6 +27,13 @@ fn endpoints(control: SocketAddr, service: &str) -> Vec<(String, f64)> {
         .iter()
         .filter(|s| s["service"] == service)
         .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// (address, qps) per endpoint of `service`.
+fn endpoints(control: SocketAddr, service: &str) -> Vec<(String, f64)> {
+    route_entries(control, service)
+        .iter()
         .map(|e| {
             (
                 e["address"].as_str().unwrap_or_default().to_string(),
@@ -54,25 +62,79 @@ fn history(control: SocketAddr) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-#[test]
-fn process_backend_scales_up_under_a_load_step_and_back_down() {
-    let dir = std::env::temp_dir().join(format!("cogmesh-autoscale-{}", std::process::id()));
+/// A control plane from `scaling` (the YAML of the `scaling:` section, indented by two) in a
+/// fresh temp dir; returns it, its address and the dir.
+fn control_with(tag: &str, scaling: &str) -> (Proc, SocketAddr, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("cogmesh-autoscale-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let control_addr = free_addr();
-    let history_file = dir.join("scaling.jsonl");
     let config = dir.join("control.yaml");
-    // Windows shortened for a test: decisions every 500 ms, 2 s to react, 6 s before a
-    // scale-down. A replica has 2 slots and takes 40 ms a request: ~50 req/s.
+    let scaling = scaling.replace("{dir}", &dir.display().to_string());
     std::fs::write(
         &config,
-        format!(
-            r#"
-listen: "{control_addr}"
-weight_interval_ms: 250
-scaling:
-  interval_ms: 500
-  history_file: "{}"
+        format!("listen: \"{control_addr}\"\nweight_interval_ms: 250\nscaling:\n{scaling}"),
+    )
+    .unwrap();
+    let mut control = Proc::spawn(
+        "cogmesh control",
+        Command::new(bin("cogmesh"))
+            .args(["control", "--config"])
+            .arg(&config)
+            .env("COGMESH_LOG", "warn"),
+    );
+    wait_tcp(control_addr, &mut control);
+    (control, control_addr, dir)
+}
+
+/// `n` closed-loop clients of `GET /work` on `listen` until `stop` or 90 s.
+fn load(
+    listen: SocketAddr,
+    n: usize,
+    stop: &Arc<AtomicBool>,
+    ok: &Arc<AtomicU64>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    (0..n)
+        .map(|_| {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if let Ok((200, _)) = http_get(listen, "/work") {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// A client sidecar that routes to `service`, learning its endpoints from the control plane.
+fn client_of(control: SocketAddr, service: &str) -> Proxy {
+    Proxy::quick(
+        &[],
+        &[
+            "--upstream-service",
+            service,
+            "--control",
+            &control.to_string(),
+            "--service",
+            "gateway",
+        ],
+    )
+}
+
+const WORKLOAD: &str = r#"[cogmesh, workload, --listen, "{address}", --name, "{name}", --capacity, "2", --service-time-ms, "40"]"#;
+
+#[test]
+fn process_backend_scales_up_under_a_load_step_and_back_down() {
+    // Windows shortened for a test: decisions every 500 ms, 1 s to react, 6 s before a
+    // scale-down. A replica has 2 slots and takes 40 ms a request: ~50 req/s.
+    let (mut control, control_addr, dir) = control_with(
+        "step",
+        &format!(
+            r#"  interval_ms: 500
+  history_file: "{{dir}}/scaling.jsonl"
   backend: process
   services:
     reasoning:
@@ -87,20 +149,11 @@ scaling:
         stable_window_s: 4
         panic_window_s: 2
         trend_lookahead_s: 0
-      command: [cogmesh, workload, --listen, "{{address}}", --name, "{{name}}", --capacity, "2", --service-time-ms, "40"]
-"#,
-            history_file.display()
+      command: {WORKLOAD}
+"#
         ),
-    )
-    .unwrap();
-    let mut control = Proc::spawn(
-        "cogmesh control",
-        Command::new(bin("cogmesh"))
-            .args(["control", "--config"])
-            .arg(&config)
-            .env("COGMESH_LOG", "warn"),
     );
-    wait_tcp(control_addr, &mut control);
+    let history_file = dir.join("scaling.jsonl");
 
     // The minimum: one replica registers through its sidecar.
     let first = eventually("the first replica registers", Duration::from_secs(30), || {
@@ -108,35 +161,12 @@ scaling:
         (e.len() == 1).then(|| e[0].0.clone())
     });
 
-    // A client sidecar that routes to the service, learning its endpoints from the control plane.
-    let client = Proxy::quick(
-        &[],
-        &[
-            "--upstream-service",
-            "reasoning",
-            "--control",
-            &control_addr.to_string(),
-            "--service",
-            "gateway",
-        ],
-    );
+    let client = client_of(control_addr, "reasoning");
 
     // A step of offered load: 10 closed-loop clients (one replica serves ~2 at a time).
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let clients: Vec<_> = (0..10)
-        .map(|_| {
-            let (stop, ok, listen) = (stop.clone(), ok.clone(), client.listen);
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    if let Ok((200, _)) = http_get(listen, "/work") {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
+    let clients = load(client.listen, 10, &stop, &ok);
 
     // Scaled up, and the client's balancer sends traffic to the new replicas.
     eventually("scale-up to at least 3 replicas", Duration::from_secs(60), || {
@@ -159,9 +189,19 @@ scaling:
         "requests served: {}",
         ok.load(Ordering::Relaxed)
     );
-    eventually("scale-down to 1 replica", Duration::from_secs(90), || {
-        (endpoints(control_addr, "reasoning").len() == 1).then_some(())
-    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let e = route_entries(control_addr, "reasoning");
+        if e.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scale-down to 1 replica within 90 s: endpoints {e:?}, decisions {:?}",
+            history(control_addr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Every decision is in the history, with its reason.
     let decisions = history(control_addr);
@@ -203,4 +243,106 @@ scaling:
             .then_some(())
     });
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn grpcurl_call(control: SocketAddr, method: &str, body: &str) -> serde_json::Value {
+    try_grpcurl(control, method, body).unwrap_or_else(|e| panic!("grpcurl {method}: {e}"))
+}
+
+/// Calls an ExternalScaler method; the JSON it printed, or grpcurl's error output.
+fn try_grpcurl(control: SocketAddr, method: &str, body: &str) -> Result<serde_json::Value, String> {
+    let (code, out, err) = run_with_timeout(
+        Command::new(grpcurl()).args([
+            "-plaintext",
+            "-d",
+            body,
+            &control.to_string(),
+            &format!("externalscaler.ExternalScaler/{method}"),
+        ]),
+        Duration::from_secs(30),
+    );
+    if code != Some(0) {
+        return Err(err);
+    }
+    serde_json::from_str(&out).map_err(|e| format!("printed {out:?}: {e}"))
+}
+
+#[test]
+fn keda_external_scaler_reports_policy_targets_and_reported_totals() {
+    // Two replicas, kept at two (min = max), saturated by the load: each reports load 1.0.
+    let (_control, control_addr, dir) = control_with(
+        "keda",
+        &format!(
+            r#"  backend: process
+  services:
+    reasoning:
+      policy: {{ min_replicas: 2, max_replicas: 2, target_cpu_utilization: null, target_cognitive_load: 0.6 }}
+      command: {WORKLOAD}
+"#
+        ),
+    );
+    eventually("both replicas register", Duration::from_secs(30), || {
+        (endpoints(control_addr, "reasoning").len() == 2).then_some(())
+    });
+    let object =
+        r#"{"name": "reasoning-scaler", "namespace": "default", "scalerMetadata": {"service": "reasoning"}}"#;
+
+    // The policy's target, per replica.
+    let spec = grpcurl_call(control_addr, "GetMetricSpec", object);
+    assert_eq!(spec["metricSpecs"][0]["metricName"], "cognitive_load", "{spec}");
+    assert_eq!(spec["metricSpecs"][0]["targetSizeFloat"], 0.6, "{spec}");
+    assert_eq!(spec["metricSpecs"].as_array().unwrap().len(), 1, "{spec}");
+
+    let client = client_of(control_addr, "reasoning");
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let clients = load(client.listen, 12, &stop, &ok);
+    // Both replicas report load 1.0: the service total is 2.0, and it is active.
+    let request = format!(r#"{{"scaledObjectRef": {object}, "metricName": "cognitive_load"}}"#);
+    let value = eventually(
+        "the total load of two saturated replicas",
+        Duration::from_secs(30),
+        || {
+            let loads: Vec<f64> = endpoints_with_load(control_addr, "reasoning");
+            let v = try_grpcurl(control_addr, "GetMetrics", &request).ok()?;
+            let total = v["metricValues"][0]["metricValueFloat"].as_f64().unwrap_or(0.0);
+            (loads.len() == 2 && loads.iter().all(|l| *l == 1.0) && total == 2.0).then_some(v)
+        },
+    );
+    assert_eq!(
+        value["metricValues"][0]["metricName"], "cognitive_load",
+        "{value}"
+    );
+    assert_eq!(value["metricValues"][0]["metricValue"], "2", "{value}");
+    let active = grpcurl_call(control_addr, "IsActive", object);
+    assert_eq!(active["result"], true, "{active}");
+
+    // A service without a policy is refused by name.
+    let (code, _, err) = run_with_timeout(
+        Command::new(grpcurl()).args([
+            "-plaintext",
+            "-d",
+            r#"{"name": "nope"}"#,
+            &control_addr.to_string(),
+            "externalscaler.ExternalScaler/GetMetricSpec",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("NotFound") && err.contains("\"nope\""), "{err}");
+
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert!(ok.load(Ordering::Relaxed) > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The cognitive load `cogmesh routes` shows for each endpoint of `service`.
+fn endpoints_with_load(control: SocketAddr, service: &str) -> Vec<f64> {
+    route_entries(control, service)
+        .iter()
+        .map(|e| e["cognitive_load"].as_f64().unwrap_or(0.0))
+        .collect()
 }

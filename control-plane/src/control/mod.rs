@@ -19,6 +19,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cogmesh_proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use cogmesh_proto::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
 use cogmesh_proto::v1::mesh_control_server::{MeshControl, MeshControlServer};
 use cogmesh_proto::v1::{
@@ -201,6 +202,9 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MeshControlServer<ControlService>>().await;
     health.set_serving::<MeshAdminServer<AdminService>>().await;
+    health
+        .set_serving::<ExternalScalerServer<crate::scaling::keda::KedaService>>()
+        .await;
     // Both reflection versions: grpcurl releases before 1.9 only speak v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -235,6 +239,10 @@ pub async fn serve(
         }))
         .add_service(MeshAdminServer::new(AdminService {
             mesh: Arc::clone(&mesh),
+        }))
+        .add_service(ExternalScalerServer::new(crate::scaling::keda::KedaService {
+            scaler: Arc::clone(&mesh.scaler),
+            interval: Duration::from_millis(config.resolved.scaling.interval_ms),
         }))
         .serve_with_incoming_shutdown(incoming, shutdown);
     let deadline = async move {

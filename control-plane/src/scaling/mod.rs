@@ -4,6 +4,7 @@
 pub mod config;
 pub mod engine;
 pub mod history;
+pub mod keda;
 pub mod policy;
 pub mod process;
 pub mod scaler;

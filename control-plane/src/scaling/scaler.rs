@@ -24,8 +24,15 @@ use super::history::{History, Record};
 use super::policy::ScalingPolicy;
 use super::process::ProcessBackend;
 
+/// A service's policy, engine state and last observation.
+struct ServiceState {
+    policy: ScalingPolicy,
+    engine: EngineState,
+    last: Option<Observation>,
+}
+
 pub struct Scaler {
-    services: Mutex<BTreeMap<String, (ScalingPolicy, EngineState)>>,
+    services: Mutex<BTreeMap<String, ServiceState>>,
     history: History,
     decisions: broadcast::Sender<ScalingDecision>,
     process: Option<ProcessBackend>,
@@ -41,7 +48,14 @@ impl Scaler {
                 config
                     .services
                     .iter()
-                    .map(|(name, s)| (name.clone(), (s.policy.clone(), EngineState::default())))
+                    .map(|(name, s)| {
+                        let state = ServiceState {
+                            policy: s.policy.clone(),
+                            engine: EngineState::default(),
+                            last: None,
+                        };
+                        (name.clone(), state)
+                    })
                     .collect(),
             ),
             history: History::open(config.history_file.as_deref()),
@@ -54,10 +68,10 @@ impl Scaler {
     pub fn set_policies(&self, config: &ScalingConfig) {
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         for (name, s) in &config.services {
-            if let Some((policy, _)) = services.get_mut(name) {
-                if *policy != s.policy {
+            if let Some(state) = services.get_mut(name) {
+                if state.policy != s.policy {
                     info!(service = %name, "scaling policy reloaded");
-                    *policy = s.policy.clone();
+                    state.policy = s.policy.clone();
                 }
             }
         }
@@ -69,15 +83,15 @@ impl Scaler {
             return;
         };
         let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, (policy, _)) in services.iter() {
-            process.scale(name, policy.min_replicas);
+        for (name, state) in services.iter() {
+            process.scale(name, state.policy.min_replicas);
         }
     }
 
     /// One round of decisions over `services` (the mesh's view) at `unix_ms`.
     pub fn tick(&self, services: &[ServiceStatus], unix_ms: u64) {
         let mut scaling = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, (policy, state)) in scaling.iter_mut() {
+        for (name, service) in scaling.iter_mut() {
             let status = services.iter().find(|s| &s.name == name);
             let endpoints = status.map_or(&[][..], |s| &s.endpoints[..]);
             let visible: HashSet<String> = endpoints.iter().map(|e| e.address.clone()).collect();
@@ -101,7 +115,9 @@ impl Scaler {
                 offered_rps: Some(endpoints.iter().map(|e| e.qps).sum()),
                 ..Default::default()
             };
-            let Some(d) = decide(policy, state, &obs) else {
+            let decision = decide(&service.policy, &mut service.engine, &obs);
+            service.last = Some(obs);
+            let Some(d) = decision else {
                 continue;
             };
             info!(
@@ -117,7 +133,7 @@ impl Scaler {
                 target: d.target,
                 reason: d.reason,
                 unix_ms,
-                policy_version: policy.version,
+                policy_version: service.policy.version,
             };
             let _ = self.decisions.send(to_proto(&record));
             self.history.append(record);
@@ -125,6 +141,12 @@ impl Scaler {
                 p.scale(name, d.to);
             }
         }
+    }
+
+    /// A service's policy and the last observation made for it, if it has a policy.
+    pub fn view(&self, service: &str) -> Option<(ScalingPolicy, Option<Observation>)> {
+        let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        services.get(service).map(|s| (s.policy.clone(), s.last.clone()))
     }
 
     pub fn history(&self, service: Option<&str>) -> Vec<ScalingDecision> {
