@@ -317,6 +317,41 @@ fn keda_external_scaler_reports_policy_targets_and_reported_totals() {
     let active = grpcurl_call(control_addr, "IsActive", object);
     assert_eq!(active["result"], true, "{active}");
 
+    // An operator changes the target through MeshAdmin: KEDA sees it, with a new version.
+    let (code, out, err) = run_with_timeout(
+        Command::new(grpcurl()).args([
+            "-plaintext",
+            "-d",
+            r#"{"policy": {"service": "reasoning", "min_replicas": 2, "max_replicas": 2, "target_cognitive_load": 0.8,
+                "tolerance": 0.1, "cooldown_down_s": 30, "stabilization_up_s": 3, "stabilization_down_s": 300,
+                "max_step_up": 4, "max_step_down": 2, "stable_window_s": 60, "panic_window_s": 6,
+                "panic_threshold": 2}}"#,
+            &control_addr.to_string(),
+            "cogmesh.v1.MeshAdmin/SetScalingPolicy",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "SetScalingPolicy: {err}");
+    assert!(out.contains("\"version\": \"1\""), "{out}");
+    let spec = grpcurl_call(control_addr, "GetMetricSpec", object);
+    assert_eq!(spec["metricSpecs"][0]["targetSizeFloat"], 0.8, "{spec}");
+    // An invalid policy is refused with the field and the reason.
+    let (code, _, err) = run_with_timeout(
+        Command::new(grpcurl()).args([
+            "-plaintext",
+            "-d",
+            r#"{"policy": {"service": "reasoning", "min_replicas": 5, "max_replicas": 2, "target_cognitive_load": 0.8}}"#,
+            &control_addr.to_string(),
+            "cogmesh.v1.MeshAdmin/SetScalingPolicy",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("InvalidArgument") && err.contains("policy.min_replicas"),
+        "{err}"
+    );
+
     // A service without a policy is refused by name.
     let (code, _, err) = run_with_timeout(
         Command::new(grpcurl()).args([

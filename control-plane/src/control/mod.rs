@@ -24,8 +24,9 @@ use cogmesh_proto::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
 use cogmesh_proto::v1::mesh_control_server::{MeshControl, MeshControlServer};
 use cogmesh_proto::v1::{
     control_message, sidecar_message, ConfigStatusRequest, ConfigStatusResponse, ControlMessage,
-    ListScalingDecisionsRequest, ListScalingDecisionsResponse, ListServicesRequest, ListServicesResponse,
-    RoutingTable, ScalingDecision, SidecarMessage, SyncStatusRequest, SyncStatusResponse,
+    GetScalingPoliciesRequest, GetScalingPoliciesResponse, ListScalingDecisionsRequest,
+    ListScalingDecisionsResponse, ListServicesRequest, ListServicesResponse, RoutingTable, ScalingDecision,
+    SetScalingPolicyRequest, SidecarMessage, SyncStatusRequest, SyncStatusResponse,
     WatchScalingDecisionsRequest, WatchTablesRequest,
 };
 use futures_util::Stream;
@@ -591,6 +592,35 @@ impl MeshAdmin for AdminService {
             .scaler
             .history((!service.is_empty()).then_some(service.as_str()));
         Ok(Response::new(ListScalingDecisionsResponse { decisions }))
+    }
+
+    async fn get_scaling_policies(
+        &self,
+        _: Request<GetScalingPoliciesRequest>,
+    ) -> Result<Response<GetScalingPoliciesResponse>, Status> {
+        let policies = self
+            .mesh
+            .scaler
+            .policies()
+            .iter()
+            .map(|(name, p)| p.to_proto(name))
+            .collect();
+        Ok(Response::new(GetScalingPoliciesResponse { policies }))
+    }
+
+    async fn set_scaling_policy(
+        &self,
+        request: Request<SetScalingPolicyRequest>,
+    ) -> Result<Response<cogmesh_proto::v1::ScalingPolicy>, Status> {
+        let Some(p) = request.into_inner().policy else {
+            return Err(Status::invalid_argument("policy: missing"));
+        };
+        let policy = crate::scaling::ScalingPolicy::from_proto(&p);
+        match self.mesh.scaler.set_policy(&p.service, policy) {
+            Ok(set) => Ok(Response::new(set.to_proto(&p.service))),
+            Err(e) if e.starts_with("policy.") => Err(Status::invalid_argument(e)),
+            Err(e) => Err(Status::not_found(e)),
+        }
     }
 
     type WatchScalingDecisionsStream = BoxStream<ScalingDecision>;

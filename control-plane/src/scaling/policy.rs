@@ -208,6 +208,63 @@ impl ScalingPolicy {
     }
 }
 
+impl ScalingPolicy {
+    /// The policy as `MeshAdmin` shows it.
+    pub fn to_proto(&self, service: &str) -> cogmesh_proto::v1::ScalingPolicy {
+        cogmesh_proto::v1::ScalingPolicy {
+            service: service.to_string(),
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas,
+            target_cpu_utilization: self.target_cpu_utilization,
+            target_memory_utilization: self.target_memory_utilization,
+            target_cognitive_load: self.target_cognitive_load,
+            target_latency_ms: self.target_latency_ms,
+            target_in_flight_per_replica: self.target_in_flight_per_replica,
+            scale_up_threshold: self.scale_up_threshold,
+            scale_down_threshold: self.scale_down_threshold,
+            tolerance: self.tolerance,
+            cooldown_up_s: self.cooldown_up_s,
+            cooldown_down_s: self.cooldown_down_s,
+            stabilization_up_s: self.stabilization_up_s,
+            stabilization_down_s: self.stabilization_down_s,
+            max_step_up: self.max_step_up,
+            max_step_down: self.max_step_down,
+            stable_window_s: self.stable_window_s,
+            panic_window_s: self.panic_window_s,
+            panic_threshold: self.panic_threshold,
+            trend_lookahead_s: self.trend_lookahead_s,
+            version: self.version,
+        }
+    }
+
+    /// A policy sent through `MeshAdmin` (its version is the control plane's to set).
+    pub fn from_proto(p: &cogmesh_proto::v1::ScalingPolicy) -> Self {
+        ScalingPolicy {
+            min_replicas: p.min_replicas,
+            max_replicas: p.max_replicas,
+            target_cpu_utilization: p.target_cpu_utilization,
+            target_memory_utilization: p.target_memory_utilization,
+            target_cognitive_load: p.target_cognitive_load,
+            target_latency_ms: p.target_latency_ms,
+            target_in_flight_per_replica: p.target_in_flight_per_replica,
+            scale_up_threshold: p.scale_up_threshold,
+            scale_down_threshold: p.scale_down_threshold,
+            tolerance: p.tolerance,
+            cooldown_up_s: p.cooldown_up_s,
+            cooldown_down_s: p.cooldown_down_s,
+            stabilization_up_s: p.stabilization_up_s,
+            stabilization_down_s: p.stabilization_down_s,
+            max_step_up: p.max_step_up,
+            max_step_down: p.max_step_down,
+            stable_window_s: p.stable_window_s,
+            panic_window_s: p.panic_window_s,
+            panic_threshold: p.panic_threshold,
+            trend_lookahead_s: p.trend_lookahead_s,
+            version: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +275,22 @@ mod tests {
         assert_eq!(p.validate(), Ok(()));
         let metrics: Vec<_> = p.metrics().collect();
         assert_eq!(metrics, vec![(super::super::engine::Metric::Cpu, 0.7)]);
+    }
+
+    #[test]
+    fn the_admin_form_round_trips() {
+        let p = ScalingPolicy {
+            target_cognitive_load: Some(0.6),
+            scale_up_threshold: Some(80.0),
+            version: 3,
+            ..Default::default()
+        };
+        let proto = p.to_proto("reasoning");
+        assert_eq!(proto.service, "reasoning");
+        assert_eq!(
+            ScalingPolicy::from_proto(&proto),
+            ScalingPolicy { version: 0, ..p }
+        );
     }
 
     #[test]

@@ -69,9 +69,18 @@ impl Scaler {
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         for (name, s) in &config.services {
             if let Some(state) = services.get_mut(name) {
-                if state.policy != s.policy {
-                    info!(service = %name, "scaling policy reloaded");
-                    state.policy = s.policy.clone();
+                let version = state.policy.version;
+                if state.policy
+                    != (ScalingPolicy {
+                        version,
+                        ..s.policy.clone()
+                    })
+                {
+                    state.policy = ScalingPolicy {
+                        version: version + 1,
+                        ..s.policy.clone()
+                    };
+                    info!(service = %name, version = version + 1, "scaling policy reloaded");
                 }
             }
         }
@@ -143,6 +152,37 @@ impl Scaler {
         }
     }
 
+    /// Every service's policy.
+    pub fn policies(&self) -> Vec<(String, ScalingPolicy)> {
+        let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        services
+            .iter()
+            .map(|(n, s)| (n.clone(), s.policy.clone()))
+            .collect()
+    }
+
+    /// Replaces a configured service's policy (validated first); returns it with its new
+    /// version.
+    pub fn set_policy(&self, service: &str, mut policy: ScalingPolicy) -> Result<ScalingPolicy, String> {
+        policy
+            .validate()
+            .map_err(|e| format!("policy.{}: {}", e.field, e.reason))?;
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(state) = services.get_mut(service) else {
+            return Err(format!(
+                "service {service:?} has no scaling section in the configuration"
+            ));
+        };
+        policy.version = state.policy.version + 1;
+        info!(
+            service,
+            version = policy.version,
+            "scaling policy set through MeshAdmin"
+        );
+        state.policy = policy.clone();
+        Ok(policy)
+    }
+
     /// A service's policy and the last observation made for it, if it has a policy.
     pub fn view(&self, service: &str) -> Option<(ScalingPolicy, Option<Observation>)> {
         let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
@@ -176,5 +216,44 @@ fn to_proto(r: &Record) -> ScalingDecision {
         reason: r.reason.clone(),
         unix_ms: r.unix_ms,
         policy_version: r.policy_version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scaling::config::ServiceScaling;
+
+    #[test]
+    fn policies_set_through_the_api_are_validated_and_versioned() {
+        let config = ScalingConfig {
+            services: [("reasoning".to_string(), ServiceScaling::default())].into(),
+            ..Default::default()
+        };
+        let scaler = Scaler::new(&config, "127.0.0.1:7070".parse().unwrap());
+        let wanted = ScalingPolicy {
+            target_cognitive_load: Some(0.8),
+            ..Default::default()
+        };
+        let set = scaler.set_policy("reasoning", wanted.clone()).unwrap();
+        assert_eq!(set.version, 1);
+        assert_eq!(scaler.policies(), vec![("reasoning".to_string(), set.clone())]);
+        let bad = ScalingPolicy {
+            min_replicas: 9,
+            max_replicas: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            scaler.set_policy("reasoning", bad),
+            Err("policy.min_replicas: 9 is above max_replicas (3)".to_string())
+        );
+        assert!(scaler
+            .set_policy("unknown", wanted)
+            .unwrap_err()
+            .contains("\"unknown\""));
+        // A reload with the file's (different) policy bumps the version again.
+        scaler.set_policies(&config);
+        assert_eq!(scaler.policies()[0].1.version, 2);
+        assert_eq!(scaler.policies()[0].1.target_cognitive_load, None);
     }
 }
