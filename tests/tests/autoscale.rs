@@ -316,6 +316,15 @@ fn keda_external_scaler_reports_policy_targets_and_reported_totals() {
     assert_eq!(value["metricValues"][0]["metricValue"], "2", "{value}");
     let active = grpcurl_call(control_addr, "IsActive", object);
     assert_eq!(active["result"], true, "{active}");
+    // A mean cognitive load of 1.0 is past the critical threshold (0.9): MeshAdmin lists it.
+    let alerts = eventually("a critical cognitive-load alert", Duration::from_secs(20), || {
+        let v = admin_call(control_addr, "ListAlerts");
+        let critical = v["alerts"].as_array()?.iter().any(|a| {
+            a["service"] == "reasoning" && a["metric"] == "cognitive_load" && a["level"] == "critical"
+        });
+        critical.then_some(v)
+    });
+    assert_eq!(alerts["alerts"][0]["threshold"], 0.9, "{alerts}");
 
     // An operator changes the target through MeshAdmin: KEDA sees it, with a new version.
     let (code, out, err) = run_with_timeout(
@@ -371,7 +380,28 @@ fn keda_external_scaler_reports_policy_targets_and_reported_totals() {
         c.join().unwrap();
     }
     assert!(ok.load(Ordering::Relaxed) > 0);
+    // Idle again: the alert clears.
+    eventually("the alert to clear", Duration::from_secs(30), || {
+        let v = admin_call(control_addr, "ListAlerts");
+        v["alerts"].as_array().is_none_or(|a| a.is_empty()).then_some(())
+    });
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `MeshAdmin` method without arguments, through grpcurl.
+fn admin_call(control: SocketAddr, method: &str) -> serde_json::Value {
+    let (code, out, err) = run_with_timeout(
+        Command::new(grpcurl()).args([
+            "-plaintext",
+            "-d",
+            "{}",
+            &control.to_string(),
+            &format!("cogmesh.v1.MeshAdmin/{method}"),
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "grpcurl {method}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("grpcurl {method} printed {out:?}: {e}"))
 }
 
 /// The cognitive load `cogmesh routes` shows for each endpoint of `service`.

@@ -58,6 +58,9 @@ pub struct ControlFile {
     /// Autoscaling policies and the backend that applies decisions.
     #[serde(default)]
     pub scaling: crate::scaling::ScalingConfig,
+    /// Alert thresholds (warning / critical) per metric.
+    #[serde(default)]
+    pub alerts: crate::scaling::alerts::AlertsConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -124,6 +127,7 @@ pub struct Resolved {
     pub weight_interval_ms: u64,
     pub services: Vec<StaticService>,
     pub scaling: crate::scaling::ScalingConfig,
+    pub alerts: crate::scaling::alerts::AlertsConfig,
     /// The files the configuration came from, in layer order.
     pub sources: Vec<String>,
 }
@@ -253,12 +257,17 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
         .scaling
         .validate()
         .map_err(|(field, reason)| err(&label, field, reason))?;
+    parsed
+        .alerts
+        .validate()
+        .map_err(|(field, reason)| err(&label, field, reason))?;
     Ok(Resolved {
         environment,
         listen,
         weight_interval_ms,
         services: parsed.services,
         scaling: parsed.scaling,
+        alerts: parsed.alerts,
         sources,
     })
 }

@@ -23,11 +23,11 @@ use cogmesh_proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use cogmesh_proto::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
 use cogmesh_proto::v1::mesh_control_server::{MeshControl, MeshControlServer};
 use cogmesh_proto::v1::{
-    control_message, sidecar_message, ConfigStatusRequest, ConfigStatusResponse, ControlMessage,
-    GetScalingPoliciesRequest, GetScalingPoliciesResponse, ListScalingDecisionsRequest,
-    ListScalingDecisionsResponse, ListServicesRequest, ListServicesResponse, RoutingTable, ScalingDecision,
-    SetScalingPolicyRequest, SidecarMessage, SyncStatusRequest, SyncStatusResponse,
-    WatchScalingDecisionsRequest, WatchTablesRequest,
+    control_message, sidecar_message, Alert, ConfigStatusRequest, ConfigStatusResponse, ControlMessage,
+    GetScalingPoliciesRequest, GetScalingPoliciesResponse, ListAlertsRequest, ListAlertsResponse,
+    ListScalingDecisionsRequest, ListScalingDecisionsResponse, ListServicesRequest, ListServicesResponse,
+    RoutingTable, ScalingDecision, SetScalingPolicyRequest, SidecarMessage, SyncStatusRequest,
+    SyncStatusResponse, WatchAlertsRequest, WatchScalingDecisionsRequest, WatchTablesRequest,
 };
 use futures_util::Stream;
 use tokio::sync::watch;
@@ -133,6 +133,7 @@ impl Mesh {
                     .store(next.weight_interval_ms, std::sync::atomic::Ordering::Relaxed);
                 self.state().statics = next.services.clone();
                 self.scaler.set_policies(&next.scaling);
+                self.scaler.set_alerts(&next.alerts);
                 *self.config.lock().unwrap_or_else(|p| p.into_inner()) = next;
                 drop(status);
                 self.publish(0.0);
@@ -179,6 +180,7 @@ pub async fn serve(
         startup_grace: config.startup_grace,
         scaler: Arc::new(crate::scaling::Scaler::new(
             &config.resolved.scaling,
+            &config.resolved.alerts,
             listener.local_addr().unwrap_or(config.resolved.listen),
         )),
     });
@@ -594,6 +596,29 @@ impl MeshAdmin for AdminService {
         Ok(Response::new(ListScalingDecisionsResponse { decisions }))
     }
 
+    async fn list_alerts(
+        &self,
+        _: Request<ListAlertsRequest>,
+    ) -> Result<Response<ListAlertsResponse>, Status> {
+        Ok(Response::new(ListAlertsResponse {
+            alerts: self.mesh.scaler.active_alerts(),
+        }))
+    }
+
+    type WatchAlertsStream = BoxStream<Alert>;
+
+    async fn watch_alerts(
+        &self,
+        _: Request<WatchAlertsRequest>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        let alerts = self.mesh.scaler.subscribe_alerts();
+        Ok(Response::new(broadcast_stream(
+            alerts,
+            self.mesh.stopping.subscribe(),
+            |_| true,
+        )))
+    }
+
     async fn get_scaling_policies(
         &self,
         _: Request<GetScalingPoliciesRequest>,
@@ -631,30 +656,42 @@ impl MeshAdmin for AdminService {
     ) -> Result<Response<Self::WatchScalingDecisionsStream>, Status> {
         let service = request.into_inner().service;
         let decisions = self.mesh.scaler.subscribe();
-        let stopping = self.mesh.stopping.subscribe();
-        Ok(Response::new(Box::pin(futures_util::stream::unfold(
-            (decisions, stopping, service),
-            |(mut decisions, mut stopping, service)| async move {
-                loop {
-                    let next = tokio::select! {
-                        next = decisions.recv() => next,
-                        _ = stopping.wait_for(|s| *s) => return None,
-                    };
-                    match next {
-                        Ok(d) if service.is_empty() || d.service == service => {
-                            return Some((Ok(d), (decisions, stopping, service)));
-                        }
-                        Ok(_) => continue,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            let status = Status::data_loss(format!("{n} decisions were missed; list them"));
-                            return Some((Err(status), (decisions, stopping, service)));
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
-            },
-        ))))
+        Ok(Response::new(broadcast_stream(
+            decisions,
+            self.mesh.stopping.subscribe(),
+            move |d: &ScalingDecision| service.is_empty() || d.service == service,
+        )))
     }
+}
+
+/// The items of a broadcast channel that pass `keep`, until shutdown. A subscriber too slow to
+/// keep up gets `DATA_LOSS` saying how many it missed (the list RPCs have them), then goes on.
+fn broadcast_stream<T: Clone + Send + 'static>(
+    items: tokio::sync::broadcast::Receiver<T>,
+    stopping: watch::Receiver<bool>,
+    keep: impl Fn(&T) -> bool + Send + Sync + 'static,
+) -> BoxStream<T> {
+    use tokio::sync::broadcast::error::RecvError;
+    Box::pin(futures_util::stream::unfold(
+        (items, stopping, keep),
+        |(mut items, mut stopping, keep)| async move {
+            loop {
+                let next = tokio::select! {
+                    next = items.recv() => next,
+                    _ = stopping.wait_for(|s| *s) => return None,
+                };
+                match next {
+                    Ok(item) if keep(&item) => return Some((Ok(item), (items, stopping, keep))),
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(n)) => {
+                        let status = Status::data_loss(format!("{n} messages were missed; list them"));
+                        return Some((Err(status), (items, stopping, keep)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        },
+    ))
 }
 
 /// Every new table until shutdown.

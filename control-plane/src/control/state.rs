@@ -212,9 +212,16 @@ impl MeshState {
                         eps: eps.get(a.as_str()).copied().unwrap_or(0.0),
                         utilization: utilization.unwrap_or(0.0),
                     });
-                    if let Some(o) = o {
-                        self.last_observed.insert(a.clone(), o);
-                    }
+                    // What `ListServices` shows (and the autoscaler reads): an endpoint nobody
+                    // sent requests to this interval is idle now, not as busy as it last was.
+                    self.last_observed.insert(
+                        a.clone(),
+                        o.unwrap_or(Observation {
+                            qps: 0.0,
+                            eps: 0.0,
+                            utilization: utilization.unwrap_or(0.0),
+                        }),
+                    );
                     (a.clone(), o)
                 })
                 .collect();

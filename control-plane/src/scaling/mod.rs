@@ -1,6 +1,7 @@
 //! Autoscaling: per-service policies, the decision engine that turns sidecar reports into
 //! replica counts, the decision history, and the backends that apply decisions.
 
+pub mod alerts;
 pub mod config;
 pub mod engine;
 pub mod history;

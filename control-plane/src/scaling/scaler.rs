@@ -14,10 +14,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use cogmesh_proto::v1::{ScalingDecision, ServiceStatus};
+use cogmesh_proto::v1::{Alert, ScalingDecision, ServiceStatus};
 use tokio::sync::broadcast;
 use tracing::info;
 
+use super::alerts::{AlertEvent, Alerts, AlertsConfig, Level};
 use super::config::{BackendKind, ScalingConfig};
 use super::engine::{decide, EngineState, Observation};
 use super::history::{History, Record};
@@ -36,11 +37,15 @@ pub struct Scaler {
     history: History,
     decisions: broadcast::Sender<ScalingDecision>,
     process: Option<ProcessBackend>,
+    alerts_config: Mutex<AlertsConfig>,
+    alerts: Mutex<Alerts>,
+    alert_events: broadcast::Sender<Alert>,
 }
 
 impl Scaler {
-    pub fn new(config: &ScalingConfig, control: SocketAddr) -> Self {
+    pub fn new(config: &ScalingConfig, alerts: &AlertsConfig, control: SocketAddr) -> Self {
         let (decisions, _) = broadcast::channel(256);
+        let (alert_events, _) = broadcast::channel(256);
         let process =
             (config.backend == BackendKind::Process).then(|| ProcessBackend::new(control, &config.services));
         Scaler {
@@ -61,6 +66,9 @@ impl Scaler {
             history: History::open(config.history_file.as_deref()),
             decisions,
             process,
+            alerts_config: Mutex::new(alerts.clone()),
+            alerts: Mutex::new(Alerts::default()),
+            alert_events,
         }
     }
 
@@ -97,33 +105,77 @@ impl Scaler {
         }
     }
 
-    /// One round of decisions over `services` (the mesh's view) at `unix_ms`.
+    /// Applies reloaded alert thresholds.
+    pub fn set_alerts(&self, config: &AlertsConfig) {
+        *self.alerts_config.lock().unwrap_or_else(|p| p.into_inner()) = config.clone();
+    }
+
+    /// One round of decisions over `services` (the mesh's view) at `unix_ms`, and of alerts.
     pub fn tick(&self, services: &[ServiceStatus], unix_ms: u64) {
+        self.decide(services, unix_ms);
+        self.evaluate_alerts(services, unix_ms);
+    }
+
+    /// Alerts for every service with endpoints: the observation its policy's engine made this
+    /// tick, or (without a policy) one from what its endpoints report.
+    fn evaluate_alerts(&self, services: &[ServiceStatus], unix_ms: u64) {
+        let config = self
+            .alerts_config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let observed: BTreeMap<String, Option<Observation>> = {
+            let scaling = self.services.lock().unwrap_or_else(|p| p.into_inner());
+            scaling.iter().map(|(n, s)| (n.clone(), s.last.clone())).collect()
+        };
+        let mut alerts = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        for status in services.iter().filter(|s| !s.endpoints.is_empty()) {
+            let obs = observed
+                .get(&status.name)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| observe(status, unix_ms));
+            for event in alerts.evaluate(&config, &status.name, &obs) {
+                match event.level {
+                    Level::Ok => info!(
+                        service = %event.service, metric = event.metric, value = event.value,
+                        "alert cleared (was {})", event.previous.as_str()
+                    ),
+                    level => tracing::warn!(
+                        service = %event.service, metric = event.metric, value = event.value,
+                        threshold = event.threshold, "alert {}", level.as_str()
+                    ),
+                }
+                let _ = self.alert_events.send(alert_proto(&event));
+            }
+        }
+    }
+
+    /// The alerts not at `ok`.
+    pub fn active_alerts(&self) -> Vec<Alert> {
+        let alerts = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        alerts.active().iter().map(alert_proto).collect()
+    }
+
+    pub fn subscribe_alerts(&self) -> broadcast::Receiver<Alert> {
+        self.alert_events.subscribe()
+    }
+
+    fn decide(&self, services: &[ServiceStatus], unix_ms: u64) {
         let mut scaling = self.services.lock().unwrap_or_else(|p| p.into_inner());
         for (name, service) in scaling.iter_mut() {
-            let status = services.iter().find(|s| &s.name == name);
-            let endpoints = status.map_or(&[][..], |s| &s.endpoints[..]);
-            let visible: HashSet<String> = endpoints.iter().map(|e| e.address.clone()).collect();
-            // A registered endpoint without a fresh load report is idle: its sidecar reports
-            // every second, and the app reports only while it serves.
-            let reported: Vec<f64> = endpoints.iter().map(|e| e.cognitive_load).collect();
-            let (ready, starting) = match &self.process {
+            let empty = ServiceStatus {
+                name: name.clone(),
+                endpoints: Vec::new(),
+            };
+            let status = services.iter().find(|s| &s.name == name).unwrap_or(&empty);
+            let mut obs = observe(status, unix_ms);
+            if let Some(p) = &self.process {
                 // Only this backend's replicas count: endpoints from elsewhere stay as they are.
-                Some(p) => {
-                    let starting = p.starting(name, &visible);
-                    (p.running(name).saturating_sub(starting), starting)
-                }
-                None => (endpoints.len() as u32, 0),
-            };
-            let obs = Observation {
-                at_ms: unix_ms,
-                ready,
-                starting,
-                cognitive_load: (!reported.is_empty())
-                    .then(|| reported.iter().sum::<f64>() / reported.len() as f64),
-                offered_rps: Some(endpoints.iter().map(|e| e.qps).sum()),
-                ..Default::default()
-            };
+                let visible: HashSet<String> = status.endpoints.iter().map(|e| e.address.clone()).collect();
+                obs.starting = p.starting(name, &visible);
+                obs.ready = p.running(name).saturating_sub(obs.starting);
+            }
             let decision = decide(&service.policy, &mut service.engine, &obs);
             service.last = Some(obs);
             let Some(d) = decision else {
@@ -205,6 +257,34 @@ impl Scaler {
     }
 }
 
+/// What a service's endpoints report: their number, their mean cognitive load (a registered
+/// endpoint without a fresh report is idle — its sidecar reports every second, the app only
+/// while it serves — so it counts as 0; absent without endpoints) and the requests per second
+/// the sidecars sent to them.
+fn observe(status: &ServiceStatus, unix_ms: u64) -> Observation {
+    let n = status.endpoints.len();
+    Observation {
+        at_ms: unix_ms,
+        ready: n as u32,
+        cognitive_load: (n > 0)
+            .then(|| status.endpoints.iter().map(|e| e.cognitive_load).sum::<f64>() / n as f64),
+        offered_rps: Some(status.endpoints.iter().map(|e| e.qps).sum()),
+        ..Default::default()
+    }
+}
+
+fn alert_proto(e: &AlertEvent) -> Alert {
+    Alert {
+        service: e.service.clone(),
+        metric: e.metric.to_string(),
+        level: e.level.as_str().to_string(),
+        previous_level: e.previous.as_str().to_string(),
+        value: e.value,
+        threshold: e.threshold,
+        unix_ms: e.unix_ms,
+    }
+}
+
 fn to_proto(r: &Record) -> ScalingDecision {
     ScalingDecision {
         service: r.service.clone(),
@@ -230,7 +310,11 @@ mod tests {
             services: [("reasoning".to_string(), ServiceScaling::default())].into(),
             ..Default::default()
         };
-        let scaler = Scaler::new(&config, "127.0.0.1:7070".parse().unwrap());
+        let scaler = Scaler::new(
+            &config,
+            &AlertsConfig::default(),
+            "127.0.0.1:7070".parse().unwrap(),
+        );
         let wanted = ScalingPolicy {
             target_cognitive_load: Some(0.8),
             ..Default::default()
