@@ -9,7 +9,7 @@
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cogmesh_e2e::{bin, eventually, free_addr, grpcurl, http_get, run_with_timeout, wait_tcp, Proc, Proxy};
@@ -124,6 +124,64 @@ fn client_of(control: SocketAddr, service: &str) -> Proxy {
     )
 }
 
+/// A client on `MeshControl.Connect` that says Hello as a sidecar of `gateway` routing to
+/// `service`, and collects the scaling decisions the control plane pushes, until `stop`.
+fn decisions_pushed(
+    control: SocketAddr,
+    service: &str,
+    stop: Arc<AtomicBool>,
+) -> Arc<Mutex<Vec<(u32, u32)>>> {
+    use cogmesh_proto::v1::mesh_control_client::MeshControlClient;
+    use cogmesh_proto::v1::{control_message, sidecar_message, Hello, SidecarMessage};
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (out, service) = (seen.clone(), service.to_string());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{control}"))
+                .unwrap()
+                .connect()
+                .await
+                .expect("connect to the control plane");
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(SidecarMessage {
+                kind: Some(sidecar_message::Kind::Hello(Hello {
+                    node: "decision-watcher".into(),
+                    service: "gateway".into(),
+                    instance_address: free_addr().to_string(),
+                    subscriptions: vec![service],
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+            let mut inbound = MeshControlClient::new(channel)
+                .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .expect("MeshControl.Connect")
+                .into_inner();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+                let next = tokio::time::timeout(Duration::from_millis(200), inbound.message()).await;
+                match next {
+                    Ok(Ok(Some(m))) => {
+                        if let Some(control_message::Kind::ScalingDecision(d)) = m.kind {
+                            out.lock().unwrap().push((d.from_replicas, d.to_replicas));
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(_) => continue,
+                }
+            }
+            drop(tx);
+        });
+    });
+    seen
+}
+
 const WORKLOAD: &str = r#"[cogmesh, workload, --listen, "{address}", --name, "{name}", --capacity, "2", --service-time-ms, "40"]"#;
 
 #[test]
@@ -162,6 +220,8 @@ fn process_backend_scales_up_under_a_load_step_and_back_down() {
     });
 
     let client = client_of(control_addr, "reasoning");
+    let watching = Arc::new(AtomicBool::new(false));
+    let pushed = decisions_pushed(control_addr, "reasoning", watching.clone());
 
     // A step of offered load: 10 closed-loop clients (one replica serves ~2 at a time).
     let stop = Arc::new(AtomicBool::new(false));
@@ -203,8 +263,15 @@ fn process_backend_scales_up_under_a_load_step_and_back_down() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // Every decision is in the history, with its reason.
+    // Every decision is in the history, with its reason, and was pushed on MeshControl to a
+    // sidecar that routes to the service.
     let decisions = history(control_addr);
+    let pushed = eventually("every decision pushed", Duration::from_secs(10), || {
+        let p = pushed.lock().unwrap().clone();
+        (p.len() == decisions.len()).then_some(p)
+    });
+    watching.store(true, Ordering::Relaxed);
+    assert!(pushed.iter().any(|(from, to)| to > from), "{pushed:?}");
     let ups: Vec<_> = decisions
         .iter()
         .filter(|d| d["to"].as_u64() > d["from"].as_u64())

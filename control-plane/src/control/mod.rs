@@ -29,7 +29,7 @@ use cogmesh_proto::v1::{
     RoutingTable, ScalingDecision, SetScalingPolicyRequest, SidecarMessage, SyncStatusRequest,
     SyncStatusResponse, WatchAlertsRequest, WatchScalingDecisionsRequest, WatchTablesRequest,
 };
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
@@ -382,6 +382,7 @@ impl MeshControl for ControlService {
         // (thousands of sidecars after a rollout) then makes one table version per tick, not one
         // per sidecar, each fanned out to everyone.
         let subscriptions = hello.subscriptions.clone();
+        let hello_service = hello.service.clone();
         let session = self.mesh.state().hello(hello);
 
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -392,12 +393,28 @@ impl MeshControl for ControlService {
             inbound,
             done_tx,
         ));
-        Ok(Response::new(push_stream(
-            Arc::clone(&self.mesh),
-            node,
-            subscriptions,
-            done_rx,
-        )))
+        // Scaling decisions for the sidecar's own service and the services it routes to go out
+        // on the same stream, between tables; the stream ends when the table stream does.
+        let own = hello_service;
+        let wanted = subscriptions.clone();
+        let decisions = broadcast_stream(
+            self.mesh.scaler.subscribe(),
+            self.mesh.stopping.subscribe(),
+            move |d: &ScalingDecision| d.service == own || wanted.is_empty() || wanted.contains(&d.service),
+        )
+        .filter_map(|d| std::future::ready(d.ok()))
+        .map(|d| {
+            Some(Ok(ControlMessage {
+                kind: Some(control_message::Kind::ScalingDecision(d)),
+            }))
+        });
+        let tables = push_stream(Arc::clone(&self.mesh), node, subscriptions, done_rx)
+            .map(Some)
+            .chain(futures_util::stream::once(std::future::ready(None)));
+        let merged = futures_util::stream::select(tables, decisions)
+            .take_while(|m| std::future::ready(m.is_some()))
+            .filter_map(std::future::ready);
+        Ok(Response::new(Box::pin(merged)))
     }
 }
 

@@ -260,8 +260,16 @@ async fn session(
             Ok(None) => break Ok(()),
             Err(e) => break Err(e.into()),
         };
-        let Some(control_message::Kind::RoutingTable(table)) = message.kind else {
-            continue;
+        let table = match message.kind {
+            Some(control_message::Kind::RoutingTable(table)) => table,
+            Some(control_message::Kind::ScalingDecision(d)) => {
+                info!(
+                    service = %d.service, from = d.from_replicas, to = d.to_replicas, metric = %d.metric,
+                    "scaling decision: {}", d.reason
+                );
+                continue;
+            }
+            None => continue,
         };
         let reply = match apply(state, &table, false) {
             Ok(()) => {
