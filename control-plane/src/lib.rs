@@ -6,5 +6,6 @@
 
 pub mod cli;
 pub mod control;
+pub mod metrics;
 pub mod scaling;
 pub mod workload;

@@ -77,6 +77,10 @@ struct ControlArgs {
     /// gRPC address to listen on [default: from the file, else 127.0.0.1:7070].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`) [default: from the file's
+    /// `metrics_listen`, else not served].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// How often endpoint weights are recomputed from sidecar reports, in milliseconds.
     #[arg(long, value_name = "MS")]
     weight_interval_ms: Option<u64>,
@@ -210,6 +214,9 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
     let mut resolved = load_control_config(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         resolved.listen = listen;
+    }
+    if let Some(metrics) = args.metrics {
+        resolved.metrics_listen = Some(metrics);
     }
     if let Some(ms) = args.weight_interval_ms {
         anyhow::ensure!(

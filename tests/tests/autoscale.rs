@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cogmesh_e2e::{bin, eventually, free_addr, grpcurl, http_get, run_with_timeout, wait_tcp, Proc, Proxy};
+use cogmesh_e2e::{
+    bin, eventually, free_addr, grpcurl, http_get, metric_value, run_with_timeout, wait_tcp, Proc, Proxy,
+};
 
 /// The endpoints of `service` as `cogmesh routes --json` shows them.
 fn route_entries(control: SocketAddr, service: &str) -> Vec<serde_json::Value> {
@@ -63,8 +65,8 @@ fn history(control: SocketAddr) -> Vec<serde_json::Value> {
 }
 
 /// A control plane from `scaling` (the YAML of the `scaling:` section, indented by two) in a
-/// fresh temp dir; returns it, its address and the dir.
-fn control_with(tag: &str, scaling: &str) -> (Proc, SocketAddr, std::path::PathBuf) {
+/// fresh temp dir, serving metrics on `metrics`; returns it, its address and the dir.
+fn control_with(tag: &str, scaling: &str, metrics: SocketAddr) -> (Proc, SocketAddr, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("cogmesh-autoscale-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -73,7 +75,9 @@ fn control_with(tag: &str, scaling: &str) -> (Proc, SocketAddr, std::path::PathB
     let scaling = scaling.replace("{dir}", &dir.display().to_string());
     std::fs::write(
         &config,
-        format!("listen: \"{control_addr}\"\nweight_interval_ms: 250\nscaling:\n{scaling}"),
+        format!(
+            "listen: \"{control_addr}\"\nmetrics_listen: \"{metrics}\"\nweight_interval_ms: 250\nscaling:\n{scaling}"
+        ),
     )
     .unwrap();
     let mut control = Proc::spawn(
@@ -188,6 +192,7 @@ const WORKLOAD: &str = r#"[cogmesh, workload, --listen, "{address}", --name, "{n
 fn process_backend_scales_up_under_a_load_step_and_back_down() {
     // Windows shortened for a test: decisions every 500 ms, 1 s to react, 6 s before a
     // scale-down. A replica has 2 slots and takes 40 ms a request: ~50 req/s.
+    let metrics_addr = free_addr();
     let (mut control, control_addr, dir) = control_with(
         "step",
         &format!(
@@ -210,6 +215,7 @@ fn process_backend_scales_up_under_a_load_step_and_back_down() {
       command: {WORKLOAD}
 "#
         ),
+        metrics_addr,
     );
     let history_file = dir.join("scaling.jsonl");
 
@@ -296,6 +302,34 @@ fn process_backend_scales_up_under_a_load_step_and_back_down() {
     let stored = std::fs::read_to_string(&history_file).expect("the history file");
     assert_eq!(stored.lines().count(), decisions.len());
 
+    // The control plane's metrics count them, and pass promtool.
+    let (status, metrics) = http_get(metrics_addr, "/metrics").expect("scrape the control plane");
+    assert_eq!(status, 200);
+    let count = |direction: &str| {
+        metric_value(
+            &metrics,
+            &format!(r#"scaling_decisions_total{{service="reasoning",direction="{direction}"}}"#),
+        )
+        .unwrap_or(0.0) as usize
+    };
+    assert_eq!(
+        (count("up"), count("down")),
+        (ups.len(), downs.len()),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, r#"scaling_replicas{service="reasoning"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
+    let (code, out, err) = run_with_timeout(
+        Command::new("sh").arg("-c").arg(format!(
+            "curl -sS --fail http://{metrics_addr}/metrics | promtool check metrics"
+        )),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "promtool check metrics:\n{out}\n{err}");
+
     // Stopping the control plane stops its replicas: their sidecars no longer accept.
     let replica: SocketAddr = endpoints(control_addr, "reasoning")[0].0.parse().unwrap();
     drop(client);
@@ -347,6 +381,7 @@ fn keda_external_scaler_reports_policy_targets_and_reported_totals() {
       command: {WORKLOAD}
 "#
         ),
+        free_addr(),
     );
     eventually("both replicas register", Duration::from_secs(30), || {
         (endpoints(control_addr, "reasoning").len() == 2).then_some(())

@@ -61,6 +61,9 @@ pub struct ControlFile {
     /// Alert thresholds (warning / critical) per metric.
     #[serde(default)]
     pub alerts: crate::scaling::alerts::AlertsConfig,
+    /// Where to serve Prometheus metrics (`GET /metrics`); none: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -128,6 +131,7 @@ pub struct Resolved {
     pub services: Vec<StaticService>,
     pub scaling: crate::scaling::ScalingConfig,
     pub alerts: crate::scaling::alerts::AlertsConfig,
+    pub metrics_listen: Option<SocketAddr>,
     /// The files the configuration came from, in layer order.
     pub sources: Vec<String>,
 }
@@ -268,6 +272,7 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
         services: parsed.services,
         scaling: parsed.scaling,
         alerts: parsed.alerts,
+        metrics_listen: parsed.metrics_listen,
         sources,
     })
 }

@@ -73,6 +73,7 @@ struct Mesh {
     start: Instant,
     startup_grace: Duration,
     scaler: Arc<crate::scaling::Scaler>,
+    metrics: Arc<crate::metrics::ControlMetrics>,
 }
 
 /// How long open streams may take to end after a shutdown signal.
@@ -116,6 +117,12 @@ impl Mesh {
                         next.listen
                     ));
                 }
+                if next.metrics_listen != current.metrics_listen {
+                    return Err(format!(
+                        "{}: metrics_listen: changing it needs a restart",
+                        next.sources.join(" + ")
+                    ));
+                }
                 if let Some(field) = current.scaling.restart_needed(&next.scaling) {
                     return Err(format!(
                         "{}: {field}: changing it needs a restart (policies reload)",
@@ -128,6 +135,10 @@ impl Mesh {
         match result {
             Ok(next) => {
                 status.applied += 1;
+                self.metrics
+                    .reloads
+                    .get_or_create(&crate::metrics::ResultLabels { result: "applied" })
+                    .inc();
                 info!(environment = next.environment.as_str(), "configuration reloaded");
                 self.weight_interval_ms
                     .store(next.weight_interval_ms, std::sync::atomic::Ordering::Relaxed);
@@ -140,6 +151,10 @@ impl Mesh {
             }
             Err(e) => {
                 status.refused += 1;
+                self.metrics
+                    .reloads
+                    .get_or_create(&crate::metrics::ResultLabels { result: "refused" })
+                    .inc();
                 warn!("configuration refused, keeping the last good one: {e}");
                 status.last_error = e;
             }
@@ -149,7 +164,14 @@ impl Mesh {
     /// Recomputes and publishes a new table if anything changed.
     fn publish(&self, interval_secs: f64) {
         let now = self.now_secs();
-        let table = self.state().recompute(now, interval_secs);
+        let (table, connected, version) = {
+            let mut state = self.state();
+            let table = state.recompute(now, interval_secs);
+            let connected = state.sidecars.values().filter(|s| s.connected).count();
+            (table, connected, state.version)
+        };
+        self.metrics.sidecars_connected.set(connected as i64);
+        self.metrics.table_version.set(version as i64);
         if let Some(t) = table {
             info!(
                 version = t.version,
@@ -169,6 +191,16 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (tables, _) = watch::channel(Arc::new(RoutingTable::default()));
     let (stopping, _) = watch::channel(false);
+    let metrics = Arc::new(crate::metrics::ControlMetrics::default());
+    let metrics_server = match crate::metrics::bind(config.resolved.metrics_listen).await {
+        Ok(Some(l)) => Some(tokio::spawn(crate::metrics::serve(l, Arc::clone(&metrics)))),
+        Ok(None) => None,
+        Err(e) => {
+            // The control plane still serves sidecars; the operator sees why metrics are missing.
+            warn!(address = ?config.resolved.metrics_listen, "cannot serve metrics: {e}");
+            None
+        }
+    };
     let mesh = Arc::new(Mesh {
         state: Mutex::new(MeshState::with_statics(config.resolved.services.clone())),
         weight_interval_ms: std::sync::atomic::AtomicU64::new(config.resolved.weight_interval_ms),
@@ -182,7 +214,9 @@ pub async fn serve(
             &config.resolved.scaling,
             &config.resolved.alerts,
             listener.local_addr().unwrap_or(config.resolved.listen),
+            metrics.scaling.clone(),
         )),
+        metrics,
     });
     mesh.publish(0.0);
     let scaling = spawn_scaling(Arc::clone(&mesh), config.resolved.scaling.interval_ms);
@@ -265,6 +299,9 @@ pub async fn serve(
     };
     ticker.abort();
     scaling.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     if let Some(w) = watcher {
         w.abort();
     }

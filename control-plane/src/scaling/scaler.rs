@@ -24,6 +24,7 @@ use super::engine::{decide, EngineState, Observation};
 use super::history::{History, Record};
 use super::policy::ScalingPolicy;
 use super::process::ProcessBackend;
+use crate::metrics::{AlertLabels, DecisionLabels, ScalingMetrics, ServiceLabels};
 
 /// A service's policy, engine state and last observation.
 struct ServiceState {
@@ -40,10 +41,16 @@ pub struct Scaler {
     alerts_config: Mutex<AlertsConfig>,
     alerts: Mutex<Alerts>,
     alert_events: broadcast::Sender<Alert>,
+    metrics: ScalingMetrics,
 }
 
 impl Scaler {
-    pub fn new(config: &ScalingConfig, alerts: &AlertsConfig, control: SocketAddr) -> Self {
+    pub fn new(
+        config: &ScalingConfig,
+        alerts: &AlertsConfig,
+        control: SocketAddr,
+        metrics: ScalingMetrics,
+    ) -> Self {
         let (decisions, _) = broadcast::channel(256);
         let (alert_events, _) = broadcast::channel(256);
         let process =
@@ -69,6 +76,7 @@ impl Scaler {
             alerts_config: Mutex::new(alerts.clone()),
             alerts: Mutex::new(Alerts::default()),
             alert_events,
+            metrics,
         }
     }
 
@@ -146,6 +154,27 @@ impl Scaler {
                         threshold = event.threshold, "alert {}", level.as_str()
                     ),
                 }
+                let labels = |level: Level| AlertLabels {
+                    service: event.service.clone(),
+                    metric: event.metric,
+                    level: level.as_str(),
+                };
+                if event.previous != Level::Ok {
+                    self.metrics
+                        .alert_active
+                        .get_or_create(&labels(event.previous))
+                        .set(0);
+                }
+                if event.level != Level::Ok {
+                    self.metrics
+                        .alert_active
+                        .get_or_create(&labels(event.level))
+                        .set(1);
+                }
+                self.metrics
+                    .alert_transitions
+                    .get_or_create(&labels(event.level))
+                    .inc();
                 let _ = self.alert_events.send(alert_proto(&event));
             }
         }
@@ -196,6 +225,20 @@ impl Scaler {
                 unix_ms,
                 policy_version: service.policy.version,
             };
+            let direction = if record.to > record.from { "up" } else { "down" };
+            self.metrics
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    service: name.clone(),
+                    direction,
+                })
+                .inc();
+            self.metrics
+                .replicas
+                .get_or_create(&ServiceLabels {
+                    service: name.clone(),
+                })
+                .set(i64::from(record.to));
             let _ = self.decisions.send(to_proto(&record));
             self.history.append(record);
             if let Some(p) = &self.process {
