@@ -357,6 +357,7 @@ mod tests {
             &config,
             &AlertsConfig::default(),
             "127.0.0.1:7070".parse().unwrap(),
+            ScalingMetrics::default(),
         );
         let wanted = ScalingPolicy {
             target_cognitive_load: Some(0.8),
