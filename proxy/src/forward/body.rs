@@ -1,5 +1,6 @@
-//! The response body the proxy sends downstream: an upstream body streamed as it arrives, or a
-//! short body the proxy made itself (errors). One concrete type, so nothing is boxed.
+//! The response body the proxy sends downstream: an upstream body streamed as it arrives, a
+//! short body the proxy made itself (errors, cache hits), or a body a route rewrote on the way
+//! (compressed, or recorded into the cache). Only the rewritten kind is boxed.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,6 +12,7 @@ use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::balance::{orca, InFlight};
+use crate::compress::{BoxError, CodedBody};
 
 pub enum ProxyBody {
     /// Keeps the endpoint's in-flight count until the body ends or is dropped.
@@ -20,6 +22,8 @@ pub enum ProxyBody {
         reports: Option<TrailerReports>,
     },
     Local(Option<Bytes>),
+    /// Compressed or recorded for the cache; streams like the others.
+    Coded(CodedBody),
 }
 
 /// How to handle an ORCA report in the trailers (gRPC responses): record the load on the
@@ -46,12 +50,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Upstream {
                 body,
@@ -67,9 +71,10 @@ impl Body for ProxyBody {
                 if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
                     in_flight.take();
                 }
-                polled
+                polled.map_err(BoxError::from)
             }
             ProxyBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Coded(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -77,6 +82,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
             ProxyBody::Local(bytes) => bytes.is_none(),
+            ProxyBody::Coded(body) => body.is_end_stream(),
         }
     }
 
@@ -85,6 +91,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
             ProxyBody::Local(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Local(None) => SizeHint::with_exact(0),
+            ProxyBody::Coded(body) => body.size_hint(),
         }
     }
 }
