@@ -350,6 +350,45 @@ routes:
         assert_eq!(t.route(0, &req("http://api.local/v1", "ignored", false)), Some(1));
     }
 
+    fn cached_table(cache: &str, previous: Option<&RoutingTable>) -> RoutingTable {
+        let c = ProxyConfig::from_yaml(
+            "t.yaml",
+            &format!(
+                r#"
+listeners:
+  - {{ name: out, address: "127.0.0.1:4140", default_service: web }}
+services:
+  - {{ name: web, endpoints: ["127.0.0.1:8080"] }}
+routes:
+  - {{ name: api, match: {{ path_prefix: /api }}, service: web, cache: {cache}, compression: {{}} }}
+  - {{ match: {{ path_prefix: /plain }}, service: web }}
+"#
+            ),
+        )
+        .unwrap();
+        RoutingTable::build(&c, previous, &Metrics::new())
+    }
+
+    fn cache_of(t: &RoutingTable) -> Arc<RouteCache> {
+        let target = t.target(0, &req("/api/x", "h", false)).unwrap();
+        Arc::clone(target.policy.unwrap().cache.as_ref().unwrap())
+    }
+
+    #[test]
+    fn policies_come_with_the_table_and_caches_survive_unchanged_reloads() {
+        let t = cached_table("{}", None);
+        let policy = t.target(0, &req("/api/x", "h", false)).unwrap().policy.unwrap();
+        assert_eq!(policy.label, "api");
+        assert!(policy.compression.is_some());
+        assert!(t.target(0, &req("/plain", "h", false)).unwrap().policy.is_none());
+        assert!(t.target(0, &req("/other", "h", false)).unwrap().policy.is_none());
+        let kept = cached_table("{}", Some(&t));
+        assert!(Arc::ptr_eq(&cache_of(&t), &cache_of(&kept)));
+        let changed = cached_table("{ max_bytes: 5000, max_entry_bytes: 100 }", Some(&kept));
+        assert!(!Arc::ptr_eq(&cache_of(&kept), &cache_of(&changed)));
+        assert_eq!(cache_of(&changed).config.max_bytes, 5000);
+    }
+
     #[test]
     fn a_rebuilt_table_has_the_next_version() {
         let t = table();
