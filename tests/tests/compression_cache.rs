@@ -663,3 +663,47 @@ fn entries_are_evicted_to_stay_within_max_bytes() {
     assert_eq!(origin.requests("/data/e0").len(), 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_reload_turns_policies_on_and_keeps_an_unchanged_cache() {
+    let origin = Origin::start();
+    let proxy = proxy(&origin, "  - { name: cached, service: origin }\n");
+    let dir = scratch("reload");
+    let url = proxy.url("/data/h?size=4096&cc=max-age=60");
+    let config = std::env::temp_dir().join(format!(
+        "cogmesh-proxy-{}-{}.yaml",
+        std::process::id(),
+        proxy.listen.port()
+    ));
+    let original = std::fs::read_to_string(&config).expect("the harness's config file");
+    let reload = |route: &str, applied: f64| {
+        let text = original.replace("  - { name: cached, service: origin }\n", route);
+        std::fs::write(&config, text).unwrap();
+        cogmesh_e2e::eventually("the reload", Duration::from_secs(10), || {
+            let m = proxy.metrics();
+            (metric_value(&m, r#"config_reload_total{result="applied"}"#) == Some(applied)).then_some(())
+        });
+    };
+
+    curl(&dir, &[], &url);
+    curl(&dir, &[], &url);
+    assert_eq!(origin.requests("/data/h").len(), 2, "no cache yet");
+
+    reload(CACHING, 1.0);
+    curl(&dir, &[], &url);
+    curl(&dir, &[], &url);
+    assert_eq!(origin.requests("/data/h").len(), 3, "cached after the reload");
+
+    // Compression added, cache settings unchanged: the stored entry survives and is compressed.
+    reload(&format!("{CACHING}    compression: {{}}\n"), 2.0);
+    let got = curl(&dir, &["--compressed", "-H", "accept-encoding: gzip"], &url);
+    assert_eq!(got.header("content-encoding"), Some("gzip"));
+    assert!(got.header("age").is_some());
+    assert!(got.body == json_body(4096));
+    assert_eq!(
+        origin.requests("/data/h").len(),
+        3,
+        "the cache survived the reload"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
