@@ -506,12 +506,12 @@ fn summary(run: &Run) -> String {
     };
     match &run.result {
         Ok(l) => format!(
-            "{:<8} {:<13} {size:<8} {:>8.0} req/s  p99 {:>7.0} µs  CPU {:>5.1} µs/req  (other CPU {:.2} cores)",
+            "{:<8} {:<13} {size:<8} {:>8.0} req/s  p99 {:>7.0} µs  CPU {:>5} µs/req  (other CPU {:.2} cores)",
             run.proxy.name(),
             run.mode.name(),
             l.rps,
             l.p99_us,
-            run.cpu_us.unwrap_or(f64::NAN),
+            run.cpu_us.map_or("-".into(), |c| format!("{c:.1}")),
             run.foreign_cores
         ),
         Err(e) => format!(
