@@ -417,3 +417,179 @@ impl Body for Recorder {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn cache(max_entry_bytes: u64) -> Arc<RouteCache> {
+        let config = CacheConfig {
+            max_bytes: 1 << 20,
+            max_entry_bytes,
+            default_ttl_ms: 0,
+        };
+        RouteCache::new(&config, CacheMetrics::default())
+    }
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).header(HOST, "svc").body(()).unwrap()
+    }
+
+    /// The upstream of these tests: counts calls, waits `delay`, answers `cache_control`.
+    async fn upstream(
+        calls: &AtomicUsize,
+        cache_control: &str,
+        delay: Duration,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::time::sleep(delay).await;
+        Ok(Response::builder()
+            .header("cache-control", cache_control)
+            .header("x-n", n)
+            .body(ProxyBody::local(Bytes::from(vec![b'x'; 1000])))
+            .unwrap())
+    }
+
+    async fn body_of(r: Response<ProxyBody>) -> (String, usize) {
+        let n = r.headers()["x-n"].to_str().unwrap().to_string();
+        (n, r.into_body().collect().await.unwrap().to_bytes().len())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_misses_coalesce_into_one_upstream_call() {
+        let c = cache(10_000);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let (c, calls) = (Arc::clone(&c), Arc::clone(&calls));
+                tokio::spawn(async move {
+                    let r = c
+                        .serve(get("/a"), |_| {
+                            upstream(&calls, "max-age=60", Duration::from_millis(100))
+                        })
+                        .await
+                        .unwrap();
+                    body_of(r).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), ("1".to_string(), 1000));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(c.metrics.miss.get(), 1);
+        assert_eq!(c.metrics.coalesced.get(), 9);
+        assert!(c.flights.lock().unwrap().is_empty(), "the flight is gone");
+        // Fresh: a later request is a plain hit.
+        let r = c
+            .serve(get("/a"), |_| upstream(&calls, "max-age=60", Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["age"], "0");
+        assert_eq!(c.metrics.hit.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn followers_of_an_uncacheable_response_go_upstream_themselves() {
+        for (cache_control, max_entry) in [("no-store", 10_000), ("max-age=60", 999)] {
+            let c = cache(max_entry);
+            let calls = Arc::new(AtomicUsize::new(0));
+            let tasks: Vec<_> = (0..5)
+                .map(|_| {
+                    let (c, calls) = (Arc::clone(&c), Arc::clone(&calls));
+                    tokio::spawn(async move {
+                        let r = c
+                            .serve(get("/b"), |_| {
+                                upstream(&calls, cache_control, Duration::from_millis(100))
+                            })
+                            .await
+                            .unwrap();
+                        body_of(r).await.1
+                    })
+                })
+                .collect();
+            for t in tasks {
+                assert_eq!(t.await.unwrap(), 1000);
+            }
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                5,
+                "{cache_control}, max entry {max_entry}"
+            );
+            assert_eq!(c.with_store(|s| s.len()), 0);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_leader_releases_its_followers() {
+        let c = cache(10_000);
+        let calls = Arc::new(AtomicUsize::new(0));
+        // The leader's client drops the response without reading the body.
+        let leader = {
+            let (c, calls) = (Arc::clone(&c), Arc::clone(&calls));
+            tokio::spawn(async move {
+                let r = c
+                    .serve(get("/c"), |_| {
+                        upstream(&calls, "max-age=60", Duration::from_millis(100))
+                    })
+                    .await
+                    .unwrap();
+                drop(r);
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let follower = {
+            let (c, calls) = (Arc::clone(&c), Arc::clone(&calls));
+            tokio::spawn(async move {
+                let r = c
+                    .serve(get("/c"), |_| {
+                        upstream(&calls, "max-age=60", Duration::from_millis(100))
+                    })
+                    .await
+                    .unwrap();
+                body_of(r).await
+            })
+        };
+        leader.await.unwrap();
+        assert_eq!(follower.await.unwrap(), ("2".to_string(), 1000));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn unsafe_methods_invalidate_and_head_misses_bypass() {
+        let c = cache(10_000);
+        let calls = AtomicUsize::new(0);
+        let r = c
+            .serve(get("/d"), |_| upstream(&calls, "max-age=60", Duration::ZERO))
+            .await
+            .unwrap();
+        body_of(r).await;
+        let head = Request::head("/e").header(HOST, "svc").body(()).unwrap();
+        c.serve(head, |_| upstream(&calls, "max-age=60", Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(c.metrics.bypass.get(), 1);
+        assert_eq!(c.with_store(|s| s.len()), 1, "a HEAD miss is not stored");
+        let head = Request::head("/d").header(HOST, "svc").body(()).unwrap();
+        let r = c
+            .serve(head, |_| upstream(&calls, "max-age=60", Duration::ZERO))
+            .await
+            .unwrap();
+        assert!(r.body().is_end_stream(), "a HEAD hit has no body");
+        assert_eq!(r.headers()["x-n"], "1");
+        let post = Request::post("/d").header(HOST, "svc").body(()).unwrap();
+        c.serve(post, |_| upstream(&calls, "no-store", Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(c.with_store(|s| s.len()), 0);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn keys_are_host_and_path_with_query() {
+        assert_eq!(cache_key(&get("/a?b=1")), "svc/a?b=1");
+        let r = Request::get("http://API.local:8080/x").body(()).unwrap();
+        assert_eq!(cache_key(&r), "api.local:8080/x");
+    }
+}
