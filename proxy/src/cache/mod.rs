@@ -456,26 +456,39 @@ mod tests {
         (n, r.into_body().collect().await.unwrap().to_bytes().len())
     }
 
+    /// A GET of `path` through `c` in its own task, the upstream answering after 100 ms; the
+    /// task reads the body (and returns `x-n` and its length) only with `read`.
+    fn spawn_get(
+        c: &Arc<RouteCache>,
+        calls: &Arc<AtomicUsize>,
+        path: &'static str,
+        cache_control: &'static str,
+        read: bool,
+    ) -> tokio::task::JoinHandle<Option<(String, usize)>> {
+        let (c, calls) = (Arc::clone(c), Arc::clone(calls));
+        tokio::spawn(async move {
+            let r = c
+                .serve(get(path), |_| {
+                    upstream(&calls, cache_control, Duration::from_millis(100))
+                })
+                .await
+                .unwrap();
+            match read {
+                true => Some(body_of(r).await),
+                false => None,
+            }
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn concurrent_misses_coalesce_into_one_upstream_call() {
         let c = cache(10_000);
         let calls = Arc::new(AtomicUsize::new(0));
         let tasks: Vec<_> = (0..10)
-            .map(|_| {
-                let (c, calls) = (Arc::clone(&c), Arc::clone(&calls));
-                tokio::spawn(async move {
-                    let r = c
-                        .serve(get("/a"), |_| {
-                            upstream(&calls, "max-age=60", Duration::from_millis(100))
-                        })
-                        .await
-                        .unwrap();
-                    body_of(r).await
-                })
-            })
+            .map(|_| spawn_get(&c, &calls, "/a", "max-age=60", true))
             .collect();
         for t in tasks {
-            assert_eq!(t.await.unwrap(), ("1".to_string(), 1000));
+            assert_eq!(t.await.unwrap(), Some(("1".to_string(), 1000)));
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(c.metrics.miss.get(), 1);
@@ -496,21 +509,10 @@ mod tests {
             let c = cache(max_entry);
             let calls = Arc::new(AtomicUsize::new(0));
             let tasks: Vec<_> = (0..5)
-                .map(|_| {
-                    let (c, calls) = (Arc::clone(&c), Arc::clone(&calls));
-                    tokio::spawn(async move {
-                        let r = c
-                            .serve(get("/b"), |_| {
-                                upstream(&calls, cache_control, Duration::from_millis(100))
-                            })
-                            .await
-                            .unwrap();
-                        body_of(r).await.1
-                    })
-                })
+                .map(|_| spawn_get(&c, &calls, "/b", cache_control, true))
                 .collect();
             for t in tasks {
-                assert_eq!(t.await.unwrap(), 1000);
+                assert_eq!(t.await.unwrap().map(|(_, len)| len), Some(1000));
             }
             assert_eq!(
                 calls.load(Ordering::SeqCst),
@@ -526,33 +528,11 @@ mod tests {
         let c = cache(10_000);
         let calls = Arc::new(AtomicUsize::new(0));
         // The leader's client drops the response without reading the body.
-        let leader = {
-            let (c, calls) = (Arc::clone(&c), Arc::clone(&calls));
-            tokio::spawn(async move {
-                let r = c
-                    .serve(get("/c"), |_| {
-                        upstream(&calls, "max-age=60", Duration::from_millis(100))
-                    })
-                    .await
-                    .unwrap();
-                drop(r);
-            })
-        };
+        let leader = spawn_get(&c, &calls, "/c", "max-age=60", false);
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let follower = {
-            let (c, calls) = (Arc::clone(&c), Arc::clone(&calls));
-            tokio::spawn(async move {
-                let r = c
-                    .serve(get("/c"), |_| {
-                        upstream(&calls, "max-age=60", Duration::from_millis(100))
-                    })
-                    .await
-                    .unwrap();
-                body_of(r).await
-            })
-        };
+        let follower = spawn_get(&c, &calls, "/c", "max-age=60", true);
         leader.await.unwrap();
-        assert_eq!(follower.await.unwrap(), ("2".to_string(), 1000));
+        assert_eq!(follower.await.unwrap(), Some(("2".to_string(), 1000)));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
