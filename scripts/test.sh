@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every cogmesh test. On first use it installs what the tests need on a fresh Debian
-# machine with the Rust toolchain: Debian packages (curl, promtool from `prometheus`, python venv
+# machine with the Rust toolchain: Debian packages (curl, gzip, zstd, promtool from `prometheus`, python venv
 # support) and a Python venv at .venv with grpcio/grpcio-tools. Then it builds the binaries the
 # end-to-end tests start and runs `cargo test` over the whole workspace.
 set -euo pipefail
@@ -9,6 +9,9 @@ REPO="$(pwd)"
 
 need_apt=()
 command -v curl >/dev/null || need_apt+=(curl)
+# compression_cache.rs makes gzip and zstd request bodies with the command-line tools.
+command -v gzip >/dev/null || need_apt+=(gzip)
+command -v zstd >/dev/null || need_apt+=(zstd)
 command -v promtool >/dev/null || need_apt+=(prometheus)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then

@@ -63,14 +63,45 @@ impl Oha<'_> {
         duration: Duration,
         work_dir: &Path,
     ) -> Result<Latency> {
+        self.run(url, proto, Some(rate), duration, &[], work_dir)
+    }
+
+    /// Closed-loop run (each connection sends its next request when the last one is answered)
+    /// for `duration`, with extra request `headers` (`"name: value"`): throughput and latency.
+    pub fn closed_loop(
+        &self,
+        url: &str,
+        proto: Proto,
+        duration: Duration,
+        headers: &[&str],
+        work_dir: &Path,
+    ) -> Result<Latency> {
+        self.run(url, proto, None, duration, headers, work_dir)
+    }
+
+    fn run(
+        &self,
+        url: &str,
+        proto: Proto,
+        rate: Option<u32>,
+        duration: Duration,
+        headers: &[&str],
+        work_dir: &Path,
+    ) -> Result<Latency> {
         let mut command = Command::new(self.bin);
         command
             .arg("--no-tui")
             .args(["--output-format", "json"])
-            .args(["-z", &format!("{}ms", duration.as_millis())])
-            .args(["-q", &rate.to_string()])
-            .arg("--latency-correction")
-            .args(["-c", &self.connections.to_string()]);
+            .args(["-z", &format!("{}ms", duration.as_millis())]);
+        if let Some(rate) = rate {
+            command
+                .args(["-q", &rate.to_string()])
+                .arg("--latency-correction");
+        }
+        command.args(["-c", &self.connections.to_string()]);
+        for header in headers {
+            command.args(["-H", header]);
+        }
         if self.threads > 0 {
             command.args(["--worker-threads", &self.threads.to_string()]);
         }

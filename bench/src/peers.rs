@@ -260,7 +260,7 @@ fn nginx_listen(version: (u32, u32, u32), addr: SocketAddr, proto: Proto) -> Str
 /// Settings shared by both nginx roles: no access log, no temp files outside `dir`, connections
 /// kept for the whole run (nginx closes a keep-alive connection after 1000 requests by default,
 /// which would make the load generator and the proxies reconnect and distort both).
-fn nginx_preamble(dir: &Path, name: &str, workers: usize) -> String {
+pub fn nginx_preamble(dir: &Path, name: &str, workers: usize) -> String {
     let d = dir.display();
     format!(
         "worker_processes {workers};
@@ -383,6 +383,18 @@ backend upstream
 /// Envoy bootstrap: one listener with an HTTP connection manager (codec AUTO: HTTP/1.1 and h2c
 /// prior knowledge), one static cluster, an admin listener for `/ready`.
 pub fn envoy_config(listen: SocketAddr, admin: SocketAddr, proto: Proto, upstream: SocketAddr) -> String {
+    envoy_config_with_filters(listen, admin, proto, upstream, "")
+}
+
+/// [`envoy_config`] with more HTTP filters before the router: `filters` is YAML list items
+/// indented to sit under `http_filters:` (10 spaces before each `- name:`).
+pub fn envoy_config_with_filters(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    proto: Proto,
+    upstream: SocketAddr,
+    filters: &str,
+) -> String {
     let upstream_h2 = match proto {
         Proto::H1 => String::new(),
         Proto::H2c => "    typed_extension_protocol_options:
@@ -423,7 +435,7 @@ static_resources:
               - match: {{ prefix: \"/\" }}
                 route: {{ cluster: upstream }}
           http_filters:
-          - name: envoy.filters.http.router
+{filters}          - name: envoy.filters.http.router
             typed_config:
               \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
@@ -619,7 +631,8 @@ fn check_h1(addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-fn wait_ready(server: &mut Server, limit: Duration, mut probe: impl FnMut() -> Result<()>) -> Result<()> {
+/// Waits until `probe` succeeds (at most `limit`), failing early if `server` exits.
+pub fn wait_ready(server: &mut Server, limit: Duration, mut probe: impl FnMut() -> Result<()>) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
         procs::check_interrupted()?;

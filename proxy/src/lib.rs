@@ -3,11 +3,14 @@
 //! The request path (see `DESIGN.md`): [`server`] accepts connections and serves HTTP/1.1 and
 //! HTTP/2 with hyper; [`forward`] routes each request ([`route`]) to a service, picks an endpoint
 //! ([`balance`]) and sends it on the shared upstream pool; [`metrics`] and [`admin`] make it
-//! observable; [`config`] describes it all.
+//! observable; [`config`] describes it all. Routes may compress ([`compress`]) and cache
+//! ([`cache`]) responses.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod balance;
+pub mod cache;
+pub mod compress;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -215,6 +215,90 @@ pub struct RouteConfig {
     #[serde(rename = "match", default)]
     pub matches: RouteMatch,
     pub service: String,
+    /// Compress responses (and optionally decompress requests) on this route; `{}` for the
+    /// defaults.
+    #[serde(default)]
+    pub compression: Option<CompressionConfig>,
+    /// Cache GET/HEAD responses of this route in memory; `{}` for the defaults.
+    #[serde(default)]
+    pub cache: Option<CacheConfig>,
+}
+
+/// Response compression of a route (see `crate::compress`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Codings the proxy may produce, preferred first when the client's q-values tie.
+    #[serde(default = "default_encodings")]
+    pub encodings: Vec<crate::compress::Encoding>,
+    /// Media types to compress (parameters ignored); `text/*` matches every text subtype.
+    #[serde(default = "default_content_types")]
+    pub content_types: Vec<String>,
+    /// Responses whose `Content-Length` is below this are sent as they are (unknown lengths are
+    /// compressed).
+    #[serde(default = "default_min_size")]
+    pub min_size: u64,
+    /// Decode request bodies sent with `Content-Encoding: gzip | br | zstd` before forwarding.
+    #[serde(default)]
+    pub decompress_requests: bool,
+}
+
+/// Codings offered when a route does not list them: zstd (fastest at a good ratio), then
+/// brotli, then gzip (which every client has).
+pub const DEFAULT_ENCODINGS: [crate::compress::Encoding; 3] = crate::compress::Encoding::ALL;
+/// Media types compressed by default: text, JSON, JavaScript, XML and SVG, as Envoy's and
+/// nginx's usual lists.
+pub const DEFAULT_CONTENT_TYPES: [&str; 9] = [
+    "text/*",
+    "application/json",
+    "application/javascript",
+    "application/x-javascript",
+    "application/xml",
+    "application/xhtml+xml",
+    "application/rss+xml",
+    "application/atom+xml",
+    "image/svg+xml",
+];
+/// Below about 1 KiB compression saves less than it costs (headers and framing dominate).
+pub const DEFAULT_COMPRESSION_MIN_SIZE_BYTES: u64 = 1024;
+
+fn default_encodings() -> Vec<crate::compress::Encoding> {
+    DEFAULT_ENCODINGS.to_vec()
+}
+fn default_content_types() -> Vec<String> {
+    DEFAULT_CONTENT_TYPES.iter().map(|s| s.to_string()).collect()
+}
+fn default_min_size() -> u64 {
+    DEFAULT_COMPRESSION_MIN_SIZE_BYTES
+}
+
+/// The response cache of a route (see `crate::cache`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Total size of stored bodies and headers; least recently used entries go first.
+    #[serde(default = "default_cache_max_bytes")]
+    pub max_bytes: u64,
+    /// Responses larger than this are streamed through and not stored.
+    #[serde(default = "default_cache_max_entry_bytes")]
+    pub max_entry_bytes: u64,
+    /// Freshness given to storable responses that state none (no `max-age`, `s-maxage` or
+    /// `Expires`). 0: such responses are only stored when they carry a validator, and then
+    /// revalidated on every use.
+    #[serde(default)]
+    pub default_ttl_ms: u64,
+}
+
+/// Cache size of a route by default.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest cached response by default.
+pub const DEFAULT_CACHE_MAX_ENTRY_BYTES: u64 = 1024 * 1024;
+
+fn default_cache_max_bytes() -> u64 {
+    DEFAULT_CACHE_MAX_BYTES
+}
+fn default_cache_max_entry_bytes() -> u64 {
+    DEFAULT_CACHE_MAX_ENTRY_BYTES
 }
 
 /// All given conditions must hold. An empty match matches every request.
@@ -488,6 +572,12 @@ impl ProxyConfig {
                     ));
                 }
             }
+            if let Some(c) = &r.compression {
+                validate_compression(file, i, c)?;
+            }
+            if let Some(c) = &r.cache {
+                validate_cache(file, i, c)?;
+            }
             for name in r.matches.headers.keys() {
                 if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                     return Err(ConfigError::new(
@@ -500,6 +590,68 @@ impl ProxyConfig {
         }
         Ok(())
     }
+}
+
+fn validate_compression(file: &str, i: usize, c: &CompressionConfig) -> Result<(), ConfigError> {
+    let field = |f: &str| format!("routes[{i}].compression.{f}");
+    if c.encodings.is_empty() {
+        return Err(ConfigError::new(
+            file,
+            field("encodings"),
+            "must list at least one of zstd, br, gzip",
+        ));
+    }
+    for (j, e) in c.encodings.iter().enumerate() {
+        if c.encodings[..j].contains(e) {
+            return Err(ConfigError::new(
+                file,
+                format!("{}[{j}]", field("encodings")),
+                format!("duplicate encoding {:?}", e.token()),
+            ));
+        }
+    }
+    if c.content_types.is_empty() {
+        return Err(ConfigError::new(
+            file,
+            field("content_types"),
+            "must list at least one media type",
+        ));
+    }
+    for (j, t) in c.content_types.iter().enumerate() {
+        let valid = t
+            .split_once('/')
+            .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && !t.contains([' ', ';', ',']));
+        if !valid {
+            return Err(ConfigError::new(
+                file,
+                format!("{}[{j}]", field("content_types")),
+                format!("expected a media type like \"application/json\" or \"text/*\", got {t:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_cache(file: &str, i: usize, c: &CacheConfig) -> Result<(), ConfigError> {
+    let field = |f: &str| format!("routes[{i}].cache.{f}");
+    if c.max_bytes == 0 {
+        return Err(ConfigError::new(
+            file,
+            field("max_bytes"),
+            "must be greater than 0",
+        ));
+    }
+    if c.max_entry_bytes == 0 || c.max_entry_bytes > c.max_bytes {
+        return Err(ConfigError::new(
+            file,
+            field("max_entry_bytes"),
+            format!(
+                "must be between 1 and max_bytes ({}), got {}",
+                c.max_bytes, c.max_entry_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The service name quick mode gives to its `--upstream` endpoints.

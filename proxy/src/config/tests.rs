@@ -98,3 +98,73 @@ fn the_shipped_example_is_valid() {
     let c = ProxyConfig::from_file(Path::new(path)).unwrap();
     assert_eq!(c.services.len(), 2);
 }
+
+const CACHED: &str = r#"
+listeners:
+  - { name: out, address: "127.0.0.1:4140" }
+services:
+  - { name: web, endpoints: ["127.0.0.1:8080"] }
+routes:
+  - name: api
+    match: { path_prefix: /api }
+    service: web
+    compression: { encodings: [gzip, br], min_size: 10 }
+    cache: { max_bytes: 1000, max_entry_bytes: 100, default_ttl_ms: 5000 }
+  - service: web
+    compression: {}
+    cache: {}
+"#;
+
+#[test]
+fn compression_and_cache_parse_with_defaults() {
+    use crate::compress::Encoding;
+    let c = ProxyConfig::from_yaml("proxy.yaml", CACHED).unwrap();
+    let z = c.routes[0].compression.as_ref().unwrap();
+    assert_eq!(z.encodings, [Encoding::Gzip, Encoding::Brotli]);
+    assert_eq!(z.min_size, 10);
+    assert_eq!(z.content_types, default_content_types());
+    assert!(!z.decompress_requests);
+    let cache = c.routes[0].cache.as_ref().unwrap();
+    assert_eq!(
+        (cache.max_bytes, cache.max_entry_bytes, cache.default_ttl_ms),
+        (1000, 100, 5000)
+    );
+    let z = c.routes[1].compression.as_ref().unwrap();
+    assert_eq!(z.encodings, DEFAULT_ENCODINGS);
+    assert_eq!(z.min_size, DEFAULT_COMPRESSION_MIN_SIZE_BYTES);
+    let cache = c.routes[1].cache.as_ref().unwrap();
+    assert_eq!(cache.max_bytes, DEFAULT_CACHE_MAX_BYTES);
+    assert_eq!(cache.max_entry_bytes, DEFAULT_CACHE_MAX_ENTRY_BYTES);
+    assert_eq!(cache.default_ttl_ms, 0);
+}
+
+#[test]
+fn compression_and_cache_errors_name_their_field() {
+    let e = ProxyConfig::from_yaml("proxy.yaml", &CACHED.replace("[gzip, br]", "[gzip, lzma]")).unwrap_err();
+    assert_eq!(e.field, "routes[0].compression.encodings[1]");
+    assert!(e.reason.contains("unknown variant `lzma`"), "{e}");
+    let e = ProxyConfig::from_yaml("proxy.yaml", &CACHED.replace("[gzip, br]", "[gzip, gzip]")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r#"proxy.yaml: routes[0].compression.encodings[1]: duplicate encoding "gzip""#
+    );
+    let e = ProxyConfig::from_yaml(
+        "proxy.yaml",
+        &CACHED.replace("compression: {}", "compression: { content_types: [json] }"),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "routes[1].compression.content_types[0]");
+    let e = ProxyConfig::from_yaml(
+        "proxy.yaml",
+        &CACHED.replace("max_entry_bytes: 100", "max_entry_bytes: 2000"),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "proxy.yaml: routes[0].cache.max_entry_bytes: must be between 1 and max_bytes (1000), got 2000"
+    );
+    let e =
+        ProxyConfig::from_yaml("proxy.yaml", &CACHED.replace("cache: {}", "cache: { ttl: 5 }")).unwrap_err();
+    assert_eq!(e.field, "routes[1].cache.ttl");
+    assert!(e.reason.contains("unknown field `ttl`"), "{e}");
+}

@@ -1,5 +1,6 @@
-//! The response body the proxy sends downstream: an upstream body streamed as it arrives, or a
-//! short body the proxy made itself (errors). One concrete type, so nothing is boxed.
+//! The response body the proxy sends downstream: an upstream body streamed as it arrives, a
+//! short body the proxy made itself (errors, cache hits), or a body a route rewrote on the way
+//! (compressed, or recorded into the cache). Only the rewritten kind is boxed.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -12,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::pool::Lease;
 use crate::balance::{orca, InFlight};
+use crate::compress::{BoxError, CodedBody};
 
 pub enum ProxyBody {
     /// Keeps the endpoint's in-flight count until the body ends or is dropped, and gives the
@@ -24,6 +26,8 @@ pub enum ProxyBody {
         lease: Option<Lease>,
     },
     Local(Option<Bytes>),
+    /// Compressed or recorded for the cache; streams like the others.
+    Coded(CodedBody),
 }
 
 /// How to handle an ORCA report in the trailers (gRPC responses): record the load on the
@@ -60,12 +64,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Upstream {
                 body,
@@ -93,9 +97,10 @@ impl Body for ProxyBody {
                     }
                     _ => {}
                 }
-                polled
+                polled.map_err(BoxError::from)
             }
             ProxyBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Coded(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -103,6 +108,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
             ProxyBody::Local(bytes) => bytes.is_none(),
+            ProxyBody::Coded(body) => body.is_end_stream(),
         }
     }
 
@@ -111,6 +117,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
             ProxyBody::Local(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Local(None) => SizeHint::with_exact(0),
+            ProxyBody::Coded(body) => body.size_hint(),
         }
     }
 }

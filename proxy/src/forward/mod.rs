@@ -6,6 +6,10 @@
 //! and the upstream body streams back inside [`ProxyBody`], which also keeps the endpoint's
 //! in-flight count until the response ends. Errors become responses through
 //! [`crate::error::ProxyError`], the one place that maps causes to statuses.
+//!
+//! A route with a [`RoutePolicy`] wraps the upstream exchange: the cache may answer or
+//! revalidate, request bodies may be decompressed and responses compressed (all streamed, see
+//! [`crate::cache`] and [`crate::compress`]). Routes without one pay a single `None` check.
 
 mod body;
 mod headers;
@@ -18,8 +22,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONTENT_TYPE, HOST};
+use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_TYPE, HOST};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -32,11 +37,15 @@ pub use self::pool::Http1Pool;
 use self::pool::{Lease, PoolSettings};
 use crate::balance::cost::retry_after_penalty;
 use crate::balance::{orca, Endpoint, InFlight};
+use crate::compress::{self, CodedBody};
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::error::ErrorKind;
 use crate::error::ProxyError;
 use crate::metrics::ServiceMetrics;
-use crate::route::{RoutingTable, SharedTable};
+use crate::route::{RoutePolicy, RoutingTable, SharedTable};
+
+/// A request body on its way upstream: the client's, or the client's decompressed.
+pub type UpstreamBody = Either<Incoming, CodedBody>;
 
 /// The upstream connections, shared by every listener and worker thread.
 ///
@@ -49,7 +58,7 @@ use crate::route::{RoutingTable, SharedTable};
 #[derive(Clone)]
 pub struct Upstreams {
     http1: PoolSettings,
-    http2: Arc<[Client<HttpConnector, Incoming>]>,
+    http2: Arc<[Client<HttpConnector, UpstreamBody>]>,
     streams_per_connection: u64,
 }
 
@@ -90,7 +99,7 @@ impl Upstreams {
     }
 
     /// The HTTP/2 client for the next stream to an endpoint with `in_flight` streams open.
-    fn http2_for(&self, in_flight: u64) -> &Client<HttpConnector, Incoming> {
+    fn http2_for(&self, in_flight: u64) -> &Client<HttpConnector, UpstreamBody> {
         let i = (in_flight / self.streams_per_connection) as usize;
         &self.http2[i.min(self.http2.len() - 1)]
     }
@@ -100,7 +109,7 @@ impl Upstreams {
         &self,
         endpoint: &Arc<Endpoint>,
         open: u64,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
         if req.version() == Version::HTTP_2 {
             let uri = Uri::builder()
@@ -163,15 +172,76 @@ impl Forward {
         let start = Instant::now();
         let table = self.shared.table.load_full();
         let routes = &table.listeners[self.listener];
-        let Some(index) = table.route(self.listener, &req) else {
+        let Some(target) = table.target(self.listener, &req) else {
             let err = ProxyError::NoRoute;
             debug!(error = err.kind().label(), uri = %req.uri(), "{err}");
             return Self::answer_error(&routes.unrouted, start, &err, is_grpc(&req));
         };
+        let index = target.service;
         let metrics = &routes.metrics[index];
         metrics.requests.inc();
         let grpc = is_grpc(&req);
-        match self.send(&table, index, metrics, req).await {
+        let result = match target.policy {
+            None => self.exchange(&table, index, start, req.map(Either::Left)).await,
+            Some(policy) => self.with_policy(policy, &table, index, start, req).await,
+        };
+        match result {
+            Ok(response) => {
+                metrics.latency.observe(start.elapsed());
+                metrics.response(response.status().as_u16());
+                response
+            }
+            Err(err) => Self::answer_error(metrics, start, &err, grpc),
+        }
+    }
+
+    /// The exchange of a route with a policy: request decompression, then the cache (which may
+    /// answer without the upstream), then response compression.
+    async fn with_policy(
+        &self,
+        policy: &RoutePolicy,
+        table: &RoutingTable,
+        index: usize,
+        start: Instant,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let method = req.method().clone();
+        let compression = policy.compression.as_ref();
+        let accept = compression.and_then(|_| req.headers().get(ACCEPT_ENCODING).cloned());
+        let decode = compression
+            .filter(|c| c.decompress_requests)
+            .and_then(|_| compress::request_encoding(req.headers()));
+        let req = match decode {
+            Some(encoding) => {
+                let (mut parts, body) = req.into_parts();
+                compress::rewrite_for_decoding(&mut parts.headers);
+                Request::from_parts(parts, Either::Right(compress::decode(body, encoding)))
+            }
+            None => req.map(Either::Left),
+        };
+        let exchange = |req| self.exchange(table, index, start, req);
+        let response = match &policy.cache {
+            Some(cache) => cache.serve(req, exchange).await?,
+            None => exchange(req).await?,
+        };
+        Ok(match compression {
+            Some(c) => c.apply(&method, accept.as_ref(), response, |body, encoding| {
+                ProxyBody::Coded(compress::encode(body, encoding))
+            }),
+            None => response,
+        })
+    }
+
+    /// One upstream exchange and its bookkeeping on the endpoint (latency, failures, ejection).
+    async fn exchange(
+        &self,
+        table: &RoutingTable,
+        index: usize,
+        start: Instant,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let metrics = &table.listeners[self.listener].metrics[index];
+        match self.send(table, index, metrics, req).await {
             Ok((response, endpoint)) => {
                 let elapsed = start.elapsed();
                 // An endpoint that asks us to back off is charged a latency penalty, so the
@@ -185,9 +255,7 @@ impl Forward {
                 if response.status().is_server_error() {
                     endpoint.record_failure();
                 }
-                metrics.latency.observe(elapsed);
-                metrics.response(response.status().as_u16());
-                response
+                Ok(response)
             }
             Err((err, endpoint)) => {
                 let kind = err.kind();
@@ -199,7 +267,7 @@ impl Forward {
                     }
                 }
                 warn!(service = %service.name, error = kind.label(), "{err}");
-                Self::answer_error(metrics, start, &err, grpc)
+                Err(err)
             }
         }
     }
@@ -223,7 +291,7 @@ impl Forward {
         table: &RoutingTable,
         index: usize,
         metrics: &ServiceMetrics,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
     ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), (ProxyError, Option<Arc<Endpoint>>)> {
         let service = &table.services[index];
         let Some(endpoint) = service.endpoints.pick(service.hash_of(&req)) else {

@@ -25,6 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::UpstreamBody;
 use crate::balance::Endpoint;
 use crate::error::{error_chain, ProxyError};
 
@@ -36,7 +37,7 @@ pub struct PoolSettings {
 }
 
 struct Idle {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<UpstreamBody>,
     /// The sweep count of its list when it went idle.
     since: u64,
 }
@@ -81,7 +82,7 @@ impl Http1Pool {
 
     /// An idle open connection and the worker that owns it: this worker's most recent one,
     /// else another worker's.
-    fn take(&self) -> Option<(SendRequest<Incoming>, usize)> {
+    fn take(&self) -> Option<(SendRequest<UpstreamBody>, usize)> {
         let own = self.own_slot();
         if let Some(s) = take_open(&mut lock(&self.slots[own]).idle) {
             return Some((s, own));
@@ -94,7 +95,7 @@ impl Http1Pool {
     }
 
     /// Puts a connection whose response has ended back in its owner's list.
-    fn put(&self, sender: SendRequest<Incoming>, owner: usize) {
+    fn put(&self, sender: SendRequest<UpstreamBody>, owner: usize) {
         if sender.is_closed() {
             return;
         }
@@ -120,7 +121,7 @@ impl Http1Pool {
 }
 
 /// Pops the most recent connection that is still open; closed ones are dropped.
-fn take_open(idle: &mut Vec<Idle>) -> Option<SendRequest<Incoming>> {
+fn take_open(idle: &mut Vec<Idle>) -> Option<SendRequest<UpstreamBody>> {
     while let Some(i) = idle.pop() {
         if !i.sender.is_closed() {
             return Some(i.sender);
@@ -131,7 +132,7 @@ fn take_open(idle: &mut Vec<Idle>) -> Option<SendRequest<Incoming>> {
 
 /// A connection lent to one request; the response body gives it back with [`Lease::release`].
 pub struct Lease {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<UpstreamBody>,
     endpoint: Arc<Endpoint>,
     /// The worker whose runtime drives the connection.
     owner: usize,
@@ -149,7 +150,7 @@ impl Lease {
 /// out on the next connection; a request that reached the wire is never sent twice.
 pub async fn send(
     endpoint: &Arc<Endpoint>,
-    mut req: Request<Incoming>,
+    mut req: Request<UpstreamBody>,
     settings: PoolSettings,
 ) -> Result<(http::Response<Incoming>, Lease), ProxyError> {
     let addr = endpoint.addr;
@@ -194,7 +195,7 @@ fn reset(endpoint: SocketAddr, err: &hyper::Error) -> ProxyError {
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<Incoming>, ProxyError> {
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<UpstreamBody>, ProxyError> {
     let failed = |cause: String| ProxyError::UpstreamConnect {
         endpoint: addr,
         cause,
@@ -214,10 +215,33 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<Inco
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| failed(error_chain(&e)))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.with_upgrades().await {
-            debug!(endpoint = %addr, "upstream connection ended: {}", error_chain(&e));
-        }
+    tokio::spawn(Drive {
+        connection: Box::pin(connection.with_upgrades()),
+        addr,
     });
     Ok(sender)
+}
+
+/// Runs one upstream connection until it closes. A hand-written future rather than an async
+/// block: rustc cannot prove an async block holding this connection `Send` (the body's boxed
+/// error type trips its higher-ranked lifetime check), while the struct is plainly `Send`.
+struct Drive {
+    connection: std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>,
+    addr: SocketAddr,
+}
+
+impl std::future::Future for Drive {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let addr = self.addr;
+        match self.connection.as_mut().poll(cx) {
+            std::task::Poll::Ready(Err(e)) => {
+                debug!(endpoint = %addr, "upstream connection ended: {}", error_chain(&e));
+                std::task::Poll::Ready(())
+            }
+            std::task::Poll::Ready(Ok(())) => std::task::Poll::Ready(()),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
 }

@@ -12,6 +12,12 @@
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
+//! - `compressed_response_total{route,encoding}`: responses compressed, per coding;
+//! - `cache_lookup_total{route,result}`: GET/HEAD requests on a caching route, `result` one of
+//!   `hit`, `miss`, `revalidated` (stale, confirmed by a 304), `coalesced` (served after waiting
+//!   for another request's fetch) or `bypass`;
+//! - `cache_eviction_total{route}`, and the gauges `cache_stored_bytes{route}`,
+//!   `cache_entries{route}`;
 //! - per endpoint, read from the routing table at scrape time (so the request path pays
 //!   nothing): `endpoint_in_flight`, `endpoint_rtt_ewma_seconds`, `endpoint_load` (while the
 //!   last report is fresh), `endpoint_weight`, `endpoint_ejected` gauges and `endpoint_picks_total`,
@@ -64,6 +70,23 @@ pub struct LoadReportLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompressionLabels {
+    pub route: String,
+    pub encoding: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLookupLabels {
+    pub route: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
 }
@@ -96,6 +119,11 @@ pub struct Metrics {
     connections: Family<ConnectionLabels, Gauge>,
     load_reports: Family<LoadReportLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    compressed: Family<CompressionLabels, Counter>,
+    cache_lookups: Family<CacheLookupLabels, Counter>,
+    cache_evictions: Family<RouteLabels, Counter>,
+    cache_bytes: Family<RouteLabels, Gauge>,
+    cache_entries: Family<RouteLabels, Gauge>,
     /// Set once the first routing table exists; read by the endpoint collector.
     pub table: Arc<OnceLock<crate::route::SharedTable>>,
 }
@@ -148,8 +176,39 @@ impl Metrics {
             "Accepted TCP connections currently open",
             connections.clone(),
         );
+        let compressed = Family::<CompressionLabels, Counter>::default();
+        registry.register(
+            "compressed_response",
+            "Responses compressed by the proxy, per encoding",
+            compressed.clone(),
+        );
+        let cache_lookups = Family::<CacheLookupLabels, Counter>::default();
+        registry.register(
+            "cache_lookup",
+            "GET/HEAD requests on caching routes, by result",
+            cache_lookups.clone(),
+        );
+        let cache_evictions = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "cache_eviction",
+            "Cached responses evicted to make room",
+            cache_evictions.clone(),
+        );
+        let cache_bytes = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "cache_stored_bytes",
+            "Bytes of cached responses (headers and bodies)",
+            cache_bytes.clone(),
+        );
+        let cache_entries = Family::<RouteLabels, Gauge>::default();
+        registry.register("cache_entries", "Cached responses", cache_entries.clone());
         Metrics {
             registry,
+            compressed,
+            cache_lookups,
+            cache_evictions,
+            cache_bytes,
+            cache_entries,
             requests,
             responses,
             latency,
@@ -202,6 +261,41 @@ impl Metrics {
                 result,
             })
             .clone()
+    }
+
+    /// The `compressed_response_total` handle of a route and coding.
+    pub fn compressed_responses(&self, route: &str, encoding: &'static str) -> Counter {
+        self.compressed
+            .get_or_create(&CompressionLabels {
+                route: route.to_string(),
+                encoding,
+            })
+            .clone()
+    }
+
+    /// The cache handles of a route.
+    pub fn cache(&self, route: &str) -> crate::cache::CacheMetrics {
+        let lookup = |result| {
+            self.cache_lookups
+                .get_or_create(&CacheLookupLabels {
+                    route: route.to_string(),
+                    result,
+                })
+                .clone()
+        };
+        let labels = RouteLabels {
+            route: route.to_string(),
+        };
+        crate::cache::CacheMetrics {
+            hit: lookup("hit"),
+            miss: lookup("miss"),
+            revalidated: lookup("revalidated"),
+            coalesced: lookup("coalesced"),
+            bypass: lookup("bypass"),
+            evictions: self.cache_evictions.get_or_create(&labels).clone(),
+            stored_bytes: self.cache_bytes.get_or_create(&labels).clone(),
+            entries: self.cache_entries.get_or_create(&labels).clone(),
+        }
     }
 
     pub fn connections(&self, direction: &'static str, listener: &str) -> Gauge {

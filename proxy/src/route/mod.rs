@@ -4,6 +4,10 @@
 //! `arc_swap::ArcSwap`; each request loads it without locking, and a new configuration (or,
 //! later, the control plane) stores a whole new table built by [`RoutingTable::build`], which
 //! carries endpoint statistics over from the previous table.
+//!
+//! A route may carry a [`RoutePolicy`] (compression, cache). It is built with the table, so a
+//! reload applies new settings atomically; a route's cache survives a reload that keeps its
+//! name and cache settings.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +17,8 @@ use http::{HeaderName, HeaderValue, Request};
 use serde::Serialize;
 
 use crate::balance::{EndpointSet, EndpointSnapshot};
+use crate::cache::RouteCache;
+use crate::compress::Compression;
 use crate::config::{Direction, HashKey, ProxyConfig, UpstreamProtocol};
 use crate::metrics::{Metrics, ServiceMetrics};
 
@@ -57,6 +63,22 @@ struct Route {
     path_prefix: Option<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
     service: usize,
+    /// `None` when the route neither compresses nor caches: the request path pays one check.
+    policy: Option<Arc<RoutePolicy>>,
+}
+
+/// What a route does to responses besides forwarding them.
+pub struct RoutePolicy {
+    /// The `route` metric label: the route's name, else `routes[i]`.
+    pub label: String,
+    pub compression: Option<Compression>,
+    pub cache: Option<Arc<RouteCache>>,
+}
+
+/// Where a request goes: the service index and the matched route's policy, if any.
+pub struct Target<'a> {
+    pub service: usize,
+    pub policy: Option<&'a Arc<RoutePolicy>>,
 }
 
 impl RoutingTable {
@@ -102,10 +124,20 @@ impl RoutingTable {
             .enumerate()
             .map(|(i, s)| (s.name.as_str(), i))
             .collect();
+        let old_caches: HashMap<&str, &Arc<RouteCache>> = previous
+            .map(|p| {
+                p.routes
+                    .iter()
+                    .filter_map(|r| r.policy.as_ref())
+                    .filter_map(|p| Some((p.label.as_str(), p.cache.as_ref()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let routes = config
             .routes
             .iter()
-            .map(|r| Route {
+            .enumerate()
+            .map(|(i, r)| Route {
                 host: r.matches.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 path_prefix: r.matches.path_prefix.clone(),
                 headers: r
@@ -120,6 +152,7 @@ impl RoutingTable {
                     })
                     .collect(),
                 service: index[r.service.as_str()],
+                policy: route_policy(i, r, &old_caches, metrics),
             })
             .collect();
         let listeners = config
@@ -150,6 +183,11 @@ impl RoutingTable {
 
     /// The index of the service a request on `listener` goes to.
     pub fn route<B>(&self, listener: usize, req: &Request<B>) -> Option<usize> {
+        self.target(listener, req).map(|t| t.service)
+    }
+
+    /// The service a request on `listener` goes to, with the matched route's policy.
+    pub fn target<B>(&self, listener: usize, req: &Request<B>) -> Option<Target<'_>> {
         let host = request_host(req);
         for r in &self.routes {
             if let Some(h) = &r.host {
@@ -164,10 +202,16 @@ impl RoutingTable {
                 }
             }
             if r.headers.iter().all(|(k, v)| req.headers().get(k) == Some(v)) {
-                return Some(r.service);
+                return Some(Target {
+                    service: r.service,
+                    policy: r.policy.as_ref(),
+                });
             }
         }
-        self.listeners[listener].default_service
+        self.listeners[listener].default_service.map(|service| Target {
+            service,
+            policy: None,
+        })
     }
 
     pub fn snapshot(&self) -> TableSnapshot {
@@ -206,6 +250,33 @@ impl Service {
         };
         Some(crate::balance::stable_hash(value))
     }
+}
+
+/// The policy of route `i`, reusing the previous table's cache of the same route when its
+/// settings did not change.
+fn route_policy(
+    i: usize,
+    r: &crate::config::RouteConfig,
+    old_caches: &HashMap<&str, &Arc<RouteCache>>,
+    metrics: &Metrics,
+) -> Option<Arc<RoutePolicy>> {
+    if r.compression.is_none() && r.cache.is_none() {
+        return None;
+    }
+    let label = r.name.clone().unwrap_or_else(|| format!("routes[{i}]"));
+    let compression = r
+        .compression
+        .as_ref()
+        .map(|c| Compression::new(c, |e| metrics.compressed_responses(&label, e.token())));
+    let cache = r.cache.as_ref().map(|c| match old_caches.get(label.as_str()) {
+        Some(old) if old.config == *c => Arc::clone(old),
+        _ => RouteCache::new(c, metrics.cache(&label)),
+    });
+    Some(Arc::new(RoutePolicy {
+        label,
+        compression,
+        cache,
+    }))
 }
 
 /// The request's host without port: from the URI (HTTP/2 `:authority`, absolute-form) or the
@@ -277,6 +348,45 @@ routes:
         assert_eq!(t.route(0, &req("/v1/x", "web.local", false)), Some(0));
         assert_eq!(t.route(0, &req("/", "web.local", true)), Some(1));
         assert_eq!(t.route(0, &req("http://api.local/v1", "ignored", false)), Some(1));
+    }
+
+    fn cached_table(cache: &str, previous: Option<&RoutingTable>) -> RoutingTable {
+        let c = ProxyConfig::from_yaml(
+            "t.yaml",
+            &format!(
+                r#"
+listeners:
+  - {{ name: out, address: "127.0.0.1:4140", default_service: web }}
+services:
+  - {{ name: web, endpoints: ["127.0.0.1:8080"] }}
+routes:
+  - {{ name: api, match: {{ path_prefix: /api }}, service: web, cache: {cache}, compression: {{}} }}
+  - {{ match: {{ path_prefix: /plain }}, service: web }}
+"#
+            ),
+        )
+        .unwrap();
+        RoutingTable::build(&c, previous, &Metrics::new())
+    }
+
+    fn cache_of(t: &RoutingTable) -> Arc<RouteCache> {
+        let target = t.target(0, &req("/api/x", "h", false)).unwrap();
+        Arc::clone(target.policy.unwrap().cache.as_ref().unwrap())
+    }
+
+    #[test]
+    fn policies_come_with_the_table_and_caches_survive_unchanged_reloads() {
+        let t = cached_table("{}", None);
+        let policy = t.target(0, &req("/api/x", "h", false)).unwrap().policy.unwrap();
+        assert_eq!(policy.label, "api");
+        assert!(policy.compression.is_some());
+        assert!(t.target(0, &req("/plain", "h", false)).unwrap().policy.is_none());
+        assert!(t.target(0, &req("/other", "h", false)).unwrap().policy.is_none());
+        let kept = cached_table("{}", Some(&t));
+        assert!(Arc::ptr_eq(&cache_of(&t), &cache_of(&kept)));
+        let changed = cached_table("{ max_bytes: 5000, max_entry_bytes: 100 }", Some(&kept));
+        assert!(!Arc::ptr_eq(&cache_of(&kept), &cache_of(&changed)));
+        assert_eq!(cache_of(&changed).config.max_bytes, 5000);
     }
 
     #[test]
