@@ -90,7 +90,7 @@ fn err(file: &str, field: impl Into<String>, reason: impl Into<String>) -> Confi
 }
 
 /// Deep merge: maps key by key, anything else replaced by the overlay.
-fn merge(base: &mut Value, overlay: Value) {
+pub(crate) fn merge(base: &mut Value, overlay: Value) {
     match (base, overlay) {
         (Value::Mapping(b), Value::Mapping(o)) => {
             for (k, v) in o {
@@ -106,7 +106,7 @@ fn merge(base: &mut Value, overlay: Value) {
     }
 }
 
-fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
+pub(crate) fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| err(&file, ".", format!("cannot read: {e}")))?;
     if text.trim().is_empty() {

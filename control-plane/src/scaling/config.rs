@@ -59,6 +59,10 @@ pub struct ServiceScaling {
     /// The process backend's command for one replica's app.
     #[serde(default)]
     pub command: Vec<String>,
+    /// Replicas the process backend starts with (within the policy's bounds); default: the
+    /// policy's minimum.
+    #[serde(default)]
+    pub initial_replicas: Option<u32>,
 }
 
 impl ScalingConfig {
@@ -79,7 +83,10 @@ impl ScalingConfig {
         }
         self.services
             .iter()
-            .find(|(name, s)| next.services[*name].command != s.command)
+            .find(|(name, s)| {
+                let n = &next.services[*name];
+                n.command != s.command || n.initial_replicas != s.initial_replicas
+            })
             .map(|(name, _)| format!("scaling.services.{name}.command"))
     }
 

@@ -74,8 +74,42 @@ impl ProcessBackend {
         }
     }
 
+    /// Forgets the replicas of `service` whose app or sidecar has exited (logging why, and
+    /// stopping the other half), so the count the engine sees is what really runs.
+    fn reap(&self, service: &str) {
+        let mut gone = Vec::new();
+        {
+            let mut replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(list) = replicas.get_mut(service) else {
+                return;
+            };
+            let mut i = 0;
+            while i < list.len() {
+                let r = &mut list[i];
+                let app = r.app.try_wait().ok().flatten();
+                let sidecar = r.sidecar.try_wait().ok().flatten();
+                if app.is_none() && sidecar.is_none() {
+                    i += 1;
+                    continue;
+                }
+                match (app, sidecar) {
+                    (Some(status), _) => warn!(service, replica = %r.name, "replica app exited: {status}"),
+                    (None, Some(status)) => {
+                        warn!(service, replica = %r.name, "replica sidecar exited: {status}")
+                    }
+                    (None, None) => {}
+                }
+                gone.push(list.remove(i));
+            }
+        }
+        if !gone.is_empty() {
+            std::thread::spawn(move || stop_all(gone));
+        }
+    }
+
     /// Replicas started for `service` whose sidecar is not among `visible` endpoints yet.
     pub fn starting(&self, service: &str, visible: &HashSet<String>) -> u32 {
+        self.reap(service);
         let replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
         replicas.get(service).map_or(0, |list| {
             list.iter()

@@ -29,6 +29,7 @@ use crate::metrics::{AlertLabels, DecisionLabels, ScalingMetrics, ServiceLabels}
 /// A service's policy, engine state and last observation.
 struct ServiceState {
     policy: ScalingPolicy,
+    initial_replicas: Option<u32>,
     engine: EngineState,
     last: Option<Observation>,
 }
@@ -63,6 +64,7 @@ impl Scaler {
                     .map(|(name, s)| {
                         let state = ServiceState {
                             policy: s.policy.clone(),
+                            initial_replicas: s.initial_replicas,
                             engine: EngineState::default(),
                             last: None,
                         };
@@ -109,7 +111,9 @@ impl Scaler {
         };
         let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         for (name, state) in services.iter() {
-            process.scale(name, state.policy.min_replicas);
+            let p = &state.policy;
+            let initial = state.initial_replicas.unwrap_or(p.min_replicas);
+            process.scale(name, initial.clamp(p.min_replicas, p.max_replicas));
         }
     }
 

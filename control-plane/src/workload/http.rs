@@ -59,6 +59,7 @@ pub(super) async fn route(instance: &Instance, req: Request<Incoming>) -> Respon
         "/admin/delay" => admin_delay(instance, req.method(), req.uri().query()),
         "/admin/stall" => admin_stall(instance, req.method(), req.uri().query()),
         "/admin/stats" => admin_stats(instance),
+        "/admin/crash" => admin_crash(req.method()),
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -125,6 +126,20 @@ async fn work(instance: &Instance, query: Option<&str>) -> Response<BoxBody> {
             response
         }
     }
+}
+
+/// `POST /admin/crash`: the process exits with status 3 right after answering — a replica
+/// dying, for demos and fault tests.
+fn admin_crash(method: &Method) -> Response<BoxBody> {
+    if method != Method::POST {
+        return post_only();
+    }
+    tracing::warn!("crashing on request (POST /admin/crash)");
+    std::thread::spawn(|| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::process::exit(3);
+    });
+    text(StatusCode::OK, "crashing")
 }
 
 fn admin_delay(instance: &Instance, method: &Method, query: Option<&str>) -> Response<BoxBody> {
