@@ -15,15 +15,17 @@ pub enum ErrorKind {
     UpstreamConnect = 2,
     UpstreamTimeout = 3,
     UpstreamReset = 4,
+    HeaderTooLarge = 5,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 6] = [
         ErrorKind::NoRoute,
         ErrorKind::NoEndpoints,
         ErrorKind::UpstreamConnect,
         ErrorKind::UpstreamTimeout,
         ErrorKind::UpstreamReset,
+        ErrorKind::HeaderTooLarge,
     ];
 
     /// The metric label and `x-cogmesh-error` header value.
@@ -34,6 +36,7 @@ impl ErrorKind {
             ErrorKind::UpstreamConnect => "upstream_connect",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::UpstreamReset => "upstream_reset",
+            ErrorKind::HeaderTooLarge => "header_too_large",
         }
     }
 
@@ -43,6 +46,7 @@ impl ErrorKind {
             ErrorKind::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 }
@@ -60,6 +64,8 @@ pub enum ProxyError {
     UpstreamTimeout { endpoint: SocketAddr, after: Duration },
     #[error("upstream {endpoint} failed the request: {cause}")]
     UpstreamReset { endpoint: SocketAddr, cause: String },
+    #[error("the request has more than {limit} header fields")]
+    TooManyHeaders { limit: usize },
 }
 
 impl ProxyError {
@@ -70,6 +76,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect { .. } => ErrorKind::UpstreamConnect,
             ProxyError::UpstreamTimeout { .. } => ErrorKind::UpstreamTimeout,
             ProxyError::UpstreamReset { .. } => ErrorKind::UpstreamReset,
+            ProxyError::TooManyHeaders { .. } => ErrorKind::HeaderTooLarge,
         }
     }
 

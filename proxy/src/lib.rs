@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod forward;
+pub mod hardening;
 pub mod metrics;
 pub mod reload;
 pub mod route;

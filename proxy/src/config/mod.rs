@@ -52,6 +52,9 @@ pub struct ProxyConfig {
     /// same endpoint is opened (up to 8 connections).
     #[serde(default = "default_http2_streams_per_connection")]
     pub http2_streams_per_connection: u64,
+    /// What clients may send: header size and count, HTTP/2 streams and windows.
+    #[serde(default)]
+    pub limits: crate::hardening::LimitsConfig,
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
@@ -318,6 +321,7 @@ impl ProxyConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             pool_idle_timeout_ms: DEFAULT_POOL_IDLE_TIMEOUT_MS,
             http2_streams_per_connection: DEFAULT_HTTP2_STREAMS_PER_CONNECTION,
+            limits: Default::default(),
             listeners: vec![ListenerConfig {
                 name: "outbound".into(),
                 address: listen,
@@ -365,6 +369,9 @@ impl ProxyConfig {
             if value == 0 {
                 return Err(ConfigError::new(file, field, "must be greater than 0"));
             }
+        }
+        if let Err((field, reason)) = self.limits.check() {
+            return Err(ConfigError::new(file, format!("limits.{field}"), reason));
         }
 
         let mut service_names = HashSet::new();

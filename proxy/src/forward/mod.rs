@@ -96,6 +96,7 @@ impl Upstreams {
 pub struct Shared {
     pub table: SharedTable,
     pub upstreams: Upstreams,
+    pub limits: crate::hardening::LimitsConfig,
 }
 
 /// The hyper service of one accepted connection.
@@ -128,6 +129,12 @@ impl Forward {
         let metrics = &routes.metrics[index];
         metrics.requests.inc();
         let grpc = is_grpc(&req);
+        if crate::hardening::too_many_headers(req.headers(), &self.shared.limits) {
+            let err = ProxyError::TooManyHeaders {
+                limit: self.shared.limits.max_request_headers,
+            };
+            return Self::answer_error(metrics, start, &err, grpc);
+        }
         match self.send(&table, index, metrics, req).await {
             Ok((response, endpoint)) => {
                 let elapsed = start.elapsed();

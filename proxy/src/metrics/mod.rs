@@ -9,6 +9,8 @@
 //! - `response_latency_seconds{direction,service}`: histogram, request start to response headers;
 //! - `proxy_error_total{direction,service,error}`: requests the proxy failed itself, by cause;
 //! - `tcp_open_connections{direction,listener}`: accepted connections currently open;
+//! - `request_refused_total{direction,listener}`: HTTP/1 request heads refused as smuggling
+//!   attempts (`Content-Length` with `Transfer-Encoding`, conflicting lengths);
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
@@ -92,6 +94,7 @@ pub struct Metrics {
     latency: HistogramFamily<TrafficLabels>,
     errors: Family<ErrorLabels, Counter>,
     connections: Family<ConnectionLabels, Gauge>,
+    refused: Family<ConnectionLabels, Counter>,
     load_reports: Family<LoadReportLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     /// Set once the first routing table exists; read by the endpoint collector.
@@ -112,6 +115,12 @@ impl Metrics {
         let latency: HistogramFamily<TrafficLabels> = Family::new_with_constructor(latency_histogram);
         let errors = Family::<ErrorLabels, Counter>::default();
         let connections = Family::<ConnectionLabels, Gauge>::default();
+        let refused = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "request_refused",
+            "HTTP/1 request heads refused as smuggling attempts",
+            refused.clone(),
+        );
         let load_reports = Family::<LoadReportLabels, Counter>::default();
         let table = Arc::new(OnceLock::new());
         let reloads = Family::<ReloadLabels, Counter>::default();
@@ -153,6 +162,7 @@ impl Metrics {
             latency,
             errors,
             connections,
+            refused,
             load_reports,
             reloads,
             table,
@@ -198,6 +208,15 @@ impl Metrics {
                 direction,
                 service: service.to_string(),
                 result,
+            })
+            .clone()
+    }
+
+    pub fn requests_refused(&self, direction: &'static str, listener: &str) -> Counter {
+        self.refused
+            .get_or_create(&ConnectionLabels {
+                direction,
+                listener: listener.to_string(),
             })
             .clone()
     }
