@@ -16,16 +16,18 @@ pub enum ErrorKind {
     UpstreamTimeout = 3,
     UpstreamReset = 4,
     HeaderTooLarge = 5,
+    RateLimited = 6,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 6] = [
+    pub const ALL: [ErrorKind; 7] = [
         ErrorKind::NoRoute,
         ErrorKind::NoEndpoints,
         ErrorKind::UpstreamConnect,
         ErrorKind::UpstreamTimeout,
         ErrorKind::UpstreamReset,
         ErrorKind::HeaderTooLarge,
+        ErrorKind::RateLimited,
     ];
 
     /// The metric label and `x-cogmesh-error` header value.
@@ -37,6 +39,7 @@ impl ErrorKind {
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::UpstreamReset => "upstream_reset",
             ErrorKind::HeaderTooLarge => "header_too_large",
+            ErrorKind::RateLimited => "rate_limited",
         }
     }
 
@@ -47,6 +50,17 @@ impl ErrorKind {
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// The `grpc-status` a gRPC caller gets, and the HTTP status it comes with: a refusal the
+    /// caller should back off from is an ordinary gRPC error (HTTP 200, trailers-only).
+    pub fn grpc(self) -> (&'static str, StatusCode) {
+        match self {
+            ErrorKind::UpstreamTimeout => ("4", self.status()),
+            ErrorKind::RateLimited => ("8", StatusCode::OK),
+            _ => ("14", self.status()),
         }
     }
 }
@@ -66,6 +80,8 @@ pub enum ProxyError {
     UpstreamReset { endpoint: SocketAddr, cause: String },
     #[error("the request has more than {limit} header fields")]
     TooManyHeaders { limit: usize },
+    #[error("rate limit of {} requests exceeded; retry in {} s", .0.limit, crate::ratelimit::header_secs(.0.retry_after))]
+    RateLimited(crate::ratelimit::Decision),
 }
 
 impl ProxyError {
@@ -77,6 +93,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => ErrorKind::UpstreamTimeout,
             ProxyError::UpstreamReset { .. } => ErrorKind::UpstreamReset,
             ProxyError::TooManyHeaders { .. } => ErrorKind::HeaderTooLarge,
+            ProxyError::RateLimited(_) => ErrorKind::RateLimited,
         }
     }
 
@@ -119,5 +136,11 @@ mod tests {
         assert_eq!(ErrorKind::UpstreamConnect.status(), 502);
         assert_eq!(ErrorKind::UpstreamTimeout.status(), 504);
         assert_eq!(ErrorKind::UpstreamTimeout.label(), "upstream_timeout");
+        assert_eq!(ErrorKind::RateLimited.status(), 429);
+        assert_eq!(ErrorKind::RateLimited.grpc(), ("8", StatusCode::OK));
+        assert_eq!(
+            ErrorKind::NoEndpoints.grpc(),
+            ("14", StatusCode::SERVICE_UNAVAILABLE)
+        );
     }
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod forward;
 pub mod hardening;
 pub mod metrics;
+pub mod ratelimit;
 pub mod reload;
 pub mod route;
 pub mod server;

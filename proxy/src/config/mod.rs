@@ -116,6 +116,9 @@ pub struct ListenerConfig {
     pub direction: Direction,
     #[serde(default)]
     pub default_service: Option<String>,
+    /// A token bucket for every request on the listener (before routing).
+    #[serde(default)]
+    pub rate_limit: Option<crate::ratelimit::RateLimitConfig>,
 }
 
 /// Which side of the application a listener serves; a label on every metric.
@@ -218,6 +221,9 @@ pub struct RouteConfig {
     #[serde(rename = "match", default)]
     pub matches: RouteMatch,
     pub service: String,
+    /// A token bucket for the requests this route matches.
+    #[serde(default)]
+    pub rate_limit: Option<crate::ratelimit::RateLimitConfig>,
 }
 
 /// All given conditions must hold. An empty match matches every request.
@@ -327,6 +333,7 @@ impl ProxyConfig {
                 address: listen,
                 direction: Direction::Outbound,
                 default_service: Some(QUICK_SERVICE.into()),
+                rate_limit: None,
             }],
             services: vec![ServiceConfig {
                 name: QUICK_SERVICE.into(),
@@ -454,6 +461,13 @@ impl ProxyConfig {
                     ),
                 ));
             }
+            if let Some(Err((field, reason))) = l.rate_limit.as_ref().map(|r| r.check()) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("listeners[{i}].rate_limit.{field}"),
+                    reason,
+                ));
+            }
             if let Some(svc) = &l.default_service {
                 if !service_names.contains(svc.as_str()) {
                     return Err(ConfigError::new(
@@ -484,6 +498,13 @@ impl ProxyConfig {
                     file,
                     format!("routes[{i}].service"),
                     format!("no service named {:?} ({})", r.service, known()),
+                ));
+            }
+            if let Some(Err((field, reason))) = r.rate_limit.as_ref().map(|r| r.check()) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("routes[{i}].rate_limit.{field}"),
+                    reason,
                 ));
             }
             if let Some(prefix) = &r.matches.path_prefix {

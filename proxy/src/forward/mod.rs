@@ -121,7 +121,18 @@ impl Forward {
         let start = Instant::now();
         let table = self.shared.table.load_full();
         let routes = &table.listeners[self.listener];
-        let Some(index) = table.route(self.listener, &req) else {
+        let (route, route_limit) = table.route_with_limit(self.listener, &req);
+        let limited = crate::ratelimit::admit(
+            [routes.rate_limit.as_deref(), route_limit],
+            req.headers(),
+            self.client_ip.as_bytes(),
+        );
+        if let Err(decision) = limited {
+            let metrics = route.map_or(&routes.unrouted, |i| &routes.metrics[i]);
+            let err = ProxyError::RateLimited(decision);
+            return Self::answer_error(metrics, start, &err, is_grpc(&req));
+        }
+        let Some(index) = route else {
             let err = ProxyError::NoRoute;
             debug!(error = err.kind().label(), uri = %req.uri(), "{err}");
             return Self::answer_error(&routes.unrouted, start, &err, is_grpc(&req));
@@ -333,27 +344,37 @@ impl<B> HasHeaders for Response<B> {
 
 /// The response for a request the proxy failed: the status of the cause, a plain-text body
 /// naming it, and `x-cogmesh-error` with the metric label. gRPC callers also get `grpc-status`
-/// UNAVAILABLE (or DEADLINE_EXCEEDED) and `grpc-message`, so their status says why.
+/// UNAVAILABLE (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) and `grpc-message`, so their status says
+/// why. A rate-limited request also gets `Retry-After` and `RateLimit-*`.
 fn error_response(err: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     let kind = err.kind();
     let text = format!("cogmesh: {err}\n");
+    // A gRPC error with HTTP 200 is trailers-only: no body, gRPC's content type.
+    let (grpc_code, grpc_status) = kind.grpc();
+    let trailers_only = grpc && grpc_status == StatusCode::OK;
     let mut builder = Response::builder()
         .status(kind.status())
-        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(
+            CONTENT_TYPE,
+            if trailers_only {
+                "application/grpc"
+            } else {
+                "text/plain; charset=utf-8"
+            },
+        )
         .header("x-cogmesh-error", kind.label());
+    if let ProxyError::RateLimited(d) = err {
+        builder = crate::ratelimit::add_headers(builder, d);
+    }
     if grpc {
-        let code = if kind == crate::error::ErrorKind::UpstreamTimeout {
-            "4"
-        } else {
-            "14"
-        };
-        builder = builder.header("grpc-status", code);
+        builder = builder.status(grpc_status).header("grpc-status", grpc_code);
         if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(text.trim_end())) {
             builder = builder.header("grpc-message", v);
         }
     }
+    let body = if trailers_only { String::new() } else { text };
     builder
-        .body(ProxyBody::local(text.into()))
+        .body(ProxyBody::local(body.into()))
         .expect("status and headers are valid")
 }
 

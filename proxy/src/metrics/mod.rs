@@ -11,6 +11,8 @@
 //! - `tcp_open_connections{direction,listener}`: accepted connections currently open;
 //! - `request_refused_total{direction,listener}`: HTTP/1 request heads refused as smuggling
 //!   attempts (`Content-Length` with `Transfer-Encoding`, conflicting lengths);
+//! - `rate_limited_total{scope,name}`: requests refused with 429 by the rate limiter of a
+//!   listener (`scope="listener"`) or a route (`scope="route"`, `name` its name or `routes[i]`);
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
@@ -64,6 +66,12 @@ pub struct LoadReportLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub scope: &'static str,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
 }
@@ -95,6 +103,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     connections: Family<ConnectionLabels, Gauge>,
     refused: Family<ConnectionLabels, Counter>,
+    rate_limited: Family<LimitLabels, Counter>,
     load_reports: Family<LoadReportLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     /// Set once the first routing table exists; read by the endpoint collector.
@@ -116,6 +125,12 @@ impl Metrics {
         let errors = Family::<ErrorLabels, Counter>::default();
         let connections = Family::<ConnectionLabels, Gauge>::default();
         let refused = Family::<ConnectionLabels, Counter>::default();
+        let rate_limited = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limiter",
+            rate_limited.clone(),
+        );
         registry.register(
             "request_refused",
             "HTTP/1 request heads refused as smuggling attempts",
@@ -163,6 +178,7 @@ impl Metrics {
             errors,
             connections,
             refused,
+            rate_limited,
             load_reports,
             reloads,
             table,
@@ -208,6 +224,16 @@ impl Metrics {
                 direction,
                 service: service.to_string(),
                 result,
+            })
+            .clone()
+    }
+
+    /// The counter of one listener's or route's rate limiter.
+    pub fn rate_limited(&self, scope: &'static str, name: &str) -> Counter {
+        self.rate_limited
+            .get_or_create(&LimitLabels {
+                scope,
+                name: name.to_string(),
             })
             .clone()
     }

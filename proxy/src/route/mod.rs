@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::balance::{EndpointSet, EndpointSnapshot};
 use crate::config::{Direction, HashKey, ProxyConfig, UpstreamProtocol};
 use crate::metrics::{Metrics, ServiceMetrics};
+use crate::ratelimit::RateLimiter;
 
 /// The service label of requests that matched no route.
 pub const UNROUTED_SERVICE: &str = "unknown";
@@ -50,6 +51,7 @@ pub struct ListenerRoutes {
     /// Indexed like `RoutingTable::services`.
     pub metrics: Vec<ServiceMetrics>,
     pub unrouted: ServiceMetrics,
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 struct Route {
@@ -57,6 +59,7 @@ struct Route {
     path_prefix: Option<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
     service: usize,
+    rate_limit: Option<Arc<RateLimiter>>,
 }
 
 impl RoutingTable {
@@ -105,7 +108,15 @@ impl RoutingTable {
         let routes = config
             .routes
             .iter()
-            .map(|r| Route {
+            .enumerate()
+            .map(|(i, r)| Route {
+                rate_limit: r.rate_limit.as_ref().map(|c| {
+                    let name = r.name.clone().unwrap_or_else(|| format!("routes[{i}]"));
+                    let kept = previous
+                        .and_then(|p| p.routes.get(i))
+                        .and_then(|p| p.rate_limit.as_ref());
+                    RateLimiter::reuse_or_new(kept, c, || metrics.rate_limited("route", &name))
+                }),
                 host: r.matches.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 path_prefix: r.matches.path_prefix.clone(),
                 headers: r
@@ -136,6 +147,12 @@ impl RoutingTable {
                         .map(|s| metrics.service(direction, &s.name))
                         .collect(),
                     unrouted: metrics.service(direction, UNROUTED_SERVICE),
+                    rate_limit: l.rate_limit.as_ref().map(|c| {
+                        let kept = previous
+                            .and_then(|p| p.listeners.iter().find(|o| o.name == l.name))
+                            .and_then(|o| o.rate_limit.as_ref());
+                        RateLimiter::reuse_or_new(kept, c, || metrics.rate_limited("listener", &l.name))
+                    }),
                 }
             })
             .collect();
@@ -150,6 +167,22 @@ impl RoutingTable {
 
     /// The index of the service a request on `listener` goes to.
     pub fn route<B>(&self, listener: usize, req: &Request<B>) -> Option<usize> {
+        self.route_with_limit(listener, req).0
+    }
+
+    /// Like [`RoutingTable::route`], with the rate limiter of the matched route, if any.
+    pub fn route_with_limit<B>(
+        &self,
+        listener: usize,
+        req: &Request<B>,
+    ) -> (Option<usize>, Option<&RateLimiter>) {
+        match self.matched_route(req) {
+            Some(r) => (Some(r.service), r.rate_limit.as_deref()),
+            None => (self.listeners[listener].default_service, None),
+        }
+    }
+
+    fn matched_route<B>(&self, req: &Request<B>) -> Option<&Route> {
         let host = request_host(req);
         for r in &self.routes {
             if let Some(h) = &r.host {
@@ -164,10 +197,10 @@ impl RoutingTable {
                 }
             }
             if r.headers.iter().all(|(k, v)| req.headers().get(k) == Some(v)) {
-                return Some(r.service);
+                return Some(r);
             }
         }
-        self.listeners[listener].default_service
+        None
     }
 
     pub fn snapshot(&self) -> TableSnapshot {
