@@ -17,10 +17,11 @@ pub enum ErrorKind {
     UpstreamReset = 4,
     HeaderTooLarge = 5,
     RateLimited = 6,
+    Overloaded = 7,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::NoRoute,
         ErrorKind::NoEndpoints,
         ErrorKind::UpstreamConnect,
@@ -28,6 +29,7 @@ impl ErrorKind {
         ErrorKind::UpstreamReset,
         ErrorKind::HeaderTooLarge,
         ErrorKind::RateLimited,
+        ErrorKind::Overloaded,
     ];
 
     /// The metric label and `x-cogmesh-error` header value.
@@ -40,13 +42,14 @@ impl ErrorKind {
             ErrorKind::UpstreamReset => "upstream_reset",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Overloaded => "overloaded",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
-            ErrorKind::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoEndpoints | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -82,6 +85,11 @@ pub enum ProxyError {
     TooManyHeaders { limit: usize },
     #[error("rate limit of {} requests exceeded; retry in {} s", .0.limit, crate::ratelimit::header_secs(.0.retry_after))]
     RateLimited(crate::ratelimit::Decision),
+    #[error("service {service:?} is overloaded: circuit breaker threshold {} reached", .threshold.as_str())]
+    Overloaded {
+        service: String,
+        threshold: crate::breaker::Threshold,
+    },
 }
 
 impl ProxyError {
@@ -94,6 +102,7 @@ impl ProxyError {
             ProxyError::UpstreamReset { .. } => ErrorKind::UpstreamReset,
             ProxyError::TooManyHeaders { .. } => ErrorKind::HeaderTooLarge,
             ProxyError::RateLimited(_) => ErrorKind::RateLimited,
+            ProxyError::Overloaded { .. } => ErrorKind::Overloaded,
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod breaker;
 pub mod config;
 pub mod control;
 pub mod error;

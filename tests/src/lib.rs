@@ -357,3 +357,22 @@ pub fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Opt
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// One request with curl (`args` before the URL): the status and the lower-cased response head;
+/// the body is discarded.
+pub fn curl_head(args: &[&str], url: &str) -> (u16, String) {
+    let (code, out, err) = run_with_timeout(
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-D", "-"])
+            .args(args)
+            .arg(url),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(0), "curl failed: {err}");
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {out:?}"));
+    (status, out.to_ascii_lowercase())
+}

@@ -1,28 +1,11 @@
 //! Per-instance rate limiting: a listener's bucket, a route's bucket per client key, the 429
 //! with `Retry-After` and `RateLimit-*`, gRPC's RESOURCE_EXHAUSTED, and the counters.
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use cogmesh_e2e::{metric_value, run_with_timeout, start_workload, Proxy};
+use cogmesh_e2e::{metric_value, start_workload, Proxy};
 
-/// One request with curl: status and lower-cased response head.
-fn curl(args: &[&str], url: &str) -> (u16, String) {
-    let (code, out, err) = run_with_timeout(
-        Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "-D", "-"])
-            .args(args)
-            .arg(url),
-        Duration::from_secs(30),
-    );
-    assert_eq!(code, Some(0), "curl failed: {err}");
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    (status, out.to_ascii_lowercase())
-}
+use cogmesh_e2e::curl_head as curl;
 
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines()

@@ -162,6 +162,9 @@ pub struct ServiceConfig {
     /// (they are removed by default: they describe the endpoint, not the response).
     #[serde(default)]
     pub forward_load_reports: bool,
+    /// Envoy-style thresholds; over one, requests fail fast with 503.
+    #[serde(default)]
+    pub circuit_breaker: crate::breaker::CircuitBreakerConfig,
 }
 
 /// The protocol spoken to a service's endpoints.
@@ -344,6 +347,7 @@ impl ProxyConfig {
                 hash_key: None,
                 load_report_stale_ms: default_load_report_stale_ms(),
                 forward_load_reports: false,
+                circuit_breaker: Default::default(),
             }],
             routes: Vec::new(),
             control: None,
@@ -412,6 +416,13 @@ impl ProxyConfig {
                         format!("{h:?} is not a valid HTTP header name"),
                     ));
                 }
+            }
+            if let Err((field, reason)) = s.circuit_breaker.check() {
+                return Err(ConfigError::new(
+                    file,
+                    format!("services[{i}].circuit_breaker.{field}"),
+                    reason,
+                ));
             }
             let mut seen = HashSet::new();
             for (j, e) in s.endpoints.iter().enumerate() {

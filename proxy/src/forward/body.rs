@@ -18,8 +18,16 @@ pub enum ProxyBody {
         body: Incoming,
         in_flight: Option<InFlight>,
         reports: Option<TrailerReports>,
+        held: Option<Held>,
     },
     Local(Option<Bytes>),
+}
+
+/// What a response keeps until its body ends: the request's slot in its service's circuit
+/// breaker.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub breaker: Option<crate::breaker::RequestPermit>,
 }
 
 /// How to handle an ORCA report in the trailers (gRPC responses): record the load on the
@@ -36,7 +44,16 @@ impl ProxyBody {
             body,
             in_flight: Some(in_flight),
             reports,
+            held: None,
         }
+    }
+
+    /// Keeps `held` until the body ends or is dropped.
+    pub fn holding(mut self, h: Held) -> Self {
+        if let ProxyBody::Upstream { held, .. } = &mut self {
+            *held = Some(h);
+        }
+        self
     }
 
     pub fn local(bytes: Bytes) -> Self {
@@ -57,6 +74,7 @@ impl Body for ProxyBody {
                 body,
                 in_flight,
                 reports,
+                held,
             } => {
                 let mut polled = Pin::new(body).poll_frame(cx);
                 if let (Poll::Ready(Some(Ok(frame))), Some(reports)) = (&mut polled, reports.as_ref()) {
@@ -66,6 +84,7 @@ impl Body for ProxyBody {
                 }
                 if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
                     in_flight.take();
+                    held.take();
                 }
                 polled
             }

@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-pub use self::body::{ProxyBody, TrailerReports};
+pub use self::body::{Held, ProxyBody, TrailerReports};
 use crate::balance::cost::retry_after_penalty;
 use crate::balance::{orca, Endpoint, InFlight};
 use crate::config::{ProxyConfig, UpstreamProtocol};
@@ -173,7 +173,12 @@ impl Forward {
                         service.endpoints.gateway_failure(&e, start.elapsed());
                     }
                 }
-                warn!(service = %service.name, error = kind.label(), "{err}");
+                // Overload refusals come in floods: one warning each would flood the log too.
+                if kind == ErrorKind::Overloaded {
+                    debug!(service = %service.name, error = kind.label(), "{err}");
+                } else {
+                    warn!(service = %service.name, error = kind.label(), "{err}");
+                }
                 Self::answer_error(metrics, start, &err, grpc)
             }
         }
@@ -201,6 +206,13 @@ impl Forward {
         mut req: Request<Incoming>,
     ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), (ProxyError, Option<Arc<Endpoint>>)> {
         let service = &table.services[index];
+        let mut permit = match service.breaker.try_request() {
+            Ok(p) => p,
+            Err(threshold) => {
+                let service = service.name.clone();
+                return Err((ProxyError::Overloaded { service, threshold }, None));
+            }
+        };
         let Some(endpoint) = service.endpoints.pick(service.hash_of(&req)) else {
             let err = ProxyError::NoEndpoints {
                 service: service.name.clone(),
@@ -268,6 +280,7 @@ impl Forward {
             },
             None => pending.await,
         };
+        permit.answered();
         let mut response = match result {
             Ok(r) => r,
             Err(e) => return Err((ProxyError::from_client(endpoint.addr, &e), Some(endpoint))),
@@ -302,8 +315,11 @@ impl Forward {
             accepted: metrics.load_reports_accepted.clone(),
             rejected: metrics.load_reports_rejected.clone(),
         });
+        let held = Held {
+            breaker: Some(permit),
+        };
         Ok((
-            response.map(|b| ProxyBody::upstream(b, in_flight, trailer_reports)),
+            response.map(|b| ProxyBody::upstream(b, in_flight, trailer_reports).holding(held)),
             endpoint,
         ))
     }
@@ -363,8 +379,10 @@ fn error_response(err: &ProxyError, grpc: bool) -> Response<ProxyBody> {
             },
         )
         .header("x-cogmesh-error", kind.label());
-    if let ProxyError::RateLimited(d) = err {
-        builder = crate::ratelimit::add_headers(builder, d);
+    match err {
+        ProxyError::RateLimited(d) => builder = crate::ratelimit::add_headers(builder, d),
+        ProxyError::Overloaded { .. } => builder = builder.header("x-cogmesh-overloaded", "true"),
+        _ => {}
     }
     if grpc {
         builder = builder.status(grpc_status).header("grpc-status", grpc_code);

@@ -13,6 +13,9 @@
 //!   attempts (`Content-Length` with `Transfer-Encoding`, conflicting lengths);
 //! - `rate_limited_total{scope,name}`: requests refused with 429 by the rate limiter of a
 //!   listener (`scope="listener"`) or a route (`scope="route"`, `name` its name or `routes[i]`);
+//! - `circuit_breaker_overflow_total{service,threshold}`: requests (or retries) refused by a
+//!   service's circuit breaker, by threshold (`max_requests`, `max_pending_requests`,
+//!   `max_retries`);
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
@@ -72,6 +75,12 @@ pub struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub service: String,
+    pub threshold: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
 }
@@ -104,6 +113,7 @@ pub struct Metrics {
     connections: Family<ConnectionLabels, Gauge>,
     refused: Family<ConnectionLabels, Counter>,
     rate_limited: Family<LimitLabels, Counter>,
+    overflow: Family<OverflowLabels, Counter>,
     load_reports: Family<LoadReportLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     /// Set once the first routing table exists; read by the endpoint collector.
@@ -126,6 +136,12 @@ impl Metrics {
         let connections = Family::<ConnectionLabels, Gauge>::default();
         let refused = Family::<ConnectionLabels, Counter>::default();
         let rate_limited = Family::<LimitLabels, Counter>::default();
+        let overflow = Family::<OverflowLabels, Counter>::default();
+        registry.register(
+            "circuit_breaker_overflow",
+            "Requests refused by a service's circuit breaker, by threshold",
+            overflow.clone(),
+        );
         registry.register(
             "rate_limited",
             "Requests refused by a rate limiter",
@@ -179,6 +195,7 @@ impl Metrics {
             connections,
             refused,
             rate_limited,
+            overflow,
             load_reports,
             reloads,
             table,
@@ -226,6 +243,23 @@ impl Metrics {
                 result,
             })
             .clone()
+    }
+
+    /// The overflow counters of one service's circuit breaker.
+    pub fn breaker_overflow(&self, service: &str) -> crate::breaker::OverflowCounters {
+        let counter = |threshold: crate::breaker::Threshold| {
+            self.overflow
+                .get_or_create(&OverflowLabels {
+                    service: service.to_string(),
+                    threshold: threshold.as_str(),
+                })
+                .clone()
+        };
+        crate::breaker::OverflowCounters {
+            max_requests: counter(crate::breaker::Threshold::MaxRequests),
+            max_pending_requests: counter(crate::breaker::Threshold::MaxPendingRequests),
+            max_retries: counter(crate::breaker::Threshold::MaxRetries),
+        }
     }
 
     /// The counter of one listener's or route's rate limiter.

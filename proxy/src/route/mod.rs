@@ -41,6 +41,7 @@ pub struct Service {
     pub endpoints: EndpointSet,
     pub hash_key: Option<HashKey>,
     pub forward_load_reports: bool,
+    pub breaker: Arc<crate::breaker::Breaker>,
 }
 
 /// Per listener: the default service and the metric handles of every service seen through it.
@@ -98,6 +99,11 @@ impl RoutingTable {
                 ),
                 hash_key: s.hash_key.clone(),
                 forward_load_reports: s.forward_load_reports,
+                breaker: crate::breaker::Breaker::reuse_or_new(
+                    old.get(s.name.as_str()).map(|o| &o.breaker),
+                    &s.circuit_breaker,
+                    || metrics.breaker_overflow(&s.name),
+                ),
             })
             .collect();
         let index: HashMap<&str, usize> = services
