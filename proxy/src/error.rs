@@ -18,10 +18,11 @@ pub enum ErrorKind {
     HeaderTooLarge = 5,
     RateLimited = 6,
     Overloaded = 7,
+    Shed = 8,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 8] = [
+    pub const ALL: [ErrorKind; 9] = [
         ErrorKind::NoRoute,
         ErrorKind::NoEndpoints,
         ErrorKind::UpstreamConnect,
@@ -30,6 +31,7 @@ impl ErrorKind {
         ErrorKind::HeaderTooLarge,
         ErrorKind::RateLimited,
         ErrorKind::Overloaded,
+        ErrorKind::Shed,
     ];
 
     /// The metric label and `x-cogmesh-error` header value.
@@ -43,13 +45,16 @@ impl ErrorKind {
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Shed => "shed",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
-            ErrorKind::NoEndpoints | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoEndpoints | ErrorKind::Overloaded | ErrorKind::Shed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -90,6 +95,11 @@ pub enum ProxyError {
         service: String,
         threshold: crate::breaker::Threshold,
     },
+    #[error("shed: the proxy is at its concurrency limit for {} requests", .priority.as_str())]
+    Shed {
+        priority: crate::admission::Priority,
+        retry_after_secs: u64,
+    },
 }
 
 impl ProxyError {
@@ -103,6 +113,7 @@ impl ProxyError {
             ProxyError::TooManyHeaders { .. } => ErrorKind::HeaderTooLarge,
             ProxyError::RateLimited(_) => ErrorKind::RateLimited,
             ProxyError::Overloaded { .. } => ErrorKind::Overloaded,
+            ProxyError::Shed { .. } => ErrorKind::Shed,
         }
     }
 

@@ -55,6 +55,9 @@ pub struct ProxyConfig {
     /// What clients may send: header size and count, HTTP/2 streams and windows.
     #[serde(default)]
     pub limits: crate::hardening::LimitsConfig,
+    /// The instance's concurrency limit with priority shedding; none by default.
+    #[serde(default)]
+    pub admission: Option<crate::admission::AdmissionConfig>,
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
@@ -227,6 +230,9 @@ pub struct RouteConfig {
     /// A token bucket for the requests this route matches.
     #[serde(default)]
     pub rate_limit: Option<crate::ratelimit::RateLimitConfig>,
+    /// The priority of requests without `x-cogmesh-priority` (default `normal`).
+    #[serde(default)]
+    pub priority: Option<crate::admission::Priority>,
 }
 
 /// All given conditions must hold. An empty match matches every request.
@@ -331,6 +337,7 @@ impl ProxyConfig {
             pool_idle_timeout_ms: DEFAULT_POOL_IDLE_TIMEOUT_MS,
             http2_streams_per_connection: DEFAULT_HTTP2_STREAMS_PER_CONNECTION,
             limits: Default::default(),
+            admission: None,
             listeners: vec![ListenerConfig {
                 name: "outbound".into(),
                 address: listen,
@@ -380,6 +387,9 @@ impl ProxyConfig {
             if value == 0 {
                 return Err(ConfigError::new(file, field, "must be greater than 0"));
             }
+        }
+        if let Some(Err((field, reason))) = self.admission.as_ref().map(|a| a.check()) {
+            return Err(ConfigError::new(file, format!("admission.{field}"), reason));
         }
         if let Err((field, reason)) = self.limits.check() {
             return Err(ConfigError::new(file, format!("limits.{field}"), reason));

@@ -23,11 +23,12 @@ pub enum ProxyBody {
     Local(Option<Bytes>),
 }
 
-/// What a response keeps until its body ends: the request's slot in its service's circuit
-/// breaker.
+/// What a response keeps until its body ends: the request's slots in its service's circuit
+/// breaker and in the instance's concurrency limit.
 #[derive(Debug, Default)]
 pub struct Held {
     pub breaker: Option<crate::breaker::RequestPermit>,
+    pub admission: Option<crate::admission::AdmissionPermit>,
 }
 
 /// How to handle an ORCA report in the trailers (gRPC responses): record the load on the

@@ -121,9 +121,10 @@ impl Forward {
         let start = Instant::now();
         let table = self.shared.table.load_full();
         let routes = &table.listeners[self.listener];
-        let (route, route_limit) = table.route_with_limit(self.listener, &req);
+        let matched = table.route_match(self.listener, &req);
+        let route = matched.service;
         let limited = crate::ratelimit::admit(
-            [routes.rate_limit.as_deref(), route_limit],
+            [routes.rate_limit.as_deref(), matched.rate_limit],
             req.headers(),
             self.client_ip.as_bytes(),
         );
@@ -140,13 +141,25 @@ impl Forward {
         let metrics = &routes.metrics[index];
         metrics.requests.inc();
         let grpc = is_grpc(&req);
+        let priority = crate::admission::Priority::of(req.headers(), matched.priority);
+        let admitted = match table.admission.as_ref().map(|a| a.try_admit(priority)) {
+            None => None,
+            Some(Ok(permit)) => Some(permit),
+            Some(Err(retry_after_secs)) => {
+                let err = ProxyError::Shed {
+                    priority,
+                    retry_after_secs,
+                };
+                return Self::answer_error(metrics, start, &err, grpc);
+            }
+        };
         if crate::hardening::too_many_headers(req.headers(), &self.shared.limits) {
             let err = ProxyError::TooManyHeaders {
                 limit: self.shared.limits.max_request_headers,
             };
             return Self::answer_error(metrics, start, &err, grpc);
         }
-        match self.send(&table, index, metrics, req).await {
+        match self.send(&table, index, metrics, req, admitted).await {
             Ok((response, endpoint)) => {
                 let elapsed = start.elapsed();
                 // An endpoint that asks us to back off is charged a latency penalty, so the
@@ -204,6 +217,7 @@ impl Forward {
         index: usize,
         metrics: &ServiceMetrics,
         mut req: Request<Incoming>,
+        admitted: Option<crate::admission::AdmissionPermit>,
     ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), (ProxyError, Option<Arc<Endpoint>>)> {
         let service = &table.services[index];
         let mut permit = match service.breaker.try_request() {
@@ -317,6 +331,7 @@ impl Forward {
         });
         let held = Held {
             breaker: Some(permit),
+            admission: admitted,
         };
         Ok((
             response.map(|b| ProxyBody::upstream(b, in_flight, trailer_reports).holding(held)),
@@ -382,6 +397,9 @@ fn error_response(err: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     match err {
         ProxyError::RateLimited(d) => builder = crate::ratelimit::add_headers(builder, d),
         ProxyError::Overloaded { .. } => builder = builder.header("x-cogmesh-overloaded", "true"),
+        ProxyError::Shed { retry_after_secs, .. } => {
+            builder = builder.header(http::header::RETRY_AFTER, *retry_after_secs)
+        }
         _ => {}
     }
     if grpc {

@@ -16,6 +16,8 @@
 //! - `circuit_breaker_overflow_total{service,threshold}`: requests (or retries) refused by a
 //!   service's circuit breaker, by threshold (`max_requests`, `max_pending_requests`,
 //!   `max_retries`);
+//! - `admission_total{priority,result}`: requests through the instance's concurrency limit,
+//!   `admitted` or `shed`, by priority (the basis of attention efficiency);
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
@@ -81,6 +83,12 @@ pub struct OverflowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    pub priority: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
 }
@@ -114,6 +122,7 @@ pub struct Metrics {
     refused: Family<ConnectionLabels, Counter>,
     rate_limited: Family<LimitLabels, Counter>,
     overflow: Family<OverflowLabels, Counter>,
+    admission: Family<AdmissionLabels, Counter>,
     load_reports: Family<LoadReportLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     /// Set once the first routing table exists; read by the endpoint collector.
@@ -137,6 +146,12 @@ impl Metrics {
         let refused = Family::<ConnectionLabels, Counter>::default();
         let rate_limited = Family::<LimitLabels, Counter>::default();
         let overflow = Family::<OverflowLabels, Counter>::default();
+        let admission = Family::<AdmissionLabels, Counter>::default();
+        registry.register(
+            "admission",
+            "Requests through the concurrency limit, admitted or shed, by priority",
+            admission.clone(),
+        );
         registry.register(
             "circuit_breaker_overflow",
             "Requests refused by a service's circuit breaker, by threshold",
@@ -196,6 +211,7 @@ impl Metrics {
             refused,
             rate_limited,
             overflow,
+            admission,
             load_reports,
             reloads,
             table,
@@ -243,6 +259,23 @@ impl Metrics {
                 result,
             })
             .clone()
+    }
+
+    /// The admitted and shed counters of the concurrency limit, per priority.
+    pub fn admission(&self) -> crate::admission::AdmissionCounters {
+        let counter = |p: crate::admission::Priority, result: &'static str| {
+            self.admission
+                .get_or_create(&AdmissionLabels {
+                    priority: p.as_str(),
+                    result,
+                })
+                .clone()
+        };
+        let all = crate::admission::Priority::ALL;
+        crate::admission::AdmissionCounters {
+            admitted: all.map(|p| counter(p, "admitted")),
+            shed: all.map(|p| counter(p, "shed")),
+        }
     }
 
     /// The overflow counters of one service's circuit breaker.

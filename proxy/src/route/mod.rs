@@ -32,6 +32,8 @@ pub struct RoutingTable {
     pub services: Vec<Service>,
     routes: Vec<Route>,
     pub listeners: Vec<ListenerRoutes>,
+    /// The instance's concurrency limit, if configured.
+    pub admission: Option<Arc<crate::admission::Admission>>,
 }
 
 pub struct Service {
@@ -61,6 +63,15 @@ struct Route {
     headers: Vec<(HeaderName, HeaderValue)>,
     service: usize,
     rate_limit: Option<Arc<RateLimiter>>,
+    priority: Option<crate::admission::Priority>,
+}
+
+/// What routing found for a request.
+pub struct RouteMatch<'a> {
+    /// The service index, `None` without a route and a default service.
+    pub service: Option<usize>,
+    pub rate_limit: Option<&'a RateLimiter>,
+    pub priority: Option<crate::admission::Priority>,
 }
 
 impl RoutingTable {
@@ -116,6 +127,7 @@ impl RoutingTable {
             .iter()
             .enumerate()
             .map(|(i, r)| Route {
+                priority: r.priority,
                 rate_limit: r.rate_limit.as_ref().map(|c| {
                     let name = r.name.clone().unwrap_or_else(|| format!("routes[{i}]"));
                     let kept = previous
@@ -162,7 +174,13 @@ impl RoutingTable {
                 }
             })
             .collect();
+        let admission = config.admission.as_ref().map(|c| {
+            crate::admission::Admission::reuse_or_new(previous.and_then(|p| p.admission.as_ref()), c, || {
+                metrics.admission()
+            })
+        });
         RoutingTable {
+            admission,
             version: previous.map_or(1, |p| p.version + 1),
             control_version,
             services,
@@ -173,18 +191,22 @@ impl RoutingTable {
 
     /// The index of the service a request on `listener` goes to.
     pub fn route<B>(&self, listener: usize, req: &Request<B>) -> Option<usize> {
-        self.route_with_limit(listener, req).0
+        self.route_match(listener, req).service
     }
 
-    /// Like [`RoutingTable::route`], with the rate limiter of the matched route, if any.
-    pub fn route_with_limit<B>(
-        &self,
-        listener: usize,
-        req: &Request<B>,
-    ) -> (Option<usize>, Option<&RateLimiter>) {
+    /// Like [`RoutingTable::route`], with the matched route's rate limiter and priority.
+    pub fn route_match<B>(&self, listener: usize, req: &Request<B>) -> RouteMatch<'_> {
         match self.matched_route(req) {
-            Some(r) => (Some(r.service), r.rate_limit.as_deref()),
-            None => (self.listeners[listener].default_service, None),
+            Some(r) => RouteMatch {
+                service: Some(r.service),
+                rate_limit: r.rate_limit.as_deref(),
+                priority: r.priority,
+            },
+            None => RouteMatch {
+                service: self.listeners[listener].default_service,
+                rate_limit: None,
+                priority: None,
+            },
         }
     }
 
