@@ -63,7 +63,23 @@ impl Oha<'_> {
         duration: Duration,
         work_dir: &Path,
     ) -> Result<Latency> {
+        self.open_loop_with_headers(url, proto, rate, duration, work_dir, &[])
+    }
+
+    /// [`Oha::open_loop`] with request headers (`name: value`, as oha's `-H`).
+    pub fn open_loop_with_headers(
+        &self,
+        url: &str,
+        proto: Proto,
+        rate: u32,
+        duration: Duration,
+        work_dir: &Path,
+        headers: &[&str],
+    ) -> Result<Latency> {
         let mut command = Command::new(self.bin);
+        for h in headers {
+            command.args(["-H", h]);
+        }
         command
             .arg("--no-tui")
             .args(["--output-format", "json"])
