@@ -16,6 +16,7 @@ pub mod error;
 pub mod forward;
 pub mod hardening;
 pub mod metrics;
+pub mod outlier;
 pub mod ratelimit;
 pub mod reload;
 pub mod route;

@@ -168,6 +168,9 @@ pub struct ServiceConfig {
     /// Envoy-style thresholds; over one, requests fail fast with 503.
     #[serde(default)]
     pub circuit_breaker: crate::breaker::CircuitBreakerConfig,
+    /// Ejection of endpoints that fail in a row (Envoy's `consecutive_5xx`).
+    #[serde(default)]
+    pub outlier_detection: crate::outlier::OutlierConfig,
 }
 
 /// The protocol spoken to a service's endpoints.
@@ -355,6 +358,7 @@ impl ProxyConfig {
                 load_report_stale_ms: default_load_report_stale_ms(),
                 forward_load_reports: false,
                 circuit_breaker: Default::default(),
+                outlier_detection: Default::default(),
             }],
             routes: Vec::new(),
             control: None,
@@ -431,6 +435,13 @@ impl ProxyConfig {
                 return Err(ConfigError::new(
                     file,
                     format!("services[{i}].circuit_breaker.{field}"),
+                    reason,
+                ));
+            }
+            if let Err((field, reason)) = s.outlier_detection.check() {
+                return Err(ConfigError::new(
+                    file,
+                    format!("services[{i}].outlier_detection.{field}"),
                     reason,
                 ));
             }

@@ -170,9 +170,11 @@ impl Forward {
                     .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
                     .map(retry_after_penalty);
                 endpoint.observe_rtt(penalty.map_or(elapsed, |p| p.max(elapsed)));
-                if response.status().is_server_error() {
+                let failed = response.status().is_server_error();
+                if failed {
                     endpoint.record_failure();
                 }
+                table.services[index].endpoints.observe_outcome(&endpoint, failed);
                 metrics.latency.observe(elapsed.as_secs_f64());
                 metrics.response(response.status().as_u16());
                 response
@@ -185,6 +187,7 @@ impl Forward {
                     if matches!(kind, ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnect) {
                         service.endpoints.gateway_failure(&e, start.elapsed());
                     }
+                    service.endpoints.observe_outcome(&e, true);
                 }
                 // Overload refusals come in floods: one warning each would flood the log too.
                 if kind == ErrorKind::Overloaded {

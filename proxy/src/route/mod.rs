@@ -107,7 +107,8 @@ impl RoutingTable {
                         .unwrap_or_else(|| s.endpoints.iter().map(|a| (*a, 1.0)).collect()),
                     s.balancer,
                     Duration::from_millis(s.load_report_stale_ms),
-                ),
+                )
+                .with_outlier(s.outlier_detection.clone()),
                 hash_key: s.hash_key.clone(),
                 forward_load_reports: s.forward_load_reports,
                 breaker: crate::breaker::Breaker::reuse_or_new(
