@@ -62,6 +62,26 @@ impl Framing {
         self.phase == Phase::Opaque
     }
 
+    /// Body bytes that may go to hyper unchecked right now (a sized body or chunk data), so a
+    /// caller can read them straight into hyper's buffer; `None` when bytes must be fed.
+    pub fn body_left(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Fixed(n) | Phase::Chunked(Chunk::Data(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// `n` body bytes (at most [`Framing::body_left`]) went to hyper directly.
+    pub fn skipped(&mut self, n: u64) {
+        self.phase = match self.phase {
+            Phase::Fixed(left) if left > n => Phase::Fixed(left - n),
+            Phase::Fixed(_) => Phase::Head,
+            Phase::Chunked(Chunk::Data(left)) if left > n => Phase::Chunked(Chunk::Data(left - n)),
+            Phase::Chunked(Chunk::Data(_)) => Phase::Chunked(Chunk::DataCr),
+            other => other,
+        };
+    }
+
     /// Complete request heads seen (and passed or refused).
     pub fn heads_seen(&self) -> u64 {
         self.heads

@@ -137,6 +137,34 @@ async fn refused_head_reaches_hyper_as_an_invalid_request_line() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn bodies_pass_through_unchanged_and_the_next_head_is_still_checked() {
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    let refused = Counter::default();
+    let mut io = GuardedIo::new(
+        server,
+        &LimitsConfig::default(),
+        Duration::from_secs(1),
+        refused.clone(),
+    );
+    let body = "x".repeat(20_000);
+    let input = format!(
+        "POST / HTTP/1.1\r\nContent-Length: 20000\r\n\r\n{body}POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    client.write_all(input.as_bytes()).await.unwrap();
+    client
+        .write_all(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    drop(client);
+    let mut got = Vec::new();
+    io.read_to_end(&mut got).await.unwrap();
+    let mut expected = input.into_bytes();
+    expected.extend_from_slice(REFUSED_HEAD);
+    assert_eq!(got, expected);
+    assert_eq!(refused.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_silent_client_times_out_before_its_first_head() {
     let (mut client, server) = tokio::io::duplex(4096);
     let mut io = GuardedIo::new(
