@@ -8,7 +8,7 @@
 //!     3 s); the admitted rate is the 200s over the window, its error the distance from 1000 in
 //!     %, raw and with the initial burst (100) taken out.
 //! (b) Overload with priorities. One `cogmesh workload` with 8 slots and a fixed 20 ms service
-//!     time (capacity 400 req/s, queue 64); cogmesh in front with `admission: max_concurrency 10`.
+//!     time (capacity 400 req/s, queue 64); cogmesh in front with `admission: max_concurrency 8`.
 //!     Offered 2× capacity — 160 req/s `critical` and 640 req/s `normal` from two oha processes at
 //!     once — with admission and without; and `critical` alone (unloaded) for reference. Printed:
 //!     success (200s) and p99 per priority, and critical p99 relative to unloaded.
@@ -357,8 +357,7 @@ fn priority_runs(tools: &Tools, proxy: &Path, window: Duration, dir: &Path) -> R
     let normal_rps = capacity * 8 / 5;
     println!(
         "\n(b) overload: workload {SLOTS} slots × {SERVICE_MS} ms fixed (capacity {capacity} req/s, queue 64); \
-         offered {critical_rps} critical + {normal_rps} normal req/s; admission max_concurrency {}",
-        SLOTS + 2
+         offered {critical_rps} critical + {normal_rps} normal req/s; admission max_concurrency {SLOTS}"
     );
     let workload_bin = tools.repo.join("target/release/cogmesh");
     if !workload_bin.exists() {
@@ -381,7 +380,7 @@ fn priority_runs(tools: &Tools, proxy: &Path, window: Duration, dir: &Path) -> R
     let _workload = wait_until(workload, addr, None)?;
     let yaml = |admission: bool| {
         let limit = if admission {
-            format!("admission: {{ max_concurrency: {} }}\n", SLOTS + 2)
+            format!("admission: {{ max_concurrency: {SLOTS} }}\n")
         } else {
             String::new()
         };

@@ -142,7 +142,11 @@ impl Forward {
         metrics.requests.inc();
         let grpc = is_grpc(&req);
         let priority = crate::admission::Priority::of(req.headers(), matched.priority);
-        let admitted = match table.admission.as_ref().map(|a| a.try_admit(priority)) {
+        let admitted = match table.admission.as_ref() {
+            None => None,
+            Some(a) => Some(a.admit(priority).await),
+        };
+        let admitted = match admitted {
             None => None,
             Some(Ok(permit)) => Some(permit),
             Some(Err(retry_after_secs)) => {
