@@ -19,5 +19,6 @@ pub mod metrics;
 pub mod outlier;
 pub mod ratelimit;
 pub mod reload;
+pub mod retry;
 pub mod route;
 pub mod server;

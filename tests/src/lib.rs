@@ -376,3 +376,20 @@ pub fn curl_head(args: &[&str], url: &str) -> (u16, String) {
         .unwrap_or_else(|| panic!("not an HTTP response: {out:?}"));
     (status, out.to_ascii_lowercase())
 }
+
+impl Proxy {
+    /// Full mode with one listener (`edge`) whose default service `web` has `endpoints` and,
+    /// in flow-style YAML, the extra service fields `fields` (e.g. `retry: { max_attempts: 1 }`).
+    pub fn with_service(endpoints: &[SocketAddr], fields: &[&str]) -> Proxy {
+        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        let mut yaml = format!(
+            "admin: \"{{admin}}\"\nlisteners:\n  - {{ name: edge, address: \"{{listen}}\", default_service: web }}\n\
+             services:\n  - name: web\n    endpoints: [{}]\n",
+            endpoints.join(", ")
+        );
+        for f in fields {
+            yaml.push_str(&format!("    {f}\n"));
+        }
+        Proxy::with_config(&yaml)
+    }
+}

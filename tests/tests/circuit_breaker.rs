@@ -13,18 +13,7 @@ fn curl(url: &str) -> (u16, String) {
 #[test]
 fn max_requests_overflow_is_503_overloaded_and_counted() {
     let upstream = start_workload("slow");
-    let proxy = Proxy::with_config(&format!(
-        r#"
-admin: "{{admin}}"
-listeners:
-  - {{ name: edge, address: "{{listen}}", default_service: web }}
-services:
-  - name: web
-    endpoints: ["{}"]
-    circuit_breaker: {{ max_requests: 2 }}
-"#,
-        upstream.addr
-    ));
+    let proxy = Proxy::with_service(&[upstream.addr], &["circuit_breaker: { max_requests: 2 }"]);
     let slow_url = proxy.url("/sleep?ms=3000");
     let slow: Vec<_> = (0..2)
         .map(|_| {

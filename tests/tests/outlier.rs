@@ -67,19 +67,13 @@ fn start_flaky() -> Flaky {
 fn a_flapping_upstream_is_ejected_and_readmitted() {
     let good = start_workload("good");
     let flaky = start_flaky();
-    let proxy = Proxy::with_config(&format!(
-        r#"
-admin: "{{admin}}"
-listeners:
-  - {{ name: edge, address: "{{listen}}", default_service: web }}
-services:
-  - name: web
-    endpoints: ["{}", "{}"]
-    balancer: round_robin
-    outlier_detection: {{ consecutive_failures: 3, base_ejection_time_ms: 1000, ejection_jitter_ms: 0, max_ejection_percent: 50 }}
-"#,
-        good.addr, flaky.addr
-    ));
+    let proxy = Proxy::with_service(
+        &[good.addr, flaky.addr],
+        &[
+            "balancer: round_robin",
+            "outlier_detection: { consecutive_failures: 3, base_ejection_time_ms: 1000, ejection_jitter_ms: 0, max_ejection_percent: 50 }",
+        ],
+    );
     let url = proxy.url("/status/200");
     let ejected = format!(r#"endpoint_ejected{{service="web",endpoint="{}"}}"#, flaky.addr);
 

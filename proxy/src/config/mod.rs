@@ -171,6 +171,9 @@ pub struct ServiceConfig {
     /// Ejection of endpoints that fail in a row (Envoy's `consecutive_5xx`).
     #[serde(default)]
     pub outlier_detection: crate::outlier::OutlierConfig,
+    /// Retries of bodiless idempotent requests, within a budget.
+    #[serde(default)]
+    pub retry: crate::retry::RetryConfig,
 }
 
 /// The protocol spoken to a service's endpoints.
@@ -359,6 +362,7 @@ impl ProxyConfig {
                 forward_load_reports: false,
                 circuit_breaker: Default::default(),
                 outlier_detection: Default::default(),
+                retry: Default::default(),
             }],
             routes: Vec::new(),
             control: None,
@@ -435,6 +439,13 @@ impl ProxyConfig {
                 return Err(ConfigError::new(
                     file,
                     format!("services[{i}].circuit_breaker.{field}"),
+                    reason,
+                ));
+            }
+            if let Err((field, reason)) = s.retry.check() {
+                return Err(ConfigError::new(
+                    file,
+                    format!("services[{i}].retry.{field}"),
                     reason,
                 ));
             }

@@ -49,6 +49,14 @@ impl ProxyBody {
         }
     }
 
+    /// Also keeps the request's slot in the concurrency limit until the body ends.
+    pub fn with_admission(mut self, permit: Option<crate::admission::AdmissionPermit>) -> Self {
+        if let ProxyBody::Upstream { held: Some(h), .. } = &mut self {
+            h.admission = permit;
+        }
+        self
+    }
+
     /// Keeps `held` until the body ends or is dropped.
     pub fn holding(mut self, h: Held) -> Self {
         if let ProxyBody::Upstream { held, .. } = &mut self {
@@ -129,5 +137,40 @@ fn read_trailer_report(
     }
     if reports.strip {
         trailers.remove(orca::LOAD_TRAILER);
+    }
+}
+
+/// The body of a request sent upstream: the client's, or none (a retry of a bodiless request).
+pub enum RequestBody {
+    Client(Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Client(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Client(body) => body.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Client(body) => body.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
     }
 }

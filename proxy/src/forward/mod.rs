@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-pub use self::body::{Held, ProxyBody, TrailerReports};
+pub use self::body::{Held, ProxyBody, RequestBody, TrailerReports};
 use crate::balance::cost::retry_after_penalty;
 use crate::balance::{orca, Endpoint, InFlight};
 use crate::config::{ProxyConfig, UpstreamProtocol};
@@ -45,8 +45,8 @@ use crate::route::{RoutingTable, SharedTable};
 /// behind one connection's stream limit.
 #[derive(Clone)]
 pub struct Upstreams {
-    http1: Client<HttpConnector, Incoming>,
-    http2: Arc<[Client<HttpConnector, Incoming>]>,
+    http1: Client<HttpConnector, RequestBody>,
+    http2: Arc<[Client<HttpConnector, RequestBody>]>,
     streams_per_connection: u64,
 }
 
@@ -85,7 +85,7 @@ impl Upstreams {
     }
 
     /// The HTTP/2 client for the next stream to an endpoint with `in_flight` streams open.
-    fn http2_for(&self, in_flight: u64) -> &Client<HttpConnector, Incoming> {
+    fn http2_for(&self, in_flight: u64) -> &Client<HttpConnector, RequestBody> {
         let i = (in_flight / self.streams_per_connection) as usize;
         &self.http2[i.min(self.http2.len() - 1)]
     }
@@ -163,9 +163,78 @@ impl Forward {
             };
             return Self::answer_error(metrics, start, &err, grpc);
         }
-        match self.send(&table, index, metrics, req, admitted).await {
-            Ok((response, endpoint)) => {
-                let elapsed = start.elapsed();
+        let service = &table.services[index];
+        let upgrade = headers::is_upgrade(&req);
+        let mut attempts = crate::retry::Attempts::new(
+            &service.retry,
+            &service.retry_budget,
+            &service.breaker,
+            &req,
+            upgrade,
+        );
+        let mut req = req.map(RequestBody::Client);
+        let mut avoid = None;
+        let mut _retry_permit = None;
+        loop {
+            let attempt_start = Instant::now();
+            let (outcome, endpoint) = match self.send(&table, index, metrics, req, avoid).await {
+                Ok((response, endpoint)) => (Ok(response), Some(endpoint)),
+                Err((err, endpoint)) => (Err(err), endpoint),
+            };
+            let retriable = match &outcome {
+                Ok(response) => attempts.retries_status(response.status()),
+                Err(err) => matches!(err.kind(), ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset),
+            };
+            self.observe_attempt(service, &outcome, endpoint.as_deref(), attempt_start);
+            if retriable {
+                match attempts.next_attempt() {
+                    Ok(Some((next, permit, wait))) => {
+                        debug!(service = %service.name, "retrying after {} ms", wait.as_millis());
+                        metrics.retry(crate::retry::RETRY_SENT);
+                        _retry_permit = Some(permit);
+                        avoid = endpoint.map(|e| e.addr);
+                        tokio::time::sleep(wait).await;
+                        req = next.map(|()| RequestBody::Empty);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(refusal) => metrics.retry(refusal.label()),
+                }
+            }
+            return match outcome {
+                Ok(response) => {
+                    metrics.latency.observe(start.elapsed().as_secs_f64());
+                    metrics.response(response.status().as_u16());
+                    response.map(|b| b.with_admission(admitted))
+                }
+                Err(err) => Self::answer_error(metrics, start, &err, grpc),
+            };
+        }
+    }
+
+    /// What one attempt tells the balancer and the outlier detector about its endpoint.
+    fn observe_attempt(
+        &self,
+        service: &crate::route::Service,
+        outcome: &Result<Response<ProxyBody>, ProxyError>,
+        endpoint: Option<&Endpoint>,
+        attempt_start: Instant,
+    ) {
+        let Some(endpoint) = endpoint else {
+            if let Err(err) = outcome {
+                let kind = err.kind();
+                // Overload refusals come in floods: one warning each would flood the log too.
+                if kind == ErrorKind::Overloaded {
+                    debug!(service = %service.name, error = kind.label(), "{err}");
+                } else {
+                    warn!(service = %service.name, error = kind.label(), "{err}");
+                }
+            }
+            return;
+        };
+        let elapsed = attempt_start.elapsed();
+        match outcome {
+            Ok(response) => {
                 // An endpoint that asks us to back off is charged a latency penalty, so the
                 // balancer moves traffic away from it for a while.
                 let penalty = matches!(response.status().as_u16(), 429 | 503)
@@ -178,28 +247,16 @@ impl Forward {
                 if failed {
                     endpoint.record_failure();
                 }
-                table.services[index].endpoints.observe_outcome(&endpoint, failed);
-                metrics.latency.observe(elapsed.as_secs_f64());
-                metrics.response(response.status().as_u16());
-                response
+                service.endpoints.observe_outcome(endpoint, failed);
             }
-            Err((err, endpoint)) => {
+            Err(err) => {
                 let kind = err.kind();
-                let service = &table.services[index];
-                if let Some(e) = endpoint {
-                    e.record_failure();
-                    if matches!(kind, ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnect) {
-                        service.endpoints.gateway_failure(&e, start.elapsed());
-                    }
-                    service.endpoints.observe_outcome(&e, true);
+                endpoint.record_failure();
+                if matches!(kind, ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnect) {
+                    service.endpoints.gateway_failure(endpoint, elapsed);
                 }
-                // Overload refusals come in floods: one warning each would flood the log too.
-                if kind == ErrorKind::Overloaded {
-                    debug!(service = %service.name, error = kind.label(), "{err}");
-                } else {
-                    warn!(service = %service.name, error = kind.label(), "{err}");
-                }
-                Self::answer_error(metrics, start, &err, grpc)
+                service.endpoints.observe_outcome(endpoint, true);
+                warn!(service = %service.name, error = kind.label(), "{err}");
             }
         }
     }
@@ -223,8 +280,8 @@ impl Forward {
         table: &RoutingTable,
         index: usize,
         metrics: &ServiceMetrics,
-        mut req: Request<Incoming>,
-        admitted: Option<crate::admission::AdmissionPermit>,
+        mut req: Request<RequestBody>,
+        avoid: Option<SocketAddr>,
     ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), (ProxyError, Option<Arc<Endpoint>>)> {
         let service = &table.services[index];
         let mut permit = match service.breaker.try_request() {
@@ -234,7 +291,18 @@ impl Forward {
                 return Err((ProxyError::Overloaded { service, threshold }, None));
             }
         };
-        let Some(endpoint) = service.endpoints.pick(service.hash_of(&req)) else {
+        let hash = service.hash_of(&req);
+        // A retry goes to another endpoint when the balancer offers one within a few draws.
+        let mut picked = service.endpoints.pick(hash);
+        for _ in 0..3 {
+            match picked {
+                Some(e) if Some(e.addr) == avoid && service.endpoints.available() > 1 => {
+                    picked = service.endpoints.pick(hash);
+                }
+                _ => break,
+            }
+        }
+        let Some(endpoint) = picked else {
             let err = ProxyError::NoEndpoints {
                 service: service.name.clone(),
             };
@@ -338,7 +406,7 @@ impl Forward {
         });
         let held = Held {
             breaker: Some(permit),
-            admission: admitted,
+            admission: None,
         };
         Ok((
             response.map(|b| ProxyBody::upstream(b, in_flight, trailer_reports).holding(held)),

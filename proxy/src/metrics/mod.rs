@@ -18,6 +18,9 @@
 //!   `max_retries`);
 //! - `admission_total{priority,result}`: requests through the instance's concurrency limit,
 //!   `admitted` or `shed`, by priority (the basis of attention efficiency);
+//! - `retry_total{direction,service,result}`: retries `sent`, and retriable failures not retried
+//!   because of the budget (`budget_exhausted`) or the breaker's `max_retries`
+//!   (`breaker_overflow`);
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
@@ -89,6 +92,13 @@ pub struct AdmissionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub direction: &'static str,
+    pub service: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
 }
@@ -123,6 +133,7 @@ pub struct Metrics {
     rate_limited: Family<LimitLabels, Counter>,
     overflow: Family<OverflowLabels, Counter>,
     admission: Family<AdmissionLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
     load_reports: Family<LoadReportLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     /// Set once the first routing table exists; read by the endpoint collector.
@@ -147,6 +158,12 @@ impl Metrics {
         let rate_limited = Family::<LimitLabels, Counter>::default();
         let overflow = Family::<OverflowLabels, Counter>::default();
         let admission = Family::<AdmissionLabels, Counter>::default();
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "retry",
+            "Retries sent, and retriable failures not retried (budget, breaker)",
+            retries.clone(),
+        );
         registry.register(
             "admission",
             "Requests through the concurrency limit, admitted or shed, by priority",
@@ -212,6 +229,7 @@ impl Metrics {
             rate_limited,
             overflow,
             admission,
+            retries,
             load_reports,
             reloads,
             table,
@@ -245,6 +263,8 @@ impl Metrics {
             errors: self.errors.clone(),
             by_status: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
             by_error: (0..ErrorKind::ALL.len()).map(|_| OnceLock::new()).collect(),
+            retries: self.retries.clone(),
+            by_retry: Default::default(),
             load_reports_accepted: self.load_report_counter(direction, service, "accepted"),
             load_reports_rejected: self.load_report_counter(direction, service, "rejected"),
             labels,
@@ -336,6 +356,8 @@ pub struct ServiceMetrics {
     errors: Family<ErrorLabels, Counter>,
     by_status: Vec<OnceLock<Counter>>,
     by_error: Vec<OnceLock<Counter>>,
+    retries: Family<RetryLabels, Counter>,
+    by_retry: [OnceLock<Counter>; 3],
     pub load_reports_accepted: Counter,
     pub load_reports_rejected: Counter,
 }
@@ -353,6 +375,25 @@ impl ServiceMetrics {
                         service: self.labels.service.clone(),
                         status_code: status,
                         classification,
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+
+    /// Counts a retry outcome, one of [`crate::retry::RETRY_RESULTS`].
+    pub fn retry(&self, result: &'static str) {
+        let slot = crate::retry::RETRY_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(0);
+        self.by_retry[slot]
+            .get_or_init(|| {
+                self.retries
+                    .get_or_create(&RetryLabels {
+                        direction: self.labels.direction,
+                        service: self.labels.service.clone(),
+                        result,
                     })
                     .clone()
             })

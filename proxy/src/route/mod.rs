@@ -44,6 +44,9 @@ pub struct Service {
     pub hash_key: Option<HashKey>,
     pub forward_load_reports: bool,
     pub breaker: Arc<crate::breaker::Breaker>,
+    pub retry: crate::retry::RetryConfig,
+    /// Kept across reloads for a service that stays.
+    pub retry_budget: Arc<crate::retry::Budget>,
 }
 
 /// Per listener: the default service and the metric handles of every service seen through it.
@@ -111,6 +114,11 @@ impl RoutingTable {
                 .with_outlier(s.outlier_detection.clone()),
                 hash_key: s.hash_key.clone(),
                 forward_load_reports: s.forward_load_reports,
+                retry: s.retry.clone(),
+                retry_budget: old
+                    .get(s.name.as_str())
+                    .map(|o| Arc::clone(&o.retry_budget))
+                    .unwrap_or_default(),
                 breaker: crate::breaker::Breaker::reuse_or_new(
                     old.get(s.name.as_str()).map(|o| &o.breaker),
                     &s.circuit_breaker,
