@@ -86,6 +86,8 @@ pub enum ProxyError {
     UpstreamTimeout { endpoint: SocketAddr, after: Duration },
     #[error("upstream {endpoint} failed the request: {cause}")]
     UpstreamReset { endpoint: SocketAddr, cause: String },
+    #[error("no response within the request timeout of {} ms", after.as_millis())]
+    RequestTimeout { after: Duration },
     #[error("the request has more than {limit} header fields")]
     TooManyHeaders { limit: usize },
     #[error("rate limit of {} requests exceeded; retry in {} s", .0.limit, crate::ratelimit::header_secs(.0.retry_after))]
@@ -108,7 +110,9 @@ impl ProxyError {
             ProxyError::NoRoute => ErrorKind::NoRoute,
             ProxyError::NoEndpoints { .. } => ErrorKind::NoEndpoints,
             ProxyError::UpstreamConnect { .. } => ErrorKind::UpstreamConnect,
-            ProxyError::UpstreamTimeout { .. } => ErrorKind::UpstreamTimeout,
+            ProxyError::UpstreamTimeout { .. } | ProxyError::RequestTimeout { .. } => {
+                ErrorKind::UpstreamTimeout
+            }
             ProxyError::UpstreamReset { .. } => ErrorKind::UpstreamReset,
             ProxyError::TooManyHeaders { .. } => ErrorKind::HeaderTooLarge,
             ProxyError::RateLimited(_) => ErrorKind::RateLimited,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cogmesh_e2e::{http_get, metric_value, start_workload, Proxy};
+use cogmesh_e2e::{curl_head, http_get, metric_value, start_workload, Proxy};
 
 #[test]
 fn killing_one_of_three_upstreams_under_load_loses_no_idempotent_request() {
@@ -80,4 +80,15 @@ fn retries_stay_within_the_budget_while_every_upstream_fails() {
         })
         .sum();
     assert_eq!(picks, 100.0 + retry("sent"), "{m}");
+}
+
+#[test]
+fn the_request_timeout_bounds_all_attempts_with_504() {
+    let upstream = start_workload("slow");
+    let proxy = Proxy::with_service(&[upstream.addr], &["request_timeout_ms: 300"]);
+    let (status, head) = curl_head(&[], &proxy.url("/sleep?ms=5000"));
+    assert_eq!(status, 504, "{head}");
+    assert!(head.contains("x-cogmesh-error: upstream_timeout"), "{head}");
+    // Fast requests are not affected.
+    assert_eq!(curl_head(&[], &proxy.url("/sleep?ms=1")).0, 200);
 }

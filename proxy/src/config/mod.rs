@@ -153,6 +153,10 @@ pub struct ServiceConfig {
     pub protocol: UpstreamProtocol,
     #[serde(default = "default_response_timeout_ms")]
     pub response_timeout_ms: u64,
+    /// Deadline for the response headers over all attempts (retries and their backoff
+    /// included); 504 after. 0: none (each attempt still has `response_timeout_ms`).
+    #[serde(default)]
+    pub request_timeout_ms: u64,
     #[serde(default)]
     pub balancer: BalancerKind,
     /// Affinity key for `balancer: ring_hash`, e.g. `{ header: x-session }`.
@@ -356,6 +360,7 @@ impl ProxyConfig {
                 endpoints: upstreams,
                 protocol: UpstreamProtocol::Auto,
                 response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
+                request_timeout_ms: 0,
                 balancer: BalancerKind::default(),
                 hash_key: None,
                 load_report_stale_ms: default_load_report_stale_ms(),

@@ -175,40 +175,50 @@ impl Forward {
         let mut req = req.map(RequestBody::Client);
         let mut avoid = None;
         let mut _retry_permit = None;
-        loop {
-            let attempt_start = Instant::now();
-            let (outcome, endpoint) = match self.send(&table, index, metrics, req, avoid).await {
-                Ok((response, endpoint)) => (Ok(response), Some(endpoint)),
-                Err((err, endpoint)) => (Err(err), endpoint),
-            };
-            let retriable = match &outcome {
-                Ok(response) => attempts.retries_status(response.status()),
-                Err(err) => matches!(err.kind(), ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset),
-            };
-            self.observe_attempt(service, &outcome, endpoint.as_deref(), attempt_start);
-            if retriable {
-                match attempts.next_attempt() {
-                    Ok(Some((next, permit, wait))) => {
-                        debug!(service = %service.name, "retrying after {} ms", wait.as_millis());
-                        metrics.retry(crate::retry::RETRY_SENT);
-                        _retry_permit = Some(permit);
-                        avoid = endpoint.map(|e| e.addr);
-                        tokio::time::sleep(wait).await;
-                        req = next.map(|()| RequestBody::Empty);
-                        continue;
+        let attempts = async {
+            loop {
+                let attempt_start = Instant::now();
+                let (outcome, endpoint) = match self.send(&table, index, metrics, req, avoid).await {
+                    Ok((response, endpoint)) => (Ok(response), Some(endpoint)),
+                    Err((err, endpoint)) => (Err(err), endpoint),
+                };
+                let retriable = match &outcome {
+                    Ok(response) => attempts.retries_status(response.status()),
+                    Err(err) => matches!(err.kind(), ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset),
+                };
+                self.observe_attempt(service, &outcome, endpoint.as_deref(), attempt_start);
+                if retriable {
+                    match attempts.next_attempt() {
+                        Ok(Some((next, permit, wait))) => {
+                            debug!(service = %service.name, "retrying after {} ms", wait.as_millis());
+                            metrics.retry(crate::retry::RETRY_SENT);
+                            _retry_permit = Some(permit);
+                            avoid = endpoint.map(|e| e.addr);
+                            tokio::time::sleep(wait).await;
+                            req = next.map(|()| RequestBody::Empty);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(refusal) => metrics.retry(refusal.label()),
                     }
-                    Ok(None) => {}
-                    Err(refusal) => metrics.retry(refusal.label()),
                 }
+                return match outcome {
+                    Ok(response) => {
+                        metrics.latency.observe(start.elapsed().as_secs_f64());
+                        metrics.response(response.status().as_u16());
+                        response.map(|b| b.with_admission(admitted))
+                    }
+                    Err(err) => Self::answer_error(metrics, start, &err, grpc),
+                };
             }
-            return match outcome {
-                Ok(response) => {
-                    metrics.latency.observe(start.elapsed().as_secs_f64());
-                    metrics.response(response.status().as_u16());
-                    response.map(|b| b.with_admission(admitted))
-                }
-                Err(err) => Self::answer_error(metrics, start, &err, grpc),
-            };
+        };
+        match service.request_timeout {
+            None => attempts.await,
+            Some(after) => tokio::time::timeout(after, attempts).await.unwrap_or_else(|_| {
+                let err = ProxyError::RequestTimeout { after };
+                warn!(service = %service.name, error = err.kind().label(), "{err}");
+                Self::answer_error(metrics, start, &err, grpc)
+            }),
         }
     }
 

@@ -40,6 +40,7 @@ pub struct Service {
     pub name: String,
     pub protocol: UpstreamProtocol,
     pub response_timeout: Option<Duration>,
+    pub request_timeout: Option<Duration>,
     pub endpoints: EndpointSet,
     pub hash_key: Option<HashKey>,
     pub forward_load_reports: bool,
@@ -102,6 +103,8 @@ impl RoutingTable {
                 protocol: s.protocol,
                 response_timeout: (s.response_timeout_ms > 0)
                     .then(|| Duration::from_millis(s.response_timeout_ms)),
+                request_timeout: (s.request_timeout_ms > 0)
+                    .then(|| Duration::from_millis(s.request_timeout_ms)),
                 endpoints: EndpointSet::rebuild(
                     old.get(s.name.as_str()).map(|o| &o.endpoints),
                     &overrides
