@@ -10,7 +10,7 @@ use cogmesh_e2e::{curl_head, http_get, metric_value, start_workload, Proxy};
 fn killing_one_of_three_upstreams_under_load_loses_no_idempotent_request() {
     let mut upstreams: Vec<_> = (0..3).map(|i| start_workload(&format!("w{i}"))).collect();
     let addrs: Vec<_> = upstreams.iter().map(|u| u.addr).collect();
-    let proxy = Proxy::with_service(&addrs, &["balancer: round_robin"]);
+    let proxy = Proxy::with_service(&addrs, &["balancer: round_robin", "retry: { max_attempts: 3 }"]);
     let listen = proxy.listen;
     let clients: Vec<_> = (0..4)
         .map(|_| {

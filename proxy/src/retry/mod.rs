@@ -23,7 +23,9 @@ use crate::breaker::{Breaker, RetryPermit};
 
 /// Seconds of history the budget looks at.
 pub const BUDGET_WINDOW_SECS: u64 = 10;
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Off unless configured, as in Envoy and Linkerd: a retry policy is the operator's decision,
+/// and without one the request path pays nothing for retries (no head copy, no budget count).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 1;
 pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
 pub const DEFAULT_MIN_RETRIES_PER_SEC: u32 = 10;
 pub const DEFAULT_BACKOFF_BASE_MS: u64 = 25;
@@ -33,7 +35,7 @@ pub const DEFAULT_BACKOFF_MAX_MS: u64 = 250;
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
-    /// Attempts in all, the first included; 1 turns retries off.
+    /// Attempts in all, the first included; 1 (the default) turns retries off.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     #[serde(default = "default_retry_statuses")]
@@ -174,7 +176,9 @@ impl<'a> Attempts<'a> {
         req: &http::Request<B>,
         upgrade: bool,
     ) -> Self {
-        budget.record_request(Instant::now());
+        if config.max_attempts > 1 {
+            budget.record_request(Instant::now());
+        }
         let replay =
             (config.max_attempts > 1 && !upgrade && is_replayable(req.method(), req.body().is_end_stream()))
                 .then(|| Replay {
@@ -300,6 +304,7 @@ mod tests {
 
     fn config(ratio: f64, min_per_sec: u32) -> RetryConfig {
         RetryConfig {
+            max_attempts: 3,
             budget_ratio: ratio,
             min_retries_per_sec: min_per_sec,
             ..RetryConfig::default()
