@@ -66,6 +66,19 @@ impl Oha<'_> {
         self.run(url, proto, Some(rate), duration, &[], work_dir)
     }
 
+    /// [`Oha::open_loop`] with request headers (`name: value`, as oha's `-H`).
+    pub fn open_loop_with_headers(
+        &self,
+        url: &str,
+        proto: Proto,
+        rate: u32,
+        duration: Duration,
+        work_dir: &Path,
+        headers: &[&str],
+    ) -> Result<Latency> {
+        self.run(url, proto, Some(rate), duration, headers, work_dir)
+    }
+
     /// Closed-loop run (each connection sends its next request when the last one is answered)
     /// for `duration`, with extra request `headers` (`"name: value"`): throughput and latency.
     pub fn closed_loop(

@@ -15,15 +15,23 @@ pub enum ErrorKind {
     UpstreamConnect = 2,
     UpstreamTimeout = 3,
     UpstreamReset = 4,
+    HeaderTooLarge = 5,
+    RateLimited = 6,
+    Overloaded = 7,
+    Shed = 8,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 9] = [
         ErrorKind::NoRoute,
         ErrorKind::NoEndpoints,
         ErrorKind::UpstreamConnect,
         ErrorKind::UpstreamTimeout,
         ErrorKind::UpstreamReset,
+        ErrorKind::HeaderTooLarge,
+        ErrorKind::RateLimited,
+        ErrorKind::Overloaded,
+        ErrorKind::Shed,
     ];
 
     /// The metric label and `x-cogmesh-error` header value.
@@ -34,15 +42,33 @@ impl ErrorKind {
             ErrorKind::UpstreamConnect => "upstream_connect",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::UpstreamReset => "upstream_reset",
+            ErrorKind::HeaderTooLarge => "header_too_large",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Shed => "shed",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
-            ErrorKind::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoEndpoints | ErrorKind::Overloaded | ErrorKind::Shed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// The `grpc-status` a gRPC caller gets, and the HTTP status it comes with: a refusal the
+    /// caller should back off from is an ordinary gRPC error (HTTP 200, trailers-only).
+    pub fn grpc(self) -> (&'static str, StatusCode) {
+        match self {
+            ErrorKind::UpstreamTimeout => ("4", self.status()),
+            ErrorKind::RateLimited => ("8", StatusCode::OK),
+            _ => ("14", self.status()),
         }
     }
 }
@@ -60,6 +86,22 @@ pub enum ProxyError {
     UpstreamTimeout { endpoint: SocketAddr, after: Duration },
     #[error("upstream {endpoint} failed the request: {cause}")]
     UpstreamReset { endpoint: SocketAddr, cause: String },
+    #[error("no response within the request timeout of {} ms", after.as_millis())]
+    RequestTimeout { after: Duration },
+    #[error("the request has more than {limit} header fields")]
+    TooManyHeaders { limit: usize },
+    #[error("rate limit of {} requests exceeded; retry in {} s", .0.limit, crate::ratelimit::header_secs(.0.retry_after))]
+    RateLimited(crate::ratelimit::Decision),
+    #[error("service {service:?} is overloaded: circuit breaker threshold {} reached", .threshold.as_str())]
+    Overloaded {
+        service: String,
+        threshold: crate::breaker::Threshold,
+    },
+    #[error("shed: the proxy is at its concurrency limit for {} requests", .priority.as_str())]
+    Shed {
+        priority: crate::admission::Priority,
+        retry_after_secs: u64,
+    },
 }
 
 impl ProxyError {
@@ -68,8 +110,14 @@ impl ProxyError {
             ProxyError::NoRoute => ErrorKind::NoRoute,
             ProxyError::NoEndpoints { .. } => ErrorKind::NoEndpoints,
             ProxyError::UpstreamConnect { .. } => ErrorKind::UpstreamConnect,
-            ProxyError::UpstreamTimeout { .. } => ErrorKind::UpstreamTimeout,
+            ProxyError::UpstreamTimeout { .. } | ProxyError::RequestTimeout { .. } => {
+                ErrorKind::UpstreamTimeout
+            }
             ProxyError::UpstreamReset { .. } => ErrorKind::UpstreamReset,
+            ProxyError::TooManyHeaders { .. } => ErrorKind::HeaderTooLarge,
+            ProxyError::RateLimited(_) => ErrorKind::RateLimited,
+            ProxyError::Overloaded { .. } => ErrorKind::Overloaded,
+            ProxyError::Shed { .. } => ErrorKind::Shed,
         }
     }
 
@@ -112,5 +160,11 @@ mod tests {
         assert_eq!(ErrorKind::UpstreamConnect.status(), 502);
         assert_eq!(ErrorKind::UpstreamTimeout.status(), 504);
         assert_eq!(ErrorKind::UpstreamTimeout.label(), "upstream_timeout");
+        assert_eq!(ErrorKind::RateLimited.status(), 429);
+        assert_eq!(ErrorKind::RateLimited.grpc(), ("8", StatusCode::OK));
+        assert_eq!(
+            ErrorKind::NoEndpoints.grpc(),
+            ("14", StatusCode::SERVICE_UNAVAILABLE)
+        );
     }
 }

@@ -8,15 +8,21 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod balance;
+pub mod breaker;
 pub mod cache;
 pub mod compress;
 pub mod config;
 pub mod control;
 pub mod error;
 pub mod forward;
+pub mod hardening;
 pub mod metrics;
+pub mod outlier;
+pub mod ratelimit;
 pub mod reload;
+pub mod retry;
 pub mod route;
 pub mod server;
 pub mod worker;

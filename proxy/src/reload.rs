@@ -78,6 +78,9 @@ fn restart_only_change(old: &ProxyConfig, new: &ProxyConfig) -> Option<String> {
             return Some(format!("{field}: changing it ({a} → {b}) needs a restart"));
         }
     }
+    if old.limits != new.limits {
+        return Some("limits: changing them needs a restart".into());
+    }
     if old.control != new.control {
         return Some("control: changing it needs a restart".into());
     }

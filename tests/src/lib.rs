@@ -357,3 +357,39 @@ pub fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Opt
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// One request with curl (`args` before the URL): the status and the lower-cased response head;
+/// the body is discarded.
+pub fn curl_head(args: &[&str], url: &str) -> (u16, String) {
+    let (code, out, err) = run_with_timeout(
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-D", "-"])
+            .args(args)
+            .arg(url),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(0), "curl failed: {err}");
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {out:?}"));
+    (status, out.to_ascii_lowercase())
+}
+
+impl Proxy {
+    /// Full mode with one listener (`edge`) whose default service `web` has `endpoints` and,
+    /// in flow-style YAML, the extra service fields `fields` (e.g. `retry: { max_attempts: 1 }`).
+    pub fn with_service(endpoints: &[SocketAddr], fields: &[&str]) -> Proxy {
+        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        let mut yaml = format!(
+            "admin: \"{{admin}}\"\nlisteners:\n  - {{ name: edge, address: \"{{listen}}\", default_service: web }}\n\
+             services:\n  - name: web\n    endpoints: [{}]\n",
+            endpoints.join(", ")
+        );
+        for f in fields {
+            yaml.push_str(&format!("    {f}\n"));
+        }
+        Proxy::with_config(&yaml)
+    }
+}

@@ -28,6 +28,7 @@ pub use self::ewma::{decayed_ewma, PeakEwma, DECAY_SECS, DEFAULT_RTT_MS};
 pub use self::ring::stable_hash;
 use self::ring::Ring;
 use crate::config::BalancerKind;
+use crate::outlier::{OutlierConfig, OutlierState, Phase as OutlierPhase, Verdict as OutlierVerdict};
 
 /// An endpoint that timed out or refused a connection is not picked for this long (unless it
 /// is the last one available): a stalled endpoint otherwise looks idle, since it answers nothing.
@@ -56,6 +57,8 @@ pub struct Endpoint {
     load_at_ns: AtomicU64,
     /// Not a candidate until this time (ns since `epoch`); 0: never ejected.
     ejected_until_ns: AtomicU64,
+    /// Consecutive failures and the ejection cycle (see [`crate::outlier`]).
+    pub outlier: OutlierState,
     epoch: Instant,
     /// Idle HTTP/1.1 connections to this endpoint.
     pub http1: crate::forward::Http1Pool,
@@ -89,6 +92,7 @@ impl Endpoint {
             load: AtomicU64::new(0f64.to_bits()),
             load_at_ns: AtomicU64::new(0),
             ejected_until_ns: AtomicU64::new(0),
+            outlier: OutlierState::default(),
             epoch: Instant::now(),
             http1: Default::default(),
         }
@@ -161,9 +165,21 @@ impl Endpoint {
         self.ejected_until_ns.store(until, Ordering::Relaxed);
     }
 
+    /// Ejected, or half-open with its probe request still in flight.
     pub fn is_ejected(&self) -> bool {
         let until = self.ejected_until_ns.load(Ordering::Relaxed);
-        until != 0 && self.now_ns() < until
+        (until != 0 && self.now_ns() < until)
+            || (self.outlier.phase() == OutlierPhase::Probing && self.in_flight() > 0)
+    }
+
+    /// How long the endpoint has been back since its last ejection ended (since its creation
+    /// if never ejected; zero while ejected).
+    fn healthy_for(&self) -> Duration {
+        let until = self.ejected_until_ns.load(Ordering::Relaxed);
+        if until == u64::MAX {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.now_ns().saturating_sub(until))
     }
 
     /// What a gateway failure (timeout, refused connection) tells the balancer: the endpoint
@@ -249,6 +265,7 @@ impl InFlight {
             .fetch_add(started_ns, Ordering::Relaxed);
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         endpoint.picks.fetch_add(1, Ordering::Relaxed);
+        endpoint.outlier.on_pick();
         InFlight { endpoint, started_ns }
     }
 
@@ -278,6 +295,7 @@ pub struct EndpointSet {
     stale: Duration,
     next: AtomicUsize,
     ring: Option<Ring>,
+    outlier: OutlierConfig,
 }
 
 impl EndpointSet {
@@ -322,6 +340,7 @@ impl EndpointSet {
             stale,
             next: AtomicUsize::new(0),
             ring,
+            outlier: OutlierConfig::default(),
         }
     }
 
@@ -350,6 +369,33 @@ impl EndpointSet {
         if self.available() > 1 {
             endpoint.eject_for(ejection);
         }
+    }
+
+    /// The set with this outlier-ejection policy (the default is Envoy's).
+    pub fn with_outlier(mut self, outlier: OutlierConfig) -> Self {
+        self.outlier = outlier;
+        self
+    }
+
+    /// Records a response of `endpoint` (`failed`: 5xx or a gateway failure) and ejects it
+    /// when the outlier policy says so — unless as many endpoints as `max_ejection_percent`
+    /// allows are out already, or it is the last available one.
+    pub fn observe_outcome(&self, endpoint: &Endpoint, failed: bool) {
+        let verdict = endpoint
+            .outlier
+            .on_outcome(failed, &self.outlier, endpoint.healthy_for());
+        let OutlierVerdict::Eject { times } = verdict else {
+            return;
+        };
+        let ejected = self.endpoints.len() - self.available();
+        let already = usize::from(endpoint.is_ejected());
+        if ejected - already >= self.outlier.max_ejected(self.endpoints.len())
+            || self.available() - (1 - already) == 0
+        {
+            return;
+        }
+        endpoint.eject_for(self.outlier.ejection_time(times, fastrand::f64()));
+        endpoint.outlier.ejected(times);
     }
 
     pub fn kind(&self) -> BalancerKind {

@@ -52,6 +52,12 @@ pub struct ProxyConfig {
     /// same endpoint is opened (up to 8 connections).
     #[serde(default = "default_http2_streams_per_connection")]
     pub http2_streams_per_connection: u64,
+    /// What clients may send: header size and count, HTTP/2 streams and windows.
+    #[serde(default)]
+    pub limits: crate::hardening::LimitsConfig,
+    /// The instance's concurrency limit with priority shedding; none by default.
+    #[serde(default)]
+    pub admission: Option<crate::admission::AdmissionConfig>,
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
@@ -113,6 +119,9 @@ pub struct ListenerConfig {
     pub direction: Direction,
     #[serde(default)]
     pub default_service: Option<String>,
+    /// A token bucket for every request on the listener (before routing).
+    #[serde(default)]
+    pub rate_limit: Option<crate::ratelimit::RateLimitConfig>,
 }
 
 /// Which side of the application a listener serves; a label on every metric.
@@ -144,6 +153,10 @@ pub struct ServiceConfig {
     pub protocol: UpstreamProtocol,
     #[serde(default = "default_response_timeout_ms")]
     pub response_timeout_ms: u64,
+    /// Deadline for the response headers over all attempts (retries and their backoff
+    /// included); 504 after. 0: none (each attempt still has `response_timeout_ms`).
+    #[serde(default)]
+    pub request_timeout_ms: u64,
     #[serde(default)]
     pub balancer: BalancerKind,
     /// Affinity key for `balancer: ring_hash`, e.g. `{ header: x-session }`.
@@ -156,6 +169,15 @@ pub struct ServiceConfig {
     /// (they are removed by default: they describe the endpoint, not the response).
     #[serde(default)]
     pub forward_load_reports: bool,
+    /// Envoy-style thresholds; over one, requests fail fast with 503.
+    #[serde(default)]
+    pub circuit_breaker: crate::breaker::CircuitBreakerConfig,
+    /// Ejection of endpoints that fail in a row (Envoy's `consecutive_5xx`).
+    #[serde(default)]
+    pub outlier_detection: crate::outlier::OutlierConfig,
+    /// Retries of bodiless idempotent requests, within a budget.
+    #[serde(default)]
+    pub retry: crate::retry::RetryConfig,
 }
 
 /// The protocol spoken to a service's endpoints.
@@ -215,6 +237,12 @@ pub struct RouteConfig {
     #[serde(rename = "match", default)]
     pub matches: RouteMatch,
     pub service: String,
+    /// A token bucket for the requests this route matches.
+    #[serde(default)]
+    pub rate_limit: Option<crate::ratelimit::RateLimitConfig>,
+    /// The priority of requests without `x-cogmesh-priority` (default `normal`).
+    #[serde(default)]
+    pub priority: Option<crate::admission::Priority>,
     /// Compress responses (and optionally decompress requests) on this route; `{}` for the
     /// defaults.
     #[serde(default)]
@@ -402,21 +430,28 @@ impl ProxyConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             pool_idle_timeout_ms: DEFAULT_POOL_IDLE_TIMEOUT_MS,
             http2_streams_per_connection: DEFAULT_HTTP2_STREAMS_PER_CONNECTION,
+            limits: Default::default(),
+            admission: None,
             listeners: vec![ListenerConfig {
                 name: "outbound".into(),
                 address: listen,
                 direction: Direction::Outbound,
                 default_service: Some(QUICK_SERVICE.into()),
+                rate_limit: None,
             }],
             services: vec![ServiceConfig {
                 name: QUICK_SERVICE.into(),
                 endpoints: upstreams,
                 protocol: UpstreamProtocol::Auto,
                 response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
+                request_timeout_ms: 0,
                 balancer: BalancerKind::default(),
                 hash_key: None,
                 load_report_stale_ms: default_load_report_stale_ms(),
                 forward_load_reports: false,
+                circuit_breaker: Default::default(),
+                outlier_detection: Default::default(),
+                retry: Default::default(),
             }],
             routes: Vec::new(),
             control: None,
@@ -450,6 +485,12 @@ impl ProxyConfig {
                 return Err(ConfigError::new(file, field, "must be greater than 0"));
             }
         }
+        if let Some(Err((field, reason))) = self.admission.as_ref().map(|a| a.check()) {
+            return Err(ConfigError::new(file, format!("admission.{field}"), reason));
+        }
+        if let Err((field, reason)) = self.limits.check() {
+            return Err(ConfigError::new(file, format!("limits.{field}"), reason));
+        }
 
         let mut service_names = HashSet::new();
         for (i, s) in self.services.iter().enumerate() {
@@ -482,6 +523,27 @@ impl ProxyConfig {
                         format!("{h:?} is not a valid HTTP header name"),
                     ));
                 }
+            }
+            if let Err((field, reason)) = s.circuit_breaker.check() {
+                return Err(ConfigError::new(
+                    file,
+                    format!("services[{i}].circuit_breaker.{field}"),
+                    reason,
+                ));
+            }
+            if let Err((field, reason)) = s.retry.check() {
+                return Err(ConfigError::new(
+                    file,
+                    format!("services[{i}].retry.{field}"),
+                    reason,
+                ));
+            }
+            if let Err((field, reason)) = s.outlier_detection.check() {
+                return Err(ConfigError::new(
+                    file,
+                    format!("services[{i}].outlier_detection.{field}"),
+                    reason,
+                ));
             }
             let mut seen = HashSet::new();
             for (j, e) in s.endpoints.iter().enumerate() {
@@ -531,6 +593,13 @@ impl ProxyConfig {
                     ),
                 ));
             }
+            if let Some(Err((field, reason))) = l.rate_limit.as_ref().map(|r| r.check()) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("listeners[{i}].rate_limit.{field}"),
+                    reason,
+                ));
+            }
             if let Some(svc) = &l.default_service {
                 if !service_names.contains(svc.as_str()) {
                     return Err(ConfigError::new(
@@ -561,6 +630,13 @@ impl ProxyConfig {
                     file,
                     format!("routes[{i}].service"),
                     format!("no service named {:?} ({})", r.service, known()),
+                ));
+            }
+            if let Some(Err((field, reason))) = r.rate_limit.as_ref().map(|r| r.check()) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("routes[{i}].rate_limit.{field}"),
+                    reason,
                 ));
             }
             if let Some(prefix) = &r.matches.path_prefix {

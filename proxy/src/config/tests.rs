@@ -168,3 +168,63 @@ fn compression_and_cache_errors_name_their_field() {
     assert_eq!(e.field, "routes[1].cache.ttl");
     assert!(e.reason.contains("unknown field `ttl`"), "{e}");
 }
+
+#[test]
+fn resilience_settings_have_envoy_defaults_and_are_validated_with_their_path() {
+    let c = ProxyConfig::from_yaml("proxy.yaml", GOOD).unwrap();
+    assert_eq!(c.limits.max_request_header_bytes, 60 * 1024);
+    assert_eq!(c.limits.max_request_headers, 100);
+    assert_eq!(c.services[0].circuit_breaker.max_requests, 1024);
+    assert_eq!(c.services[0].circuit_breaker.max_retries, 3);
+    assert_eq!(c.services[0].outlier_detection.consecutive_failures, 5);
+    assert_eq!(c.admission, None);
+    let cases = [
+        (
+            GOOD.replace(
+                "    response_timeout_ms: 500",
+                "    response_timeout_ms: 500\n    circuit_breaker: { max_requests: 0 }",
+            ),
+            "proxy.yaml: services[1].circuit_breaker.max_requests: must be greater than 0",
+        ),
+        (
+            GOOD.replace(
+                "    default_service: web",
+                "    default_service: web\n    rate_limit: { requests_per_second: 0 }",
+            ),
+            "proxy.yaml: listeners[0].rate_limit.requests_per_second: must be greater than 0",
+        ),
+        (
+            GOOD.replace(
+                "    service: api",
+                "    service: api\n    rate_limit: { requests_per_second: 5, key: { header: \"a b\" } }",
+            ),
+            "proxy.yaml: routes[0].rate_limit.key.header: \"a b\" is not a valid HTTP header name",
+        ),
+        (
+            GOOD.replace("workers: 2", "workers: 2\nadmission: { max_concurrency: 0 }"),
+            "proxy.yaml: admission.max_concurrency: must be greater than 0",
+        ),
+        (
+            GOOD.replace(
+                "workers: 2",
+                "workers: 2\nlimits: { max_request_header_bytes: 100 }",
+            ),
+            "proxy.yaml: limits.max_request_header_bytes: must be at least 8192, got 100",
+        ),
+        (
+            GOOD.replace(
+                "    response_timeout_ms: 500",
+                "    response_timeout_ms: 500\n    outlier_detection: { max_ejection_percent: 101 }",
+            ),
+            "proxy.yaml: services[1].outlier_detection.max_ejection_percent: must be at most 100, got 101",
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(err(&text).to_string(), expected);
+    }
+    let e = err(&GOOD.replace(
+        "workers: 2",
+        "workers: 2\nadmission: { max_concurrency: 5, queue: 3 }",
+    ));
+    assert_eq!(e.field, "admission.queue");
+}

@@ -24,10 +24,19 @@ pub enum ProxyBody {
         in_flight: Option<InFlight>,
         reports: Option<TrailerReports>,
         lease: Option<Lease>,
+        held: Option<Held>,
     },
     Local(Option<Bytes>),
     /// Compressed or recorded for the cache; streams like the others.
     Coded(CodedBody),
+}
+
+/// What a response keeps until its body ends: the request's slots in its service's circuit
+/// breaker and in the instance's concurrency limit.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub breaker: Option<crate::breaker::RequestPermit>,
+    pub admission: Option<crate::admission::AdmissionPermit>,
 }
 
 /// How to handle an ORCA report in the trailers (gRPC responses): record the load on the
@@ -54,7 +63,24 @@ impl ProxyBody {
             in_flight: Some(in_flight),
             reports,
             lease,
+            held: None,
         }
+    }
+
+    /// Also keeps the request's slot in the concurrency limit until the body ends.
+    pub fn with_admission(mut self, permit: Option<crate::admission::AdmissionPermit>) -> Self {
+        if let ProxyBody::Upstream { held: Some(h), .. } = &mut self {
+            h.admission = permit;
+        }
+        self
+    }
+
+    /// Keeps `held` until the body ends or is dropped.
+    pub fn holding(mut self, h: Held) -> Self {
+        if let ProxyBody::Upstream { held, .. } = &mut self {
+            *held = Some(h);
+        }
+        self
     }
 
     pub fn local(bytes: Bytes) -> Self {
@@ -76,6 +102,7 @@ impl Body for ProxyBody {
                 in_flight,
                 reports,
                 lease,
+                held,
             } => {
                 let mut polled = Pin::new(&mut *body).poll_frame(cx);
                 if let (Poll::Ready(Some(Ok(frame))), Some(reports)) = (&mut polled, reports.as_ref()) {
@@ -86,10 +113,12 @@ impl Body for ProxyBody {
                 match &polled {
                     Poll::Ready(None) => {
                         in_flight.take();
+                        held.take();
                         release(lease);
                     }
                     Poll::Ready(Some(Err(_))) => {
                         in_flight.take();
+                        held.take();
                         lease.take();
                     }
                     Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {

@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-pub use self::body::{ProxyBody, TrailerReports};
+pub use self::body::{Held, ProxyBody, TrailerReports};
 pub use self::pool::Http1Pool;
 use self::pool::{Lease, PoolSettings};
 use crate::balance::cost::retry_after_penalty;
@@ -148,6 +148,7 @@ fn origin_form(uri: &Uri) -> http::uri::PathAndQuery {
 pub struct Shared {
     pub table: SharedTable,
     pub upstreams: Upstreams,
+    pub limits: crate::hardening::LimitsConfig,
 }
 
 /// The hyper service of one accepted connection.
@@ -172,24 +173,57 @@ impl Forward {
         let start = Instant::now();
         let table = self.shared.table.load_full();
         let routes = &table.listeners[self.listener];
-        let Some(target) = table.target(self.listener, &req) else {
+        let matched = table.route_match(self.listener, &req);
+        let route = matched.service;
+        let limited = crate::ratelimit::admit(
+            [routes.rate_limit.as_deref(), matched.rate_limit],
+            req.headers(),
+            self.client_ip.as_bytes(),
+        );
+        if let Err(decision) = limited {
+            let metrics = route.map_or(&routes.unrouted, |i| &routes.metrics[i]);
+            let err = ProxyError::RateLimited(decision);
+            return Self::answer_error(metrics, start, &err, is_grpc(&req));
+        }
+        let Some(index) = route else {
             let err = ProxyError::NoRoute;
             debug!(error = err.kind().label(), uri = %req.uri(), "{err}");
             return Self::answer_error(&routes.unrouted, start, &err, is_grpc(&req));
         };
-        let index = target.service;
         let metrics = &routes.metrics[index];
         metrics.requests.inc();
         let grpc = is_grpc(&req);
-        let result = match target.policy {
-            None => self.exchange(&table, index, start, req.map(Either::Left)).await,
-            Some(policy) => self.with_policy(policy, &table, index, start, req).await,
+        let priority = crate::admission::Priority::of(req.headers(), matched.priority);
+        let admitted = match table.admission.as_ref() {
+            None => None,
+            Some(a) => Some(a.admit(priority).await),
+        };
+        let admitted = match admitted {
+            None => None,
+            Some(Ok(permit)) => Some(permit),
+            Some(Err(retry_after_secs)) => {
+                let err = ProxyError::Shed {
+                    priority,
+                    retry_after_secs,
+                };
+                return Self::answer_error(metrics, start, &err, grpc);
+            }
+        };
+        if crate::hardening::too_many_headers(req.headers(), &self.shared.limits) {
+            let err = ProxyError::TooManyHeaders {
+                limit: self.shared.limits.max_request_headers,
+            };
+            return Self::answer_error(metrics, start, &err, grpc);
+        }
+        let result = match matched.policy {
+            None => self.exchange(&table, index, req.map(Either::Left)).await,
+            Some(policy) => self.with_policy(policy, &table, index, req).await,
         };
         match result {
             Ok(response) => {
                 metrics.latency.observe(start.elapsed());
                 metrics.response(response.status().as_u16());
-                response
+                response.map(|b| b.with_admission(admitted))
             }
             Err(err) => Self::answer_error(metrics, start, &err, grpc),
         }
@@ -202,7 +236,6 @@ impl Forward {
         policy: &RoutePolicy,
         table: &RoutingTable,
         index: usize,
-        start: Instant,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let method = req.method().clone();
@@ -219,7 +252,7 @@ impl Forward {
             }
             None => req.map(Either::Left),
         };
-        let exchange = |req| self.exchange(table, index, start, req);
+        let exchange = |req| self.exchange(table, index, req);
         let response = match &policy.cache {
             Some(cache) => cache.serve(req, exchange).await?,
             None => exchange(req).await?,
@@ -232,18 +265,92 @@ impl Forward {
         })
     }
 
-    /// One upstream exchange and its bookkeeping on the endpoint (latency, failures, ejection).
+    /// One upstream exchange: its attempts (retries per the service's policy, see
+    /// [`crate::retry`], each on another endpoint when there is one) within the service's
+    /// request timeout, and what each attempt tells the balancer and the outlier detector.
     async fn exchange(
         &self,
         table: &RoutingTable,
         index: usize,
-        start: Instant,
         req: Request<UpstreamBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let metrics = &table.listeners[self.listener].metrics[index];
-        match self.send(table, index, metrics, req).await {
-            Ok((response, endpoint)) => {
-                let elapsed = start.elapsed();
+        let service = &table.services[index];
+        let upgrade = headers::is_upgrade(&req);
+        let mut attempts = crate::retry::Attempts::new(
+            &service.retry,
+            &service.retry_budget,
+            &service.breaker,
+            &req,
+            upgrade,
+        );
+        let mut req = req;
+        let mut avoid = None;
+        let mut _retry_permit = None;
+        let attempts = async {
+            loop {
+                let attempt_start = Instant::now();
+                let (outcome, endpoint) = match self.send(table, index, metrics, req, avoid).await {
+                    Ok((response, endpoint)) => (Ok(response), Some(endpoint)),
+                    Err((err, endpoint)) => (Err(err), endpoint),
+                };
+                let retriable = match &outcome {
+                    Ok(response) => attempts.retries_status(response.status()),
+                    Err(err) => matches!(err.kind(), ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset),
+                };
+                self.observe_attempt(service, &outcome, endpoint.as_deref(), attempt_start);
+                if retriable {
+                    match attempts.next_attempt() {
+                        Ok(Some((next, permit, wait))) => {
+                            debug!(service = %service.name, "retrying after {} ms", wait.as_millis());
+                            metrics.retry(crate::retry::RETRY_SENT);
+                            _retry_permit = Some(permit);
+                            avoid = endpoint.map(|e| e.addr);
+                            tokio::time::sleep(wait).await;
+                            // Only bodiless requests are retried: the retry has an empty body.
+                            req = next.map(|()| Either::Right(CodedBody::default()));
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(refusal) => metrics.retry(refusal.label()),
+                    }
+                }
+                return outcome;
+            }
+        };
+        match service.request_timeout {
+            None => attempts.await,
+            Some(after) => tokio::time::timeout(after, attempts).await.unwrap_or_else(|_| {
+                let err = ProxyError::RequestTimeout { after };
+                warn!(service = %service.name, error = err.kind().label(), "{err}");
+                Err(err)
+            }),
+        }
+    }
+
+    /// What one attempt tells the balancer and the outlier detector about its endpoint.
+    fn observe_attempt(
+        &self,
+        service: &crate::route::Service,
+        outcome: &Result<Response<ProxyBody>, ProxyError>,
+        endpoint: Option<&Endpoint>,
+        attempt_start: Instant,
+    ) {
+        let Some(endpoint) = endpoint else {
+            if let Err(err) = outcome {
+                let kind = err.kind();
+                // Overload refusals come in floods: one warning each would flood the log too.
+                if kind == ErrorKind::Overloaded {
+                    debug!(service = %service.name, error = kind.label(), "{err}");
+                } else {
+                    warn!(service = %service.name, error = kind.label(), "{err}");
+                }
+            }
+            return;
+        };
+        let elapsed = attempt_start.elapsed();
+        match outcome {
+            Ok(response) => {
                 // An endpoint that asks us to back off is charged a latency penalty, so the
                 // balancer moves traffic away from it for a while.
                 let penalty = matches!(response.status().as_u16(), 429 | 503)
@@ -252,22 +359,20 @@ impl Forward {
                     .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
                     .map(retry_after_penalty);
                 endpoint.observe_rtt(penalty.map_or(elapsed, |p| p.max(elapsed)));
-                if response.status().is_server_error() {
+                let failed = response.status().is_server_error();
+                if failed {
                     endpoint.record_failure();
                 }
-                Ok(response)
+                service.endpoints.observe_outcome(endpoint, failed);
             }
-            Err((err, endpoint)) => {
+            Err(err) => {
                 let kind = err.kind();
-                let service = &table.services[index];
-                if let Some(e) = endpoint {
-                    e.record_failure();
-                    if matches!(kind, ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnect) {
-                        service.endpoints.gateway_failure(&e, start.elapsed());
-                    }
+                endpoint.record_failure();
+                if matches!(kind, ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnect) {
+                    service.endpoints.gateway_failure(endpoint, elapsed);
                 }
+                service.endpoints.observe_outcome(endpoint, true);
                 warn!(service = %service.name, error = kind.label(), "{err}");
-                Err(err)
             }
         }
     }
@@ -292,9 +397,28 @@ impl Forward {
         index: usize,
         metrics: &ServiceMetrics,
         mut req: Request<UpstreamBody>,
+        avoid: Option<SocketAddr>,
     ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), (ProxyError, Option<Arc<Endpoint>>)> {
         let service = &table.services[index];
-        let Some(endpoint) = service.endpoints.pick(service.hash_of(&req)) else {
+        let mut permit = match service.breaker.try_request() {
+            Ok(p) => p,
+            Err(threshold) => {
+                let service = service.name.clone();
+                return Err((ProxyError::Overloaded { service, threshold }, None));
+            }
+        };
+        let hash = service.hash_of(&req);
+        // A retry goes to another endpoint when the balancer offers one within a few draws.
+        let mut picked = service.endpoints.pick(hash);
+        for _ in 0..3 {
+            match picked {
+                Some(e) if Some(e.addr) == avoid && service.endpoints.available() > 1 => {
+                    picked = service.endpoints.pick(hash);
+                }
+                _ => break,
+            }
+        }
+        let Some(endpoint) = picked else {
             let err = ProxyError::NoEndpoints {
                 service: service.name.clone(),
             };
@@ -348,6 +472,7 @@ impl Forward {
             },
             None => pending.await,
         };
+        permit.answered();
         let (mut response, lease) = match result {
             Ok(r) => r,
             Err(e) => return Err((e, Some(endpoint))),
@@ -384,8 +509,12 @@ impl Forward {
             accepted: metrics.load_reports_accepted.clone(),
             rejected: metrics.load_reports_rejected.clone(),
         });
+        let held = Held {
+            breaker: Some(permit),
+            admission: None,
+        };
         Ok((
-            response.map(|b| ProxyBody::upstream(b, in_flight, trailer_reports, lease)),
+            response.map(|b| ProxyBody::upstream(b, in_flight, trailer_reports, lease).holding(held)),
             endpoint,
         ))
     }
@@ -426,27 +555,42 @@ impl<B> HasHeaders for Response<B> {
 
 /// The response for a request the proxy failed: the status of the cause, a plain-text body
 /// naming it, and `x-cogmesh-error` with the metric label. gRPC callers also get `grpc-status`
-/// UNAVAILABLE (or DEADLINE_EXCEEDED) and `grpc-message`, so their status says why.
+/// UNAVAILABLE (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) and `grpc-message`, so their status says
+/// why. A rate-limited request also gets `Retry-After` and `RateLimit-*`.
 fn error_response(err: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     let kind = err.kind();
     let text = format!("cogmesh: {err}\n");
+    // A gRPC error with HTTP 200 is trailers-only: no body, gRPC's content type.
+    let (grpc_code, grpc_status) = kind.grpc();
+    let trailers_only = grpc && grpc_status == StatusCode::OK;
     let mut builder = Response::builder()
         .status(kind.status())
-        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(
+            CONTENT_TYPE,
+            if trailers_only {
+                "application/grpc"
+            } else {
+                "text/plain; charset=utf-8"
+            },
+        )
         .header("x-cogmesh-error", kind.label());
+    match err {
+        ProxyError::RateLimited(d) => builder = crate::ratelimit::add_headers(builder, d),
+        ProxyError::Overloaded { .. } => builder = builder.header("x-cogmesh-overloaded", "true"),
+        ProxyError::Shed { retry_after_secs, .. } => {
+            builder = builder.header(http::header::RETRY_AFTER, *retry_after_secs)
+        }
+        _ => {}
+    }
     if grpc {
-        let code = if kind == crate::error::ErrorKind::UpstreamTimeout {
-            "4"
-        } else {
-            "14"
-        };
-        builder = builder.header("grpc-status", code);
+        builder = builder.status(grpc_status).header("grpc-status", grpc_code);
         if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(text.trim_end())) {
             builder = builder.header("grpc-message", v);
         }
     }
+    let body = if trailers_only { String::new() } else { text };
     builder
-        .body(ProxyBody::local(text.into()))
+        .body(ProxyBody::local(body.into()))
         .expect("status and headers are valid")
 }
 

@@ -9,6 +9,18 @@
 //! - `response_latency_seconds{direction,service}`: histogram, request start to response headers;
 //! - `proxy_error_total{direction,service,error}`: requests the proxy failed itself, by cause;
 //! - `tcp_open_connections{direction,listener}`: accepted connections currently open;
+//! - `request_refused_total{direction,listener}`: HTTP/1 request heads refused as smuggling
+//!   attempts (`Content-Length` with `Transfer-Encoding`, conflicting lengths);
+//! - `rate_limited_total{scope,name}`: requests refused with 429 by the rate limiter of a
+//!   listener (`scope="listener"`) or a route (`scope="route"`, `name` its name or `routes[i]`);
+//! - `circuit_breaker_overflow_total{service,threshold}`: requests (or retries) refused by a
+//!   service's circuit breaker, by threshold (`max_requests`, `max_pending_requests`,
+//!   `max_retries`);
+//! - `admission_total{priority,result}`: requests through the instance's concurrency limit,
+//!   `admitted` or `shed`, by priority (the basis of attention efficiency);
+//! - `retry_total{direction,service,result}`: retries `sent`, and retriable failures not retried
+//!   because of the budget (`budget_exhausted`) or the breaker's `max_retries`
+//!   (`breaker_overflow`);
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
@@ -87,6 +99,31 @@ pub struct CacheLookupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub scope: &'static str,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub service: String,
+    pub threshold: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    pub priority: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub direction: &'static str,
+    pub service: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
 }
@@ -117,6 +154,11 @@ pub struct Metrics {
     latency: HistogramFamily<TrafficLabels>,
     errors: Family<ErrorLabels, Counter>,
     connections: Family<ConnectionLabels, Gauge>,
+    refused: Family<ConnectionLabels, Counter>,
+    rate_limited: Family<LimitLabels, Counter>,
+    overflow: Family<OverflowLabels, Counter>,
+    admission: Family<AdmissionLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
     load_reports: Family<LoadReportLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     compressed: Family<CompressionLabels, Counter>,
@@ -142,6 +184,36 @@ impl Metrics {
         let latency: HistogramFamily<TrafficLabels> = Family::new_with_constructor(latency_histogram);
         let errors = Family::<ErrorLabels, Counter>::default();
         let connections = Family::<ConnectionLabels, Gauge>::default();
+        let refused = Family::<ConnectionLabels, Counter>::default();
+        let rate_limited = Family::<LimitLabels, Counter>::default();
+        let overflow = Family::<OverflowLabels, Counter>::default();
+        let admission = Family::<AdmissionLabels, Counter>::default();
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "retry",
+            "Retries sent, and retriable failures not retried (budget, breaker)",
+            retries.clone(),
+        );
+        registry.register(
+            "admission",
+            "Requests through the concurrency limit, admitted or shed, by priority",
+            admission.clone(),
+        );
+        registry.register(
+            "circuit_breaker_overflow",
+            "Requests refused by a service's circuit breaker, by threshold",
+            overflow.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limiter",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "request_refused",
+            "HTTP/1 request heads refused as smuggling attempts",
+            refused.clone(),
+        );
         let load_reports = Family::<LoadReportLabels, Counter>::default();
         let table = Arc::new(OnceLock::new());
         let reloads = Family::<ReloadLabels, Counter>::default();
@@ -214,6 +286,11 @@ impl Metrics {
             latency,
             errors,
             connections,
+            refused,
+            rate_limited,
+            overflow,
+            admission,
+            retries,
             load_reports,
             reloads,
             table,
@@ -247,6 +324,8 @@ impl Metrics {
             errors: self.errors.clone(),
             by_status: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
             by_error: (0..ErrorKind::ALL.len()).map(|_| OnceLock::new()).collect(),
+            retries: self.retries.clone(),
+            by_retry: Default::default(),
             load_reports_accepted: self.load_report_counter(direction, service, "accepted"),
             load_reports_rejected: self.load_report_counter(direction, service, "rejected"),
             labels,
@@ -298,6 +377,59 @@ impl Metrics {
         }
     }
 
+    /// The admitted and shed counters of the concurrency limit, per priority.
+    pub fn admission(&self) -> crate::admission::AdmissionCounters {
+        let counter = |p: crate::admission::Priority, result: &'static str| {
+            self.admission
+                .get_or_create(&AdmissionLabels {
+                    priority: p.as_str(),
+                    result,
+                })
+                .clone()
+        };
+        let all = crate::admission::Priority::ALL;
+        crate::admission::AdmissionCounters {
+            admitted: all.map(|p| counter(p, "admitted")),
+            shed: all.map(|p| counter(p, "shed")),
+        }
+    }
+
+    /// The overflow counters of one service's circuit breaker.
+    pub fn breaker_overflow(&self, service: &str) -> crate::breaker::OverflowCounters {
+        let counter = |threshold: crate::breaker::Threshold| {
+            self.overflow
+                .get_or_create(&OverflowLabels {
+                    service: service.to_string(),
+                    threshold: threshold.as_str(),
+                })
+                .clone()
+        };
+        crate::breaker::OverflowCounters {
+            max_requests: counter(crate::breaker::Threshold::MaxRequests),
+            max_pending_requests: counter(crate::breaker::Threshold::MaxPendingRequests),
+            max_retries: counter(crate::breaker::Threshold::MaxRetries),
+        }
+    }
+
+    /// The counter of one listener's or route's rate limiter.
+    pub fn rate_limited(&self, scope: &'static str, name: &str) -> Counter {
+        self.rate_limited
+            .get_or_create(&LimitLabels {
+                scope,
+                name: name.to_string(),
+            })
+            .clone()
+    }
+
+    pub fn requests_refused(&self, direction: &'static str, listener: &str) -> Counter {
+        self.refused
+            .get_or_create(&ConnectionLabels {
+                direction,
+                listener: listener.to_string(),
+            })
+            .clone()
+    }
+
     pub fn connections(&self, direction: &'static str, listener: &str) -> Gauge {
         self.connections
             .get_or_create(&ConnectionLabels {
@@ -320,6 +452,8 @@ pub struct ServiceMetrics {
     errors: Family<ErrorLabels, Counter>,
     by_status: Vec<OnceLock<ShardedCounter>>,
     by_error: Vec<OnceLock<Counter>>,
+    retries: Family<RetryLabels, Counter>,
+    by_retry: [OnceLock<Counter>; 3],
     pub load_reports_accepted: Counter,
     pub load_reports_rejected: Counter,
 }
@@ -337,6 +471,25 @@ impl ServiceMetrics {
                         service: self.labels.service.clone(),
                         status_code: status,
                         classification,
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+
+    /// Counts a retry outcome, one of [`crate::retry::RETRY_RESULTS`].
+    pub fn retry(&self, result: &'static str) {
+        let slot = crate::retry::RETRY_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(0);
+        self.by_retry[slot]
+            .get_or_init(|| {
+                self.retries
+                    .get_or_create(&RetryLabels {
+                        direction: self.labels.direction,
+                        service: self.labels.service.clone(),
+                        result,
                     })
                     .clone()
             })

@@ -21,6 +21,7 @@ use crate::cache::RouteCache;
 use crate::compress::Compression;
 use crate::config::{Direction, HashKey, ProxyConfig, UpstreamProtocol};
 use crate::metrics::{Metrics, ServiceMetrics};
+use crate::ratelimit::RateLimiter;
 
 /// The service label of requests that matched no route.
 pub const UNROUTED_SERVICE: &str = "unknown";
@@ -37,15 +38,22 @@ pub struct RoutingTable {
     pub services: Vec<Service>,
     routes: Vec<Route>,
     pub listeners: Vec<ListenerRoutes>,
+    /// The instance's concurrency limit, if configured.
+    pub admission: Option<Arc<crate::admission::Admission>>,
 }
 
 pub struct Service {
     pub name: String,
     pub protocol: UpstreamProtocol,
     pub response_timeout: Option<Duration>,
+    pub request_timeout: Option<Duration>,
     pub endpoints: EndpointSet,
     pub hash_key: Option<HashKey>,
     pub forward_load_reports: bool,
+    pub breaker: Arc<crate::breaker::Breaker>,
+    pub retry: crate::retry::RetryConfig,
+    /// Kept across reloads for a service that stays.
+    pub retry_budget: Arc<crate::retry::Budget>,
 }
 
 /// Per listener: the default service and the metric handles of every service seen through it.
@@ -56,6 +64,7 @@ pub struct ListenerRoutes {
     /// Indexed like `RoutingTable::services`.
     pub metrics: Vec<ServiceMetrics>,
     pub unrouted: ServiceMetrics,
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 struct Route {
@@ -65,6 +74,8 @@ struct Route {
     service: usize,
     /// `None` when the route neither compresses nor caches: the request path pays one check.
     policy: Option<Arc<RoutePolicy>>,
+    rate_limit: Option<Arc<RateLimiter>>,
+    priority: Option<crate::admission::Priority>,
 }
 
 /// What a route does to responses besides forwarding them.
@@ -75,9 +86,13 @@ pub struct RoutePolicy {
     pub cache: Option<Arc<RouteCache>>,
 }
 
-/// Where a request goes: the service index and the matched route's policy, if any.
-pub struct Target<'a> {
-    pub service: usize,
+/// What routing found for a request.
+pub struct RouteMatch<'a> {
+    /// The service index, `None` without a route and a default service.
+    pub service: Option<usize>,
+    pub rate_limit: Option<&'a RateLimiter>,
+    pub priority: Option<crate::admission::Priority>,
+    /// The matched route's compression and cache, if any.
     pub policy: Option<&'a Arc<RoutePolicy>>,
 }
 
@@ -106,6 +121,8 @@ impl RoutingTable {
                 protocol: s.protocol,
                 response_timeout: (s.response_timeout_ms > 0)
                     .then(|| Duration::from_millis(s.response_timeout_ms)),
+                request_timeout: (s.request_timeout_ms > 0)
+                    .then(|| Duration::from_millis(s.request_timeout_ms)),
                 endpoints: EndpointSet::rebuild(
                     old.get(s.name.as_str()).map(|o| &o.endpoints),
                     &overrides
@@ -114,9 +131,20 @@ impl RoutingTable {
                         .unwrap_or_else(|| s.endpoints.iter().map(|a| (*a, 1.0)).collect()),
                     s.balancer,
                     Duration::from_millis(s.load_report_stale_ms),
-                ),
+                )
+                .with_outlier(s.outlier_detection.clone()),
                 hash_key: s.hash_key.clone(),
                 forward_load_reports: s.forward_load_reports,
+                retry: s.retry.clone(),
+                retry_budget: old
+                    .get(s.name.as_str())
+                    .map(|o| Arc::clone(&o.retry_budget))
+                    .unwrap_or_default(),
+                breaker: crate::breaker::Breaker::reuse_or_new(
+                    old.get(s.name.as_str()).map(|o| &o.breaker),
+                    &s.circuit_breaker,
+                    || metrics.breaker_overflow(&s.name),
+                ),
             })
             .collect();
         let index: HashMap<&str, usize> = services
@@ -138,6 +166,14 @@ impl RoutingTable {
             .iter()
             .enumerate()
             .map(|(i, r)| Route {
+                priority: r.priority,
+                rate_limit: r.rate_limit.as_ref().map(|c| {
+                    let name = r.name.clone().unwrap_or_else(|| format!("routes[{i}]"));
+                    let kept = previous
+                        .and_then(|p| p.routes.get(i))
+                        .and_then(|p| p.rate_limit.as_ref());
+                    RateLimiter::reuse_or_new(kept, c, || metrics.rate_limited("route", &name))
+                }),
                 host: r.matches.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 path_prefix: r.matches.path_prefix.clone(),
                 headers: r
@@ -169,10 +205,22 @@ impl RoutingTable {
                         .map(|s| metrics.service(direction, &s.name))
                         .collect(),
                     unrouted: metrics.service(direction, UNROUTED_SERVICE),
+                    rate_limit: l.rate_limit.as_ref().map(|c| {
+                        let kept = previous
+                            .and_then(|p| p.listeners.iter().find(|o| o.name == l.name))
+                            .and_then(|o| o.rate_limit.as_ref());
+                        RateLimiter::reuse_or_new(kept, c, || metrics.rate_limited("listener", &l.name))
+                    }),
                 }
             })
             .collect();
+        let admission = config.admission.as_ref().map(|c| {
+            crate::admission::Admission::reuse_or_new(previous.and_then(|p| p.admission.as_ref()), c, || {
+                metrics.admission()
+            })
+        });
         RoutingTable {
+            admission,
             version: previous.map_or(1, |p| p.version + 1),
             control_version,
             services,
@@ -183,11 +231,29 @@ impl RoutingTable {
 
     /// The index of the service a request on `listener` goes to.
     pub fn route<B>(&self, listener: usize, req: &Request<B>) -> Option<usize> {
-        self.target(listener, req).map(|t| t.service)
+        self.route_match(listener, req).service
     }
 
-    /// The service a request on `listener` goes to, with the matched route's policy.
-    pub fn target<B>(&self, listener: usize, req: &Request<B>) -> Option<Target<'_>> {
+    /// Like [`RoutingTable::route`], with the matched route's rate limiter, priority and
+    /// response policy.
+    pub fn route_match<B>(&self, listener: usize, req: &Request<B>) -> RouteMatch<'_> {
+        match self.matched_route(req) {
+            Some(r) => RouteMatch {
+                service: Some(r.service),
+                rate_limit: r.rate_limit.as_deref(),
+                priority: r.priority,
+                policy: r.policy.as_ref(),
+            },
+            None => RouteMatch {
+                service: self.listeners[listener].default_service,
+                rate_limit: None,
+                priority: None,
+                policy: None,
+            },
+        }
+    }
+
+    fn matched_route<B>(&self, req: &Request<B>) -> Option<&Route> {
         let host = request_host(req);
         for r in &self.routes {
             if let Some(h) = &r.host {
@@ -202,16 +268,10 @@ impl RoutingTable {
                 }
             }
             if r.headers.iter().all(|(k, v)| req.headers().get(k) == Some(v)) {
-                return Some(Target {
-                    service: r.service,
-                    policy: r.policy.as_ref(),
-                });
+                return Some(r);
             }
         }
-        self.listeners[listener].default_service.map(|service| Target {
-            service,
-            policy: None,
-        })
+        None
     }
 
     pub fn snapshot(&self) -> TableSnapshot {
@@ -370,18 +430,18 @@ routes:
     }
 
     fn cache_of(t: &RoutingTable) -> Arc<RouteCache> {
-        let target = t.target(0, &req("/api/x", "h", false)).unwrap();
-        Arc::clone(target.policy.unwrap().cache.as_ref().unwrap())
+        let matched = t.route_match(0, &req("/api/x", "h", false));
+        Arc::clone(matched.policy.unwrap().cache.as_ref().unwrap())
     }
 
     #[test]
     fn policies_come_with_the_table_and_caches_survive_unchanged_reloads() {
         let t = cached_table("{}", None);
-        let policy = t.target(0, &req("/api/x", "h", false)).unwrap().policy.unwrap();
+        let policy = t.route_match(0, &req("/api/x", "h", false)).policy.unwrap();
         assert_eq!(policy.label, "api");
         assert!(policy.compression.is_some());
-        assert!(t.target(0, &req("/plain", "h", false)).unwrap().policy.is_none());
-        assert!(t.target(0, &req("/other", "h", false)).unwrap().policy.is_none());
+        assert!(t.route_match(0, &req("/plain", "h", false)).policy.is_none());
+        assert!(t.route_match(0, &req("/other", "h", false)).policy.is_none());
         let kept = cached_table("{}", Some(&t));
         assert!(Arc::ptr_eq(&cache_of(&t), &cache_of(&kept)));
         let changed = cached_table("{ max_bytes: 5000, max_entry_bytes: 100 }", Some(&kept));

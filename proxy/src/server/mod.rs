@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::admin;
 use crate::config::ProxyConfig;
 use crate::forward::{Forward, Shared, Upstreams};
+use crate::hardening::GuardedIo;
 use crate::metrics::Metrics;
 use crate::route::{EndpointOverrides, RoutingTable, SharedTable};
 
@@ -189,11 +190,8 @@ async fn wait_for_signal() {
 
 fn server_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(config.header_read_timeout_ms));
-    builder.http2().timer(TokioTimer::new());
+    let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
+    crate::hardening::configure(&mut builder, &config.limits, header_read_timeout);
     builder
 }
 
@@ -272,9 +270,15 @@ async fn accept_loop(
     // Listeners cannot change on reload (see crate::reload), so this copy stays accurate.
     let config = state.config.load().listeners[index].clone();
     let open = state.metrics.connections(config.direction.as_str(), &config.name);
+    let limits = state.config.load().limits.clone();
+    let header_read_timeout = Duration::from_millis(state.config.load().header_read_timeout_ms);
+    let refused = state
+        .metrics
+        .requests_refused(config.direction.as_str(), &config.name);
     let shared = Arc::new(Shared {
         table: Arc::clone(&state.table),
         upstreams,
+        limits: limits.clone(),
     });
     loop {
         let accepted = tokio::select! {
@@ -292,6 +296,7 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let stream = GuardedIo::new(stream, &limits, header_read_timeout, refused.clone());
         let service = Forward::new(Arc::clone(&shared), index, peer);
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();

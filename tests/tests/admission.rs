@@ -1,0 +1,81 @@
+//! Attention (priority) admission: at the instance's concurrency limit, low and sheddable
+//! requests are shed at once with 503 `shed` and `Retry-After`, while queued requests get freed
+//! slots in priority order (a critical request that arrived later goes before a normal one), and
+//! the counts per priority are exported.
+
+use std::time::{Duration, Instant};
+
+use cogmesh_e2e::{curl_head, eventually, metric_value, start_workload, Proxy};
+
+#[test]
+fn slots_go_to_critical_first_and_the_lowest_are_shed() {
+    let upstream = start_workload("slow");
+    let proxy = Proxy::with_config(&format!(
+        r#"
+admin: "{{admin}}"
+admission: {{ max_concurrency: 2, max_queue_wait_ms: 20000 }}
+listeners:
+  - {{ name: edge, address: "{{listen}}", default_service: web }}
+services:
+  - {{ name: web, endpoints: ["{}"] }}
+routes:
+  - {{ match: {{ path_prefix: /bulk }}, service: web, priority: sheddable }}
+"#,
+        upstream.addr
+    ));
+    let in_flight = format!(
+        r#"endpoint_in_flight{{service="web",endpoint="{}"}}"#,
+        upstream.addr
+    );
+    let spawn = |priority: &'static str, path: &str| {
+        let url = proxy.url(path);
+        std::thread::spawn(move || {
+            let header = format!("x-cogmesh-priority: {priority}");
+            let (status, head) = curl_head(&["-H", &header], &url);
+            (status, head, Instant::now())
+        })
+    };
+    // Two slow requests take both slots; one frees after 1.5 s, the other after 4 s.
+    let short = spawn("normal", "/sleep?ms=1500");
+    let long = spawn("normal", "/sleep?ms=4000");
+    eventually("both slots taken", Duration::from_secs(20), || {
+        (metric_value(&proxy.metrics(), &in_flight) == Some(2.0)).then_some(())
+    });
+    // A normal request queues first, a critical one after it.
+    let normal = spawn("normal", "/sleep?ms=500");
+    std::thread::sleep(Duration::from_millis(200));
+    let critical = spawn("critical", "/sleep?ms=500");
+    std::thread::sleep(Duration::from_millis(200));
+
+    // At the limit, low priority and the sheddable route are refused at once.
+    let (status, head) = curl_head(&["-H", "x-cogmesh-priority: low"], &proxy.url("/sleep?ms=1"));
+    assert_eq!(status, 503, "{head}");
+    assert!(head.contains("x-cogmesh-error: shed"), "{head}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    let (status, head) = curl_head(&[], &proxy.url("/bulk/sleep?ms=1"));
+    assert_eq!(status, 503, "{head}");
+
+    let (critical, normal) = (critical.join().unwrap(), normal.join().unwrap());
+    assert_eq!(critical.0, 200, "{}", critical.1);
+    assert_eq!(normal.0, 200, "{}", normal.1);
+    // Only one slot freed at 1.5 s: the critical request got it although it queued later.
+    assert!(
+        critical.2 < normal.2,
+        "the critical request finished after the normal one"
+    );
+    assert_eq!(short.join().unwrap().0, 200);
+    assert_eq!(long.join().unwrap().0, 200);
+
+    let m = proxy.metrics();
+    let count = |priority: &str, result: &str| {
+        metric_value(
+            &m,
+            &format!(r#"admission_total{{priority="{priority}",result="{result}"}}"#),
+        )
+    };
+    assert_eq!(count("normal", "admitted"), Some(3.0), "{m}");
+    assert_eq!(count("critical", "admitted"), Some(1.0), "{m}");
+    assert_eq!(count("low", "shed"), Some(1.0), "{m}");
+    assert_eq!(count("sheddable", "shed"), Some(1.0), "{m}");
+    assert_eq!(count("normal", "shed"), Some(0.0), "{m}");
+}
