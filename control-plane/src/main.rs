@@ -48,9 +48,86 @@ enum Command {
     /// Sidecars and their sync state (versions ACKed, NACKed and why), and the control plane's
     /// configuration status.
     Status(AdminArgs),
+    /// Start a local mesh from a mesh file (control plane, every replica behind its own
+    /// sidecar), wait until all are ready, and keep it up until Ctrl-C or `cogmesh down`.
+    Up(UpArgs),
+    /// Stop the local mesh `cogmesh up` started.
+    Down(DownArgs),
+    /// Bring the example mesh up, drive a load pattern through it with a live view, print a
+    /// summary and stop everything.
+    Demo(DemoArgs),
     /// Autoscaling: `cogmesh scaling history` lists the decisions a control plane recorded.
     #[command(subcommand)]
     Scaling(ScalingCommand),
+}
+
+#[derive(Debug, Args)]
+struct MeshArgs {
+    /// The mesh file.
+    #[arg(default_value = "deploy/local/mesh.yaml")]
+    file: std::path::PathBuf,
+    /// Layer mesh.<environment>.yaml (beside the file) on top: development, staging, production.
+    #[arg(long)]
+    environment: Option<String>,
+    /// The control plane's gRPC address [default: from the file, else 127.0.0.1:7070].
+    #[arg(long, value_name = "ADDR")]
+    control: Option<SocketAddr>,
+    /// The control plane's metrics address [default: from the file].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+impl MeshArgs {
+    fn load(&self) -> anyhow::Result<cogmesh_control::local::mesh::MeshFile> {
+        let mut file = cogmesh_control::local::mesh::MeshFile::load(&self.file, self.environment.as_deref())?;
+        if let Some(c) = self.control {
+            file.control.listen = Some(c);
+        }
+        if let Some(m) = self.metrics {
+            file.control.metrics = Some(m);
+        }
+        Ok(file)
+    }
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    #[command(flatten)]
+    mesh: MeshArgs,
+}
+
+#[derive(Debug, Args)]
+struct DownArgs {
+    /// The control plane address of the mesh to stop.
+    #[arg(long, value_name = "ADDR", default_value = cogmesh_control::control::DEFAULT_LISTEN)]
+    control: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    mesh: MeshArgs,
+    /// How long the load pattern runs, e.g. 60s or 2m (at least 20s).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 60s or 2m"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        _ => return Err(format!("{s:?}: use s or m")),
+    };
+    if !(20..=3600).contains(&secs) {
+        return Err(format!("{s:?} is not between 20s and 60m"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +239,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Check(args) => check(args),
             Command::Routes(args) => cogmesh_control::cli::routes(args.control, args.json).await,
             Command::Status(args) => cogmesh_control::cli::status(args.control, args.json).await,
+            Command::Up(args) => up(args).await,
+            Command::Down(args) => cogmesh_control::local::up::down(args.control),
+            Command::Demo(args) => {
+                let file = args.mesh.load()?;
+                cogmesh_control::local::demo::run(file, args.duration).await
+            }
             Command::Scaling(ScalingCommand::History(args)) => {
                 cogmesh_control::cli::scaling_history(args.admin.control, args.service, args.admin.json).await
             }
@@ -242,6 +325,23 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
     cogmesh_control::control::serve(listener, config, shutdown)
         .await
         .context("serving the control plane")?;
+    Ok(())
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let file = args.mesh.load()?;
+    let shutdown = shutdown_signal().context("installing signal handlers")?;
+    let started = std::time::Instant::now();
+    let mut mesh = cogmesh_control::local::up::Mesh::up(file).await?;
+    println!("{}", mesh.status().await);
+    println!(
+        "up in {:.1} s; Ctrl-C or `cogmesh down --control {}` stops it",
+        started.elapsed().as_secs_f64(),
+        mesh.control
+    );
+    shutdown.await;
+    println!("stopping the mesh");
+    mesh.stop();
     Ok(())
 }
 

@@ -21,6 +21,13 @@ use tracing::{info, warn};
 
 use super::config::ServiceScaling;
 
+/// Set on every process a replica runs (to the control plane's address), so operators and
+/// tests can find them: `grep -l COGMESH_CONTROL_PLANE=... /proc/*/environ`.
+pub const OWNER_ENV: &str = "COGMESH_CONTROL_PLANE";
+
+/// How long a replica's app has to start listening.
+const APP_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
 struct Replica {
     name: String,
     sidecar_addr: SocketAddr,
@@ -176,8 +183,29 @@ impl ProcessBackend {
         };
         let mut app = Command::new(program)
             .args(command[1..].iter().map(fill))
+            .env(OWNER_ENV, self.control.to_string())
             .stdin(Stdio::null())
             .spawn()?;
+        // The app's readiness check: it accepts connections on its port. Only then does its
+        // sidecar start (and register the replica with the control plane).
+        let ready_by = Instant::now() + APP_READY_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = app.try_wait() {
+                return Err(std::io::Error::other(format!("{name}: app exited ({status})")));
+            }
+            if std::net::TcpStream::connect_timeout(&app_addr, Duration::from_millis(100)).is_ok() {
+                break;
+            }
+            if Instant::now() >= ready_by {
+                terminate(&mut app);
+                wait_or_kill(&mut app, Instant::now() + Duration::from_secs(2));
+                return Err(std::io::Error::other(format!(
+                    "{name}: app not listening on {app_addr} within {} s",
+                    APP_READY_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let sidecar = Command::new(self.bin_dir.join("cogmesh-proxy"))
             .args(["--direction", "inbound", "--upstream-service", "local"])
             .args(["--listen", &sidecar_addr.to_string()])
@@ -185,6 +213,7 @@ impl ProcessBackend {
             .args(["--upstream", &app_addr.to_string()])
             .args(["--control", &self.control.to_string()])
             .args(["--service", service])
+            .env(OWNER_ENV, self.control.to_string())
             .stdin(Stdio::null())
             .spawn();
         let sidecar = match sidecar {
