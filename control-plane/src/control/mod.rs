@@ -1,9 +1,10 @@
 //! `cogmesh control`: the control plane's gRPC server.
 //!
-//! - `MeshControl.Connect`: one bidirectional stream per sidecar (Hello, LoadReports, ACK/NACK
-//!   in; RoutingTable snapshots out). Pushes coalesce per sidecar through a `watch` channel: the
-//!   latest table wins and at most one is pending, with no fixed debounce. A version a sidecar
-//!   NACKed is never sent to it again.
+//! - `MeshControl.Connect` ([`connect`]): one bidirectional stream per sidecar (Hello,
+//!   LoadReports, ACK/NACK in; RoutingTable snapshots out). Pushes coalesce per sidecar through a
+//!   `watch` channel: the latest table wins and at most one is pending, with no fixed debounce.
+//!   A version a sidecar NACKed is never sent to it again. Each version is encoded once and its
+//!   bytes shared by every stream.
 //! - `MeshAdmin`: services with endpoints and weights, per-sidecar sync status, table watch.
 //! - gRPC health (`grpc.health.v1`) and reflection (v1), so `grpcurl` works without protos.
 //!
@@ -11,26 +12,24 @@
 //! update (see [`weights`]); a new table version is made only when something changed.
 
 pub mod config;
+mod connect;
 mod state;
 pub mod weights;
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cogmesh_proto::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
-use cogmesh_proto::v1::mesh_control_server::{MeshControl, MeshControlServer};
 use cogmesh_proto::v1::{
-    control_message, sidecar_message, ConfigStatusRequest, ConfigStatusResponse, ControlMessage,
-    ListServicesRequest, ListServicesResponse, RoutingTable, SidecarMessage, SyncStatusRequest,
-    SyncStatusResponse, WatchTablesRequest,
+    ConfigStatusRequest, ConfigStatusResponse, ListServicesRequest, ListServicesResponse, RoutingTable,
+    SyncStatusRequest, SyncStatusResponse, WatchTablesRequest,
 };
 use futures_util::Stream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
 
 use self::state::MeshState;
 
@@ -65,6 +64,8 @@ struct Mesh {
     /// The weight interval in force, in ms (a reload may change it).
     weight_interval_ms: std::sync::atomic::AtomicU64,
     tables: watch::Sender<Arc<RoutingTable>>,
+    /// The current version's encoded frames, shared by every push stream.
+    encoded: Mutex<connect::EncodedTables>,
     /// Turns true at shutdown: every sidecar stream ends, so the server can drain.
     stopping: watch::Sender<bool>,
     start: Instant,
@@ -96,6 +97,10 @@ impl Mesh {
     fn state(&self) -> std::sync::MutexGuard<'_, MeshState> {
         // A panic while holding the lock would be a bug; keep serving with the data as is.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn encoded(&self) -> std::sync::MutexGuard<'_, connect::EncodedTables> {
+        self.encoded.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Re-reads the configuration; a bad one is refused and the last good one stays.
@@ -163,6 +168,7 @@ pub async fn serve(
         config: Mutex::new(config.resolved.clone()),
         config_status: Mutex::new(ConfigStatus::default()),
         tables,
+        encoded: Mutex::default(),
         stopping,
         start: Instant::now(),
         startup_grace: config.startup_grace,
@@ -185,7 +191,7 @@ pub async fn serve(
         .map(|path| tokio::spawn(watch_config(Arc::clone(&mesh), path)));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<MeshControlServer<ControlService>>().await;
+    health.set_serving::<connect::ControlRoute>().await;
     health.set_serving::<MeshAdminServer<AdminService>>().await;
     // Both reflection versions: grpcurl releases before 1.9 only speak v1alpha.
     let reflection = || {
@@ -200,7 +206,15 @@ pub async fn serve(
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // No Nagle delay on the push streams' last partial segment.
+    let incoming = futures_util::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |accepted| {
+            accepted.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        },
+    );
     let (signalled_tx, mut signalled) = watch::channel(false);
     let shutdown = {
         let mesh = Arc::clone(&mesh);
@@ -215,9 +229,9 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(MeshControlServer::new(ControlService {
+        .add_service(connect::ControlRoute {
             mesh: Arc::clone(&mesh),
-        }))
+        })
         .add_service(MeshAdminServer::new(AdminService { mesh }))
         .serve_with_incoming_shutdown(incoming, shutdown);
     let deadline = async move {
@@ -290,193 +304,7 @@ async fn watch_config(mesh: Arc<Mesh>, path: std::path::PathBuf) {
     }
 }
 
-// === impl ControlService ===
-
-struct ControlService {
-    mesh: Arc<Mesh>,
-}
-
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl MeshControl for ControlService {
-    type ConnectStream = BoxStream<ControlMessage>;
-
-    async fn connect(
-        &self,
-        request: Request<Streaming<SidecarMessage>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
-        let peer = request.remote_addr();
-        let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("the stream ended before Hello"))?;
-        let Some(sidecar_message::Kind::Hello(hello)) = first.kind else {
-            return Err(Status::invalid_argument("the first message must be Hello"));
-        };
-        if hello.node.is_empty() || hello.service.is_empty() {
-            return Err(Status::invalid_argument(
-                "Hello: node and service must not be empty",
-            ));
-        }
-        let address: SocketAddr = hello.instance_address.parse().map_err(|_| {
-            Status::invalid_argument(format!(
-                "Hello: instance_address {:?} is not an IP:port address",
-                hello.instance_address
-            ))
-        })?;
-        let node = hello.node.clone();
-        info!(%node, service = %hello.service, %address, peer = ?peer, "sidecar connected");
-        // Membership changes are published by the next weight tick, not here: a connect storm
-        // (thousands of sidecars after a rollout) then makes one table version per tick, not one
-        // per sidecar, each fanned out to everyone.
-        let subscriptions = hello.subscriptions.clone();
-        let session = self.mesh.state().hello(hello);
-
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(read_sidecar(
-            Arc::clone(&self.mesh),
-            node.clone(),
-            session,
-            inbound,
-            done_tx,
-        ));
-        Ok(Response::new(push_stream(
-            Arc::clone(&self.mesh),
-            node,
-            subscriptions,
-            done_rx,
-        )))
-    }
-}
-
-/// What one sidecar's push stream waits on.
-struct Pushes {
-    mesh: Arc<Mesh>,
-    node: String,
-    /// Services this sidecar routes to; empty: all.
-    subscriptions: Vec<String>,
-    tables: watch::Receiver<Arc<RoutingTable>>,
-    stopping: watch::Receiver<bool>,
-    done: tokio::sync::oneshot::Receiver<()>,
-}
-
-/// The tables sent to one sidecar, pulled by the gRPC stream only when it can send: a table is
-/// cloned for the wire at that moment and never queued, so at most one is pending per sidecar
-/// and the latest wins. A version the sidecar NACKed is skipped.
-fn push_stream(
-    mesh: Arc<Mesh>,
-    node: String,
-    subscriptions: Vec<String>,
-    done: tokio::sync::oneshot::Receiver<()>,
-) -> BoxStream<ControlMessage> {
-    let mut tables = mesh.tables.subscribe();
-    tables.mark_changed();
-    let stopping = mesh.stopping.subscribe();
-    let pushes = Pushes {
-        mesh,
-        node,
-        subscriptions,
-        tables,
-        stopping,
-        done,
-    };
-    Box::pin(futures_util::stream::unfold(pushes, |mut p| async move {
-        loop {
-            tokio::select! {
-                _ = &mut p.done => return None,
-                _ = p.stopping.wait_for(|s| *s) => return None,
-                changed = p.tables.changed() => if changed.is_err() { return None },
-            }
-            if let Some(left) = p.mesh.hold_pushes() {
-                debug!(node = %p.node, left_ms = left.as_millis() as u64, "holding pushes until every sidecar is back");
-                tokio::select! {
-                    _ = &mut p.done => return None,
-                    _ = p.stopping.wait_for(|s| *s) => return None,
-                    _ = tokio::time::sleep(left) => {}
-                }
-            }
-            let table = Arc::clone(&p.tables.borrow_and_update());
-            if table.version == 0 {
-                continue;
-            }
-            {
-                let mut state = p.mesh.state();
-                if state.was_rejected(&p.node, table.version) {
-                    debug!(node = %p.node, version = table.version, "not resending a refused version");
-                    continue;
-                }
-                if let Some(s) = state.sidecars.get_mut(&p.node) {
-                    s.sent_version = table.version;
-                }
-            }
-            // Only the services the sidecar routes to: a client of one service does not get
-            // the whole mesh (what makes fan-out grow with the square of the mesh size).
-            let message = ControlMessage {
-                kind: Some(control_message::Kind::RoutingTable(for_subscriber(
-                    &table,
-                    &p.subscriptions,
-                ))),
-            };
-            return Some((Ok(message), p));
-        }
-    }))
-}
-
-/// The part of `table` a sidecar subscribed to (all of it without subscriptions).
-fn for_subscriber(table: &RoutingTable, subscriptions: &[String]) -> RoutingTable {
-    if subscriptions.is_empty() {
-        return table.clone();
-    }
-    RoutingTable {
-        version: table.version,
-        services: table
-            .services
-            .iter()
-            .filter(|s| subscriptions.contains(&s.name))
-            .cloned()
-            .collect(),
-    }
-}
-
-/// Reads a sidecar's reports and acknowledgements until its stream ends.
-async fn read_sidecar(
-    mesh: Arc<Mesh>,
-    node: String,
-    session: u64,
-    mut inbound: Streaming<SidecarMessage>,
-    done: tokio::sync::oneshot::Sender<()>,
-) {
-    loop {
-        match inbound.message().await {
-            Ok(Some(SidecarMessage { kind: Some(kind) })) => match kind {
-                sidecar_message::Kind::LoadReport(r) => mesh.state().report(&node, r),
-                sidecar_message::Kind::Ack(a) => {
-                    debug!(%node, version = a.version, "ACK");
-                    mesh.state().ack(&node, a.version);
-                }
-                sidecar_message::Kind::Nack(n) => {
-                    warn!(%node, version = n.version, error = %n.error, "sidecar refused a routing table");
-                    mesh.state().nack(&node, n.version, n.error);
-                }
-                sidecar_message::Kind::Hello(_) => {
-                    warn!(%node, "ignoring a second Hello on one stream");
-                }
-            },
-            Ok(Some(SidecarMessage { kind: None })) => {}
-            Ok(None) => break,
-            Err(e) => {
-                debug!(%node, "sidecar stream failed: {e}");
-                break;
-            }
-        }
-    }
-    info!(%node, "sidecar disconnected");
-    let _ = done.send(());
-    // Published by the next weight tick, like a join.
-    mesh.state().disconnect(&node, session);
-}
 
 // === impl AdminService ===
 
@@ -551,30 +379,4 @@ fn stream_from_watch(
             Some((Ok(table), (tables, stopping)))
         },
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use cogmesh_proto::v1::ServiceEndpoints;
-
-    #[test]
-    fn subscribers_get_only_their_services() {
-        let table = RoutingTable {
-            version: 3,
-            services: ["gateway", "reasoning", "memory"]
-                .iter()
-                .map(|n| ServiceEndpoints {
-                    name: n.to_string(),
-                    endpoints: vec![],
-                })
-                .collect(),
-        };
-        let t = for_subscriber(&table, &["reasoning".to_string()]);
-        assert_eq!(t.version, 3);
-        assert_eq!(t.services.len(), 1);
-        assert_eq!(t.services[0].name, "reasoning");
-        assert_eq!(for_subscriber(&table, &[]).services.len(), 3);
-        assert!(for_subscriber(&table, &["local".to_string()]).services.is_empty());
-    }
 }

@@ -1,0 +1,382 @@
+//! `MeshControl.Connect`, served by hand instead of through tonic's generated server, so that one
+//! routing-table version is encoded once and its bytes are shared by every stream.
+//!
+//! With tonic's codec every stream would clone its table, encode it into its own buffer and keep
+//! that copy queued in h2 until the socket takes it: at N = 10 000 sidecars, 9 000 clients of a
+//! 1 000-endpoint service, that is 9 000 × 28 KiB = 250 MiB of copies per version. Here a
+//! version's gRPC frame (5-byte prefix + protobuf) is built once per distinct subscription set
+//! and every stream sends a reference-counted slice of it ([`Bytes`]), which h2 queues and
+//! writes without copying.
+//!
+//! The rest is as before: the first message must be `Hello`; reports and ACK/NACKs are read by
+//! one task per stream; pushes coalesce per sidecar through a `watch` channel and are pulled
+//! only when the stream can send (latest wins, at most one pending, no debounce); a version the
+//! sidecar NACKed is skipped. Requests are decoded with tonic's own `Streaming`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use cogmesh_proto::v1::{control_message, sidecar_message, ControlMessage, RoutingTable, SidecarMessage};
+use futures_util::StreamExt;
+use http_body::Frame;
+use prost::Message;
+use tokio::sync::watch;
+use tonic::codec::{BufferSettings, Streaming};
+use tonic::server::NamedService;
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use super::Mesh;
+
+/// The one method of `cogmesh.v1.MeshControl`.
+pub const CONNECT_PATH: &str = "/cogmesh.v1.MeshControl/Connect";
+/// Largest sidecar message accepted (a report on every endpoint of a large service fits).
+pub const MAX_SIDECAR_MESSAGE_BYTES: usize = 4 << 20;
+/// Initial decode buffer per stream. tonic's default (8 KiB) costs 80 MiB at 10 000 streams
+/// while most messages (an instance's report, an ACK) are ~100 bytes; the buffer grows for the
+/// few large reports.
+const DECODE_BUFFER_BYTES: usize = 512;
+
+// === EncodedTables ===
+
+/// The encoded gRPC frames of the current version, one per distinct subscription set.
+#[derive(Debug, Default)]
+pub struct EncodedTables {
+    version: u64,
+    views: HashMap<Vec<String>, Bytes>,
+}
+
+impl EncodedTables {
+    /// `table` as the subscriber of `subscriptions` (sorted, deduplicated) gets it: encoded on
+    /// first use for this version, shared afterwards.
+    pub fn frame(&mut self, table: &RoutingTable, subscriptions: &[String]) -> Bytes {
+        if self.version != table.version {
+            self.version = table.version;
+            self.views.clear();
+        }
+        if let Some(b) = self.views.get(subscriptions) {
+            return b.clone();
+        }
+        let message = ControlMessage {
+            kind: Some(control_message::Kind::RoutingTable(for_subscriber(
+                table,
+                subscriptions,
+            ))),
+        };
+        let frame = grpc_frame(&message);
+        self.views.insert(subscriptions.to_vec(), frame.clone());
+        frame
+    }
+}
+
+/// A message in gRPC's length-prefixed framing (uncompressed).
+fn grpc_frame(message: &impl Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    // Cannot fail: the buffer has the capacity.
+    let _ = message.encode(&mut buf);
+    buf.freeze()
+}
+
+/// The part of `table` a sidecar subscribed to (all of it without subscriptions).
+pub fn for_subscriber(table: &RoutingTable, subscriptions: &[String]) -> RoutingTable {
+    if subscriptions.is_empty() {
+        return table.clone();
+    }
+    RoutingTable {
+        version: table.version,
+        services: table
+            .services
+            .iter()
+            .filter(|s| subscriptions.contains(&s.name))
+            .cloned()
+            .collect(),
+    }
+}
+
+// === ControlRoute ===
+
+/// The `cogmesh.v1.MeshControl` service as a tower service for tonic's router.
+#[derive(Clone)]
+pub struct ControlRoute {
+    pub(super) mesh: Arc<Mesh>,
+}
+
+impl NamedService for ControlRoute {
+    const NAME: &'static str = "cogmesh.v1.MeshControl";
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for ControlRoute {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let mesh = Arc::clone(&self.mesh);
+        Box::pin(async move {
+            if request.uri().path() != CONNECT_PATH {
+                return Ok(Status::unimplemented(format!(
+                    "{} is not a MeshControl method",
+                    request.uri().path()
+                ))
+                .into_http());
+            }
+            Ok(match connect(mesh, request).await {
+                Ok(body) => {
+                    let mut response = http::Response::new(body);
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONTENT_TYPE, tonic::metadata::GRPC_CONTENT_TYPE);
+                    response
+                }
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// Reads Hello, registers the sidecar, starts its reader and returns its push body.
+async fn connect(
+    mesh: Arc<Mesh>,
+    request: http::Request<tonic::body::Body>,
+) -> Result<tonic::body::Body, Status> {
+    let peer = request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|i| i.remote_addr);
+    let decoder =
+        tonic_prost::ProstDecoder::<SidecarMessage>::new(BufferSettings::new(DECODE_BUFFER_BYTES, 32 << 10));
+    let mut inbound = Streaming::new_request(
+        decoder,
+        request.into_body(),
+        None,
+        Some(MAX_SIDECAR_MESSAGE_BYTES),
+    );
+    let first = inbound
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("the stream ended before Hello"))?;
+    let Some(sidecar_message::Kind::Hello(hello)) = first.kind else {
+        return Err(Status::invalid_argument("the first message must be Hello"));
+    };
+    if hello.node.is_empty() || hello.service.is_empty() {
+        return Err(Status::invalid_argument(
+            "Hello: node and service must not be empty",
+        ));
+    }
+    let address: SocketAddr = hello.instance_address.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "Hello: instance_address {:?} is not an IP:port address",
+            hello.instance_address
+        ))
+    })?;
+    let node = hello.node.clone();
+    info!(%node, service = %hello.service, %address, peer = ?peer, "sidecar connected");
+    // Membership changes are published by the next weight tick, not here: a connect storm
+    // (thousands of sidecars after a rollout) then makes one table version per tick, not one
+    // per sidecar, each fanned out to everyone.
+    let mut subscriptions = hello.subscriptions.clone();
+    subscriptions.sort();
+    subscriptions.dedup();
+    let session = mesh.state().hello(hello);
+
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(read_sidecar(
+        Arc::clone(&mesh),
+        node.clone(),
+        session,
+        inbound,
+        done_tx,
+    ));
+    Ok(push_body(mesh, node, subscriptions, done_rx))
+}
+
+/// What one sidecar's push stream waits on.
+struct Pushes {
+    mesh: Arc<Mesh>,
+    node: String,
+    /// Services this sidecar routes to, sorted; empty: all.
+    subscriptions: Vec<String>,
+    tables: watch::Receiver<Arc<RoutingTable>>,
+    stopping: watch::Receiver<bool>,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Pushes {
+    /// The next frame to send, or `None` when the stream is over.
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            tokio::select! {
+                _ = &mut self.done => return None,
+                _ = self.stopping.wait_for(|s| *s) => return None,
+                changed = self.tables.changed() => if changed.is_err() { return None },
+            }
+            if let Some(left) = self.mesh.hold_pushes() {
+                debug!(node = %self.node, left_ms = left.as_millis() as u64, "holding pushes until every sidecar is back");
+                tokio::select! {
+                    _ = &mut self.done => return None,
+                    _ = self.stopping.wait_for(|s| *s) => return None,
+                    _ = tokio::time::sleep(left) => {}
+                }
+            }
+            let table = Arc::clone(&self.tables.borrow_and_update());
+            if table.version == 0 {
+                continue;
+            }
+            {
+                let mut state = self.mesh.state();
+                if state.was_rejected(&self.node, table.version) {
+                    debug!(node = %self.node, version = table.version, "not resending a refused version");
+                    continue;
+                }
+                if let Some(s) = state.sidecars.get_mut(&self.node) {
+                    s.sent_version = table.version;
+                }
+            }
+            // Only the services the sidecar routes to: a client of one service does not get
+            // the whole mesh (what makes fan-out grow with the square of the mesh size).
+            return Some(self.mesh.encoded().frame(&table, &self.subscriptions));
+        }
+    }
+}
+
+/// The tables sent to one sidecar as an HTTP/2 body, pulled by hyper only when the stream has
+/// send capacity: the frame is fetched at that moment and never queued before, so at most one
+/// is pending per sidecar and the latest wins. Ends with `grpc-status: 0` trailers.
+fn push_body(
+    mesh: Arc<Mesh>,
+    node: String,
+    subscriptions: Vec<String>,
+    done: tokio::sync::oneshot::Receiver<()>,
+) -> tonic::body::Body {
+    let mut tables = mesh.tables.subscribe();
+    tables.mark_changed();
+    let stopping = mesh.stopping.subscribe();
+    let pushes = Pushes {
+        mesh,
+        node,
+        subscriptions,
+        tables,
+        stopping,
+        done,
+    };
+    let frames = futures_util::stream::unfold(pushes, |mut p| async move {
+        let frame = p.next().await?;
+        Some((Ok::<_, Infallible>(Frame::data(frame)), p))
+    })
+    .chain(futures_util::stream::once(async {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
+        Ok(Frame::trailers(trailers))
+    }));
+    tonic::body::Body::new(http_body_util::StreamBody::new(frames))
+}
+
+/// Reads a sidecar's reports and acknowledgements until its stream ends.
+async fn read_sidecar(
+    mesh: Arc<Mesh>,
+    node: String,
+    session: u64,
+    mut inbound: Streaming<SidecarMessage>,
+    done: tokio::sync::oneshot::Sender<()>,
+) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(SidecarMessage { kind: Some(kind) })) => match kind {
+                sidecar_message::Kind::LoadReport(r) => mesh.state().report(&node, r),
+                sidecar_message::Kind::Ack(a) => {
+                    debug!(%node, version = a.version, "ACK");
+                    mesh.state().ack(&node, a.version);
+                }
+                sidecar_message::Kind::Nack(n) => {
+                    warn!(%node, version = n.version, error = %n.error, "sidecar refused a routing table");
+                    mesh.state().nack(&node, n.version, n.error);
+                }
+                sidecar_message::Kind::Hello(_) => {
+                    warn!(%node, "ignoring a second Hello on one stream");
+                }
+            },
+            Ok(Some(SidecarMessage { kind: None })) => {}
+            Ok(None) => break,
+            Err(e) => {
+                debug!(%node, "sidecar stream failed: {e}");
+                break;
+            }
+        }
+    }
+    info!(%node, "sidecar disconnected");
+    let _ = done.send(());
+    // Published by the next weight tick, like a join.
+    mesh.state().disconnect(&node, session);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cogmesh_proto::v1::{ServiceEndpoints, WeightedEndpoint};
+
+    fn table(version: u64) -> RoutingTable {
+        RoutingTable {
+            version,
+            services: ["gateway", "reasoning", "memory"]
+                .iter()
+                .map(|n| ServiceEndpoints {
+                    name: n.to_string(),
+                    endpoints: vec![WeightedEndpoint {
+                        address: "127.0.0.1:1".into(),
+                        weight: 1.0,
+                    }],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn subscribers_get_only_their_services() {
+        let table = table(3);
+        let t = for_subscriber(&table, &["reasoning".to_string()]);
+        assert_eq!(t.version, 3);
+        assert_eq!(t.services.len(), 1);
+        assert_eq!(t.services[0].name, "reasoning");
+        assert_eq!(for_subscriber(&table, &[]).services.len(), 3);
+        assert!(for_subscriber(&table, &["local".to_string()]).services.is_empty());
+    }
+
+    #[test]
+    fn a_version_is_encoded_once_per_subscription_set_and_decodes_back() {
+        let mut cache = EncodedTables::default();
+        let subs = vec!["reasoning".to_string()];
+        let a = cache.frame(&table(3), &subs);
+        let b = cache.frame(&table(3), &subs);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "the second subscriber shares the bytes");
+        // gRPC framing: uncompressed flag, big-endian length, then the message.
+        assert_eq!(a[0], 0);
+        let len = u32::from_be_bytes([a[1], a[2], a[3], a[4]]) as usize;
+        assert_eq!(len, a.len() - 5);
+        let decoded = ControlMessage::decode(&a[5..]).unwrap();
+        let Some(control_message::Kind::RoutingTable(t)) = decoded.kind else {
+            panic!("not a table: {decoded:?}");
+        };
+        assert_eq!(t, for_subscriber(&table(3), &subs));
+        // Another subscription set, and a new version, get their own encoding.
+        let all = cache.frame(&table(3), &[]);
+        assert_ne!(all.len(), a.len());
+        let next = cache.frame(&table(4), &subs);
+        assert_ne!(next.as_ptr(), a.as_ptr());
+        let decoded = ControlMessage::decode(&next[5..]).unwrap();
+        assert!(matches!(decoded.kind, Some(control_message::Kind::RoutingTable(t)) if t.version == 4));
+    }
+}
