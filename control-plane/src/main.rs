@@ -174,8 +174,18 @@ fn load_control_config(
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
     let resolved = load_control_config(Some(&args.file))?;
+    let kubernetes = match &resolved.discovery.kubernetes {
+        Some(k) => format!(
+            ", EndpointSlices of namespace {}{}",
+            k.namespace,
+            k.label_selector
+                .as_deref()
+                .map_or(String::new(), |s| format!(" matching {s}"))
+        ),
+        None => String::new(),
+    };
     println!(
-        "{}: valid ({} environment, listen {}, weight interval {} ms, {} static service(s))",
+        "{}: valid ({} environment, listen {}, weight interval {} ms, {} static service(s){kubernetes})",
         resolved.sources.join(" + "),
         resolved.environment.as_str(),
         resolved.listen,

@@ -148,10 +148,12 @@ impl Shared {
         )
     }
 
-    /// Sidecars whose last table is the newest version.
+    /// Clients whose last table is the newest version. (Instances are not counted: their
+    /// table — their own service only — does not change when `reasoning`'s weights do, and the
+    /// control plane sends a sidecar only tables that changed for it.)
     pub fn converged(&self) -> usize {
         let max = self.max_version();
-        self.last_version
+        self.last_version[self.instances..]
             .iter()
             .filter(|v| v.load(Ordering::Relaxed) == max)
             .count()

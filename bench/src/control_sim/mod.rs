@@ -5,7 +5,8 @@
 //!
 //! 1. **connect** — all N streams open (at most 256 Hellos in flight) and each gets its first
 //!    routing table; the time this takes is reported (every Hello makes a new table version that
-//!    goes to every sidecar already connected, so this is the control plane's cold-start storm);
+//!    goes to every sidecar already connected whose services it changed, so this is the control
+//!    plane's cold-start storm);
 //! 2. **settle** — wait until the last sidecar joined more than `--settle-secs` ago (31 s: slow
 //!    start ramps a new endpoint over 30 s, and every ramp step is a new version) and no new
 //!    version has appeared for 2 s;
@@ -507,7 +508,7 @@ async fn run_phases(
     for k in 0..options.probes {
         let down = k % 2 == 0;
         let quiet = wait_for(cp, shared, Duration::from_secs(20), |s| {
-            s.quiet_for() >= quiet_needed && s.converged() == n
+            s.quiet_for() >= quiet_needed && s.converged() == s.clients()
         })
         .await?;
         let baseline = shared.watched_weight_median();

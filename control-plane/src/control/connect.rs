@@ -48,29 +48,45 @@ const DECODE_BUFFER_BYTES: usize = 512;
 #[derive(Debug, Default)]
 pub struct EncodedTables {
     version: u64,
-    views: HashMap<Vec<String>, Bytes>,
+    views: HashMap<Vec<String>, View>,
+}
+
+/// One subscription set's view of a version.
+#[derive(Clone, Debug)]
+pub struct View {
+    /// The `ControlMessage` in gRPC framing, shared by every stream that sends it.
+    pub frame: Bytes,
+    /// A hash of the view's services without the version: equal for two versions that differ
+    /// only in services this subscriber does not route to.
+    pub content: u64,
 }
 
 impl EncodedTables {
     /// `table` as the subscriber of `subscriptions` (sorted, deduplicated) gets it: encoded on
     /// first use for this version, shared afterwards.
-    pub fn frame(&mut self, table: &RoutingTable, subscriptions: &[String]) -> Bytes {
+    pub fn view(&mut self, table: &RoutingTable, subscriptions: &[String]) -> View {
         if self.version != table.version {
             self.version = table.version;
             self.views.clear();
         }
-        if let Some(b) = self.views.get(subscriptions) {
-            return b.clone();
+        if let Some(v) = self.views.get(subscriptions) {
+            return v.clone();
         }
+        let part = for_subscriber(table, subscriptions);
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for service in &part.services {
+            std::hash::Hash::hash(&service.encode_to_vec(), &mut hasher);
+        }
+        let content = std::hash::Hasher::finish(&hasher);
         let message = ControlMessage {
-            kind: Some(control_message::Kind::RoutingTable(for_subscriber(
-                table,
-                subscriptions,
-            ))),
+            kind: Some(control_message::Kind::RoutingTable(part)),
         };
-        let frame = grpc_frame(&message);
-        self.views.insert(subscriptions.to_vec(), frame.clone());
-        frame
+        let view = View {
+            frame: grpc_frame(&message),
+            content,
+        };
+        self.views.insert(subscriptions.to_vec(), view.clone());
+        view
     }
 }
 
@@ -213,6 +229,8 @@ struct Pushes {
     tables: watch::Receiver<Arc<RoutingTable>>,
     stopping: watch::Receiver<bool>,
     done: tokio::sync::oneshot::Receiver<()>,
+    /// [`View::content`] of the last table sent.
+    last_content: Option<u64>,
 }
 
 impl Pushes {
@@ -236,19 +254,24 @@ impl Pushes {
             if table.version == 0 {
                 continue;
             }
-            {
-                let mut state = self.mesh.state();
-                if state.was_rejected(&self.node, table.version) {
-                    debug!(node = %self.node, version = table.version, "not resending a refused version");
-                    continue;
-                }
-                if let Some(s) = state.sidecars.get_mut(&self.node) {
-                    s.sent_version = table.version;
-                }
-            }
             // Only the services the sidecar routes to: a client of one service does not get
             // the whole mesh (what makes fan-out grow with the square of the mesh size).
-            return Some(self.mesh.encoded().frame(&table, &self.subscriptions));
+            let view = self.mesh.encoded().view(&table, &self.subscriptions);
+            let mut state = self.mesh.state();
+            if state.was_rejected(&self.node, table.version) {
+                debug!(node = %self.node, version = table.version, "not resending a refused version");
+                continue;
+            }
+            // Nothing this sidecar routes to changed (another service's members or weights
+            // did): nothing to send. Without this, every join during a connect storm would
+            // resend every client its unchanged table.
+            if self.last_content == Some(view.content) {
+                state.same_view(&self.node, table.version);
+                continue;
+            }
+            state.sent(&self.node, table.version);
+            self.last_content = Some(view.content);
+            return Some(view.frame);
         }
     }
 }
@@ -272,6 +295,7 @@ fn push_body(
         tables,
         stopping,
         done,
+        last_content: None,
     };
     let frames = futures_util::stream::unfold(pushes, |mut p| async move {
         let frame = p.next().await?;
@@ -359,8 +383,8 @@ mod tests {
     fn a_version_is_encoded_once_per_subscription_set_and_decodes_back() {
         let mut cache = EncodedTables::default();
         let subs = vec!["reasoning".to_string()];
-        let a = cache.frame(&table(3), &subs);
-        let b = cache.frame(&table(3), &subs);
+        let a = cache.view(&table(3), &subs).frame;
+        let b = cache.view(&table(3), &subs).frame;
         assert_eq!(a.as_ptr(), b.as_ptr(), "the second subscriber shares the bytes");
         // gRPC framing: uncompressed flag, big-endian length, then the message.
         assert_eq!(a[0], 0);
@@ -372,9 +396,23 @@ mod tests {
         };
         assert_eq!(t, for_subscriber(&table(3), &subs));
         // Another subscription set, and a new version, get their own encoding.
-        let all = cache.frame(&table(3), &[]);
-        assert_ne!(all.len(), a.len());
-        let next = cache.frame(&table(4), &subs);
+        let all = cache.view(&table(3), &[]);
+        assert_ne!(all.frame.len(), a.len());
+        let next = cache.view(&table(4), &subs);
+        assert_eq!(
+            next.content,
+            cache.view(&table(4), &subs).content,
+            "a new version with the same services has the same content"
+        );
+        let mut changed = table(5);
+        changed.services[1].endpoints[0].weight = 0.5;
+        let other = cache.view(&changed, &subs).content;
+        assert_ne!(other, next.content);
+        // A change outside the subscription leaves the subscriber's content as it was.
+        let mut elsewhere = table(6);
+        elsewhere.services[0].endpoints.clear();
+        assert_eq!(cache.view(&elsewhere, &subs).content, next.content);
+        let next = next.frame;
         assert_ne!(next.as_ptr(), a.as_ptr());
         let decoded = ControlMessage::decode(&next[5..]).unwrap();
         assert!(matches!(decoded.kind, Some(control_message::Kind::RoutingTable(t)) if t.version == 4));

@@ -13,6 +13,7 @@
 
 pub mod config;
 mod connect;
+pub mod kubernetes;
 mod state;
 pub mod weights;
 
@@ -109,6 +110,12 @@ impl Mesh {
         let result = config::load(Some(path), &|k| std::env::var(k).ok())
             .map_err(|e| e.to_string())
             .and_then(|next| {
+                if next.discovery != current.discovery {
+                    return Err(format!(
+                        "{}: discovery: changing it needs a restart",
+                        next.sources.join(" + ")
+                    ));
+                }
                 if next.listen != current.listen {
                     return Err(format!(
                         "{}: listen: changing it ({} → {}) needs a restart",
@@ -185,6 +192,12 @@ pub async fn serve(
             }
         })
     };
+    let discovery = config
+        .resolved
+        .discovery
+        .kubernetes
+        .clone()
+        .map(|k| tokio::spawn(kubernetes::run(Arc::clone(&mesh), k)));
     let watcher = config
         .path
         .clone()
@@ -252,6 +265,9 @@ pub async fn serve(
     ticker.abort();
     if let Some(w) = watcher {
         w.abort();
+    }
+    if let Some(d) = discovery {
+        d.abort();
     }
     result
 }
