@@ -43,7 +43,7 @@ struct ApiState {
 struct FakeApiServer {
     addr: SocketAddr,
     state: Arc<Mutex<ApiState>>,
-    changed: tokio::sync::watch::Sender<u64>,
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -81,7 +81,7 @@ impl FakeApiServer {
             resource_version: 100,
             ..Default::default()
         }));
-        let (changed, _) = tokio::sync::watch::channel(0u64);
+        let changed = Arc::new(tokio::sync::watch::channel(0u64).0);
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
@@ -146,7 +146,8 @@ impl FakeApiServer {
     /// Compacts history: every open watch gets `410 Gone` and clients must list again.
     fn expire_history(&self) {
         let mut s = self.state.lock().unwrap();
-        s.oldest_watchable = s.resource_version + 1;
+        // Watches that have not seen everything up to now are refused.
+        s.oldest_watchable = s.resource_version;
         drop(s);
         self.changed.send_modify(|v| *v += 1);
     }
@@ -175,10 +176,18 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Whether `object` matches the request's label selector (the test uses `key=value` only).
+fn selected(selector: Option<&str>, object: &Value) -> bool {
+    match selector.and_then(|s| s.split_once('=')) {
+        Some((k, v)) => object["metadata"]["labels"][k] == v,
+        None => true,
+    }
+}
+
 fn answer(
     req: hyper::Request<hyper::body::Incoming>,
     state: Arc<Mutex<ApiState>>,
-    changed: tokio::sync::watch::Sender<u64>,
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
 ) -> hyper::Response<Body> {
     let query = req.uri().query().unwrap_or("").to_string();
     state.lock().unwrap().queries.push(query.clone());
@@ -195,18 +204,16 @@ fn answer(
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}),
         );
     }
-    let selected = |object: &Value| match query_param(&query, "labelSelector") {
-        // The test's selectors are `app=NAME` (URL-encoded).
-        Some(sel) => sel
-            .replace("%3D", "=")
-            .split_once('=')
-            .is_some_and(|(k, v)| object["metadata"]["labels"][k] == v),
-        None => true,
-    };
+    let selector: Option<String> = query_param(&query, "labelSelector").map(|s| s.replace("%3D", "="));
     let watching = matches!(query_param(&query, "watch"), Some("true" | "1"));
     if !watching {
         let s = state.lock().unwrap();
-        let items: Vec<Value> = s.slices.values().filter(|o| selected(o)).cloned().collect();
+        let items: Vec<Value> = s
+            .slices
+            .values()
+            .filter(|o| selected(selector.as_deref(), o))
+            .cloned()
+            .collect();
         return json_response(
             200,
             json!({
@@ -235,7 +242,8 @@ fn answer(
                         .iter()
                         .filter(|(rv, line)| {
                             *rv > sent
-                                && serde_json::from_str::<Value>(line).is_ok_and(|e| selected(&e["object"]))
+                                && serde_json::from_str::<Value>(line)
+                                    .is_ok_and(|e| selected(selector.as_deref(), &e["object"]))
                         })
                         .cloned()
                         .collect();

@@ -8,10 +8,14 @@
 //! and every stream sends a reference-counted slice of it ([`Bytes`]), which h2 queues and
 //! writes without copying.
 //!
-//! The rest is as before: the first message must be `Hello`; reports and ACK/NACKs are read by
-//! one task per stream; pushes coalesce per sidecar through a `watch` channel and are pulled
-//! only when the stream can send (latest wins, at most one pending, no debounce); a version the
-//! sidecar NACKed is skipped. Requests are decoded with tonic's own `Streaming`.
+//! The first message must be `Hello`; reports and ACK/NACKs are read by one task per stream;
+//! pushes coalesce per sidecar through a `watch` channel (latest wins, no debounce); a version
+//! the sidecar NACKed is skipped, and so is a version that changes nothing it routes to.
+//! At most one table is in flight per sidecar: after a push the stream waits for the sidecar's
+//! ACK or NACK (up to [`ANSWER_WAIT_MS`]) before it takes the newest table, as an xDS server
+//! waits for the answer to its last response. h2 accepts a body's data as soon as it is
+//! produced and queues it, so without this a slow sidecar would be queued every version in
+//! turn instead of only the latest. Requests are decoded with tonic's own `Streaming`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -37,6 +41,9 @@ use super::Mesh;
 pub const CONNECT_PATH: &str = "/cogmesh.v1.MeshControl/Connect";
 /// Largest sidecar message accepted (a report on every endpoint of a large service fits).
 pub const MAX_SIDECAR_MESSAGE_BYTES: usize = 4 << 20;
+/// How long a push stream waits for the answer (ACK or NACK) to the table it sent before it
+/// may send a newer one anyway (a sidecar that never answers still gets updates, slowly).
+pub const ANSWER_WAIT_MS: u64 = 5_000;
 /// Initial decode buffer per stream. tonic's default (8 KiB) costs 80 MiB at 10 000 streams
 /// while most messages (an instance's report, an ACK) are ~100 bytes; the buffer grows for the
 /// few large reports.
@@ -210,14 +217,15 @@ async fn connect(
     let session = mesh.state().hello(hello);
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (answered_tx, answered_rx) = watch::channel(0u64);
     tokio::spawn(read_sidecar(
         Arc::clone(&mesh),
         node.clone(),
         session,
         inbound,
-        done_tx,
+        (done_tx, answered_tx),
     ));
-    Ok(push_body(mesh, node, subscriptions, done_rx))
+    Ok(push_body(mesh, node, subscriptions, done_rx, answered_rx))
 }
 
 /// What one sidecar's push stream waits on.
@@ -231,11 +239,25 @@ struct Pushes {
     done: tokio::sync::oneshot::Receiver<()>,
     /// [`View::content`] of the last table sent.
     last_content: Option<u64>,
+    /// The newest version the sidecar ACKed or NACKed.
+    answered: watch::Receiver<u64>,
+    /// The version sent and not answered yet.
+    in_flight: Option<u64>,
 }
 
 impl Pushes {
     /// The next frame to send, or `None` when the stream is over.
     async fn next(&mut self) -> Option<Bytes> {
+        if let Some(sent) = self.in_flight.take() {
+            tokio::select! {
+                _ = &mut self.done => return None,
+                _ = self.stopping.wait_for(|s| *s) => return None,
+                _ = self.answered.wait_for(|v| *v >= sent) => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(ANSWER_WAIT_MS)) => {
+                    debug!(node = %self.node, version = sent, "no answer to the last table; sending the next anyway");
+                }
+            }
+        }
         loop {
             tokio::select! {
                 _ = &mut self.done => return None,
@@ -271,6 +293,7 @@ impl Pushes {
             }
             state.sent(&self.node, table.version);
             self.last_content = Some(view.content);
+            self.in_flight = Some(table.version);
             return Some(view.frame);
         }
     }
@@ -284,6 +307,7 @@ fn push_body(
     node: String,
     subscriptions: Vec<String>,
     done: tokio::sync::oneshot::Receiver<()>,
+    answered: watch::Receiver<u64>,
 ) -> tonic::body::Body {
     let mut tables = mesh.tables.subscribe();
     tables.mark_changed();
@@ -296,6 +320,8 @@ fn push_body(
         stopping,
         done,
         last_content: None,
+        answered,
+        in_flight: None,
     };
     let frames = futures_util::stream::unfold(pushes, |mut p| async move {
         let frame = p.next().await?;
@@ -315,7 +341,7 @@ async fn read_sidecar(
     node: String,
     session: u64,
     mut inbound: Streaming<SidecarMessage>,
-    done: tokio::sync::oneshot::Sender<()>,
+    (done, answered): (tokio::sync::oneshot::Sender<()>, watch::Sender<u64>),
 ) {
     loop {
         match inbound.message().await {
@@ -324,10 +350,13 @@ async fn read_sidecar(
                 sidecar_message::Kind::Ack(a) => {
                     debug!(%node, version = a.version, "ACK");
                     mesh.state().ack(&node, a.version);
+                    answered.send_modify(|v| *v = (*v).max(a.version));
                 }
                 sidecar_message::Kind::Nack(n) => {
                     warn!(%node, version = n.version, error = %n.error, "sidecar refused a routing table");
-                    mesh.state().nack(&node, n.version, n.error);
+                    let version = n.version;
+                    mesh.state().nack(&node, version, n.error);
+                    answered.send_modify(|v| *v = (*v).max(version));
                 }
                 sidecar_message::Kind::Hello(_) => {
                     warn!(%node, "ignoring a second Hello on one stream");

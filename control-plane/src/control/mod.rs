@@ -2,7 +2,8 @@
 //!
 //! - `MeshControl.Connect` ([`connect`]): one bidirectional stream per sidecar (Hello,
 //!   LoadReports, ACK/NACK in; RoutingTable snapshots out). Pushes coalesce per sidecar through a
-//!   `watch` channel: the latest table wins and at most one is pending, with no fixed debounce.
+//!   `watch` channel: the latest table wins and at most one is in flight (the next goes out
+//!   once the sidecar answered the last), with no fixed debounce.
 //!   A version a sidecar NACKed is never sent to it again. Each version is encoded once and its
 //!   bytes shared by every stream.
 //! - `MeshAdmin`: services with endpoints and weights, per-sidecar sync status, table watch.
