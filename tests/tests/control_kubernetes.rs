@@ -338,6 +338,28 @@ fn endpoint_slices_are_listed_watched_and_relisted_after_410() {
         ),
     )
     .unwrap();
+    // `cogmesh check` knows the section and refuses a bad one with file, field and reason.
+    let check = |path: &std::path::Path| {
+        run_with_timeout(
+            Command::new(bin("cogmesh")).arg("check").arg(path),
+            Duration::from_secs(10),
+        )
+    };
+    let (code, out, err) = check(&config);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("EndpointSlices of namespace mesh matching app=reasoning"),
+        "{out}"
+    );
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "discovery:\n  kubernetes:\n    namespace: Mesh\n").unwrap();
+    let (code, _, err) = check(&bad);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("bad.yaml: discovery.kubernetes.namespace: \"Mesh\" is not a namespace name"),
+        "{err}"
+    );
+
     let cp = start_control(&[
         "--config",
         config.to_str().unwrap(),
@@ -386,6 +408,34 @@ fn endpoint_slices_are_listed_watched_and_relisted_after_410() {
     api.expire_history();
     wait_for_routes(cp.addr, "the relisted slices", |r| {
         r.get("reasoning") == Some(&vec!["10.1.0.3:8080".to_string(), "10.1.0.4:8080".to_string()])
+    });
+
+    // Changing the discovery section needs a restart: the reload is refused, reported through
+    // MeshAdmin (`cogmesh status`), and the watch goes on with the configuration in force.
+    std::fs::write(
+        &config,
+        format!(
+            "discovery:\n  kubernetes:\n    namespace: other\n    api_server: http://{}\n",
+            api.addr
+        ),
+    )
+    .unwrap();
+    let status = eventually("the refused reload", Duration::from_secs(20), || {
+        let (_, out, _) = run_with_timeout(
+            Command::new(bin("cogmesh")).args(["status", "--json", "--control", &cp.addr.to_string()]),
+            Duration::from_secs(10),
+        );
+        let v: Value = serde_json::from_str(&out).ok()?;
+        (v["config"]["reloads_refused"].as_u64()? >= 1).then_some(v)
+    });
+    let error = status["config"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("discovery: changing it needs a restart"),
+        "{error}"
+    );
+    api.apply("reasoning-d", "reasoning", &[("10.1.0.5", true)]);
+    wait_for_routes(cp.addr, "a slice added after the refused reload", |r| {
+        r.get("reasoning").map(Vec::len) == Some(3)
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
