@@ -433,6 +433,15 @@ fn endpoint_slices_are_listed_watched_and_relisted_after_410() {
         error.contains("discovery: changing it needs a restart"),
         "{error}"
     );
+    // One edit, one refusal: the reload's own reading of the file is not a change (it used to
+    // trigger another reload every 100 ms, counting one bad edit many times).
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, out, _) = run_with_timeout(
+        Command::new(bin("cogmesh")).args(["status", "--json", "--control", &cp.addr.to_string()]),
+        Duration::from_secs(10),
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["config"]["reloads_refused"], 1, "{}", v["config"]);
     api.apply("reasoning-d", "reasoning", &[("10.1.0.5", true)]);
     wait_for_routes(cp.addr, "a slice added after the refused reload", |r| {
         r.get("reasoning").map(Vec::len) == Some(3)

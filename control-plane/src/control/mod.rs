@@ -285,6 +285,11 @@ async fn watch_config(mesh: Arc<Mesh>, path: std::path::PathBuf) {
         .to_string();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
+            // Reading the files (as every reload does) is not a change: reacting to it would
+            // reload again and again, counting one bad edit as many refusals.
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
             // The base file or any environment file beside it.
             let ours = event.paths.iter().any(|p| {
                 p.file_name()
