@@ -62,6 +62,9 @@ struct ControlArgs {
     /// How often endpoint weights are recomputed from sidecar reports, in milliseconds.
     #[arg(long, value_name = "MS")]
     weight_interval_ms: Option<u64>,
+    /// HTTP address serving Prometheus metrics on GET /metrics [default: from the file, else none].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
     /// After a restart into a running mesh, hold pushes this long so every sidecar can
     /// reconnect first (a fresh mesh is served at once).
     #[arg(long, value_name = "MS", default_value_t = cogmesh_control::control::DEFAULT_STARTUP_GRACE_MS)]
@@ -207,6 +210,9 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
         );
         resolved.weight_interval_ms = ms;
     }
+    if let Some(admin) = args.admin_listen {
+        resolved.admin_listen = Some(admin);
+    }
     let shutdown = shutdown_signal().context("installing signal handlers")?;
     let listener = TcpListener::bind(resolved.listen)
         .await
@@ -216,10 +222,19 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
         environment = resolved.environment.as_str(),
         "control plane listening"
     );
+    let admin = match resolved.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin_listen {addr}: cannot bind"))?,
+        ),
+        None => None,
+    };
     let config = cogmesh_control::control::ControlConfig {
         resolved,
         startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
         path: args.config,
+        admin,
     };
     cogmesh_control::control::serve(listener, config, shutdown)
         .await

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cogmesh_e2e::{bin, eventually, run_with_timeout, start_control};
+use cogmesh_e2e::{bin, eventually, free_addr, http_get, run_with_timeout, start_control};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use serde_json::{json, Value};
@@ -360,7 +360,11 @@ fn endpoint_slices_are_listed_watched_and_relisted_after_410() {
         "{err}"
     );
 
+    let admin = free_addr();
+    let admin_arg = admin.to_string();
     let cp = start_control(&[
+        "--admin-listen",
+        &admin_arg,
         "--config",
         config.to_str().unwrap(),
         "--weight-interval-ms",
@@ -442,6 +446,14 @@ fn endpoint_slices_are_listed_watched_and_relisted_after_410() {
     );
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["config"]["reloads_refused"], 1, "{}", v["config"]);
+    // ... and counted in the control plane's metrics.
+    let (code, metrics) = http_get(admin, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("config_reload_total{result=\"refused\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("routing_table_version "), "{metrics}");
     api.apply("reasoning-d", "reasoning", &[("10.1.0.5", true)]);
     wait_for_routes(cp.addr, "a slice added after the refused reload", |r| {
         r.get("reasoning").map(Vec::len) == Some(3)

@@ -52,6 +52,9 @@ pub struct ControlFile {
     /// How often weights are recomputed from reports.
     #[serde(default)]
     pub weight_interval_ms: Option<u64>,
+    /// HTTP address serving `GET /metrics` (Prometheus); none by default.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
     /// Services whose endpoints are known without a sidecar (static discovery).
     #[serde(default)]
     pub services: Vec<StaticService>,
@@ -148,6 +151,7 @@ pub struct Resolved {
     pub environment: Environment,
     pub listen: SocketAddr,
     pub weight_interval_ms: u64,
+    pub admin_listen: Option<SocketAddr>,
     pub services: Vec<StaticService>,
     pub discovery: Discovery,
     /// The files the configuration came from, in layer order.
@@ -275,6 +279,13 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
             }
         }
     }
+    if parsed.admin_listen.is_some_and(|a| a == listen) {
+        return Err(err(
+            &label,
+            "admin_listen",
+            format!("must differ from listen ({listen})"),
+        ));
+    }
     if let Some(k) = &parsed.discovery.kubernetes {
         check_kubernetes(k, strict)
             .map_err(|(field, reason)| err(&label, format!("discovery.kubernetes.{field}"), reason))?;
@@ -283,6 +294,7 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
         environment,
         listen,
         weight_interval_ms,
+        admin_listen: parsed.admin_listen,
         services: parsed.services,
         discovery: parsed.discovery,
         sources,
@@ -370,6 +382,12 @@ mod tests {
         None
     }
 
+    /// The error loading `text` as `dir/control.yaml` gives.
+    fn refused(dir: &Path, text: &str) -> ConfigError {
+        let base = write(dir, "control.yaml", text);
+        load(Some(&base), &no_env).unwrap_err()
+    }
+
     #[test]
     fn defaults_without_a_file() {
         let r = load(None, &no_env).unwrap();
@@ -429,6 +447,9 @@ mod tests {
         let e = load(Some(&base), &no_env).unwrap_err();
         assert!(e.field.starts_with("services[0]"), "{e}");
         assert!(e.reason.contains("unknown field `weight`"), "{e}");
+        let e = refused(&d, "listen: 127.0.0.1:7070\nadmin_listen: 127.0.0.1:7070\n");
+        assert_eq!(e.field, "admin_listen");
+        assert!(e.reason.contains("must differ from listen"), "{e}");
         let base = write(&d, "control.yaml", "environment: prod\n");
         let e = load(Some(&base), &no_env).unwrap_err();
         assert_eq!(e.field, "environment");
@@ -472,12 +493,7 @@ mod tests {
                 "unknown field `watch`",
             ),
         ] {
-            let base = write(
-                &d,
-                "control.yaml",
-                &format!("discovery:\n  kubernetes:\n    {yaml}\n"),
-            );
-            let e = load(Some(&base), &no_env).unwrap_err();
+            let e = refused(&d, &format!("discovery:\n  kubernetes:\n    {yaml}\n"));
             assert!(e.field.starts_with(field), "{yaml}: {e}");
             assert!(e.reason.contains(reason), "{yaml}: {e}");
         }

@@ -15,6 +15,7 @@
 pub mod config;
 mod connect;
 pub mod kubernetes;
+mod metrics;
 mod state;
 pub mod weights;
 
@@ -48,6 +49,8 @@ pub struct ControlConfig {
     /// The base `control.yaml`, watched (with its environment file) and reloaded on change or
     /// SIGHUP.
     pub path: Option<std::path::PathBuf>,
+    /// Where `GET /metrics` is served (bound by the caller from `admin_listen`), if anywhere.
+    pub admin: Option<tokio::net::TcpListener>,
 }
 
 /// Reload bookkeeping for `MeshAdmin.GetConfigStatus`.
@@ -66,6 +69,7 @@ struct Mesh {
     /// The weight interval in force, in ms (a reload may change it).
     weight_interval_ms: std::sync::atomic::AtomicU64,
     tables: watch::Sender<Arc<RoutingTable>>,
+    metrics: metrics::Metrics,
     /// The current version's encoded frames, shared by every push stream.
     encoded: Mutex<connect::EncodedTables>,
     /// Turns true at shutdown: every sidecar stream ends, so the server can drain.
@@ -117,6 +121,12 @@ impl Mesh {
                         next.sources.join(" + ")
                     ));
                 }
+                if next.admin_listen != current.admin_listen {
+                    return Err(format!(
+                        "{}: admin_listen: changing it needs a restart",
+                        next.sources.join(" + ")
+                    ));
+                }
                 if next.listen != current.listen {
                     return Err(format!(
                         "{}: listen: changing it ({} → {}) needs a restart",
@@ -131,6 +141,10 @@ impl Mesh {
         match result {
             Ok(next) => {
                 status.applied += 1;
+                self.metrics
+                    .config_reload
+                    .get_or_create(&metrics::ReloadLabels { result: "applied" })
+                    .inc();
                 info!(environment = next.environment.as_str(), "configuration reloaded");
                 self.weight_interval_ms
                     .store(next.weight_interval_ms, std::sync::atomic::Ordering::Relaxed);
@@ -141,6 +155,10 @@ impl Mesh {
             }
             Err(e) => {
                 status.refused += 1;
+                self.metrics
+                    .config_reload
+                    .get_or_create(&metrics::ReloadLabels { result: "refused" })
+                    .inc();
                 warn!("configuration refused, keeping the last good one: {e}");
                 status.last_error = e;
             }
@@ -177,6 +195,7 @@ pub async fn serve(
         config_status: Mutex::new(ConfigStatus::default()),
         tables,
         encoded: Mutex::default(),
+        metrics: metrics::Metrics::default(),
         stopping,
         start: Instant::now(),
         startup_grace: config.startup_grace,
@@ -193,6 +212,9 @@ pub async fn serve(
             }
         })
     };
+    let admin = config
+        .admin
+        .map(|l| tokio::spawn(metrics::serve(l, Arc::clone(&mesh))));
     let discovery = config
         .resolved
         .discovery
@@ -269,6 +291,9 @@ pub async fn serve(
     }
     if let Some(d) = discovery {
         d.abort();
+    }
+    if let Some(a) = admin {
+        a.abort();
     }
     result
 }
