@@ -17,13 +17,13 @@
 //!    0.3 → 0.95 (its weight drops) and back (it rises). T0 is when that instance's sidecar sends
 //!    its first report with the new load (clients report the new load for it from their next
 //!    report on too); for every client (the sidecars that route to `reasoning`; instances
-//!    subscribe only to their own service and never see it), the arrival is when it receives its first table in
-//!    which that endpoint's weight moved past ±15 % of the weight before the change. Latency =
-//!    arrival − T0 per client; p50 / p99 / max are over all clients of all probes; "missed"
-//!    counts clients that did not get it within `--probe-timeout-secs`. This covers
-//!    the wait for the next weight tick (uniform in 0..`--weight-interval-ms`), the recompute
-//!    and the fan-out; it does not include the sidecar's own report period (up to 1 s between a
-//!    load change and the report that carries it).
+//!    subscribe only to their own service and never see it), the arrival is when it receives
+//!    its first table in which that endpoint's weight moved past ±15 % of the weight before the
+//!    change. Latency = arrival − T0 per client; p50 / p99 / max are over all clients of all
+//!    probes; "missed" counts clients that did not get it within `--probe-timeout-secs`. This
+//!    covers the wait for the next weight tick (uniform in 0..`--weight-interval-ms`), the
+//!    recompute and the fan-out; it does not include the sidecar's own report period (up to
+//!    1 s between a load change and the report that carries it).
 //!
 //! Peak RSS is `VmHWM` over the whole run, connect storm included. A watchdog kills the control
 //! plane if its RSS passes `--max-rss-mib`; the run of that N then fails with that reason.
