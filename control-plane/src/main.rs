@@ -154,13 +154,12 @@ struct ControlArgs {
     /// gRPC address to listen on [default: from the file, else 127.0.0.1:7070].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// Serve Prometheus metrics on this address (`GET /metrics`) [default: from the file's
-    /// `metrics_listen`, else not served].
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<SocketAddr>,
     /// How often endpoint weights are recomputed from sidecar reports, in milliseconds.
     #[arg(long, value_name = "MS")]
     weight_interval_ms: Option<u64>,
+    /// HTTP address serving Prometheus metrics on GET /metrics [default: from the file, else none].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
     /// After a restart into a running mesh, hold pushes this long so every sidecar can
     /// reconnect first (a fresh mesh is served at once).
     #[arg(long, value_name = "MS", default_value_t = cogmesh_control::control::DEFAULT_STARTUP_GRACE_MS)]
@@ -282,8 +281,18 @@ fn load_control_config(
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
     let resolved = load_control_config(Some(&args.file))?;
+    let kubernetes = match &resolved.discovery.kubernetes {
+        Some(k) => format!(
+            ", EndpointSlices of namespace {}{}",
+            k.namespace,
+            k.label_selector
+                .as_deref()
+                .map_or(String::new(), |s| format!(" matching {s}"))
+        ),
+        None => String::new(),
+    };
     println!(
-        "{}: valid ({} environment, listen {}, weight interval {} ms, {} static service(s))",
+        "{}: valid ({} environment, listen {}, weight interval {} ms, {} static service(s){kubernetes})",
         resolved.sources.join(" + "),
         resolved.environment.as_str(),
         resolved.listen,
@@ -298,15 +307,15 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         resolved.listen = listen;
     }
-    if let Some(metrics) = args.metrics {
-        resolved.metrics_listen = Some(metrics);
-    }
     if let Some(ms) = args.weight_interval_ms {
         anyhow::ensure!(
             ms > 0 && ms <= 60_000,
             "--weight-interval-ms: must be between 1 and 60000, got {ms}"
         );
         resolved.weight_interval_ms = ms;
+    }
+    if let Some(admin) = args.admin_listen {
+        resolved.admin_listen = Some(admin);
     }
     let shutdown = shutdown_signal().context("installing signal handlers")?;
     let listener = TcpListener::bind(resolved.listen)
@@ -317,10 +326,19 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
         environment = resolved.environment.as_str(),
         "control plane listening"
     );
+    let admin = match resolved.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin_listen {addr}: cannot bind"))?,
+        ),
+        None => None,
+    };
     let config = cogmesh_control::control::ControlConfig {
         resolved,
         startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
         path: args.config,
+        admin,
     };
     cogmesh_control::control::serve(listener, config, shutdown)
         .await

@@ -76,7 +76,7 @@ fn control_with(tag: &str, scaling: &str, metrics: SocketAddr) -> (Proc, SocketA
     std::fs::write(
         &config,
         format!(
-            "listen: \"{control_addr}\"\nmetrics_listen: \"{metrics}\"\nweight_interval_ms: 250\nscaling:\n{scaling}"
+            "listen: \"{control_addr}\"\nadmin_listen: \"{metrics}\"\nweight_interval_ms: 250\nscaling:\n{scaling}"
         ),
     )
     .unwrap();

@@ -1,5 +1,5 @@
 //! `control-bench`: N simulated sidecars against the cogmesh control plane — its CPU, memory, and
-//! how long a load change takes to reach every sidecar as a new weight — for N = 100, 1000 and
+//! how long a load change takes to reach every client sidecar as a new weight — for N = 100, 1000 and
 //! 10 000 (the control-plane issue's targets at 10 000: p99 under 250 ms, under one core, under
 //! 500 MiB).
 //!
@@ -19,7 +19,7 @@
 //! front `gateway` instances that call it; all report every second, offsets spread over the
 //! second, and ACK every table. After everyone joined, the bench waits 31 s for slow start to
 //! pass, measures 10 s of steady reporting, then changes the load `reasoning-0` reports (0.3 ↔
-//! 0.95, four times) and times the first table with its new weight at every sidecar. Phases and
+//! 0.95, four times) and times the first table with its new weight at every client. Phases and
 //! the exact definitions are in the `control_sim` module docs.
 //!
 //! Useful flags (`--help` for all): `--sizes 100,1000`, `--weight-interval-ms MS`,

@@ -148,10 +148,12 @@ impl Shared {
         )
     }
 
-    /// Sidecars whose last table is the newest version.
+    /// Clients whose last table is the newest version. (Instances are not counted: their
+    /// table — their own service only — does not change when `reasoning`'s weights do, and the
+    /// control plane sends a sidecar only tables that changed for it.)
     pub fn converged(&self) -> usize {
         let max = self.max_version();
-        self.last_version
+        self.last_version[self.instances..]
             .iter()
             .filter(|v| v.load(Ordering::Relaxed) == max)
             .count()
@@ -201,17 +203,29 @@ impl Shared {
         Some(self.t0_ns.load(Ordering::SeqCst)).filter(|t| *t > 0)
     }
 
-    /// Sidecars that have seen the change so far.
+    /// The clients' arrival slots: instances subscribe only to their local service, so the
+    /// watched weight never reaches them and they are not waited for.
+    fn client_arrivals(&self) -> &[AtomicU64] {
+        &self.arrival_ns[self.instances..]
+    }
+
+    /// Clients (the sidecars that route to the watched service) in the fleet.
+    pub fn clients(&self) -> usize {
+        self.n - self.instances
+    }
+
+    /// Clients that have seen the change so far.
     pub fn arrived(&self) -> usize {
-        self.arrival_ns
+        self.client_arrivals()
             .iter()
             .filter(|a| a.load(Ordering::Relaxed) > 0)
             .count()
     }
 
-    /// Arrival times (ns since base) of the current probe; `None` for sidecars still waiting.
+    /// Arrival times (ns since base) of the current probe at every client; `None` for clients
+    /// still waiting.
     pub fn arrivals(&self) -> Vec<Option<u64>> {
-        self.arrival_ns
+        self.client_arrivals()
             .iter()
             .map(|a| Some(a.load(Ordering::Relaxed)).filter(|t| *t > 0))
             .collect()

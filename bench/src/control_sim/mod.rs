@@ -5,7 +5,8 @@
 //!
 //! 1. **connect** — all N streams open (at most 256 Hellos in flight) and each gets its first
 //!    routing table; the time this takes is reported (every Hello makes a new table version that
-//!    goes to every sidecar already connected, so this is the control plane's cold-start storm);
+//!    goes to every sidecar already connected whose services it changed, so this is the control
+//!    plane's cold-start storm);
 //! 2. **settle** — wait until the last sidecar joined more than `--settle-secs` ago (31 s: slow
 //!    start ramps a new endpoint over 30 s, and every ramp step is a new version) and no new
 //!    version has appeared for 2 s;
@@ -15,12 +16,14 @@
 //! 4. **probes** — `--probes` load changes of one instance (`reasoning-0`), alternating
 //!    0.3 → 0.95 (its weight drops) and back (it rises). T0 is when that instance's sidecar sends
 //!    its first report with the new load (clients report the new load for it from their next
-//!    report on too); for every sidecar, the arrival is when it receives its first table in
-//!    which that endpoint's weight moved past ±15 % of the weight before the change. Latency =
-//!    arrival − T0 per sidecar; p50 / p99 / max are over all sidecars of all probes. This covers
-//!    the wait for the next weight tick (uniform in 0..`--weight-interval-ms`), the recompute
-//!    and the fan-out; it does not include the sidecar's own report period (up to 1 s between a
-//!    load change and the report that carries it).
+//!    report on too); for every client (the sidecars that route to `reasoning`; instances
+//!    subscribe only to their own service and never see it), the arrival is when it receives
+//!    its first table in which that endpoint's weight moved past ±15 % of the weight before the
+//!    change. Latency = arrival − T0 per client; p50 / p99 / max are over all clients of all
+//!    probes; "missed" counts clients that did not get it within `--probe-timeout-secs`. This
+//!    covers the wait for the next weight tick (uniform in 0..`--weight-interval-ms`), the
+//!    recompute and the fan-out; it does not include the sidecar's own report period (up to
+//!    1 s between a load change and the report that carries it).
 //!
 //! Peak RSS is `VmHWM` over the whole run, connect storm included. A watchdog kills the control
 //! plane if its RSS passes `--max-rss-mib`; the run of that N then fails with that reason.
@@ -95,7 +98,7 @@ pub struct Options {
     /// Load changes measured (alternating down and up).
     #[arg(long, default_value_t = 4)]
     pub probes: usize,
-    /// Seconds a probe waits for the change to reach every sidecar.
+    /// Seconds a probe waits for the change to reach every client.
     #[arg(long, default_value_t = 20.0)]
     pub probe_timeout_secs: f64,
     /// Seconds all N streams get to open and receive a first table.
@@ -250,8 +253,9 @@ async fn run(options: &Options) -> Result<bool> {
 struct Probe {
     down: bool,
     baseline: f64,
-    /// Arrival − T0 of every sidecar that got the change, ms.
+    /// Arrival − T0 of every client that got the change, ms.
     latencies_ms: Vec<f64>,
+    /// Clients that did not get it within the probe timeout.
     missing: usize,
     /// Arrivals before T0 (noise past the threshold, not the change).
     early: usize,
@@ -504,7 +508,7 @@ async fn run_phases(
     for k in 0..options.probes {
         let down = k % 2 == 0;
         let quiet = wait_for(cp, shared, Duration::from_secs(20), |s| {
-            s.quiet_for() >= quiet_needed && s.converged() == n
+            s.quiet_for() >= quiet_needed && s.converged() == s.clients()
         })
         .await?;
         let baseline = shared.watched_weight_median();
@@ -520,7 +524,7 @@ async fn run_phases(
         shared.arm(low, high);
         shared.set_load(0, if down { options.high_load } else { options.low_load });
         wait_for(cp, shared, secs(options.probe_timeout_secs), |s| {
-            s.t0_ns().is_some() && s.arrived() == n
+            s.t0_ns().is_some() && s.arrived() == s.clients()
         })
         .await?;
         shared.disarm();
@@ -691,7 +695,8 @@ fn render(outcomes: &[Outcome]) -> String {
         out,
         "\nCPU cores: control plane's utime+stime ÷ wall time over the steady window (N reports/s, \
          no change). RSS at the end of it; peak = VmHWM over the whole run (connect storm included).\n\
-         p50/p99/max: arrival − T0 over every sidecar of every probe. vers/s: table versions made in \
+         p50/p99/max: arrival − T0 over every client of every probe; missed: clients it did not \
+         reach within the probe timeout. vers/s: table versions made in \
          the steady window (nothing changed, so ideally 0). Targets are the issue's, for N = 10 000."
     );
     for o in outcomes {

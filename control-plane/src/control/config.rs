@@ -52,6 +52,9 @@ pub struct ControlFile {
     /// How often weights are recomputed from reports.
     #[serde(default)]
     pub weight_interval_ms: Option<u64>,
+    /// HTTP address serving `GET /metrics` (Prometheus); none by default.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
     /// Services whose endpoints are known without a sidecar (static discovery).
     #[serde(default)]
     pub services: Vec<StaticService>,
@@ -61,9 +64,35 @@ pub struct ControlFile {
     /// Alert thresholds (warning / critical) per metric.
     #[serde(default)]
     pub alerts: crate::scaling::alerts::AlertsConfig,
-    /// Where to serve Prometheus metrics (`GET /metrics`); none: not served.
+    /// Other sources of endpoints.
     #[serde(default)]
-    pub metrics_listen: Option<SocketAddr>,
+    pub discovery: Discovery,
+}
+
+/// Endpoint sources besides sidecar Hellos and `services`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// EndpointSlices of a Kubernetes namespace (see [`super::kubernetes`]).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesDiscovery>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesDiscovery {
+    /// The namespace whose EndpointSlices are listed and watched.
+    pub namespace: String,
+    /// A Kubernetes label selector (`app=reasoning,tier!=batch`) narrowing the slices.
+    #[serde(default)]
+    pub label_selector: Option<String>,
+    /// The EndpointSlice port (by name) that sidecars dial; default: each slice's first port.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// The API server's URL; default: the in-cluster service account, else the kubeconfig
+    /// (as `kubectl` finds it).
+    #[serde(default)]
+    pub api_server: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -128,10 +157,11 @@ pub struct Resolved {
     pub environment: Environment,
     pub listen: SocketAddr,
     pub weight_interval_ms: u64,
+    pub admin_listen: Option<SocketAddr>,
     pub services: Vec<StaticService>,
     pub scaling: crate::scaling::ScalingConfig,
     pub alerts: crate::scaling::alerts::AlertsConfig,
-    pub metrics_listen: Option<SocketAddr>,
+    pub discovery: Discovery,
     /// The files the configuration came from, in layer order.
     pub sources: Vec<String>,
 }
@@ -265,16 +295,88 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
         .alerts
         .validate()
         .map_err(|(field, reason)| err(&label, field, reason))?;
+    if parsed.admin_listen.is_some_and(|a| a == listen) {
+        return Err(err(
+            &label,
+            "admin_listen",
+            format!("must differ from listen ({listen})"),
+        ));
+    }
+    if let Some(k) = &parsed.discovery.kubernetes {
+        check_kubernetes(k, strict)
+            .map_err(|(field, reason)| err(&label, format!("discovery.kubernetes.{field}"), reason))?;
+    }
     Ok(Resolved {
         environment,
         listen,
         weight_interval_ms,
+        admin_listen: parsed.admin_listen,
         services: parsed.services,
         scaling: parsed.scaling,
         alerts: parsed.alerts,
-        metrics_listen: parsed.metrics_listen,
+        discovery: parsed.discovery,
         sources,
     })
+}
+
+/// Field and reason of the first problem in a Kubernetes discovery section.
+fn check_kubernetes(k: &KubernetesDiscovery, strict: bool) -> Result<(), (&'static str, String)> {
+    // A namespace name is a DNS label (RFC 1123).
+    let label_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    if !label_ok(&k.namespace) {
+        return Err((
+            "namespace",
+            format!(
+                "{:?} is not a namespace name (lowercase letters, digits and '-', at most 63)",
+                k.namespace
+            ),
+        ));
+    }
+    if let Some(sel) = &k.label_selector {
+        if sel.trim().is_empty() {
+            return Err(("label_selector", "must not be empty when given".into()));
+        }
+        // What a selector is made of: keys, values, operators, set syntax.
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "-_./=!,() ".contains(c);
+        if let Some(c) = sel.chars().find(|c| !allowed(*c)) {
+            return Err((
+                "label_selector",
+                format!("{sel:?}: {c:?} cannot appear in a label selector"),
+            ));
+        }
+    }
+    if let Some(p) = &k.port {
+        if p.is_empty() {
+            return Err(("port", "must not be empty when given".into()));
+        }
+    }
+    if let Some(url) = &k.api_server {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| ("api_server", format!("{url:?} is not a URL: {e}")))?;
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if !strict => {}
+            Some("http") => {
+                return Err((
+                    "api_server",
+                    format!("{url:?}: plain http is only allowed in development and staging"),
+                ))
+            }
+            _ => return Err(("api_server", format!("{url:?}: expected an http(s):// URL"))),
+        }
+        if uri.authority().is_none() {
+            return Err(("api_server", format!("{url:?}: no host")));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -296,6 +398,12 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    /// The error loading `text` as `dir/control.yaml` gives.
+    fn refused(dir: &Path, text: &str) -> ConfigError {
+        let base = write(dir, "control.yaml", text);
+        load(Some(&base), &no_env).unwrap_err()
     }
 
     #[test]
@@ -357,6 +465,9 @@ mod tests {
         let e = load(Some(&base), &no_env).unwrap_err();
         assert!(e.field.starts_with("services[0]"), "{e}");
         assert!(e.reason.contains("unknown field `weight`"), "{e}");
+        let e = refused(&d, "listen: 127.0.0.1:7070\nadmin_listen: 127.0.0.1:7070\n");
+        assert_eq!(e.field, "admin_listen");
+        assert!(e.reason.contains("must differ from listen"), "{e}");
         let base = write(&d, "control.yaml", "environment: prod\n");
         let e = load(Some(&base), &no_env).unwrap_err();
         assert_eq!(e.field, "environment");
@@ -364,6 +475,54 @@ mod tests {
         let base = write(&d, "control.yaml", "");
         let e = load(Some(&base), &env).unwrap_err();
         assert_eq!(e.field, "COGMESH_CONTROL_LISTEN");
+    }
+
+    #[test]
+    fn kubernetes_discovery_is_validated() {
+        let d = tempdir("kubernetes");
+        let ok = write(
+            &d,
+            "control.yaml",
+            "discovery:\n  kubernetes:\n    namespace: mesh\n    label_selector: app=reasoning\n    port: http\n    api_server: http://127.0.0.1:8001\n",
+        );
+        let r = load(Some(&ok), &no_env).unwrap();
+        let k = r.discovery.kubernetes.unwrap();
+        assert_eq!(k.namespace, "mesh");
+        assert_eq!(k.port.as_deref(), Some("http"));
+        for (yaml, field, reason) in [
+            (
+                "namespace: Mesh_1",
+                "discovery.kubernetes.namespace",
+                "not a namespace name",
+            ),
+            (
+                "namespace: m\n    label_selector: \"app=a;b\"",
+                "discovery.kubernetes.label_selector",
+                "cannot appear",
+            ),
+            (
+                "namespace: m\n    api_server: ftp://x",
+                "discovery.kubernetes.api_server",
+                "http(s)",
+            ),
+            (
+                "namespace: m\n    watch: true",
+                "discovery.kubernetes",
+                "unknown field `watch`",
+            ),
+        ] {
+            let e = refused(&d, &format!("discovery:\n  kubernetes:\n    {yaml}\n"));
+            assert!(e.field.starts_with(field), "{yaml}: {e}");
+            assert!(e.reason.contains(reason), "{yaml}: {e}");
+        }
+        // Plain http to the API server only outside production.
+        let base = write(
+            &d,
+            "control.yaml",
+            "environment: production\nlisten: 127.0.0.1:1\ndiscovery:\n  kubernetes:\n    namespace: m\n    api_server: http://10.0.0.1\n",
+        );
+        let e = load(Some(&base), &no_env).unwrap_err();
+        assert_eq!(e.field, "discovery.kubernetes.api_server", "{e}");
     }
 
     #[test]

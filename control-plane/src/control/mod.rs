@@ -1,9 +1,11 @@
 //! `cogmesh control`: the control plane's gRPC server.
 //!
-//! - `MeshControl.Connect`: one bidirectional stream per sidecar (Hello, LoadReports, ACK/NACK
-//!   in; RoutingTable snapshots out). Pushes coalesce per sidecar through a `watch` channel: the
-//!   latest table wins and at most one is pending, with no fixed debounce. A version a sidecar
-//!   NACKed is never sent to it again.
+//! - `MeshControl.Connect` ([`connect`]): one bidirectional stream per sidecar (Hello,
+//!   LoadReports, ACK/NACK in; RoutingTable snapshots out). Pushes coalesce per sidecar through a
+//!   `watch` channel: the latest table wins and at most one is in flight (the next goes out
+//!   once the sidecar answered the last), with no fixed debounce.
+//!   A version a sidecar NACKed is never sent to it again. Each version is encoded once and its
+//!   bytes shared by every stream.
 //! - `MeshAdmin`: services with endpoints and weights, per-sidecar sync status, table watch.
 //! - gRPC health (`grpc.health.v1`) and reflection (v1), so `grpcurl` works without protos.
 //!
@@ -11,29 +13,30 @@
 //! update (see [`weights`]); a new table version is made only when something changed.
 
 pub mod config;
+mod connect;
+pub mod kubernetes;
+mod metrics;
 mod state;
 pub mod weights;
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cogmesh_proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use cogmesh_proto::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
-use cogmesh_proto::v1::mesh_control_server::{MeshControl, MeshControlServer};
 use cogmesh_proto::v1::{
-    control_message, sidecar_message, Alert, ConfigStatusRequest, ConfigStatusResponse, ControlMessage,
-    GetScalingPoliciesRequest, GetScalingPoliciesResponse, ListAlertsRequest, ListAlertsResponse,
-    ListScalingDecisionsRequest, ListScalingDecisionsResponse, ListServicesRequest, ListServicesResponse,
-    RoutingTable, ScalingDecision, SetScalingPolicyRequest, SidecarMessage, SyncStatusRequest,
-    SyncStatusResponse, WatchAlertsRequest, WatchScalingDecisionsRequest, WatchTablesRequest,
+    Alert, ConfigStatusRequest, ConfigStatusResponse, GetScalingPoliciesRequest, GetScalingPoliciesResponse,
+    ListAlertsRequest, ListAlertsResponse, ListScalingDecisionsRequest, ListScalingDecisionsResponse,
+    ListServicesRequest, ListServicesResponse, RoutingTable, ScalingDecision, SetScalingPolicyRequest,
+    SyncStatusRequest, SyncStatusResponse, WatchAlertsRequest, WatchScalingDecisionsRequest,
+    WatchTablesRequest,
 };
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
 
 use self::state::MeshState;
 
@@ -50,6 +53,8 @@ pub struct ControlConfig {
     /// The base `control.yaml`, watched (with its environment file) and reloaded on change or
     /// SIGHUP.
     pub path: Option<std::path::PathBuf>,
+    /// Where `GET /metrics` is served (bound by the caller from `admin_listen`), if anywhere.
+    pub admin: Option<tokio::net::TcpListener>,
 }
 
 /// Reload bookkeeping for `MeshAdmin.GetConfigStatus`.
@@ -68,12 +73,14 @@ struct Mesh {
     /// The weight interval in force, in ms (a reload may change it).
     weight_interval_ms: std::sync::atomic::AtomicU64,
     tables: watch::Sender<Arc<RoutingTable>>,
+    metrics: metrics::Metrics,
+    /// The current version's encoded frames, shared by every push stream.
+    encoded: Mutex<connect::EncodedTables>,
     /// Turns true at shutdown: every sidecar stream ends, so the server can drain.
     stopping: watch::Sender<bool>,
     start: Instant,
     startup_grace: Duration,
     scaler: Arc<crate::scaling::Scaler>,
-    metrics: Arc<crate::metrics::ControlMetrics>,
 }
 
 /// How long open streams may take to end after a shutdown signal.
@@ -103,24 +110,34 @@ impl Mesh {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn encoded(&self) -> std::sync::MutexGuard<'_, connect::EncodedTables> {
+        self.encoded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Re-reads the configuration; a bad one is refused and the last good one stays.
     fn reload(&self, path: &std::path::Path) {
         let current = self.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let result = config::load(Some(path), &|k| std::env::var(k).ok())
             .map_err(|e| e.to_string())
             .and_then(|next| {
+                if next.discovery != current.discovery {
+                    return Err(format!(
+                        "{}: discovery: changing it needs a restart",
+                        next.sources.join(" + ")
+                    ));
+                }
+                if next.admin_listen != current.admin_listen {
+                    return Err(format!(
+                        "{}: admin_listen: changing it needs a restart",
+                        next.sources.join(" + ")
+                    ));
+                }
                 if next.listen != current.listen {
                     return Err(format!(
                         "{}: listen: changing it ({} → {}) needs a restart",
                         next.sources.join(" + "),
                         current.listen,
                         next.listen
-                    ));
-                }
-                if next.metrics_listen != current.metrics_listen {
-                    return Err(format!(
-                        "{}: metrics_listen: changing it needs a restart",
-                        next.sources.join(" + ")
                     ));
                 }
                 if let Some(field) = current.scaling.restart_needed(&next.scaling) {
@@ -136,8 +153,8 @@ impl Mesh {
             Ok(next) => {
                 status.applied += 1;
                 self.metrics
-                    .reloads
-                    .get_or_create(&crate::metrics::ResultLabels { result: "applied" })
+                    .config_reload
+                    .get_or_create(&metrics::ReloadLabels { result: "applied" })
                     .inc();
                 info!(environment = next.environment.as_str(), "configuration reloaded");
                 self.weight_interval_ms
@@ -152,8 +169,8 @@ impl Mesh {
             Err(e) => {
                 status.refused += 1;
                 self.metrics
-                    .reloads
-                    .get_or_create(&crate::metrics::ResultLabels { result: "refused" })
+                    .config_reload
+                    .get_or_create(&metrics::ReloadLabels { result: "refused" })
                     .inc();
                 warn!("configuration refused, keeping the last good one: {e}");
                 status.last_error = e;
@@ -164,14 +181,7 @@ impl Mesh {
     /// Recomputes and publishes a new table if anything changed.
     fn publish(&self, interval_secs: f64) {
         let now = self.now_secs();
-        let (table, connected, version) = {
-            let mut state = self.state();
-            let table = state.recompute(now, interval_secs);
-            let connected = state.sidecars.values().filter(|s| s.connected).count();
-            (table, connected, state.version)
-        };
-        self.metrics.sidecars_connected.set(connected as i64);
-        self.metrics.table_version.set(version as i64);
+        let table = self.state().recompute(now, interval_secs);
         if let Some(t) = table {
             info!(
                 version = t.version,
@@ -191,22 +201,16 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (tables, _) = watch::channel(Arc::new(RoutingTable::default()));
     let (stopping, _) = watch::channel(false);
-    let metrics = Arc::new(crate::metrics::ControlMetrics::default());
-    let metrics_server = match crate::metrics::bind(config.resolved.metrics_listen).await {
-        Ok(Some(l)) => Some(tokio::spawn(crate::metrics::serve(l, Arc::clone(&metrics)))),
-        Ok(None) => None,
-        Err(e) => {
-            // The control plane still serves sidecars; the operator sees why metrics are missing.
-            warn!(address = ?config.resolved.metrics_listen, "cannot serve metrics: {e}");
-            None
-        }
-    };
+    let control_metrics = metrics::Metrics::default();
+    let scaling_metrics = control_metrics.scaling.clone();
     let mesh = Arc::new(Mesh {
         state: Mutex::new(MeshState::with_statics(config.resolved.services.clone())),
         weight_interval_ms: std::sync::atomic::AtomicU64::new(config.resolved.weight_interval_ms),
         config: Mutex::new(config.resolved.clone()),
         config_status: Mutex::new(ConfigStatus::default()),
         tables,
+        encoded: Mutex::default(),
+        metrics: control_metrics,
         stopping,
         start: Instant::now(),
         startup_grace: config.startup_grace,
@@ -214,9 +218,8 @@ pub async fn serve(
             &config.resolved.scaling,
             &config.resolved.alerts,
             listener.local_addr().unwrap_or(config.resolved.listen),
-            metrics.scaling.clone(),
+            scaling_metrics,
         )),
-        metrics,
     });
     mesh.publish(0.0);
     let scaling = spawn_scaling(Arc::clone(&mesh), config.resolved.scaling.interval_ms);
@@ -231,13 +234,22 @@ pub async fn serve(
             }
         })
     };
+    let admin = config
+        .admin
+        .map(|l| tokio::spawn(metrics::serve(l, Arc::clone(&mesh))));
+    let discovery = config
+        .resolved
+        .discovery
+        .kubernetes
+        .clone()
+        .map(|k| tokio::spawn(kubernetes::run(Arc::clone(&mesh), k)));
     let watcher = config
         .path
         .clone()
         .map(|path| tokio::spawn(watch_config(Arc::clone(&mesh), path)));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<MeshControlServer<ControlService>>().await;
+    health.set_serving::<connect::ControlRoute>().await;
     health.set_serving::<MeshAdminServer<AdminService>>().await;
     health
         .set_serving::<ExternalScalerServer<crate::scaling::keda::KedaService>>()
@@ -256,7 +268,15 @@ pub async fn serve(
         .expect("the embedded descriptor sets are valid");
 
     let mesh_for_shutdown = Arc::clone(&mesh);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // No Nagle delay on the push streams' last partial segment.
+    let incoming = futures_util::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |accepted| {
+            accepted.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        },
+    );
     let (signalled_tx, mut signalled) = watch::channel(false);
     let shutdown = {
         let mesh = Arc::clone(&mesh);
@@ -271,9 +291,9 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(MeshControlServer::new(ControlService {
+        .add_service(connect::ControlRoute {
             mesh: Arc::clone(&mesh),
-        }))
+        })
         .add_service(MeshAdminServer::new(AdminService {
             mesh: Arc::clone(&mesh),
         }))
@@ -299,11 +319,14 @@ pub async fn serve(
     };
     ticker.abort();
     scaling.abort();
-    if let Some(m) = metrics_server {
-        m.abort();
-    }
     if let Some(w) = watcher {
         w.abort();
+    }
+    if let Some(d) = discovery {
+        d.abort();
+    }
+    if let Some(a) = admin {
+        a.abort();
     }
     let scaler = Arc::clone(&mesh_for_shutdown.scaler);
     let _ = tokio::task::spawn_blocking(move || scaler.shutdown()).await;
@@ -341,6 +364,11 @@ async fn watch_config(mesh: Arc<Mesh>, path: std::path::PathBuf) {
         .to_string();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
+            // Reading the files (as every reload does) is not a change: reacting to it would
+            // reload again and again, counting one bad edit as many refusals.
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
             // The base file or any environment file beside it.
             let ours = event.paths.iter().any(|p| {
                 p.file_name()
@@ -377,210 +405,7 @@ async fn watch_config(mesh: Arc<Mesh>, path: std::path::PathBuf) {
     }
 }
 
-// === impl ControlService ===
-
-struct ControlService {
-    mesh: Arc<Mesh>,
-}
-
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl MeshControl for ControlService {
-    type ConnectStream = BoxStream<ControlMessage>;
-
-    async fn connect(
-        &self,
-        request: Request<Streaming<SidecarMessage>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
-        let peer = request.remote_addr();
-        let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("the stream ended before Hello"))?;
-        let Some(sidecar_message::Kind::Hello(hello)) = first.kind else {
-            return Err(Status::invalid_argument("the first message must be Hello"));
-        };
-        if hello.node.is_empty() || hello.service.is_empty() {
-            return Err(Status::invalid_argument(
-                "Hello: node and service must not be empty",
-            ));
-        }
-        let address: SocketAddr = hello.instance_address.parse().map_err(|_| {
-            Status::invalid_argument(format!(
-                "Hello: instance_address {:?} is not an IP:port address",
-                hello.instance_address
-            ))
-        })?;
-        let node = hello.node.clone();
-        info!(%node, service = %hello.service, %address, peer = ?peer, "sidecar connected");
-        // Membership changes are published by the next weight tick, not here: a connect storm
-        // (thousands of sidecars after a rollout) then makes one table version per tick, not one
-        // per sidecar, each fanned out to everyone.
-        let subscriptions = hello.subscriptions.clone();
-        let hello_service = hello.service.clone();
-        let session = self.mesh.state().hello(hello);
-
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(read_sidecar(
-            Arc::clone(&self.mesh),
-            node.clone(),
-            session,
-            inbound,
-            done_tx,
-        ));
-        // Scaling decisions for the sidecar's own service and the services it routes to go out
-        // on the same stream, between tables; the stream ends when the table stream does.
-        let own = hello_service;
-        let wanted = subscriptions.clone();
-        let decisions = broadcast_stream(
-            self.mesh.scaler.subscribe(),
-            self.mesh.stopping.subscribe(),
-            move |d: &ScalingDecision| d.service == own || wanted.is_empty() || wanted.contains(&d.service),
-        )
-        .filter_map(|d| std::future::ready(d.ok()))
-        .map(|d| {
-            Some(Ok(ControlMessage {
-                kind: Some(control_message::Kind::ScalingDecision(d)),
-            }))
-        });
-        let tables = push_stream(Arc::clone(&self.mesh), node, subscriptions, done_rx)
-            .map(Some)
-            .chain(futures_util::stream::once(std::future::ready(None)));
-        let merged = futures_util::stream::select(tables, decisions)
-            .take_while(|m| std::future::ready(m.is_some()))
-            .filter_map(std::future::ready);
-        Ok(Response::new(Box::pin(merged)))
-    }
-}
-
-/// What one sidecar's push stream waits on.
-struct Pushes {
-    mesh: Arc<Mesh>,
-    node: String,
-    /// Services this sidecar routes to; empty: all.
-    subscriptions: Vec<String>,
-    tables: watch::Receiver<Arc<RoutingTable>>,
-    stopping: watch::Receiver<bool>,
-    done: tokio::sync::oneshot::Receiver<()>,
-}
-
-/// The tables sent to one sidecar, pulled by the gRPC stream only when it can send: a table is
-/// cloned for the wire at that moment and never queued, so at most one is pending per sidecar
-/// and the latest wins. A version the sidecar NACKed is skipped.
-fn push_stream(
-    mesh: Arc<Mesh>,
-    node: String,
-    subscriptions: Vec<String>,
-    done: tokio::sync::oneshot::Receiver<()>,
-) -> BoxStream<ControlMessage> {
-    let mut tables = mesh.tables.subscribe();
-    tables.mark_changed();
-    let stopping = mesh.stopping.subscribe();
-    let pushes = Pushes {
-        mesh,
-        node,
-        subscriptions,
-        tables,
-        stopping,
-        done,
-    };
-    Box::pin(futures_util::stream::unfold(pushes, |mut p| async move {
-        loop {
-            tokio::select! {
-                _ = &mut p.done => return None,
-                _ = p.stopping.wait_for(|s| *s) => return None,
-                changed = p.tables.changed() => if changed.is_err() { return None },
-            }
-            if let Some(left) = p.mesh.hold_pushes() {
-                debug!(node = %p.node, left_ms = left.as_millis() as u64, "holding pushes until every sidecar is back");
-                tokio::select! {
-                    _ = &mut p.done => return None,
-                    _ = p.stopping.wait_for(|s| *s) => return None,
-                    _ = tokio::time::sleep(left) => {}
-                }
-            }
-            let table = Arc::clone(&p.tables.borrow_and_update());
-            if table.version == 0 {
-                continue;
-            }
-            {
-                let mut state = p.mesh.state();
-                if state.was_rejected(&p.node, table.version) {
-                    debug!(node = %p.node, version = table.version, "not resending a refused version");
-                    continue;
-                }
-                if let Some(s) = state.sidecars.get_mut(&p.node) {
-                    s.sent_version = table.version;
-                }
-            }
-            // Only the services the sidecar routes to: a client of one service does not get
-            // the whole mesh (what makes fan-out grow with the square of the mesh size).
-            let message = ControlMessage {
-                kind: Some(control_message::Kind::RoutingTable(for_subscriber(
-                    &table,
-                    &p.subscriptions,
-                ))),
-            };
-            return Some((Ok(message), p));
-        }
-    }))
-}
-
-/// The part of `table` a sidecar subscribed to (all of it without subscriptions).
-fn for_subscriber(table: &RoutingTable, subscriptions: &[String]) -> RoutingTable {
-    if subscriptions.is_empty() {
-        return table.clone();
-    }
-    RoutingTable {
-        version: table.version,
-        services: table
-            .services
-            .iter()
-            .filter(|s| subscriptions.contains(&s.name))
-            .cloned()
-            .collect(),
-    }
-}
-
-/// Reads a sidecar's reports and acknowledgements until its stream ends.
-async fn read_sidecar(
-    mesh: Arc<Mesh>,
-    node: String,
-    session: u64,
-    mut inbound: Streaming<SidecarMessage>,
-    done: tokio::sync::oneshot::Sender<()>,
-) {
-    loop {
-        match inbound.message().await {
-            Ok(Some(SidecarMessage { kind: Some(kind) })) => match kind {
-                sidecar_message::Kind::LoadReport(r) => mesh.state().report(&node, r),
-                sidecar_message::Kind::Ack(a) => {
-                    debug!(%node, version = a.version, "ACK");
-                    mesh.state().ack(&node, a.version);
-                }
-                sidecar_message::Kind::Nack(n) => {
-                    warn!(%node, version = n.version, error = %n.error, "sidecar refused a routing table");
-                    mesh.state().nack(&node, n.version, n.error);
-                }
-                sidecar_message::Kind::Hello(_) => {
-                    warn!(%node, "ignoring a second Hello on one stream");
-                }
-            },
-            Ok(Some(SidecarMessage { kind: None })) => {}
-            Ok(None) => break,
-            Err(e) => {
-                debug!(%node, "sidecar stream failed: {e}");
-                break;
-            }
-        }
-    }
-    info!(%node, "sidecar disconnected");
-    let _ = done.send(());
-    // Published by the next weight tick, like a join.
-    mesh.state().disconnect(&node, session);
-}
 
 // === impl AdminService ===
 
@@ -764,30 +589,4 @@ fn stream_from_watch(
             Some((Ok(table), (tables, stopping)))
         },
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use cogmesh_proto::v1::ServiceEndpoints;
-
-    #[test]
-    fn subscribers_get_only_their_services() {
-        let table = RoutingTable {
-            version: 3,
-            services: ["gateway", "reasoning", "memory"]
-                .iter()
-                .map(|n| ServiceEndpoints {
-                    name: n.to_string(),
-                    endpoints: vec![],
-                })
-                .collect(),
-        };
-        let t = for_subscriber(&table, &["reasoning".to_string()]);
-        assert_eq!(t.version, 3);
-        assert_eq!(t.services.len(), 1);
-        assert_eq!(t.services[0].name, "reasoning");
-        assert_eq!(for_subscriber(&table, &[]).services.len(), 3);
-        assert!(for_subscriber(&table, &["local".to_string()]).services.is_empty());
-    }
 }

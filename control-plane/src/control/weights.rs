@@ -2,8 +2,13 @@
 //! `weight = qps / (utilization + penalty × eps / qps)`, with the endpoint's cognitive load as
 //! its utilization. The raw weight is then tamed so that one noisy report cannot swing traffic:
 //!
-//! 1. damped: an EWMA toward the raw value (`SMOOTHING`), and at most a factor `MAX_STEP` per
-//!    update;
+//! 1. damped: a new target moves the weight only halfway (EWMA, `SMOOTHING`); once the next
+//!    update confirms it (its target within `CONFIRM_TOLERANCE` of the last one), the weight
+//!    goes to the mean of the two targets. Either way it moves at most a factor `MAX_STEP` per
+//!    update. So a one-window outlier moves a weight halfway and back, while a real change
+//!    lands in two updates (three for more than a ×4 change) instead of the ~7 an EWMA alone
+//!    takes to come within rounding — every update that changes a weight is a table version
+//!    fanned out to every sidecar;
 //! 2. clamped to `[MIN_RATIO, MAX_RATIO]` × the mean weight of the service;
 //! 3. slow start: a new endpoint ramps from `SLOW_START_FLOOR` × the mean to its computed weight
 //!    over `SLOW_START_SECS`, instead of being blacked out or flooded;
@@ -17,6 +22,8 @@ use std::collections::BTreeMap;
 pub const ERROR_PENALTY: f64 = 1.0;
 /// Weight of a new observation in the EWMA.
 pub const SMOOTHING: f64 = 0.5;
+/// Two consecutive targets within this relative distance confirm each other (see step 1).
+pub const CONFIRM_TOLERANCE: f64 = 0.1;
 /// A weight changes by at most this factor per update.
 pub const MAX_STEP: f64 = 2.0;
 pub const MIN_RATIO: f64 = 0.1;
@@ -43,6 +50,8 @@ pub struct WeightState {
     pub weight: f64,
     /// Seconds (on the caller's clock) when the endpoint was first seen.
     pub first_seen_secs: f64,
+    /// The target of the last update that had traffic to judge by.
+    pub last_target: Option<f64>,
 }
 
 /// gRPC WRR's raw weight; `None` when there is no traffic to judge by.
@@ -78,15 +87,24 @@ pub fn update(
         let prior = previous.get(key).copied();
         let first_seen_secs = prior.map_or(now_secs, |p| p.first_seen_secs);
         let old = prior.map_or(1.0, |p| p.weight);
-        let target = raws.get(key).map_or(old, |r| r / raw_mean);
-        // 2. Damping: EWMA, then bounded step.
-        let smoothed = old + SMOOTHING * (target - old);
-        let stepped = smoothed.clamp(old / MAX_STEP, old * MAX_STEP);
+        let observed_target = raws.get(key).map(|r| r / raw_mean);
+        let target = observed_target.unwrap_or(old);
+        // 2. Damping: halfway to a new target, to a confirmed one; then bounded step.
+        let confirmed = match (prior.and_then(|p| p.last_target), observed_target) {
+            (Some(last), Some(t)) => (t - last).abs() <= CONFIRM_TOLERANCE * last,
+            _ => false,
+        };
+        let proposed = match (confirmed, prior.and_then(|p| p.last_target)) {
+            (true, Some(last)) => (target + last) / 2.0,
+            _ => old + SMOOTHING * (target - old),
+        };
+        let stepped = proposed.clamp(old / MAX_STEP, old * MAX_STEP);
         next.insert(
             key.clone(),
             WeightState {
                 weight: stepped,
                 first_seen_secs,
+                last_target: observed_target,
             },
         );
     }
@@ -143,6 +161,7 @@ mod tests {
         WeightState {
             weight,
             first_seen_secs: -1000.0,
+            last_target: None,
         }
     }
 
@@ -169,6 +188,66 @@ mod tests {
         // mean is already 1.
         assert!((next["a"].weight - 5.0 / 6.0).abs() < 1e-12, "{next:?}");
         assert!((next["b"].weight - 7.0 / 6.0).abs() < 1e-12, "{next:?}");
+    }
+
+    #[test]
+    fn a_confirmed_change_lands_in_two_updates_and_a_one_off_is_damped() {
+        // 100 endpoints with equal traffic; "a" settled at 1 with the same target last time.
+        let names: Vec<String> = (0..100).map(|i| format!("e{i:02}")).collect();
+        let prev: BTreeMap<String, WeightState> = names
+            .iter()
+            .map(|n| {
+                let mut s = settled(1.0);
+                s.last_target = Some(1.0);
+                (n.clone(), s)
+            })
+            .collect();
+        let seen = |load_e00: f64| -> BTreeMap<String, Option<Observation>> {
+            names
+                .iter()
+                .map(|n| {
+                    (
+                        n.clone(),
+                        obs(100.0, 0.0, if n == "e00" { load_e00 } else { 0.3 }),
+                    )
+                })
+                .collect()
+        };
+        // e00's load goes 0.3 → 0.9: raw 111.1 vs 333.3 elsewhere, mean 331.1.
+        let raw_mean = (111.0 + 1.0 / 9.0 + 99.0 * (1000.0 / 3.0)) / 100.0;
+        let target = (1000.0 / 9.0) / raw_mean;
+        let first = update(&prev, &seen(0.9), 0.0);
+        // Not confirmed yet: halfway (before renormalizing to mean 1).
+        let halfway = 1.0 + SMOOTHING * (target - 1.0);
+        let rest = 1.0 + SMOOTHING * ((1000.0 / 3.0) / raw_mean - 1.0);
+        let mean = (halfway + 99.0 * rest) / 100.0;
+        assert!(
+            (first["e00"].weight - halfway / mean).abs() < 1e-12,
+            "{:?}",
+            first["e00"]
+        );
+        // Confirmed by the next update: the mean of the two targets, bounded to ×½ of the last.
+        let second = update(&first, &seen(0.9), 1.0);
+        let bounded = (first["e00"].weight / MAX_STEP).max(target);
+        let m2 = (bounded + 99.0 * (1000.0 / 3.0) / raw_mean) / 100.0;
+        assert!(
+            (second["e00"].weight - bounded / m2).abs() < 1e-12,
+            "{:?}",
+            second["e00"]
+        );
+        // Within 5 % of the target after two updates; the third does not move it further than that.
+        assert!(
+            (second["e00"].weight / target - 1.0).abs() < 0.05,
+            "{:?}",
+            second["e00"]
+        );
+        // A one-window outlier (the load back to 0.3 at once) is not confirmed: halfway back.
+        let outlier = update(&prev, &seen(0.9), 0.0);
+        let back = update(&outlier, &seen(0.3), 1.0);
+        assert!(
+            back["e00"].weight < 1.0 && back["e00"].weight > outlier["e00"].weight,
+            "{back:?}"
+        );
     }
 
     #[test]

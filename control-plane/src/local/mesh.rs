@@ -177,7 +177,7 @@ impl MeshFile {
             .collect();
         let config = serde_json::json!({
             "listen": listen.to_string(),
-            "metrics_listen": self.control.metrics.map(|m| m.to_string()),
+            "admin_listen": self.control.metrics.map(|m| m.to_string()),
             "weight_interval_ms": 500,
             "scaling": {
                 "interval_ms": 1000,

@@ -1,0 +1,499 @@
+//! `MeshControl.Connect`, served by hand instead of through tonic's generated server, so that one
+//! routing-table version is encoded once and its bytes are shared by every stream.
+//!
+//! With tonic's codec every stream would clone its table, encode it into its own buffer and keep
+//! that copy queued in h2 until the socket takes it: at N = 10 000 sidecars, 9 000 clients of a
+//! 1 000-endpoint service, that is 9 000 × 28 KiB = 250 MiB of copies per version. Here a
+//! version's gRPC frame (5-byte prefix + protobuf) is built once per distinct subscription set
+//! and every stream sends a reference-counted slice of it ([`Bytes`]), which h2 queues and
+//! writes without copying.
+//!
+//! The first message must be `Hello`; reports and ACK/NACKs are read by one task per stream;
+//! pushes coalesce per sidecar through a `watch` channel (latest wins, no debounce); a version
+//! the sidecar NACKed is skipped, and so is a version that changes nothing it routes to.
+//! At most one table is in flight per sidecar: after a push the stream waits for the sidecar's
+//! ACK or NACK (up to [`ANSWER_WAIT_MS`]) before it takes the newest table, as an xDS server
+//! waits for the answer to its last response. h2 accepts a body's data as soon as it is
+//! produced and queues it, so without this a slow sidecar would be queued every version in
+//! turn instead of only the latest. Requests are decoded with tonic's own `Streaming`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use cogmesh_proto::v1::{
+    control_message, sidecar_message, ControlMessage, RoutingTable, ScalingDecision, SidecarMessage,
+};
+use futures_util::StreamExt;
+use http_body::Frame;
+use prost::Message;
+use tokio::sync::watch;
+use tonic::codec::{BufferSettings, Streaming};
+use tonic::server::NamedService;
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use super::Mesh;
+
+/// The one method of `cogmesh.v1.MeshControl`.
+pub const CONNECT_PATH: &str = "/cogmesh.v1.MeshControl/Connect";
+/// Largest sidecar message accepted (a report on every endpoint of a large service fits).
+pub const MAX_SIDECAR_MESSAGE_BYTES: usize = 4 << 20;
+/// How long a push stream waits for the answer (ACK or NACK) to the table it sent before it
+/// may send a newer one anyway (a sidecar that never answers still gets updates, slowly).
+pub const ANSWER_WAIT_MS: u64 = 5_000;
+/// Initial decode buffer per stream. tonic's default (8 KiB) costs 80 MiB at 10 000 streams
+/// while most messages (an instance's report, an ACK) are ~100 bytes; the buffer grows for the
+/// few large reports.
+const DECODE_BUFFER_BYTES: usize = 512;
+
+// === EncodedTables ===
+
+/// The encoded gRPC frames of the current version, one per distinct subscription set.
+#[derive(Debug, Default)]
+pub struct EncodedTables {
+    version: u64,
+    views: HashMap<Vec<String>, View>,
+}
+
+/// One subscription set's view of a version.
+#[derive(Clone, Debug)]
+pub struct View {
+    /// The `ControlMessage` in gRPC framing, shared by every stream that sends it.
+    pub frame: Bytes,
+    /// A hash of the view's services without the version: equal for two versions that differ
+    /// only in services this subscriber does not route to.
+    pub content: u64,
+}
+
+impl EncodedTables {
+    /// `table` as the subscriber of `subscriptions` (sorted, deduplicated) gets it: encoded on
+    /// first use for this version, shared afterwards.
+    pub fn view(&mut self, table: &RoutingTable, subscriptions: &[String]) -> View {
+        if self.version != table.version {
+            self.version = table.version;
+            self.views.clear();
+        }
+        if let Some(v) = self.views.get(subscriptions) {
+            return v.clone();
+        }
+        let part = for_subscriber(table, subscriptions);
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for service in &part.services {
+            std::hash::Hash::hash(&service.encode_to_vec(), &mut hasher);
+        }
+        let content = std::hash::Hasher::finish(&hasher);
+        let message = ControlMessage {
+            kind: Some(control_message::Kind::RoutingTable(part)),
+        };
+        let view = View {
+            frame: grpc_frame(&message),
+            content,
+        };
+        self.views.insert(subscriptions.to_vec(), view.clone());
+        view
+    }
+}
+
+/// A message in gRPC's length-prefixed framing (uncompressed).
+fn grpc_frame(message: &impl Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    // Cannot fail: the buffer has the capacity.
+    let _ = message.encode(&mut buf);
+    buf.freeze()
+}
+
+/// The part of `table` a sidecar subscribed to (all of it without subscriptions).
+pub fn for_subscriber(table: &RoutingTable, subscriptions: &[String]) -> RoutingTable {
+    if subscriptions.is_empty() {
+        return table.clone();
+    }
+    RoutingTable {
+        version: table.version,
+        services: table
+            .services
+            .iter()
+            .filter(|s| subscriptions.contains(&s.name))
+            .cloned()
+            .collect(),
+    }
+}
+
+// === ControlRoute ===
+
+/// The `cogmesh.v1.MeshControl` service as a tower service for tonic's router.
+#[derive(Clone)]
+pub struct ControlRoute {
+    pub(super) mesh: Arc<Mesh>,
+}
+
+impl NamedService for ControlRoute {
+    const NAME: &'static str = "cogmesh.v1.MeshControl";
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for ControlRoute {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let mesh = Arc::clone(&self.mesh);
+        Box::pin(async move {
+            if request.uri().path() != CONNECT_PATH {
+                return Ok(Status::unimplemented(format!(
+                    "{} is not a MeshControl method",
+                    request.uri().path()
+                ))
+                .into_http());
+            }
+            Ok(match connect(mesh, request).await {
+                Ok(body) => {
+                    let mut response = http::Response::new(body);
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONTENT_TYPE, tonic::metadata::GRPC_CONTENT_TYPE);
+                    response
+                }
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// Reads Hello, registers the sidecar, starts its reader and returns its push body.
+async fn connect(
+    mesh: Arc<Mesh>,
+    request: http::Request<tonic::body::Body>,
+) -> Result<tonic::body::Body, Status> {
+    let peer = request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|i| i.remote_addr);
+    let decoder =
+        tonic_prost::ProstDecoder::<SidecarMessage>::new(BufferSettings::new(DECODE_BUFFER_BYTES, 32 << 10));
+    let mut inbound = Streaming::new_request(
+        decoder,
+        request.into_body(),
+        None,
+        Some(MAX_SIDECAR_MESSAGE_BYTES),
+    );
+    let first = inbound
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("the stream ended before Hello"))?;
+    let Some(sidecar_message::Kind::Hello(hello)) = first.kind else {
+        return Err(Status::invalid_argument("the first message must be Hello"));
+    };
+    if hello.node.is_empty() || hello.service.is_empty() {
+        return Err(Status::invalid_argument(
+            "Hello: node and service must not be empty",
+        ));
+    }
+    let address: SocketAddr = hello.instance_address.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "Hello: instance_address {:?} is not an IP:port address",
+            hello.instance_address
+        ))
+    })?;
+    let node = hello.node.clone();
+    info!(%node, service = %hello.service, %address, peer = ?peer, "sidecar connected");
+    // Membership changes are published by the next weight tick, not here: a connect storm
+    // (thousands of sidecars after a rollout) then makes one table version per tick, not one
+    // per sidecar, each fanned out to everyone.
+    let mut subscriptions = hello.subscriptions.clone();
+    subscriptions.sort();
+    subscriptions.dedup();
+    let own_service = hello.service.clone();
+    let session = mesh.state().hello(hello);
+
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (answered_tx, answered_rx) = watch::channel(0u64);
+    tokio::spawn(read_sidecar(
+        Arc::clone(&mesh),
+        node.clone(),
+        session,
+        inbound,
+        (done_tx, answered_tx),
+    ));
+    Ok(push_body(
+        mesh,
+        node,
+        (own_service, subscriptions),
+        done_rx,
+        answered_rx,
+    ))
+}
+
+/// What one sidecar's push stream waits on.
+struct Pushes {
+    mesh: Arc<Mesh>,
+    node: String,
+    /// Services this sidecar routes to, sorted; empty: all.
+    subscriptions: Vec<String>,
+    tables: watch::Receiver<Arc<RoutingTable>>,
+    stopping: watch::Receiver<bool>,
+    done: tokio::sync::oneshot::Receiver<()>,
+    /// [`View::content`] of the last table sent.
+    last_content: Option<u64>,
+    /// The newest version the sidecar ACKed or NACKed.
+    answered: watch::Receiver<u64>,
+    /// The version sent and not answered yet.
+    in_flight: Option<u64>,
+    /// Scaling decisions, of which the sidecar gets those for its own service and the
+    /// services it routes to (`None` once the channel closed).
+    decisions: Option<tokio::sync::broadcast::Receiver<ScalingDecision>>,
+    own_service: String,
+}
+
+impl Pushes {
+    /// Whether decisions about `service` go to this sidecar.
+    fn wants(&self, service: &str) -> bool {
+        service == self.own_service
+            || self.subscriptions.is_empty()
+            || self.subscriptions.iter().any(|s| s == service)
+    }
+
+    /// The next frame to send, or `None` when the stream is over.
+    async fn next(&mut self) -> Option<Bytes> {
+        if let Some(sent) = self.in_flight.take() {
+            tokio::select! {
+                _ = &mut self.done => return None,
+                _ = self.stopping.wait_for(|s| *s) => return None,
+                _ = self.answered.wait_for(|v| *v >= sent) => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(ANSWER_WAIT_MS)) => {
+                    debug!(node = %self.node, version = sent, "no answer to the last table; sending the next anyway");
+                }
+            }
+        }
+        let mut pending_decision: Option<ScalingDecision> = None;
+        loop {
+            let decision = async {
+                match self.decisions.as_mut() {
+                    Some(d) => d.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut self.done => return None,
+                _ = self.stopping.wait_for(|s| *s) => return None,
+                changed = self.tables.changed() => if changed.is_err() { return None },
+                d = decision => {
+                    match d {
+                        Ok(d) => pending_decision = Some(d),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => self.decisions = None,
+                    }
+                }
+            }
+            if let Some(d) = pending_decision.take() {
+                if self.wants(&d.service) {
+                    let message = ControlMessage {
+                        kind: Some(control_message::Kind::ScalingDecision(d)),
+                    };
+                    return Some(grpc_frame(&message));
+                }
+                continue;
+            }
+            if self.decisions.is_none() && !self.tables.has_changed().unwrap_or(false) {
+                // Woken by the decision channel closing: wait for a table again.
+                continue;
+            }
+            if let Some(left) = self.mesh.hold_pushes() {
+                debug!(node = %self.node, left_ms = left.as_millis() as u64, "holding pushes until every sidecar is back");
+                tokio::select! {
+                    _ = &mut self.done => return None,
+                    _ = self.stopping.wait_for(|s| *s) => return None,
+                    _ = tokio::time::sleep(left) => {}
+                }
+            }
+            let table = Arc::clone(&self.tables.borrow_and_update());
+            if table.version == 0 {
+                continue;
+            }
+            // Only the services the sidecar routes to: a client of one service does not get
+            // the whole mesh (what makes fan-out grow with the square of the mesh size).
+            let view = self.mesh.encoded().view(&table, &self.subscriptions);
+            let mut state = self.mesh.state();
+            if state.was_rejected(&self.node, table.version) {
+                debug!(node = %self.node, version = table.version, "not resending a refused version");
+                continue;
+            }
+            // Nothing this sidecar routes to changed (another service's members or weights
+            // did): nothing to send. Without this, every join during a connect storm would
+            // resend every client its unchanged table.
+            if self.last_content == Some(view.content) {
+                state.same_view(&self.node, table.version);
+                continue;
+            }
+            state.sent(&self.node, table.version);
+            self.last_content = Some(view.content);
+            self.in_flight = Some(table.version);
+            return Some(view.frame);
+        }
+    }
+}
+
+/// The tables sent to one sidecar as an HTTP/2 body, pulled by hyper only when the stream has
+/// send capacity: the frame is fetched at that moment and never queued before, so at most one
+/// is pending per sidecar and the latest wins. Ends with `grpc-status: 0` trailers.
+fn push_body(
+    mesh: Arc<Mesh>,
+    node: String,
+    (own_service, subscriptions): (String, Vec<String>),
+    done: tokio::sync::oneshot::Receiver<()>,
+    answered: watch::Receiver<u64>,
+) -> tonic::body::Body {
+    let mut tables = mesh.tables.subscribe();
+    tables.mark_changed();
+    let stopping = mesh.stopping.subscribe();
+    let decisions = Some(mesh.scaler.subscribe());
+    let pushes = Pushes {
+        decisions,
+        own_service,
+        mesh,
+        node,
+        subscriptions,
+        tables,
+        stopping,
+        done,
+        last_content: None,
+        answered,
+        in_flight: None,
+    };
+    let frames = futures_util::stream::unfold(pushes, |mut p| async move {
+        let frame = p.next().await?;
+        Some((Ok::<_, Infallible>(Frame::data(frame)), p))
+    })
+    .chain(futures_util::stream::once(async {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
+        Ok(Frame::trailers(trailers))
+    }));
+    tonic::body::Body::new(http_body_util::StreamBody::new(frames))
+}
+
+/// Reads a sidecar's reports and acknowledgements until its stream ends.
+async fn read_sidecar(
+    mesh: Arc<Mesh>,
+    node: String,
+    session: u64,
+    mut inbound: Streaming<SidecarMessage>,
+    (done, answered): (tokio::sync::oneshot::Sender<()>, watch::Sender<u64>),
+) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(SidecarMessage { kind: Some(kind) })) => match kind {
+                sidecar_message::Kind::LoadReport(r) => mesh.state().report(&node, r),
+                sidecar_message::Kind::Ack(a) => {
+                    debug!(%node, version = a.version, "ACK");
+                    mesh.state().ack(&node, a.version);
+                    answered.send_modify(|v| *v = (*v).max(a.version));
+                }
+                sidecar_message::Kind::Nack(n) => {
+                    warn!(%node, version = n.version, error = %n.error, "sidecar refused a routing table");
+                    let version = n.version;
+                    mesh.state().nack(&node, version, n.error);
+                    answered.send_modify(|v| *v = (*v).max(version));
+                }
+                sidecar_message::Kind::Hello(_) => {
+                    warn!(%node, "ignoring a second Hello on one stream");
+                }
+            },
+            Ok(Some(SidecarMessage { kind: None })) => {}
+            Ok(None) => break,
+            Err(e) => {
+                debug!(%node, "sidecar stream failed: {e}");
+                break;
+            }
+        }
+    }
+    info!(%node, "sidecar disconnected");
+    let _ = done.send(());
+    // Published by the next weight tick, like a join.
+    mesh.state().disconnect(&node, session);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cogmesh_proto::v1::{ServiceEndpoints, WeightedEndpoint};
+
+    fn table(version: u64) -> RoutingTable {
+        RoutingTable {
+            version,
+            services: ["gateway", "reasoning", "memory"]
+                .iter()
+                .map(|n| ServiceEndpoints {
+                    name: n.to_string(),
+                    endpoints: vec![WeightedEndpoint {
+                        address: "127.0.0.1:1".into(),
+                        weight: 1.0,
+                    }],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn subscribers_get_only_their_services() {
+        let table = table(3);
+        let t = for_subscriber(&table, &["reasoning".to_string()]);
+        assert_eq!(t.version, 3);
+        assert_eq!(t.services.len(), 1);
+        assert_eq!(t.services[0].name, "reasoning");
+        assert_eq!(for_subscriber(&table, &[]).services.len(), 3);
+        assert!(for_subscriber(&table, &["local".to_string()]).services.is_empty());
+    }
+
+    #[test]
+    fn a_version_is_encoded_once_per_subscription_set_and_decodes_back() {
+        let mut cache = EncodedTables::default();
+        let subs = vec!["reasoning".to_string()];
+        let a = cache.view(&table(3), &subs).frame;
+        let b = cache.view(&table(3), &subs).frame;
+        assert_eq!(a.as_ptr(), b.as_ptr(), "the second subscriber shares the bytes");
+        // gRPC framing: uncompressed flag, big-endian length, then the message.
+        assert_eq!(a[0], 0);
+        let len = u32::from_be_bytes([a[1], a[2], a[3], a[4]]) as usize;
+        assert_eq!(len, a.len() - 5);
+        let decoded = ControlMessage::decode(&a[5..]).unwrap();
+        let Some(control_message::Kind::RoutingTable(t)) = decoded.kind else {
+            panic!("not a table: {decoded:?}");
+        };
+        assert_eq!(t, for_subscriber(&table(3), &subs));
+        // Another subscription set, and a new version, get their own encoding.
+        let all = cache.view(&table(3), &[]);
+        assert_ne!(all.frame.len(), a.len());
+        let next = cache.view(&table(4), &subs);
+        assert_eq!(
+            next.content,
+            cache.view(&table(4), &subs).content,
+            "a new version with the same services has the same content"
+        );
+        let mut changed = table(5);
+        changed.services[1].endpoints[0].weight = 0.5;
+        let other = cache.view(&changed, &subs).content;
+        assert_ne!(other, next.content);
+        // A change outside the subscription leaves the subscriber's content as it was.
+        let mut elsewhere = table(6);
+        elsewhere.services[0].endpoints.clear();
+        assert_eq!(cache.view(&elsewhere, &subs).content, next.content);
+        let next = next.frame;
+        assert_ne!(next.as_ptr(), a.as_ptr());
+        let decoded = ControlMessage::decode(&next[5..]).unwrap();
+        assert!(matches!(decoded.kind, Some(control_message::Kind::RoutingTable(t)) if t.version == 4));
+    }
+}

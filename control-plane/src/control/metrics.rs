@@ -1,0 +1,121 @@
+//! The control plane's Prometheus metrics, served as text on `GET /metrics` of the optional
+//! admin address (`admin_listen` in control.yaml, `--admin-listen`): configuration reloads by
+//! result (the same `config_reload_total{result}` as the proxy's), the routing-table version,
+//! connected sidecars, and the scaling decisions and alerts of [`crate::metrics`]. Everything
+//! else about the mesh is read through `MeshAdmin`.
+
+use std::convert::Infallible;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tracing::debug;
+
+use super::Mesh;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied` or `refused`.
+    pub result: &'static str,
+}
+
+/// The metric handles, registered once.
+pub struct Metrics {
+    registry: Registry,
+    pub config_reload: Family<ReloadLabels, Counter>,
+    table_version: Gauge<u64, AtomicU64>,
+    sidecars_connected: Gauge,
+    /// Scaling decisions and alerts (see [`crate::metrics`]).
+    pub scaling: crate::metrics::ScalingMetrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let config_reload = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reload",
+            "Reloads of control.yaml by result (a refused one leaves the last good configuration in force)",
+            config_reload.clone(),
+        );
+        let table_version = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "routing_table_version",
+            "The newest routing-table version",
+            table_version.clone(),
+        );
+        let sidecars_connected = Gauge::default();
+        registry.register(
+            "sidecars_connected",
+            "Sidecars with an open MeshControl.Connect stream",
+            sidecars_connected.clone(),
+        );
+        let scaling = crate::metrics::ScalingMetrics::default();
+        scaling.register(&mut registry);
+        Metrics {
+            registry,
+            config_reload,
+            table_version,
+            sidecars_connected,
+            scaling,
+        }
+    }
+}
+
+/// The Prometheus text exposition of `mesh`'s metrics now.
+fn render(mesh: &Mesh) -> String {
+    {
+        let state = mesh.state();
+        mesh.metrics.table_version.set(state.version);
+        mesh.metrics
+            .sidecars_connected
+            .set(state.sidecars.values().filter(|s| s.connected).count() as i64);
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    // The Prometheus text format (0.0.4), which `promtool check metrics` and every scraper read.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &mesh.metrics.registry);
+    out
+}
+
+/// Serves `GET /metrics` (HTTP/1.1) on `listener` until the task is aborted.
+pub(super) async fn serve(listener: tokio::net::TcpListener, mesh: Arc<Mesh>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let mesh = Arc::clone(&mesh);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mesh = Arc::clone(&mesh);
+                async move {
+                    let response = if req.uri().path() == "/metrics" {
+                        hyper::Response::builder()
+                            .header(
+                                "content-type",
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(render(&mesh))))
+                    } else {
+                        hyper::Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from_static(b"not found: try /metrics\n")))
+                    };
+                    Ok::<_, Infallible>(response.unwrap_or_default())
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                debug!("admin connection: {e}");
+            }
+        });
+    }
+}
