@@ -97,10 +97,7 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, mesh: Arc<Mesh>) {
                 async move {
                     let response = if req.uri().path() == "/metrics" {
                         hyper::Response::builder()
-                            .header(
-                                "content-type",
-                                "text/plain; version=0.0.4; charset=utf-8",
-                            )
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                             .body(Full::new(Bytes::from(render(&mesh))))
                     } else {
                         hyper::Response::builder()

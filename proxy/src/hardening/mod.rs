@@ -197,6 +197,11 @@ fn too_large_head(max_headers: usize) -> Vec<u8> {
     head
 }
 
+thread_local! {
+    /// Each worker's buffer for reading request heads (see `GuardedIo::poll_read`).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; 8192].into_boxed_slice());
+}
+
 /// A client connection whose HTTP/1 request heads are checked before hyper parses them, and
 /// whose first head must arrive within the header-read timeout (see the module doc).
 pub struct GuardedIo<T> {
@@ -260,9 +265,25 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                 this.framing.skipped(n as u64);
                 return Poll::Ready(Ok(()));
             }
-            let mut scratch = [0u8; 8192];
-            let mut read = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+            // The read goes through this worker's scratch buffer, initialized once: a fresh
+            // zeroed array per read would cost an 8 KiB memset on every request.
+            let polled = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let mut read = ReadBuf::new(&mut scratch[..]);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let data = read.filled();
+                        if data.is_empty() {
+                            Poll::Ready(Ok(None))
+                        } else {
+                            Poll::Ready(Ok(Some(this.framing.feed(data, &mut this.ready))))
+                        }
+                    }
+                }
+            });
+            let verdict = match polled {
                 Poll::Pending => {
                     if let Some(sleep) = this.first_head.as_mut() {
                         if sleep.as_mut().poll(cx).is_ready() {
@@ -275,18 +296,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            let data = read.filled();
-            if data.is_empty() {
-                // End of input: hand over what is held back, hyper decides what it was.
-                this.framing.finish(&mut this.ready);
-                if this.ready.is_empty() {
-                    return Poll::Ready(Ok(()));
+                Poll::Ready(Ok(Some(verdict))) => verdict,
+                Poll::Ready(Ok(None)) => {
+                    // End of input: hand over what is held back, hyper decides what it was.
+                    this.framing.finish(&mut this.ready);
+                    if this.ready.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let verdict = this.framing.feed(data, &mut this.ready);
+            };
             if this.framing.heads_seen() > 0 {
                 this.first_head = None;
             }
