@@ -513,3 +513,101 @@ fn endpoints_with_load(control: SocketAddr, service: &str) -> Vec<f64> {
         .map(|e| e["cognitive_load"].as_f64().unwrap_or(0.0))
         .collect()
 }
+
+/// The `kubernetes` backend against a fake API server on loopback (no real API server can run
+/// here): it follows the documented `scale` subresource of `apps/v1` Deployments — `PATCH
+/// /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale` with a JSON merge patch of
+/// `spec.replicas`, answered with an `autoscaling/v1` `Scale`. A service below its policy's
+/// minimum (no replica registered) is scaled to the minimum, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_backend_patches_the_deployment_scale() {
+    use http_body_util::BodyExt;
+    // (method, path, content type, body) of every request the fake API server got.
+    type Seen = Arc<Mutex<Vec<(String, String, String, String)>>>;
+    let seen: Seen = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let method = req.method().to_string();
+                        let path = req.uri().path().to_string();
+                        let content_type = req
+                            .headers()
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let body = String::from_utf8_lossy(&body).to_string();
+                        let replicas = serde_json::from_str::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v["spec"]["replicas"].as_u64())
+                            .unwrap_or(0);
+                        record.lock().unwrap().push((method, path, content_type, body));
+                        let scale = serde_json::json!({
+                            "apiVersion": "autoscaling/v1", "kind": "Scale",
+                            "metadata": {"name": "reasoning-engine", "namespace": "mesh"},
+                            "spec": {"replicas": replicas}, "status": {"replicas": 0}
+                        });
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(http_body_util::Full::new(bytes::Bytes::from(scale.to_string())))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let (_control, _addr, dir) = tokio::task::spawn_blocking(move || {
+        control_with(
+            "kube",
+            &format!(
+                r#"  interval_ms: 300
+  backend: kubernetes
+  kubernetes: {{ namespace: mesh, api_server: "http://{api}" }}
+  services:
+    reasoning:
+      deployment: reasoning-engine
+      policy: {{ min_replicas: 2, max_replicas: 4, target_cpu_utilization: null, target_cognitive_load: 0.5 }}
+"#
+            ),
+            free_addr(),
+        )
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.lock().unwrap().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // More ticks pass: the replicas it asked for count as starting, so it does not ask again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (method, path, content_type, body) = &seen[0];
+    assert_eq!(method, "PATCH");
+    assert_eq!(
+        path,
+        "/apis/apps/v1/namespaces/mesh/deployments/reasoning-engine/scale"
+    );
+    assert_eq!(content_type, "application/merge-patch+json");
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body, serde_json::json!({"spec": {"replicas": 2}}));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -68,7 +68,13 @@ fn slice_name(slice: &EndpointSlice) -> String {
 /// A client for `config.api_server`, or for the cluster this process runs in (service account)
 /// or the kubeconfig's current context.
 async fn client(config: &KubernetesDiscovery) -> Result<Client, String> {
-    match &config.api_server {
+    api_client(config.api_server.as_deref()).await
+}
+
+/// A client for the API server at `api_server`, or (none) for the cluster this process runs in
+/// (service account) or the kubeconfig's current context.
+pub(crate) async fn api_client(api_server: Option<&str>) -> Result<Client, String> {
+    match api_server {
         Some(url) => {
             let uri: http::Uri = url.parse().map_err(|e| format!("api_server {url:?}: {e}"))?;
             Client::try_from(kube::Config::new(uri)).map_err(|e| e.to_string())

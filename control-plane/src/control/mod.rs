@@ -223,6 +223,26 @@ pub async fn serve(
     });
     mesh.publish(0.0);
     let scaling = spawn_scaling(Arc::clone(&mesh), config.resolved.scaling.interval_ms);
+    let kubernetes_scaling = match (
+        mesh.scaler.take_kubernetes_queue(),
+        &config.resolved.scaling.kubernetes,
+    ) {
+        (Some(queue), Some(k)) => {
+            let deployments = config
+                .resolved
+                .scaling
+                .services
+                .iter()
+                .filter_map(|(n, s)| Some((n.clone(), s.deployment.clone()?)))
+                .collect();
+            Some(tokio::spawn(crate::scaling::kubernetes::run(
+                queue,
+                k.clone(),
+                deployments,
+            )))
+        }
+        _ => None,
+    };
 
     let ticker = {
         let mesh = Arc::clone(&mesh);
@@ -319,6 +339,9 @@ pub async fn serve(
     };
     ticker.abort();
     scaling.abort();
+    if let Some(k) = kubernetes_scaling {
+        k.abort();
+    }
     if let Some(w) = watcher {
         w.abort();
     }

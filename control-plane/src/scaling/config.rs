@@ -29,6 +29,8 @@ pub enum BackendKind {
     None,
     /// The control plane starts and stops local replicas, each behind its own sidecar.
     Process,
+    /// The control plane patches the `scale` subresource of each service's Deployment.
+    Kubernetes,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -37,7 +39,19 @@ pub struct ScalingConfig {
     pub interval_ms: u64,
     pub history_file: Option<std::path::PathBuf>,
     pub backend: BackendKind,
+    /// Where the `kubernetes` backend finds the Deployments.
+    pub kubernetes: Option<KubernetesScaling>,
     pub services: BTreeMap<String, ServiceScaling>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesScaling {
+    /// The namespace of the Deployments.
+    pub namespace: String,
+    /// The API server's URL; default: the in-cluster service account, else the kubeconfig.
+    #[serde(default)]
+    pub api_server: Option<String>,
 }
 
 impl Default for ScalingConfig {
@@ -46,6 +60,7 @@ impl Default for ScalingConfig {
             interval_ms: 1000,
             history_file: None,
             backend: BackendKind::None,
+            kubernetes: None,
             services: BTreeMap::new(),
         }
     }
@@ -63,6 +78,9 @@ pub struct ServiceScaling {
     /// policy's minimum.
     #[serde(default)]
     pub initial_replicas: Option<u32>,
+    /// The `kubernetes` backend's Deployment for this service; default: the service's name.
+    #[serde(default)]
+    pub deployment: Option<String>,
 }
 
 impl ScalingConfig {
@@ -78,6 +96,9 @@ impl ScalingConfig {
         if self.backend != next.backend {
             return Some("scaling.backend".into());
         }
+        if self.kubernetes != next.kubernetes {
+            return Some("scaling.kubernetes".into());
+        }
         if !self.services.keys().eq(next.services.keys()) {
             return Some("scaling.services".into());
         }
@@ -85,7 +106,9 @@ impl ScalingConfig {
             .iter()
             .find(|(name, s)| {
                 let n = &next.services[*name];
-                n.command != s.command || n.initial_replicas != s.initial_replicas
+                n.command != s.command
+                    || n.initial_replicas != s.initial_replicas
+                    || n.deployment != s.deployment
             })
             .map(|(name, _)| format!("scaling.services.{name}.command"))
     }
@@ -97,6 +120,20 @@ impl ScalingConfig {
                 "scaling.interval_ms".into(),
                 format!("{} is not within [100, 60000] ms", self.interval_ms),
             ));
+        }
+        if self.backend == BackendKind::Kubernetes {
+            match &self.kubernetes {
+                None => {
+                    return Err((
+                        "scaling.kubernetes".into(),
+                        "the kubernetes backend needs `kubernetes: { namespace: ... }`".into(),
+                    ))
+                }
+                Some(k) if k.namespace.is_empty() => {
+                    return Err(("scaling.kubernetes.namespace".into(), "must not be empty".into()))
+                }
+                Some(_) => {}
+            }
         }
         for (name, service) in &self.services {
             if let Err(e) = service.policy.validate() {
@@ -140,6 +177,16 @@ mod tests {
         assert_eq!(field, "scaling.services.reasoning.command");
         assert!(reason.contains("{address}"), "{reason}");
         assert!(serde_yaml_ng::from_str::<ScalingConfig>("services: { r: { polcy: {} } }").is_err());
+        let (field, _) = parse("backend: kubernetes").validate().unwrap_err();
+        assert_eq!(field, "scaling.kubernetes");
+        let (field, _) = parse("backend: kubernetes\nkubernetes: { namespace: \"\" }")
+            .validate()
+            .unwrap_err();
+        assert_eq!(field, "scaling.kubernetes.namespace");
+        assert_eq!(
+            parse("backend: kubernetes\nkubernetes: { namespace: mesh }").validate(),
+            Ok(())
+        );
         assert_eq!(parse("interval_ms: 500").validate(), Ok(()));
     }
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod history;
 pub mod keda;
+pub mod kubernetes;
 pub mod policy;
 pub mod process;
 pub mod scaler;

@@ -30,6 +30,9 @@ use crate::metrics::{AlertLabels, DecisionLabels, ScalingMetrics, ServiceLabels}
 struct ServiceState {
     policy: ScalingPolicy,
     initial_replicas: Option<u32>,
+    /// The replica count last decided (the kubernetes backend's replicas not ready yet are
+    /// this minus the endpoints seen).
+    desired: Option<u32>,
     engine: EngineState,
     last: Option<Observation>,
 }
@@ -39,6 +42,9 @@ pub struct Scaler {
     history: History,
     decisions: broadcast::Sender<ScalingDecision>,
     process: Option<ProcessBackend>,
+    /// The kubernetes backend's queue of (service, replicas) patches.
+    kubernetes: Option<tokio::sync::mpsc::UnboundedSender<(String, u32)>>,
+    kubernetes_queue: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<(String, u32)>>>,
     alerts_config: Mutex<AlertsConfig>,
     alerts: Mutex<Alerts>,
     alert_events: broadcast::Sender<Alert>,
@@ -56,6 +62,12 @@ impl Scaler {
         let (alert_events, _) = broadcast::channel(256);
         let process =
             (config.backend == BackendKind::Process).then(|| ProcessBackend::new(control, &config.services));
+        let (kubernetes, kubernetes_queue) = if config.backend == BackendKind::Kubernetes {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         Scaler {
             services: Mutex::new(
                 config
@@ -65,6 +77,7 @@ impl Scaler {
                         let state = ServiceState {
                             policy: s.policy.clone(),
                             initial_replicas: s.initial_replicas,
+                            desired: None,
                             engine: EngineState::default(),
                             last: None,
                         };
@@ -75,6 +88,8 @@ impl Scaler {
             history: History::open(config.history_file.as_deref()),
             decisions,
             process,
+            kubernetes,
+            kubernetes_queue: Mutex::new(kubernetes_queue),
             alerts_config: Mutex::new(alerts.clone()),
             alerts: Mutex::new(Alerts::default()),
             alert_events,
@@ -115,6 +130,14 @@ impl Scaler {
             let initial = state.initial_replicas.unwrap_or(p.min_replicas);
             process.scale(name, initial.clamp(p.min_replicas, p.max_replicas));
         }
+    }
+
+    /// The kubernetes backend's patches to apply (once; see [`super::kubernetes::run`]).
+    pub fn take_kubernetes_queue(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<(String, u32)>> {
+        self.kubernetes_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Applies reloaded alert thresholds.
@@ -208,6 +231,9 @@ impl Scaler {
                 let visible: HashSet<String> = status.endpoints.iter().map(|e| e.address.clone()).collect();
                 obs.starting = p.starting(name, &visible);
                 obs.ready = p.running(name).saturating_sub(obs.starting);
+            } else if let Some(desired) = service.desired {
+                // Pods the Deployment is still starting have not registered yet.
+                obs.starting = desired.saturating_sub(obs.ready);
             }
             let decision = decide(&service.policy, &mut service.engine, &obs);
             service.last = Some(obs);
@@ -245,8 +271,12 @@ impl Scaler {
                 .set(i64::from(record.to));
             let _ = self.decisions.send(to_proto(&record));
             self.history.append(record);
+            service.desired = Some(d.to);
             if let Some(p) = &self.process {
                 p.scale(name, d.to);
+            }
+            if let Some(k) = &self.kubernetes {
+                let _ = k.send((name.clone(), d.to));
             }
         }
     }
