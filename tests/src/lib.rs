@@ -11,10 +11,36 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A loopback address with a port that was free a moment ago.
+/// Ports the tests hand out: below Linux's ephemeral range (32768–60999), so a port picked here
+/// is never taken meanwhile by a process that binds port 0 or by an outgoing connection.
+const TEST_PORTS: std::ops::Range<u32> = 12_000..32_000;
+
+/// A loopback address with a port that was free a moment ago. Ports are handed out in turn from
+/// [`TEST_PORTS`], starting at a point that differs per process, so two tests of one run never
+/// get the same port and a test never races another process for it.
 pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = TEST_PORTS.end - TEST_PORTS.start;
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + (std::process::id().wrapping_mul(7919) ^ seed_nanos()) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = TEST_PORTS.start + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().expect("local addr");
+        }
+    }
+    panic!("no free loopback port in {TEST_PORTS:?}");
+}
+
+fn seed_nanos() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
 }
 
 /// Path of a workspace binary built next to the tests.
