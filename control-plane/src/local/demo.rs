@@ -8,7 +8,7 @@
 //! crashes). Every load loop is open-loop, bounded by the phase's time, each request by 5 s.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use tonic::transport::Channel;
 
 use super::mesh::MeshFile;
 use super::up::Mesh;
+use crate::scaling::process::free_port;
 
 /// The service the demo's client sidecar routes to.
 pub const ENTRY: &str = "cognitive_gateway";
@@ -73,10 +74,6 @@ struct Sample {
     latency: Duration,
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -100,19 +97,7 @@ struct Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::scaling::process::stop_child(&mut self.child, Duration::from_secs(10));
     }
 }
 

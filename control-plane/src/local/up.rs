@@ -268,18 +268,7 @@ impl Mesh {
     /// Stops the control plane (SIGTERM; it stops its replicas), SIGKILL after 15 s.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = kill_process(Pid::from_child(&child), Signal::TERM);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if let Ok(None) = child.try_wait() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            crate::scaling::process::stop_child(&mut child, Duration::from_secs(15));
         }
         let _ = std::fs::remove_file(self.dir.join("up.pid"));
     }

@@ -43,16 +43,24 @@ pub struct ProcessBackend {
     next_index: Mutex<u64>,
 }
 
-/// A free loopback port (bound and released; the replica binds it right after).
-fn free_port() -> std::io::Result<SocketAddr> {
+/// A free loopback port (bound and released; the process it is for binds it right after).
+pub(crate) fn free_port() -> std::io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
-fn terminate(child: &mut Child) {
+/// Sends SIGTERM to `child`.
+pub(crate) fn terminate(child: &mut Child) {
     let _ = kill_process(Pid::from_child(child), Signal::TERM);
 }
 
-fn wait_or_kill(child: &mut Child, until: Instant) {
+/// Stops `child`: SIGTERM, then SIGKILL if it is still running after `grace`.
+pub(crate) fn stop_child(child: &mut Child, grace: Duration) {
+    terminate(child);
+    wait_or_kill(child, Instant::now() + grace);
+}
+
+/// Waits for `child` to exit until `until`, then kills it.
+pub(crate) fn wait_or_kill(child: &mut Child, until: Instant) {
     while Instant::now() < until {
         if let Ok(Some(_)) = child.try_wait() {
             return;
@@ -197,8 +205,7 @@ impl ProcessBackend {
                 break;
             }
             if Instant::now() >= ready_by {
-                terminate(&mut app);
-                wait_or_kill(&mut app, Instant::now() + Duration::from_secs(2));
+                stop_child(&mut app, Duration::from_secs(2));
                 return Err(std::io::Error::other(format!(
                     "{name}: app not listening on {app_addr} within {} s",
                     APP_READY_TIMEOUT.as_secs()
@@ -219,8 +226,7 @@ impl ProcessBackend {
         let sidecar = match sidecar {
             Ok(s) => s,
             Err(e) => {
-                terminate(&mut app);
-                wait_or_kill(&mut app, Instant::now() + Duration::from_secs(2));
+                stop_child(&mut app, Duration::from_secs(2));
                 return Err(e);
             }
         };
