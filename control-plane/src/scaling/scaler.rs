@@ -124,11 +124,13 @@ impl Scaler {
         let Some(process) = &self.process else {
             return;
         };
-        let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, state) in services.iter() {
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, state) in services.iter_mut() {
             let p = &state.policy;
             let initial = state.initial_replicas.unwrap_or(p.min_replicas);
-            process.scale(name, initial.clamp(p.min_replicas, p.max_replicas));
+            let initial = initial.clamp(p.min_replicas, p.max_replicas);
+            state.desired = Some(initial);
+            process.scale(name, initial);
         }
     }
 
@@ -238,6 +240,11 @@ impl Scaler {
             let decision = decide(&service.policy, &mut service.engine, &obs);
             service.last = Some(obs);
             let Some(d) = decision else {
+                // A replica that exited (or never started) is replaced: the process backend
+                // keeps the count last decided.
+                if let (Some(p), Some(desired)) = (&self.process, service.desired) {
+                    p.scale(name, desired);
+                }
                 continue;
             };
             info!(
