@@ -95,6 +95,11 @@ struct Args {
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
 
+    /// Priority admission: requests in flight through this instance before low and sheddable
+    /// ones are shed and the rest queue (`admission.max_concurrency`). Overrides the file.
+    #[arg(long)]
+    max_concurrency: Option<u64>,
+
     /// Log filter, e.g. `info` or `cogmesh_proxy=debug` (RUST_LOG syntax).
     #[arg(long, env = "COGMESH_LOG", default_value = "info")]
     log_level: String,
@@ -215,6 +220,16 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     if let Some(n) = args.http2_streams_per_connection {
         config.http2_streams_per_connection = n;
     }
+    if let Some(max_concurrency) = args.max_concurrency {
+        match &mut config.admission {
+            Some(a) => a.max_concurrency = max_concurrency,
+            None => {
+                config.admission = Some(cogmesh_proxy::admission::AdmissionConfig::with_limit(
+                    max_concurrency,
+                ))
+            }
+        }
+    }
     if let (Some(address), Some(service)) = (args.control, &args.service) {
         config.control = Some(ControlConfig {
             address,
@@ -229,7 +244,9 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     }
     // Flags can break what the file alone satisfied (e.g. --workers 0): validate the result,
     // naming the flags when they were the source.
-    let origin = if args.config.is_some() && (args.admin.is_some() || args.workers.is_some()) {
+    let origin = if args.config.is_some()
+        && (args.admin.is_some() || args.workers.is_some() || args.max_concurrency.is_some())
+    {
         format!("{source} (with command-line overrides)")
     } else {
         source

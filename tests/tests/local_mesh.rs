@@ -59,6 +59,26 @@ fn demo_runs_to_the_end_with_traffic_and_a_scaling_decision_and_cleans_up() {
         out.contains("phase: burst") && out.contains("phase: replica killed"),
         "{out}"
     );
+    // Priority admission at the gateway's sidecars: critical requests wait for a slot while
+    // sheddable ones are shed first, so critical ones never fare worse; none is shed.
+    let per_priority = |p: &str| -> (f64, u64) {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(p) && l.contains("shed by priority admission"))
+            .unwrap_or_else(|| panic!("no {p} line in:\n{out}"));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        (
+            words[3].parse().expect("success %"),
+            words[6].parse().expect("shed count"),
+        )
+    };
+    let (critical_ok, critical_shed) = per_priority("critical");
+    let (sheddable_ok, _) = per_priority("sheddable");
+    assert_eq!(critical_shed, 0, "critical requests were shed:\n{out}");
+    assert!(
+        critical_ok >= sheddable_ok,
+        "critical {critical_ok} % < sheddable {sheddable_ok} %:\n{out}"
+    );
     assert!(out.contains("everything the demo started is stopped"), "{out}");
     let left = replicas_of(control);
     assert!(left.is_empty(), "processes left behind: {left:?}");

@@ -71,6 +71,8 @@ struct Sample {
     at: Duration,
     priority: &'static str,
     ok: bool,
+    /// Refused by a sidecar's priority admission (`x-cogmesh-error: shed`).
+    shed: bool,
     latency: Duration,
 }
 
@@ -155,18 +157,21 @@ pub async fn run(file: MeshFile, duration: Duration) -> anyhow::Result<()> {
                     .header("x-cogmesh-priority", priority)
                     .body(Empty::new())
                     .expect("a valid request");
-                let ok = match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+                let (ok, shed) = match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await
+                {
                     Ok(Ok(resp)) => {
                         let status = resp.status();
+                        let shed = resp.headers().get("x-cogmesh-error").is_some_and(|v| v == "shed");
                         let _ = resp.into_body().collect().await;
-                        status.is_success()
+                        (status.is_success(), shed)
                     }
-                    _ => false,
+                    _ => (false, false),
                 };
                 let sample = Sample {
                     at: started.elapsed(),
                     priority,
                     ok,
+                    shed,
                     latency: sent.elapsed(),
                 };
                 record.lock().unwrap_or_else(|p| p.into_inner()).push(sample);
@@ -400,11 +405,13 @@ fn summarize(
     started: Instant,
 ) -> String {
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner());
-    let mut by_priority: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    // Per priority: requests, succeeded, shed.
+    let mut by_priority: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
     for s in samples.iter() {
         let e = by_priority.entry(s.priority).or_default();
         e.0 += 1;
         e.1 += usize::from(s.ok);
+        e.2 += usize::from(s.shed);
     }
     let mut lat: Vec<Duration> = samples.iter().filter(|s| s.ok).map(|s| s.latency).collect();
     lat.sort();
@@ -419,9 +426,9 @@ fn summarize(
         percentile(&lat, 0.99).as_millis()
     );
     for p in PRIORITIES {
-        if let Some((n, k)) = by_priority.get(p) {
+        if let Some((n, k, shed)) = by_priority.get(p) {
             out.push_str(&format!(
-                "  {p:<10} {n:>6} requests, {:.1} % succeeded\n",
+                "  {p:<10} {n:>6} requests, {:.1} % succeeded, {shed} shed by priority admission\n",
                 *k as f64 * 100.0 / (*n).max(1) as f64
             ));
         }

@@ -43,6 +43,10 @@ pub struct MeshService {
     /// Without a policy the replica count stays as given.
     #[serde(default)]
     pub scaling: Option<ScalingPolicy>,
+    /// Each replica's sidecar admits this many requests at once; beyond it, low and sheddable
+    /// requests are shed first (priority admission). Default: no limit.
+    #[serde(default)]
+    pub max_concurrency: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -123,6 +127,9 @@ impl MeshFile {
                     "no argument contains {address}: the replica could not be given its port".into(),
                 ));
             }
+            if s.max_concurrency == Some(0) {
+                return Err((at("max_concurrency"), "must be greater than 0".into()));
+            }
             if let Some(r) = &s.resources {
                 if !valid_cpu(&r.cpu) {
                     return Err((
@@ -171,6 +178,7 @@ impl MeshFile {
                     "policy": policy,
                     "command": s.command,
                     "initial_replicas": s.replicas,
+                    "max_concurrency": s.max_concurrency,
                 });
                 (name, entry)
             })
@@ -226,6 +234,15 @@ mod tests {
         for env in ["development", "staging", "production"] {
             MeshFile::load(base, Some(env)).unwrap_or_else(|e| panic!("{env}: {e}"));
         }
+        // The gateway's sidecars get an admission limit, carried into the control plane's
+        // process backend.
+        let control: crate::control::config::ControlFile = serde_yaml_ng::from_str(
+            &mesh.control_yaml("127.0.0.1:7070".parse().unwrap(), Path::new("/tmp/h")),
+        )
+        .unwrap();
+        let scaling = control.scaling;
+        assert_eq!(scaling.services["cognitive_gateway"].max_concurrency, Some(6));
+        assert_eq!(scaling.services["reasoning_engine"].max_concurrency, None);
     }
 
     #[test]

@@ -81,6 +81,11 @@ pub struct ServiceScaling {
     /// The `kubernetes` backend's Deployment for this service; default: the service's name.
     #[serde(default)]
     pub deployment: Option<String>,
+    /// The process backend starts each replica's inbound sidecar with this priority-admission
+    /// limit (`cogmesh-proxy --max-concurrency`): at the limit it sheds low and sheddable
+    /// requests first. Default: no limit.
+    #[serde(default)]
+    pub max_concurrency: Option<u64>,
 }
 
 impl ScalingConfig {

@@ -38,7 +38,8 @@ struct Replica {
 pub struct ProcessBackend {
     control: SocketAddr,
     bin_dir: PathBuf,
-    commands: BTreeMap<String, Vec<String>>,
+    /// Per service: how to start one replica (its app command, its sidecar's admission limit).
+    services: BTreeMap<String, ServiceScaling>,
     replicas: Mutex<BTreeMap<String, Vec<Replica>>>,
     next_index: Mutex<u64>,
 }
@@ -80,10 +81,7 @@ impl ProcessBackend {
         ProcessBackend {
             control,
             bin_dir,
-            commands: services
-                .iter()
-                .map(|(n, s)| (n.clone(), s.command.clone()))
-                .collect(),
+            services: services.clone(),
             replicas: Mutex::new(BTreeMap::new()),
             next_index: Mutex::new(0),
         }
@@ -141,7 +139,7 @@ impl ProcessBackend {
 
     /// Starts or stops replicas of `service` until `count` run.
     pub fn scale(&self, service: &str, count: u32) {
-        let Some(command) = self.commands.get(service) else {
+        let Some(spec) = self.services.get(service).filter(|s| !s.command.is_empty()) else {
             warn!(service, "no command to start replicas of this service");
             return;
         };
@@ -153,7 +151,7 @@ impl ProcessBackend {
                 stopping.extend(list.pop());
             }
             while list.len() < count as usize {
-                match self.start(service, command) {
+                match self.start(service, spec) {
                     Ok(r) => {
                         info!(service, replica = %r.name, sidecar = %r.sidecar_addr, "replica started");
                         list.push(r);
@@ -171,7 +169,8 @@ impl ProcessBackend {
         }
     }
 
-    fn start(&self, service: &str, command: &[String]) -> std::io::Result<Replica> {
+    fn start(&self, service: &str, spec: &ServiceScaling) -> std::io::Result<Replica> {
+        let command = &spec.command;
         let index = {
             let mut next = self.next_index.lock().unwrap_or_else(|p| p.into_inner());
             *next += 1;
@@ -213,7 +212,11 @@ impl ProcessBackend {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let sidecar = Command::new(self.bin_dir.join("cogmesh-proxy"))
+        let mut sidecar = Command::new(self.bin_dir.join("cogmesh-proxy"));
+        if let Some(limit) = spec.max_concurrency {
+            sidecar.args(["--max-concurrency", &limit.to_string()]);
+        }
+        let sidecar = sidecar
             .args(["--direction", "inbound", "--upstream-service", "local"])
             .args(["--listen", &sidecar_addr.to_string()])
             .args(["--admin", &admin_addr.to_string()])

@@ -108,6 +108,16 @@ fn default_max_queue_wait_ms() -> u64 {
 }
 
 impl AdmissionConfig {
+    /// A limit of `max_concurrency` with the default queue and `Retry-After`.
+    pub fn with_limit(max_concurrency: u64) -> Self {
+        AdmissionConfig {
+            max_concurrency,
+            retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
+            max_queued: None,
+            max_queue_wait_ms: DEFAULT_MAX_QUEUE_WAIT_MS,
+        }
+    }
+
     /// Range checks; `Err((field, reason))` relative to `admission`.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         if self.max_concurrency == 0 {
