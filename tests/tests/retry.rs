@@ -1,10 +1,15 @@
 //! Retries: killing one of three upstreams under load loses no idempotent request (connect
-//! failures and resets are retried on another endpoint), and while every upstream fails the
-//! retries stay within the budget.
+//! failures and resets are retried on another endpoint), while every upstream fails the retries
+//! stay within the budget, and request bodies are replayed from the replay buffer up to its
+//! limit.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use cogmesh_e2e::{curl_head, http_get, metric_value, start_workload, Proxy};
+use cogmesh_e2e::{curl_head, free_addr, http_get, metric_value, start_workload, Proxy};
 
 #[test]
 fn killing_one_of_three_upstreams_under_load_loses_no_idempotent_request() {
@@ -91,4 +96,190 @@ fn the_request_timeout_bounds_all_attempts_with_504() {
     assert!(head.contains("x-cogmesh-error: upstream_timeout"), "{head}");
     // Fast requests are not affected.
     assert_eq!(curl_head(&[], &proxy.url("/sleep?ms=1")).0, 200);
+}
+
+/// An upstream that reads each request whole (head and `content-length` body) and answers 503:
+/// what a retry must recover from after the body was consumed. Counts the body bytes it read.
+fn consuming_503_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let addr = free_addr();
+    let listener = TcpListener::bind(addr).expect("bind");
+    let read = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&read);
+    // The thread ends with the test process; it only ever talks to the proxy.
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let counter = Arc::clone(&counter);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut conn = conn;
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    counter.fetch_add(length, Ordering::SeqCst);
+                    let answer = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+                    if conn.write_all(answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, read)
+}
+
+/// POSTs `body` to `/echo` with curl; the status and what came back.
+fn post_echo(proxy: &Proxy, body: &[u8]) -> (u16, Vec<u8>) {
+    let file = std::env::temp_dir().join(format!(
+        "cogmesh-retry-body-{}-{}",
+        std::process::id(),
+        body.len()
+    ));
+    std::fs::write(&file, body).expect("write body");
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10"])
+        .arg("--data-binary")
+        .arg(format!("@{}", file.display()))
+        .arg(proxy.url("/echo"))
+        .output()
+        .expect("curl runs");
+    let _ = std::fs::remove_file(&file);
+    let mut out = out.stdout;
+    let split = out.iter().rposition(|b| *b == b'\n').expect("status line");
+    let status = std::str::from_utf8(&out[split + 1..])
+        .unwrap()
+        .parse()
+        .unwrap_or(0);
+    out.truncate(split);
+    (status, out)
+}
+
+#[test]
+fn a_request_body_is_replayed_from_the_buffer_and_a_longer_one_is_not_retried() {
+    let (failing, consumed) = consuming_503_upstream();
+    let good = start_workload("echo");
+    let proxy = Proxy::with_service(
+        &[failing, good.addr],
+        &[
+            "balancer: round_robin",
+            "retry: { max_attempts: 2, non_idempotent: true, replay_buffer_bytes: 65536, backoff_base_ms: 1, backoff_max_ms: 2 }",
+            "outlier_detection: { consecutive_failures: 0 }",
+        ],
+    );
+    // A 20 KiB POST: whichever endpoint gets it first, it ends at the good one, whole.
+    let small: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    for _ in 0..6 {
+        let (status, echoed) = post_echo(&proxy, &small);
+        assert_eq!(status, 200);
+        assert!(
+            echoed == small,
+            "the echoed body differs ({} bytes)",
+            echoed.len()
+        );
+    }
+    assert!(
+        consumed.load(Ordering::SeqCst) >= small.len(),
+        "the failing upstream never read a body, so no replay happened"
+    );
+    let m = proxy.metrics();
+    let retry = |result: &str| {
+        metric_value(
+            &m,
+            &format!(r#"retry_total{{direction="outbound",service="web",result="{result}"}}"#),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(retry("sent") >= 3.0, "{m}");
+    // A 100 KiB POST is longer than the buffer: sent once; at the failing endpoint it fails.
+    let large = vec![b'x'; 100_000];
+    let statuses: Vec<u16> = (0..4).map(|_| post_echo(&proxy, &large).0).collect();
+    assert!(statuses.contains(&503) && statuses.contains(&200), "{statuses:?}");
+    let m = proxy.metrics();
+    let too_large = metric_value(
+        &m,
+        r#"retry_total{direction="outbound",service="web",result="body_too_large"}"#,
+    );
+    assert_eq!(too_large, Some(2.0), "{m}");
+}
+
+/// A gRPC server (HTTP/2, hyper) that answers every call with a trailers-only UNAVAILABLE, as a
+/// server that is shutting down does.
+async fn unavailable_grpc_server() -> SocketAddr {
+    use hyper::service::service_fn;
+    let addr = free_addr();
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let service = service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "14")
+                    .header("grpc-message", "draining")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("a valid response");
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(conn), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_answered_unavailable_is_retried_on_another_endpoint() {
+    use cogmesh_proto::v1::workload_client::WorkloadClient;
+    use cogmesh_proto::v1::InferRequest;
+    let failing = unavailable_grpc_server().await;
+    let good = start_workload("grpc");
+    let proxy = Proxy::with_service(
+        &[failing, good.addr],
+        &[
+            "balancer: round_robin",
+            "retry: { max_attempts: 2, retry_grpc_codes: [unavailable], backoff_base_ms: 1, backoff_max_ms: 2 }",
+            "outlier_detection: { consecutive_failures: 0 }",
+        ],
+    );
+    let channel = tonic::transport::Channel::from_shared(proxy.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .expect("tonic connects to the proxy");
+    let mut client = WorkloadClient::new(channel);
+    for i in 0..6 {
+        let request = InferRequest {
+            prompt: format!("p{i}"),
+            ..Default::default()
+        };
+        let reply = client
+            .infer(request)
+            .await
+            .expect("every call succeeds")
+            .into_inner();
+        assert_eq!(reply.text, format!("echo: p{i}"));
+    }
+    let m = proxy.metrics();
+    let sent = metric_value(
+        &m,
+        r#"retry_total{direction="outbound",service="web",result="sent"}"#,
+    );
+    assert!(sent.unwrap_or(0.0) >= 3.0, "{m}");
 }

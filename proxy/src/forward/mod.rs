@@ -277,17 +277,19 @@ impl Forward {
         let metrics = &table.listeners[self.listener].metrics[index];
         let service = &table.services[index];
         let upgrade = headers::is_upgrade(&req);
-        let mut attempts = crate::retry::Attempts::new(
-            &service.retry,
-            &service.retry_budget,
-            &service.breaker,
-            &req,
-            upgrade,
-        );
-        let mut req = req;
+        let grpc = is_grpc(&req);
         let mut avoid = None;
         let mut _retry_permit = None;
         let attempts = async {
+            let (mut attempts, mut req) = crate::retry::Attempts::prepare(
+                &service.retry,
+                &service.retry_budget,
+                &service.breaker,
+                req,
+                upgrade,
+                grpc,
+            )
+            .await;
             loop {
                 let attempt_start = Instant::now();
                 let (outcome, endpoint) = match self.send(table, index, metrics, req, avoid).await {
@@ -295,7 +297,7 @@ impl Forward {
                     Err((err, endpoint)) => (Err(err), endpoint),
                 };
                 let retriable = match &outcome {
-                    Ok(response) => attempts.retries_status(response.status()),
+                    Ok(response) => attempts.retries_response(response),
                     Err(err) => matches!(err.kind(), ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset),
                 };
                 self.observe_attempt(service, &outcome, endpoint.as_deref(), attempt_start);
@@ -307,8 +309,7 @@ impl Forward {
                             _retry_permit = Some(permit);
                             avoid = endpoint.map(|e| e.addr);
                             tokio::time::sleep(wait).await;
-                            // Only bodiless requests are retried: the retry has an empty body.
-                            req = next.map(|()| Either::Right(CodedBody::default()));
+                            req = next;
                             continue;
                         }
                         Ok(None) => {}

@@ -19,8 +19,8 @@
 //! - `admission_total{priority,result}`: requests through the instance's concurrency limit,
 //!   `admitted` or `shed`, by priority (the basis of attention efficiency);
 //! - `retry_total{direction,service,result}`: retries `sent`, and retriable failures not retried
-//!   because of the budget (`budget_exhausted`) or the breaker's `max_retries`
-//!   (`breaker_overflow`);
+//!   because of the budget (`budget_exhausted`), the breaker's `max_retries`
+//!   (`breaker_overflow`) or a body longer than the replay buffer (`body_too_large`);
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
@@ -453,7 +453,7 @@ pub struct ServiceMetrics {
     by_status: Vec<OnceLock<ShardedCounter>>,
     by_error: Vec<OnceLock<Counter>>,
     retries: Family<RetryLabels, Counter>,
-    by_retry: [OnceLock<Counter>; 3],
+    by_retry: [OnceLock<Counter>; crate::retry::RETRY_RESULTS.len()],
     pub load_reports_accepted: Counter,
     pub load_reports_rejected: Counter,
 }

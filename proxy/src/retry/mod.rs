@@ -1,16 +1,22 @@
 //! Retries of a service: which failures are retried, how often, after what backoff, and the
 //! retry budget that keeps retries from amplifying an outage.
 //!
-//! A request is retried only when it can be sent again unchanged: it has no body (GET, HEAD,
-//! OPTIONS, DELETE and the like without one; bodies are not buffered for replay yet) and its
-//! method is idempotent. Retried failures: a connection that could not be made, a reset or
-//! refused stream, and the statuses in `retry_statuses` (default 502, 503, 504). A retry goes to
-//! another endpoint when there is one, after an exponential backoff with full jitter, and needs
-//! both a slot in the service's circuit breaker (`max_retries`) and the budget.
+//! A request may be retried when its method is idempotent (RFC 9110 §9.2.2), or the service
+//! allows retrying any method (`non_idempotent: true`), or it is a gRPC call and the service
+//! lists gRPC codes to retry (gRPC's own retry policies are per method, not per HTTP verb). Its
+//! body, if any, is kept in a replay buffer of at most `replay_buffer_bytes` (see [`replay`]);
+//! a longer body is sent once and its retry refused (`body_too_large`). Retried failures: a
+//! connection that could not be made, a reset or refused stream, the statuses in
+//! `retry_statuses` (default 502, 503, 504) and, for gRPC, a trailers-only response whose
+//! `grpc-status` is in `retry_grpc_codes` (default `unavailable`). A retry goes to another
+//! endpoint when there is one, after an exponential backoff with full jitter, and needs both a
+//! slot in the service's circuit breaker (`max_retries`) and the budget.
 //!
 //! The budget (as Finagle's and Linkerd's): over the last [`BUDGET_WINDOW_SECS`] seconds, retries
 //! may be at most `budget_ratio` × requests plus `min_retries_per_sec` × the window. It is ten
 //! one-second slots of atomic counters, so every worker thread shares it without a lock.
+
+pub mod replay;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,7 +25,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use http_body::Body;
+use http_body_util::Either;
+
 use crate::breaker::{Breaker, RetryPermit};
+use crate::compress::CodedBody;
+use crate::forward::UpstreamBody;
+use replay::{Buffered, ReadAhead};
 
 /// Seconds of history the budget looks at.
 pub const BUDGET_WINDOW_SECS: u64 = 10;
@@ -30,6 +42,30 @@ pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
 pub const DEFAULT_MIN_RETRIES_PER_SEC: u32 = 10;
 pub const DEFAULT_BACKOFF_BASE_MS: u64 = 25;
 pub const DEFAULT_BACKOFF_MAX_MS: u64 = 250;
+/// Envoy's default per-request buffer limit for retries.
+pub const DEFAULT_REPLAY_BUFFER_BYTES: usize = 64 * 1024;
+
+/// A gRPC status code (grpc/doc/statuscodes.md), by its name in snake case.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GrpcCode {
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
 
 /// `retry:` of a service.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -48,6 +84,16 @@ pub struct RetryConfig {
     pub backoff_base_ms: u64,
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
+    /// gRPC codes retried when they come in a trailers-only response.
+    #[serde(default = "default_retry_grpc_codes")]
+    pub retry_grpc_codes: Vec<GrpcCode>,
+    /// Bytes of request body kept for a retry; a longer body is not retried.
+    #[serde(default = "default_replay_buffer_bytes")]
+    pub replay_buffer_bytes: usize,
+    /// Retry requests whatever their method (POST, PATCH too): for services whose handlers are
+    /// idempotent anyway.
+    #[serde(default)]
+    pub non_idempotent: bool,
 }
 
 impl Default for RetryConfig {
@@ -59,8 +105,18 @@ impl Default for RetryConfig {
             min_retries_per_sec: DEFAULT_MIN_RETRIES_PER_SEC,
             backoff_base_ms: DEFAULT_BACKOFF_BASE_MS,
             backoff_max_ms: DEFAULT_BACKOFF_MAX_MS,
+            retry_grpc_codes: default_retry_grpc_codes(),
+            replay_buffer_bytes: DEFAULT_REPLAY_BUFFER_BYTES,
+            non_idempotent: false,
         }
     }
+}
+
+fn default_retry_grpc_codes() -> Vec<GrpcCode> {
+    vec![GrpcCode::Unavailable]
+}
+fn default_replay_buffer_bytes() -> usize {
+    DEFAULT_REPLAY_BUFFER_BYTES
 }
 
 fn default_max_attempts() -> u32 {
@@ -117,15 +173,13 @@ impl RetryConfig {
     }
 }
 
-/// Whether a request can be sent again unchanged: an idempotent method (RFC 9110 §9.2.2) and no
-/// body.
-pub fn is_replayable(method: &http::Method, body_empty: bool) -> bool {
+/// Whether a method is idempotent (RFC 9110 §9.2.2): sending it twice has the effect of once.
+pub fn is_idempotent(method: &http::Method) -> bool {
     use http::Method;
-    body_empty
-        && matches!(
-            *method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-        )
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// The retries of one request: what to send again, and whether the policy, the breaker and
@@ -135,27 +189,42 @@ pub struct Attempts<'a> {
     budget: &'a Budget,
     breaker: &'a Arc<Breaker>,
     replay: Option<Replay>,
+    grpc: bool,
     attempt: u32,
 }
 
-/// A bodiless request's head, to send it again.
+/// A request's head and body, to send it again.
 struct Replay {
     method: http::Method,
     uri: http::Uri,
     version: http::Version,
     headers: http::HeaderMap,
+    body: ReplayBody,
+}
+
+enum ReplayBody {
+    Empty,
+    Buffered(Arc<Buffered>),
+    /// Longer than the replay buffer: the retry is refused.
+    TooLarge,
 }
 
 /// The `result` label of a retry that was sent.
 pub const RETRY_SENT: &str = "sent";
 /// Every `result` label of `retry_total`.
-pub const RETRY_RESULTS: [&str; 3] = [RETRY_SENT, "budget_exhausted", "breaker_overflow"];
+pub const RETRY_RESULTS: [&str; 4] = [
+    RETRY_SENT,
+    "budget_exhausted",
+    "breaker_overflow",
+    "body_too_large",
+];
 
 /// Why a failed attempt was not retried, when it could have been.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     Budget,
     Breaker,
+    BodyTooLarge,
 }
 
 impl Refusal {
@@ -163,60 +232,101 @@ impl Refusal {
         match self {
             Refusal::Budget => RETRY_RESULTS[1],
             Refusal::Breaker => RETRY_RESULTS[2],
+            Refusal::BodyTooLarge => RETRY_RESULTS[3],
         }
     }
 }
 
 impl<'a> Attempts<'a> {
-    /// Counts the request in the budget and keeps its head if it can be replayed.
-    pub fn new<B: http_body::Body>(
+    /// Counts the request in the budget and, if it may be retried, keeps its head and reads its
+    /// body into the replay buffer; gives back the request to send first.
+    pub async fn prepare(
         config: &'a RetryConfig,
         budget: &'a Budget,
         breaker: &'a Arc<Breaker>,
-        req: &http::Request<B>,
+        req: http::Request<UpstreamBody>,
         upgrade: bool,
-    ) -> Self {
-        if config.max_attempts > 1 {
-            budget.record_request(Instant::now());
-        }
-        let replay =
-            (config.max_attempts > 1 && !upgrade && is_replayable(req.method(), req.body().is_end_stream()))
-                .then(|| Replay {
-                    method: req.method().clone(),
-                    uri: req.uri().clone(),
-                    version: req.version(),
-                    headers: req.headers().clone(),
-                });
-        Attempts {
+        grpc: bool,
+    ) -> (Self, http::Request<UpstreamBody>) {
+        let mut attempts = Attempts {
             config,
             budget,
             breaker,
-            replay,
+            replay: None,
+            grpc,
             attempt: 1,
+        };
+        if config.max_attempts <= 1 {
+            return (attempts, req);
         }
+        budget.record_request(Instant::now());
+        let eligible = is_idempotent(req.method())
+            || config.non_idempotent
+            || (grpc && !config.retry_grpc_codes.is_empty());
+        if upgrade || !eligible {
+            return (attempts, req);
+        }
+        let (parts, body) = req.into_parts();
+        let (body, replay_body) = if body.is_end_stream() {
+            (body, ReplayBody::Empty)
+        } else {
+            match replay::read_ahead(body, config.replay_buffer_bytes).await {
+                ReadAhead::Complete(buffered) => (buffered.body(), ReplayBody::Buffered(buffered)),
+                ReadAhead::TooLarge(body) => (body, ReplayBody::TooLarge),
+            }
+        };
+        attempts.replay = Some(Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body: replay_body,
+        });
+        (attempts, http::Request::from_parts(parts, body))
     }
 
-    /// Whether `status` is one the policy retries.
-    pub fn retries_status(&self, status: http::StatusCode) -> bool {
-        self.config.retry_statuses.contains(&status.as_u16())
+    /// Whether the policy retries this response: its status, or for gRPC the `grpc-status` of
+    /// a trailers-only response.
+    pub fn retries_response<B>(&self, response: &http::Response<B>) -> bool {
+        if self.config.max_attempts <= 1 {
+            return false;
+        }
+        if self.config.retry_statuses.contains(&response.status().as_u16()) {
+            return true;
+        }
+        self.grpc
+            && !self.config.retry_grpc_codes.is_empty()
+            && response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
+                .is_some_and(|code| self.config.retry_grpc_codes.iter().any(|c| *c as u16 == code))
     }
 
     /// After a retriable failure: the request to send again, the breaker slot it holds and the
-    /// backoff to wait first; `Ok(None)` when the request cannot be retried (a body, an upgrade,
-    /// attempts used up), `Err` when the budget or the breaker refused.
+    /// backoff to wait first; `Ok(None)` when the request cannot be retried (its method, an
+    /// upgrade, attempts used up), `Err` when its body was too long to keep, or the budget or
+    /// the breaker refused.
     #[allow(clippy::type_complexity)]
-    pub fn next_attempt(&mut self) -> Result<Option<(http::Request<()>, RetryPermit, Duration)>, Refusal> {
+    pub fn next_attempt(
+        &mut self,
+    ) -> Result<Option<(http::Request<UpstreamBody>, RetryPermit, Duration)>, Refusal> {
         let Some(replay) = &self.replay else {
             return Ok(None);
         };
         if self.attempt >= self.config.max_attempts {
             return Ok(None);
         }
+        let body = match &replay.body {
+            ReplayBody::Empty => Either::Right(CodedBody::default()),
+            ReplayBody::Buffered(buffered) => buffered.body(),
+            ReplayBody::TooLarge => return Err(Refusal::BodyTooLarge),
+        };
         let permit = self.breaker.try_retry().map_err(|_| Refusal::Breaker)?;
         if !self.budget.try_retry(self.config, Instant::now()) {
             return Err(Refusal::Budget);
         }
-        let mut req = http::Request::new(());
+        let mut req = http::Request::new(body);
         *req.method_mut() = replay.method.clone();
         *req.uri_mut() = replay.uri.clone();
         *req.version_mut() = replay.version;
@@ -354,12 +464,12 @@ mod tests {
     }
 
     #[test]
-    fn only_bodiless_idempotent_requests_are_replayed() {
-        assert!(is_replayable(&http::Method::GET, true));
-        assert!(is_replayable(&http::Method::DELETE, true));
-        assert!(!is_replayable(&http::Method::GET, false));
-        assert!(!is_replayable(&http::Method::POST, true));
-        assert!(!is_replayable(&http::Method::PATCH, true));
+    fn idempotent_methods_are_those_of_rfc_9110() {
+        assert!(is_idempotent(&http::Method::GET));
+        assert!(is_idempotent(&http::Method::DELETE));
+        assert!(is_idempotent(&http::Method::PUT));
+        assert!(!is_idempotent(&http::Method::POST));
+        assert!(!is_idempotent(&http::Method::PATCH));
     }
 
     #[test]
