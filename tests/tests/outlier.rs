@@ -1,6 +1,7 @@
 //! Outlier ejection: an upstream that starts answering 500 is ejected after the configured
 //! number of consecutive failures, the other endpoint takes every request meanwhile, and once it
-//! recovers it is probed and readmitted after the ejection time.
+//! recovers it is probed and readmitted after the ejection time; in the success-rate mode an
+//! upstream failing half its requests among four healthy ones is ejected at the interval's end.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -8,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cogmesh_e2e::{curl_head, eventually, metric_value, start_workload, Proxy};
+use cogmesh_e2e::{curl_head, eventually, free_addr, http_get, metric_value, start_workload, Proxy};
 
-/// A real HTTP/1.1 server on loopback that answers 500 while `failing`, else 200, and counts
-/// the requests it got.
+/// A real HTTP/1.1 server on loopback that answers 500 while `failing` (every
+/// `fail_one_in`-th request), else 200, and counts the requests it got.
 struct Flaky {
     addr: SocketAddr,
     failing: Arc<AtomicBool>,
@@ -19,8 +20,12 @@ struct Flaky {
 }
 
 fn start_flaky() -> Flaky {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
+    start_flaky_one_in(1)
+}
+
+fn start_flaky_one_in(fail_one_in: u64) -> Flaky {
+    let addr = free_addr();
+    let listener = TcpListener::bind(addr).unwrap();
     let failing = Arc::new(AtomicBool::new(true));
     let hits = Arc::new(AtomicU64::new(0));
     let (f, h) = (Arc::clone(&failing), Arc::clone(&hits));
@@ -45,8 +50,8 @@ fn start_flaky() -> Flaky {
                     if lines == 0 {
                         return;
                     }
-                    h.fetch_add(1, Ordering::SeqCst);
-                    let status = if f.load(Ordering::SeqCst) {
+                    let n = h.fetch_add(1, Ordering::SeqCst);
+                    let status = if f.load(Ordering::SeqCst) && n % fail_one_in == 0 {
                         "500 Internal Server Error"
                     } else {
                         "200 OK"
@@ -117,4 +122,35 @@ fn a_flapping_upstream_is_ejected_and_readmitted() {
     );
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert!(flaky.hits.load(Ordering::SeqCst) > before);
+}
+
+#[test]
+fn an_endpoint_failing_half_its_requests_is_ejected_by_success_rate() {
+    let healthy: Vec<_> = (0..4).map(|i| start_workload(&format!("w{i}"))).collect();
+    let flaky = start_flaky_one_in(2);
+    let mut endpoints: Vec<SocketAddr> = healthy.iter().map(|w| w.addr).collect();
+    endpoints.push(flaky.addr);
+    let proxy = Proxy::with_service(
+        &endpoints,
+        &[
+            "balancer: round_robin",
+            // Consecutive failures never reach 3 here (it alternates): only the success rate
+            // can eject it.
+            "outlier_detection: { consecutive_failures: 3, ejection_jitter_ms: 0, max_ejection_percent: 20, success_rate: { interval_ms: 500, minimum_hosts: 5, request_volume: 10 } }",
+        ],
+    );
+    let ejected = format!(r#"endpoint_ejected{{service="web",endpoint="{}"}}"#, flaky.addr);
+    // Round robin for at most 3000 requests, until the ejection shows.
+    let mut sent = 0;
+    while metric_value(&proxy.metrics(), &ejected) != Some(1.0) {
+        assert!(sent < 3000, "not ejected after {sent} requests");
+        for _ in 0..25 {
+            http_get(proxy.listen, "/status/200").expect("request");
+        }
+        sent += 25;
+    }
+    // Ejected: the next requests all succeed.
+    for _ in 0..20 {
+        assert_eq!(http_get(proxy.listen, "/status/200").unwrap().0, 200);
+    }
 }

@@ -296,6 +296,44 @@ pub struct EndpointSet {
     next: AtomicUsize,
     ring: Option<Ring>,
     outlier: OutlierConfig,
+    /// When the success-rate interval ends; kept across rebuilds, as the endpoints' counts are.
+    rate_interval: Arc<IntervalClock>,
+}
+
+/// The end of the current success-rate interval, shared by the worker threads.
+#[derive(Debug)]
+struct IntervalClock {
+    epoch: Instant,
+    /// Nanoseconds since `epoch`; 0 before the first outcome.
+    ends_ns: AtomicU64,
+}
+
+impl Default for IntervalClock {
+    fn default() -> Self {
+        IntervalClock {
+            epoch: Instant::now(),
+            ends_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl IntervalClock {
+    /// Whether the interval is over at `now`; if so, exactly one caller gets `true` and the
+    /// next interval of `length` starts.
+    fn roll(&self, now: Instant, length: Duration) -> bool {
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64 + 1;
+        let ends = self.ends_ns.load(Ordering::Relaxed);
+        now_ns >= ends
+            && self
+                .ends_ns
+                .compare_exchange(
+                    ends,
+                    now_ns + length.as_nanos() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
 }
 
 impl EndpointSet {
@@ -341,6 +379,7 @@ impl EndpointSet {
             next: AtomicUsize::new(0),
             ring,
             outlier: OutlierConfig::default(),
+            rate_interval: previous.map(|p| Arc::clone(&p.rate_interval)).unwrap_or_default(),
         }
     }
 
@@ -381,12 +420,48 @@ impl EndpointSet {
     /// when the outlier policy says so — unless as many endpoints as `max_ejection_percent`
     /// allows are out already, or it is the last available one.
     pub fn observe_outcome(&self, endpoint: &Endpoint, failed: bool) {
+        if let Some(rate) = &self.outlier.success_rate {
+            endpoint.outlier.count(failed);
+            if self
+                .rate_interval
+                .roll(Instant::now(), Duration::from_millis(rate.interval_ms))
+            {
+                self.compare_success_rates(rate);
+            }
+        }
         let verdict = endpoint
             .outlier
             .on_outcome(failed, &self.outlier, endpoint.healthy_for());
-        let OutlierVerdict::Eject { times } = verdict else {
-            return;
-        };
+        if let OutlierVerdict::Eject { times } = verdict {
+            self.eject(endpoint, times);
+        }
+    }
+
+    /// At the end of a success-rate interval: ejects the endpoints whose success rate is an
+    /// outlier (see [`crate::outlier::success_rate_outliers`]).
+    fn compare_success_rates(&self, rate: &crate::outlier::SuccessRateConfig) {
+        let window: Vec<(u64, u64)> = self.endpoints.iter().map(|e| e.outlier.take_window()).collect();
+        for i in crate::outlier::success_rate_outliers(&window, rate) {
+            let endpoint = &self.endpoints[i];
+            if endpoint.is_ejected() {
+                continue;
+            }
+            let times = self
+                .outlier
+                .decayed_times(endpoint.outlier.times_ejected(), endpoint.healthy_for());
+            tracing::info!(
+                endpoint = %endpoint.addr,
+                requests = window[i].0,
+                failures = window[i].1,
+                "success rate far below the other endpoints': ejecting"
+            );
+            self.eject(endpoint, times + 1);
+        }
+    }
+
+    /// Ejects `endpoint` for the `times`-th time, unless as many endpoints as
+    /// `max_ejection_percent` allows are out already, or it is the last available one.
+    fn eject(&self, endpoint: &Endpoint, times: u32) {
         let ejected = self.endpoints.len() - self.available();
         let already = usize::from(endpoint.is_ejected());
         if ejected - already >= self.outlier.max_ejected(self.endpoints.len())

@@ -7,13 +7,20 @@
 //! `max_ejection_percent` of a service's endpoints (at least one) are ejected at a time, and
 //! never the last available one.
 //!
+//! The success-rate mode (`success_rate`, off unless configured) is Envoy's too: every
+//! `interval_ms`, the endpoints that served at least `request_volume` requests in the interval
+//! are compared — if there are at least `minimum_hosts` of them, those whose success rate is
+//! below `mean − stdev_factor × stdev` of the group are ejected (same ejection times, probe and
+//! limits as above). The interval is evaluated by the first outcome recorded after it ends, so
+//! no timer task runs per service.
+//!
 //! This module holds the policy (pure functions, tested without a runtime) and the per-endpoint
 //! state (atomics); [`crate::balance::EndpointSet::observe_outcome`] applies them. The immediate
 //! 10 s ejection after a timeout or refused connection
 //! ([`crate::balance::EndpointSet::gateway_failure`]) stays: a stalled endpoint must leave at
 //! once, not after five more stalls.
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -28,9 +35,81 @@ pub const DEFAULT_MAX_EJECTION_TIME_MS: u64 = 300_000;
 pub const DEFAULT_EJECTION_JITTER_MS: u64 = 1_000;
 /// Envoy's `max_ejection_percent` default.
 pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
+/// Envoy's `interval` default: how often success rates are compared.
+pub const DEFAULT_SUCCESS_RATE_INTERVAL_MS: u64 = 10_000;
+/// Envoy's `success_rate_minimum_hosts` default.
+pub const DEFAULT_SUCCESS_RATE_MINIMUM_HOSTS: u32 = 5;
+/// Envoy's `success_rate_request_volume` default.
+pub const DEFAULT_SUCCESS_RATE_REQUEST_VOLUME: u64 = 100;
+/// Envoy's `success_rate_stdev_factor` default (1900 / 1000).
+pub const DEFAULT_SUCCESS_RATE_STDEV_FACTOR: f64 = 1.9;
+
+/// `outlier_detection.success_rate:`: eject endpoints whose success rate is far below their peers'.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SuccessRateConfig {
+    #[serde(default = "default_success_rate_interval_ms")]
+    pub interval_ms: u64,
+    /// Endpoints with enough requests needed for a comparison.
+    #[serde(default = "default_success_rate_minimum_hosts")]
+    pub minimum_hosts: u32,
+    /// Requests an endpoint must have served in the interval to be compared.
+    #[serde(default = "default_success_rate_request_volume")]
+    pub request_volume: u64,
+    #[serde(default = "default_success_rate_stdev_factor")]
+    pub stdev_factor: f64,
+}
+
+impl Default for SuccessRateConfig {
+    fn default() -> Self {
+        SuccessRateConfig {
+            interval_ms: DEFAULT_SUCCESS_RATE_INTERVAL_MS,
+            minimum_hosts: DEFAULT_SUCCESS_RATE_MINIMUM_HOSTS,
+            request_volume: DEFAULT_SUCCESS_RATE_REQUEST_VOLUME,
+            stdev_factor: DEFAULT_SUCCESS_RATE_STDEV_FACTOR,
+        }
+    }
+}
+
+fn default_success_rate_interval_ms() -> u64 {
+    DEFAULT_SUCCESS_RATE_INTERVAL_MS
+}
+fn default_success_rate_minimum_hosts() -> u32 {
+    DEFAULT_SUCCESS_RATE_MINIMUM_HOSTS
+}
+fn default_success_rate_request_volume() -> u64 {
+    DEFAULT_SUCCESS_RATE_REQUEST_VOLUME
+}
+fn default_success_rate_stdev_factor() -> f64 {
+    DEFAULT_SUCCESS_RATE_STDEV_FACTOR
+}
+
+/// The endpoints (indices into `window`, one `(requests, failures)` per endpoint) whose success
+/// rate over the interval is an outlier: below `mean − stdev_factor × stdev` of the endpoints
+/// with at least `request_volume` requests, when there are at least `minimum_hosts` of those.
+pub fn success_rate_outliers(window: &[(u64, u64)], config: &SuccessRateConfig) -> Vec<usize> {
+    let rated: Vec<(usize, f64)> = window
+        .iter()
+        .enumerate()
+        .filter(|(_, (requests, _))| *requests >= config.request_volume.max(1))
+        .map(|(i, (requests, failures))| (i, 1.0 - *failures.min(requests) as f64 / *requests as f64))
+        .collect();
+    if rated.is_empty() || rated.len() < config.minimum_hosts as usize {
+        return Vec::new();
+    }
+    let n = rated.len() as f64;
+    let mean = rated.iter().map(|(_, r)| r).sum::<f64>() / n;
+    let variance = rated.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n;
+    let threshold = mean - config.stdev_factor * variance.sqrt();
+    rated
+        .into_iter()
+        .filter(|(_, rate)| *rate < threshold)
+        .map(|(i, _)| i)
+        .collect()
+}
 
 /// `outlier_detection:` of a service.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierConfig {
     /// 0 turns consecutive-failure ejection off.
@@ -44,6 +123,9 @@ pub struct OutlierConfig {
     pub ejection_jitter_ms: u64,
     #[serde(default = "default_max_ejection_percent")]
     pub max_ejection_percent: u32,
+    /// The success-rate mode; off unless given.
+    #[serde(default)]
+    pub success_rate: Option<SuccessRateConfig>,
 }
 
 impl Default for OutlierConfig {
@@ -54,6 +136,7 @@ impl Default for OutlierConfig {
             max_ejection_time_ms: DEFAULT_MAX_EJECTION_TIME_MS,
             ejection_jitter_ms: DEFAULT_EJECTION_JITTER_MS,
             max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
+            success_rate: None,
         }
     }
 }
@@ -94,6 +177,17 @@ impl OutlierConfig {
                 "max_ejection_percent",
                 format!("must be at most 100, got {}", self.max_ejection_percent),
             ));
+        }
+        if let Some(sr) = &self.success_rate {
+            if sr.interval_ms == 0 {
+                return Err(("success_rate.interval_ms", "must be greater than 0".into()));
+            }
+            if !(sr.stdev_factor.is_finite() && sr.stdev_factor >= 0.0) {
+                return Err((
+                    "success_rate.stdev_factor",
+                    format!("must be a number >= 0, got {}", sr.stdev_factor),
+                ));
+            }
         }
         Ok(())
     }
@@ -136,6 +230,9 @@ pub struct OutlierState {
     consecutive: AtomicU32,
     times_ejected: AtomicU32,
     phase: AtomicU8,
+    /// Requests and failures in the current success-rate interval (counted only in that mode).
+    window_requests: AtomicU64,
+    window_failures: AtomicU64,
 }
 
 /// What an outcome asks of the endpoint set.
@@ -166,6 +263,22 @@ impl OutlierState {
         self.times_ejected.store(times, Ordering::Relaxed);
         self.consecutive.store(0, Ordering::Relaxed);
         self.phase.store(Phase::Open as u8, Ordering::Relaxed);
+    }
+
+    /// Counts a response in the success-rate interval.
+    pub fn count(&self, failed: bool) {
+        self.window_requests.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.window_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The interval's `(requests, failures)`, starting the next one.
+    pub fn take_window(&self) -> (u64, u64) {
+        (
+            self.window_requests.swap(0, Ordering::Relaxed),
+            self.window_failures.swap(0, Ordering::Relaxed),
+        )
     }
 
     /// A request goes to the endpoint: after an ejection, it is the probe.
@@ -340,6 +453,65 @@ mod tests {
         drop(probe);
         assert!(!a.is_ejected());
         assert_eq!(a.outlier.phase(), Phase::Closed);
+    }
+
+    #[test]
+    fn success_rate_outliers_are_below_mean_minus_factor_stdevs() {
+        let c = SuccessRateConfig::default();
+        // Rates 1, 1, 1, 1, 0.5: mean 0.9, stdev 0.2, threshold 0.9 − 1.9 × 0.2 = 0.52.
+        let window = [(100, 0), (100, 0), (200, 0), (100, 0), (100, 50)];
+        assert_eq!(success_rate_outliers(&window, &c), vec![4]);
+        // Rates 1, .98, .99, 1, .97, .9: mean 0.9733, stdev 0.0345, threshold 0.9078.
+        let window = [(100, 0), (100, 2), (100, 1), (100, 0), (100, 3), (100, 10)];
+        assert_eq!(success_rate_outliers(&window, &c), vec![5]);
+        // Rates .9, .8, .85, .95, .9: threshold 0.7831, all within the spread.
+        let window = [(100, 10), (100, 20), (100, 15), (100, 5), (100, 10)];
+        assert_eq!(success_rate_outliers(&window, &c), Vec::<usize>::new());
+        // Too few requests: the bad endpoint is not rated, nor ejected.
+        let window = [(100, 0), (100, 0), (100, 0), (100, 0), (99, 99)];
+        assert_eq!(success_rate_outliers(&window, &c), Vec::<usize>::new());
+        // Fewer than minimum_hosts rated: no comparison.
+        let window = [(100, 0), (100, 0), (100, 0), (100, 60)];
+        assert_eq!(success_rate_outliers(&window, &c), Vec::<usize>::new());
+        let three = SuccessRateConfig {
+            minimum_hosts: 3,
+            stdev_factor: 1.0,
+            ..c
+        };
+        assert_eq!(success_rate_outliers(&window, &three), vec![3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_set_compares_success_rates_once_per_interval() {
+        use crate::balance::EndpointSet;
+        use crate::config::BalancerKind;
+        let addrs: Vec<std::net::SocketAddr> = (1..=5).map(|p| ([127, 0, 0, 1], p).into()).collect();
+        let config = OutlierConfig {
+            consecutive_failures: 0,
+            ejection_jitter_ms: 0,
+            success_rate: Some(SuccessRateConfig {
+                request_volume: 10,
+                ..SuccessRateConfig::default()
+            }),
+            ..OutlierConfig::default()
+        };
+        let set = EndpointSet::uniform(&addrs, BalancerKind::RoundRobin).with_outlier(config);
+        let endpoints = set.endpoints();
+        // The first outcome starts the interval.
+        set.observe_outcome(&endpoints[0], false);
+        for round in 0..20 {
+            for (i, e) in endpoints.iter().enumerate() {
+                set.observe_outcome(e, i == 4 && round % 2 == 0);
+            }
+        }
+        assert!(!endpoints[4].is_ejected(), "not before the interval ends");
+        tokio::time::advance(secs(10)).await;
+        set.observe_outcome(&endpoints[0], false);
+        assert!(endpoints[4].is_ejected(), "50 % success among peers at 100 %");
+        assert_eq!(set.available(), 4);
+        // Ejected for the base time, then back.
+        tokio::time::advance(secs(30)).await;
+        assert!(!endpoints[4].is_ejected());
     }
 
     #[test]
