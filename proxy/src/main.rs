@@ -95,6 +95,11 @@ struct Args {
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
 
+    /// Milliseconds to keep serving new connections after SIGTERM (with /ready failing)
+    /// before draining. Overrides the file.
+    #[arg(long)]
+    shutdown_delay_ms: Option<u64>,
+
     /// Priority admission: requests in flight through this instance before low and sheddable
     /// ones are shed and the rest queue (`admission.max_concurrency`). Overrides the file.
     #[arg(long)]
@@ -127,6 +132,7 @@ fn main() -> ExitCode {
             args.drain_timeout_ms,
             args.http2_streams_per_connection,
         );
+        let (shutdown_delay, max_concurrency) = (args.shutdown_delay_ms, args.max_concurrency);
         let control = config.control.clone();
         cogmesh_proxy::reload::ConfigSource {
             path,
@@ -147,6 +153,12 @@ fn main() -> ExitCode {
                 if let Some(n) = streams {
                     c.http2_streams_per_connection = n;
                 }
+                if let Some(ms) = shutdown_delay {
+                    c.shutdown_delay_ms = ms;
+                }
+                if let Some(n) = max_concurrency {
+                    set_max_concurrency(c, n);
+                }
                 if control.is_some() && c.control.is_none() {
                     c.control = control.clone();
                 }
@@ -158,6 +170,18 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("cogmesh-proxy: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--max-concurrency`: the admission limit, with the file's other admission settings if any.
+fn set_max_concurrency(config: &mut ProxyConfig, max_concurrency: u64) {
+    match &mut config.admission {
+        Some(a) => a.max_concurrency = max_concurrency,
+        None => {
+            config.admission = Some(cogmesh_proxy::admission::AdmissionConfig::with_limit(
+                max_concurrency,
+            ))
         }
     }
 }
@@ -220,15 +244,11 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     if let Some(n) = args.http2_streams_per_connection {
         config.http2_streams_per_connection = n;
     }
-    if let Some(max_concurrency) = args.max_concurrency {
-        match &mut config.admission {
-            Some(a) => a.max_concurrency = max_concurrency,
-            None => {
-                config.admission = Some(cogmesh_proxy::admission::AdmissionConfig::with_limit(
-                    max_concurrency,
-                ))
-            }
-        }
+    if let Some(ms) = args.shutdown_delay_ms {
+        config.shutdown_delay_ms = ms;
+    }
+    if let Some(n) = args.max_concurrency {
+        set_max_concurrency(&mut config, n);
     }
     if let (Some(address), Some(service)) = (args.control, &args.service) {
         config.control = Some(ControlConfig {

@@ -63,3 +63,26 @@ async fn sigterm_completes_in_flight_requests_then_exits_0() {
         .expect("proxy exits after draining");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn with_a_shutdown_delay_new_requests_are_served_after_sigterm_while_not_ready() {
+    let upstream = start_workload("w1");
+    let mut proxy = Proxy::quick(&[upstream.addr], &["--shutdown-delay-ms", "5000"]);
+    assert_eq!(http_get(proxy.admin, "/ready").unwrap().0, 200);
+    proxy.proc.signal("TERM");
+    // Readiness fails at once, so Kubernetes takes the pod out of its Services...
+    cogmesh_e2e::eventually("/ready to fail", Duration::from_secs(5), || {
+        (http_get(proxy.admin, "/ready").map(|r| r.0).ok() == Some(503)).then_some(())
+    });
+    // ...while clients that still send to it (a new connection each) are served.
+    for _ in 0..3 {
+        let (status, body) = http_get(proxy.listen, "/sleep?ms=1").expect("served during the delay");
+        assert_eq!((status, body.as_str()), (200, "slept 1 ms"));
+    }
+    assert!(proxy.proc.is_running());
+    let status = proxy
+        .proc
+        .wait_exit(Duration::from_secs(20))
+        .expect("proxy exits after the delay and the drain");
+    assert_eq!(status.code(), Some(0));
+}

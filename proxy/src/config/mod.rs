@@ -40,8 +40,16 @@ pub struct ProxyConfig {
     /// Worker threads, each with its own runtime and its own `SO_REUSEPORT` listener.
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// After SIGTERM, in-flight requests get this long to finish once new connections are no
+    /// longer accepted.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// After SIGTERM, keep accepting and serving new connections and requests this long (with
+    /// `/ready` failing already) before draining: Kubernetes removes a terminating pod from its
+    /// Services' endpoints asynchronously, and clients keep sending to it meanwhile. 0: drain at
+    /// once.
+    #[serde(default)]
+    pub shutdown_delay_ms: u64,
     #[serde(default = "default_header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
     #[serde(default = "default_connect_timeout_ms")]
@@ -426,6 +434,7 @@ impl ProxyConfig {
             admin,
             workers: default_workers(),
             drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
+            shutdown_delay_ms: 0,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             pool_idle_timeout_ms: DEFAULT_POOL_IDLE_TIMEOUT_MS,

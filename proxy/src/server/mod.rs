@@ -147,11 +147,22 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         }
         info!(address = %config.admin, workers = config.workers, "admin server listening");
         wait_for_signal().await;
+        state.ready.store(false, Ordering::Release);
+        let delay = Duration::from_millis(state.config.load().shutdown_delay_ms);
+        if !delay.is_zero() {
+            info!(
+                delay_ms = delay.as_millis() as u64,
+                "shutting down: still serving (not ready) before draining; a second signal drains at once"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = wait_for_signal() => {}
+            }
+        }
         info!(
             drain_ms = drain.as_millis() as u64,
             "shutting down: draining connections"
         );
-        state.ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
         for w in workers {
             let _ = tokio::task::spawn_blocking(move || w.join()).await;
