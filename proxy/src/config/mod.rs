@@ -165,6 +165,10 @@ pub struct ServiceConfig {
     /// included); 504 after. 0: none (each attempt still has `response_timeout_ms`).
     #[serde(default)]
     pub request_timeout_ms: u64,
+    /// A stream that carries nothing in either direction this long after its response headers
+    /// is ended (reset). 0: none (Envoy's default is 5 min).
+    #[serde(default)]
+    pub stream_idle_timeout_ms: u64,
     #[serde(default)]
     pub balancer: BalancerKind,
     /// Affinity key for `balancer: ring_hash`, e.g. `{ header: x-session }`.
@@ -454,6 +458,7 @@ impl ProxyConfig {
                 protocol: UpstreamProtocol::Auto,
                 response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
                 request_timeout_ms: 0,
+                stream_idle_timeout_ms: 0,
                 balancer: BalancerKind::default(),
                 hash_key: None,
                 load_report_stale_ms: default_load_report_stale_ms(),

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 
 use prometheus_client::metrics::counter::Counter;
 
+use super::idle::IdleTimer;
 use super::pool::Lease;
 use crate::balance::{orca, InFlight};
 use crate::compress::{BoxError, CodedBody};
@@ -25,6 +26,8 @@ pub enum ProxyBody {
         reports: Option<TrailerReports>,
         lease: Option<Lease>,
         held: Option<Held>,
+        /// The stream's idle timer, when the service has `stream_idle_timeout_ms`.
+        idle: Option<Box<IdleTimer>>,
     },
     Local(Option<Bytes>),
     /// Compressed or recorded for the cache; streams like the others.
@@ -64,7 +67,16 @@ impl ProxyBody {
             reports,
             lease,
             held: None,
+            idle: None,
         }
+    }
+
+    /// Ends the stream once it has been idle for the timer's timeout.
+    pub fn with_idle_timer(mut self, timer: Option<IdleTimer>) -> Self {
+        if let ProxyBody::Upstream { idle, .. } = &mut self {
+            *idle = timer.map(Box::new);
+        }
+        self
     }
 
     /// Also keeps the request's slot in the concurrency limit until the body ends.
@@ -103,8 +115,23 @@ impl Body for ProxyBody {
                 reports,
                 lease,
                 held,
+                idle,
             } => {
                 let mut polled = Pin::new(&mut *body).poll_frame(cx);
+                if let Some(timer) = idle {
+                    match &polled {
+                        Poll::Ready(Some(Ok(_))) => timer.touch(),
+                        Poll::Pending => {
+                            if let Poll::Ready(err) = timer.poll_expired(cx) {
+                                in_flight.take();
+                                held.take();
+                                lease.take();
+                                return Poll::Ready(Some(Err(err)));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
                 if let (Poll::Ready(Some(Ok(frame))), Some(reports)) = (&mut polled, reports.as_ref()) {
                     if let Some(trailers) = frame.trailers_mut() {
                         read_trailer_report(trailers, in_flight.as_ref(), reports);

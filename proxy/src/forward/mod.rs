@@ -13,6 +13,7 @@
 
 mod body;
 mod headers;
+mod idle;
 mod pool;
 
 use std::convert::Infallible;
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_TYPE, HOST};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::Either;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -278,6 +279,19 @@ impl Forward {
         let service = &table.services[index];
         let upgrade = headers::is_upgrade(&req);
         let grpc = is_grpc(&req);
+        // With an idle timeout, the request body marks the stream active as it streams.
+        let activity = service
+            .stream_idle_timeout
+            .filter(|_| !upgrade)
+            .map(|_| idle::Activity::new());
+        let req = match &activity {
+            Some(activity) => {
+                activity.touch();
+                let activity = Arc::clone(activity);
+                req.map(|b| Either::Right(idle::ActiveBody::new(b, activity).boxed_unsync()))
+            }
+            None => req,
+        };
         let mut avoid = None;
         let mut _retry_permit = None;
         let attempts = async {
@@ -292,7 +306,10 @@ impl Forward {
             .await;
             loop {
                 let attempt_start = Instant::now();
-                let (outcome, endpoint) = match self.send(table, index, metrics, req, avoid).await {
+                let (outcome, endpoint) = match self
+                    .send(table, index, metrics, req, avoid, activity.as_ref())
+                    .await
+                {
                     Ok((response, endpoint)) => (Ok(response), Some(endpoint)),
                     Err((err, endpoint)) => (Err(err), endpoint),
                 };
@@ -399,6 +416,7 @@ impl Forward {
         metrics: &ServiceMetrics,
         mut req: Request<UpstreamBody>,
         avoid: Option<SocketAddr>,
+        activity: Option<&Arc<idle::Activity>>,
     ) -> Result<(Response<ProxyBody>, Arc<Endpoint>), (ProxyError, Option<Arc<Endpoint>>)> {
         let service = &table.services[index];
         let mut permit = match service.breaker.try_request() {
@@ -514,8 +532,18 @@ impl Forward {
             breaker: Some(permit),
             admission: None,
         };
+        let idle = activity
+            .zip(service.stream_idle_timeout)
+            .map(|(activity, after)| {
+                activity.touch();
+                idle::IdleTimer::new(Arc::clone(activity), after, metrics.stream_idle_timeouts.clone())
+            });
         Ok((
-            response.map(|b| ProxyBody::upstream(b, in_flight, trailer_reports, lease).holding(held)),
+            response.map(|b| {
+                ProxyBody::upstream(b, in_flight, trailer_reports, lease)
+                    .holding(held)
+                    .with_idle_timer(idle)
+            }),
             endpoint,
         ))
     }

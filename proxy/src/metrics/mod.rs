@@ -22,6 +22,7 @@
 //!   because of the budget (`budget_exhausted`), the breaker's `max_retries`
 //!   (`breaker_overflow`) or a body longer than the replay buffer (`body_too_large`);
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
+//! - `stream_idle_timeout_total{direction,service}`: streams ended by `stream_idle_timeout_ms`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
 //! - `compressed_response_total{route,encoding}`: responses compressed, per coding;
@@ -160,6 +161,7 @@ pub struct Metrics {
     admission: Family<AdmissionLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
     load_reports: Family<LoadReportLabels, Counter>,
+    stream_idle_timeouts: Family<TrafficLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     compressed: Family<CompressionLabels, Counter>,
     cache_lookups: Family<CacheLookupLabels, Counter>,
@@ -215,6 +217,12 @@ impl Metrics {
             refused.clone(),
         );
         let load_reports = Family::<LoadReportLabels, Counter>::default();
+        let stream_idle_timeouts = Family::<TrafficLabels, Counter>::default();
+        registry.register(
+            "stream_idle_timeout",
+            "Streams ended after carrying nothing for stream_idle_timeout_ms",
+            stream_idle_timeouts.clone(),
+        );
         let table = Arc::new(OnceLock::new());
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
@@ -292,6 +300,7 @@ impl Metrics {
             admission,
             retries,
             load_reports,
+            stream_idle_timeouts,
             reloads,
             table,
         }
@@ -328,6 +337,7 @@ impl Metrics {
             by_retry: Default::default(),
             load_reports_accepted: self.load_report_counter(direction, service, "accepted"),
             load_reports_rejected: self.load_report_counter(direction, service, "rejected"),
+            stream_idle_timeouts: self.stream_idle_timeouts.get_or_create(&labels).clone(),
             labels,
         }
     }
@@ -456,6 +466,7 @@ pub struct ServiceMetrics {
     by_retry: [OnceLock<Counter>; crate::retry::RETRY_RESULTS.len()],
     pub load_reports_accepted: Counter,
     pub load_reports_rejected: Counter,
+    pub stream_idle_timeouts: Counter,
 }
 
 impl ServiceMetrics {

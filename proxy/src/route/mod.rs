@@ -47,6 +47,7 @@ pub struct Service {
     pub protocol: UpstreamProtocol,
     pub response_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
+    pub stream_idle_timeout: Option<Duration>,
     pub endpoints: EndpointSet,
     pub hash_key: Option<HashKey>,
     pub forward_load_reports: bool,
@@ -123,6 +124,8 @@ impl RoutingTable {
                     .then(|| Duration::from_millis(s.response_timeout_ms)),
                 request_timeout: (s.request_timeout_ms > 0)
                     .then(|| Duration::from_millis(s.request_timeout_ms)),
+                stream_idle_timeout: (s.stream_idle_timeout_ms > 0)
+                    .then(|| Duration::from_millis(s.stream_idle_timeout_ms)),
                 endpoints: EndpointSet::rebuild(
                     old.get(s.name.as_str()).map(|o| &o.endpoints),
                     &overrides
