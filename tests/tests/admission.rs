@@ -1,11 +1,14 @@
 //! Attention (priority) admission: at the instance's concurrency limit, low and sheddable
 //! requests are shed at once with 503 `shed` and `Retry-After`, while queued requests get freed
 //! slots in priority order (a critical request that arrived later goes before a normal one), and
-//! the counts per priority are exported.
+//! the counts per priority are exported. An adaptive limit grows while latency stays at its
+//! baseline and shrinks when an overloaded upstream's latency rises.
 
 use std::time::{Duration, Instant};
 
-use cogmesh_e2e::{curl_head, eventually, metric_value, start_workload, Proxy};
+use cogmesh_e2e::{
+    curl_head, eventually, http_get, metric_value, start_workload, start_workload_with, Proxy,
+};
 
 #[test]
 fn slots_go_to_critical_first_and_the_lowest_are_shed() {
@@ -78,4 +81,48 @@ routes:
     assert_eq!(count("low", "shed"), Some(1.0), "{m}");
     assert_eq!(count("sheddable", "shed"), Some(1.0), "{m}");
     assert_eq!(count("normal", "shed"), Some(0.0), "{m}");
+}
+
+#[test]
+fn an_adaptive_limit_grows_at_baseline_latency_and_shrinks_under_overload() {
+    // Four slots of 20 ms: beyond four concurrent requests, latency grows with the queue.
+    let upstream = start_workload_with("cap4", &["--capacity", "4", "--service-time-ms", "20"]);
+    let proxy = Proxy::with_config(&format!(
+        r#"
+admin: "{{admin}}"
+admission: {{ max_concurrency: 100, max_queue_wait_ms: 2000, adaptive: {{ min_limit: 4, max_limit: 400, window_ms: 100 }} }}
+listeners:
+  - {{ name: edge, address: "{{listen}}", default_service: web }}
+services:
+  - {{ name: web, endpoints: ["{}"] }}
+"#,
+        upstream.addr
+    ));
+    let limit = || metric_value(&proxy.metrics(), "admission_limit").expect("admission_limit");
+    assert_eq!(limit(), 100.0);
+    // One client at a time: latency stays at its baseline and the limit grows.
+    for _ in 0..150 {
+        assert_eq!(http_get(proxy.listen, "/work").unwrap().0, 200);
+    }
+    let grown = limit();
+    assert!(grown > 100.0, "limit {grown} after light load");
+    // 32 clients against 4 slots: latency several times the baseline; the limit shrinks.
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let listen = proxy.listen;
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    let _ = http_get(listen, "/work");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let shrunk = limit();
+    assert!(
+        shrunk < grown / 2.0,
+        "limit {shrunk} after overload (was {grown})"
+    );
 }

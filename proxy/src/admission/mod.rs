@@ -11,16 +11,24 @@
 //!   the newest of the lowest priority queued, which is shed at once.
 //!
 //! The queue's lock is taken only at the limit, never on the way in below it; a finished
-//! request takes it only while someone waits. The limit is static (`admission.max_concurrency`);
-//! an adaptive limit (gradient, from latency) would only change how the limit is set. The
-//! controller lives in the routing table and a reload keeps it, updating the limits in place.
+//! request takes it only while someone waits. The limit is `admission.max_concurrency`, or,
+//! with `admission.adaptive`, starts there and follows latency (see [`adaptive`]). The
+//! controller lives in the routing table and a reload keeps it, updating the limits in place
+//! (an adaptive limit keeps what it learned while its settings stay the same).
+
+pub mod adaptive;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use adaptive::{Adaptive, AdaptiveConfig};
 
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
@@ -86,7 +94,7 @@ impl Priority {
 }
 
 /// `admission:` in proxy.yaml (absent: no concurrency limit).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AdmissionConfig {
     /// Requests in flight through this instance, all listeners together.
@@ -98,6 +106,9 @@ pub struct AdmissionConfig {
     pub max_queued: Option<u64>,
     #[serde(default = "default_max_queue_wait_ms")]
     pub max_queue_wait_ms: u64,
+    /// A limit that follows latency, starting at `max_concurrency`; absent: static.
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 fn default_retry_after_secs() -> u64 {
@@ -115,6 +126,7 @@ impl AdmissionConfig {
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
             max_queued: None,
             max_queue_wait_ms: DEFAULT_MAX_QUEUE_WAIT_MS,
+            adaptive: None,
         }
     }
 
@@ -123,7 +135,7 @@ impl AdmissionConfig {
         if self.max_concurrency == 0 {
             return Err(("max_concurrency", "must be greater than 0".into()));
         }
-        Ok(())
+        self.adaptive.as_ref().map_or(Ok(()), AdaptiveConfig::check)
     }
 }
 
@@ -132,6 +144,8 @@ impl AdmissionConfig {
 pub struct AdmissionCounters {
     pub admitted: [Counter; 5],
     pub shed: [Counter; 5],
+    /// The limit in force.
+    pub limit: Gauge,
 }
 
 /// The instance's concurrency limit.
@@ -146,6 +160,8 @@ pub struct Admission {
     waiting: AtomicU64,
     queue: Mutex<Queue>,
     counters: AdmissionCounters,
+    /// With `adaptive`: what moves the limit.
+    adaptive: ArcSwapOption<Adaptive>,
 }
 
 /// Waiters per priority, oldest first; each gets `true` (admitted, the slot is theirs) or
@@ -167,13 +183,27 @@ impl Admission {
             waiting: AtomicU64::new(0),
             queue: Mutex::new(Queue::default()),
             counters,
+            adaptive: ArcSwapOption::empty(),
         };
         a.set_limits(config);
         a
     }
 
     fn set_limits(&self, config: &AdmissionConfig) {
-        self.limit.store(config.max_concurrency, Ordering::SeqCst);
+        let current = self.adaptive.load_full();
+        match (&config.adaptive, current) {
+            // Same adaptive settings: keep the learned limit.
+            (Some(new), Some(old)) if *new == old.config => {}
+            (Some(new), _) => {
+                let adaptive = Adaptive::new(new.clone(), config.max_concurrency);
+                self.set_limit(adaptive.limit());
+                self.adaptive.store(Some(Arc::new(adaptive)));
+            }
+            (None, _) => {
+                self.adaptive.store(None);
+                self.set_limit(config.max_concurrency);
+            }
+        }
         self.retry_after_secs
             .store(config.retry_after_secs.max(1), Ordering::Relaxed);
         let queued = config.max_queued.unwrap_or(config.max_concurrency);
@@ -200,6 +230,16 @@ impl Admission {
 
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The limit in force.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::SeqCst);
+        self.counters.limit.set(limit as i64);
     }
 
     /// Takes a slot if one is free.
@@ -314,8 +354,11 @@ impl Admission {
 
     fn admitted(self: &Arc<Self>, p: Priority) -> AdmissionPermit {
         self.counters.admitted[p as usize].inc();
+        // The clock is read only when the limit follows latency.
+        let started = self.adaptive.load().is_some().then(Instant::now);
         AdmissionPermit {
             admission: Arc::clone(self),
+            started,
         }
     }
 
@@ -364,12 +407,21 @@ impl Drop for Waiter<'_> {
 #[derive(Debug)]
 pub struct AdmissionPermit {
     admission: Arc<Admission>,
+    /// When it was admitted, if the limit follows latency.
+    started: Option<Instant>,
 }
 
 impl Drop for AdmissionPermit {
     fn drop(&mut self) {
-        self.admission.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.admission.dispatch();
+        let a = &self.admission;
+        a.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let (Some(started), Some(adaptive)) = (self.started, &*a.adaptive.load()) {
+            let now = Instant::now();
+            if let Some(limit) = adaptive.record(now.saturating_duration_since(started), now) {
+                a.set_limit(limit);
+            }
+        }
+        a.dispatch();
     }
 }
 
@@ -383,6 +435,7 @@ mod tests {
             retry_after_secs: 2,
             max_queued: Some(queued),
             max_queue_wait_ms: 100,
+            adaptive: None,
         };
         Arc::new(Admission::new(&config, AdmissionCounters::default()))
     }
@@ -497,6 +550,7 @@ mod tests {
             retry_after_secs: 1,
             max_queued: Some(0),
             max_queue_wait_ms: 100,
+            adaptive: None,
         };
         let same = Admission::reuse_or_new(Some(&a), &config, AdmissionCounters::default);
         assert_eq!(same.in_flight(), 1);

@@ -17,7 +17,8 @@
 //!   service's circuit breaker, by threshold (`max_requests`, `max_pending_requests`,
 //!   `max_retries`);
 //! - `admission_total{priority,result}`: requests through the instance's concurrency limit,
-//!   `admitted` or `shed`, by priority (the basis of attention efficiency);
+//!   `admitted` or `shed`, by priority (the basis of attention efficiency), and the
+//!   `admission_limit` gauge (the limit in force: static, or adaptive);
 //! - `retry_total{direction,service,result}`: retries `sent`, and retriable failures not retried
 //!   because of the budget (`budget_exhausted`), the breaker's `max_retries`
 //!   (`breaker_overflow`) or a body longer than the replay buffer (`body_too_large`);
@@ -159,6 +160,7 @@ pub struct Metrics {
     rate_limited: Family<LimitLabels, Counter>,
     overflow: Family<OverflowLabels, Counter>,
     admission: Family<AdmissionLabels, Counter>,
+    admission_limit: Gauge,
     retries: Family<RetryLabels, Counter>,
     load_reports: Family<LoadReportLabels, Counter>,
     stream_idle_timeouts: Family<TrafficLabels, Counter>,
@@ -200,6 +202,12 @@ impl Metrics {
             "admission",
             "Requests through the concurrency limit, admitted or shed, by priority",
             admission.clone(),
+        );
+        let admission_limit = Gauge::default();
+        registry.register(
+            "admission_limit",
+            "The instance's concurrency limit in force (static, or adaptive)",
+            admission_limit.clone(),
         );
         registry.register(
             "circuit_breaker_overflow",
@@ -298,6 +306,7 @@ impl Metrics {
             rate_limited,
             overflow,
             admission,
+            admission_limit,
             retries,
             load_reports,
             stream_idle_timeouts,
@@ -401,6 +410,7 @@ impl Metrics {
         crate::admission::AdmissionCounters {
             admitted: all.map(|p| counter(p, "admitted")),
             shed: all.map(|p| counter(p, "shed")),
+            limit: self.admission_limit.clone(),
         }
     }
 
