@@ -12,6 +12,12 @@
 //!     Offered 2× capacity — 160 req/s `critical` and 640 req/s `normal` from two oha processes at
 //!     once — with admission and without; and `critical` alone (unloaded) for reference. Printed:
 //!     success (200s) and p99 per priority, and critical p99 relative to unloaded.
+//! (c) Fault run. Three `cogmesh workload` upstreams (`/sleep?ms=5`); in front, in turn, cogmesh
+//!     (`retry: max_attempts 3`, outlier detection: 5 consecutive failures) and Envoy configured
+//!     the same way (`retry_on: connect-failure,reset,5xx`, 2 retries on other hosts, outlier
+//!     detection with 5 consecutive 5xx / gateway failures), one worker each, fresh upstreams for
+//!     each. 400 req/s open loop for the window; a third of the way in, one upstream is killed
+//!     (SIGKILL). Printed: success % and p50/p99 for each, and the ratios.
 //!
 //! ```text
 //! bench/setup.sh && cargo build --release -p cogmesh-proxy -p cogmesh-control -p cogmesh-bench
@@ -35,7 +41,7 @@ use cogmesh_bench::procs::{self, Server};
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "resilience-bench",
-    about = "Rate-limit accuracy vs Envoy, and priority admission under overload"
+    about = "Rate-limit accuracy vs Envoy, priority admission under overload, and an upstream kill vs Envoy"
 )]
 pub struct Options {
     /// Short windows: 3 s instead of 10 s.
@@ -56,6 +62,9 @@ pub struct Options {
     /// Skip part (b), priority admission.
     #[arg(long)]
     pub skip_priority: bool,
+    /// Skip part (c), the upstream kill.
+    #[arg(long)]
+    pub skip_fault: bool,
     /// Keep the temp dir with configs, logs and raw oha output.
     #[arg(long)]
     pub keep_temp: bool,
@@ -157,6 +166,9 @@ fn run_in(options: &Options, tools: &Tools, proxy: &Path, window: Duration, dir:
     if !options.skip_priority {
         priority_runs(tools, proxy, window, dir)?;
     }
+    if !options.skip_fault {
+        fault_runs(tools, proxy, window, dir)?;
+    }
     println!("\nshared 2-core machine: client, proxy and upstream compete for the same cores; other builds may run beside the bench");
     Ok(())
 }
@@ -235,23 +247,9 @@ fn start_cogmesh(bin: &Path, yaml: &str, dir: &Path, tag: &str) -> Result<Runnin
 }
 
 fn start_envoy(bin: &Path, upstream: SocketAddr, options: &Options, dir: &Path) -> Result<Running> {
-    let listen = procs::loopback(procs::free_port()?);
-    let admin = procs::loopback(procs::free_port()?);
-    let conf = dir.join("envoy-ratelimit.yaml");
-    fs::write(
-        &conf,
-        envoy_rate_limit_config(listen, admin, upstream, options.rate, options.burst),
-    )?;
-    let mut command = Command::new(bin);
-    command.arg("-c").arg(&conf).args([
-        "--concurrency",
-        "1",
-        "--disable-hot-restart",
-        "--log-level",
-        "warn",
-    ]);
-    let server = Server::spawn("envoy-ratelimit", &mut command, dir)?;
-    wait_until(server, listen, Some(admin))
+    let (rate, burst) = (options.rate, options.burst);
+    let config = |listen, admin, _: &[SocketAddr]| envoy_rate_limit_config(listen, admin, upstream, rate, burst);
+    start_envoy_with(bin, &config, &[upstream], dir, "envoy-ratelimit")
 }
 
 /// Waits until the admin port (if any) says ready and the listener accepts connections.
@@ -293,13 +291,7 @@ fn envoy_rate_limit_config(
     rate: u32,
     burst: u32,
 ) -> String {
-    let addr = |a: SocketAddr| {
-        format!(
-            "{{ socket_address: {{ address: {}, port_value: {} }} }}",
-            a.ip(),
-            a.port()
-        )
-    };
+    let addr = envoy_address;
     let per_fill = (rate / 10).max(1);
     format!(
         r#"admin:
@@ -448,4 +440,193 @@ fn priority_runs(tools: &Tools, proxy: &Path, window: Duration, dir: &Path) -> R
 
 fn success_pct(r: &Latency) -> f64 {
     r.ok as f64 / (r.ok + r.failed).max(1) as f64 * 100.0
+}
+
+/// Offered load of the fault run.
+const FAULT_RPS: u32 = 400;
+
+fn fault_runs(tools: &Tools, proxy: &Path, window: Duration, dir: &Path) -> Result<()> {
+    println!(
+        "\n(c) fault run: 3 workload upstreams (/sleep?ms=5), {FAULT_RPS} req/s open loop for {:.0} s, one upstream killed after {:.1} s",
+        window.as_secs_f64(),
+        window.as_secs_f64() / 3.0
+    );
+    let workload_bin = tools.repo.join("target/release/cogmesh");
+    if !workload_bin.exists() {
+        println!("  {} is not built: skipped", workload_bin.display());
+        return Ok(());
+    }
+    let mut rows: Vec<(&str, Latency)> = Vec::new();
+    let proxies: [&str; 2] = ["cogmesh", "envoy"];
+    for name in proxies {
+        if name == "envoy" && tools.envoy.is_none() {
+            println!("  envoy: not installed, skipped");
+            continue;
+        }
+        let mut upstreams = Vec::new();
+        let mut addrs = Vec::new();
+        for i in 0..3 {
+            let addr = procs::loopback(procs::free_port()?);
+            let mut command = Command::new(&workload_bin);
+            command
+                .args(["workload", "--listen", &addr.to_string(), "--name", &format!("w{i}")])
+                .args(["--log-level", "warn"]);
+            let server = Server::spawn(&format!("{name}-upstream-{i}"), &mut command, dir)?;
+            upstreams.push(wait_until(server, addr, None)?);
+            addrs.push(addr);
+        }
+        let running = match (name, &tools.envoy) {
+            ("envoy", Some(envoy)) => start_envoy_with(envoy, &envoy_fault_config, &addrs, dir, "envoy-fault")?,
+            _ => {
+                let endpoints: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+                let yaml = format!(
+                    "admin: \"{{admin}}\"\nlisteners:\n  - {{ name: bench, address: \"{{listen}}\", default_service: w }}\n\
+                     services:\n  - name: w\n    endpoints: [{}]\n    retry: {{ max_attempts: 3 }}\n    \
+                     outlier_detection: {{ consecutive_failures: 5, max_ejection_percent: 50 }}\n",
+                    endpoints.join(", ")
+                );
+                start_cogmesh(proxy, &yaml, dir, "cogmesh-fault")?
+            }
+        };
+        let work = dir.join(format!("{name}-fault"));
+        fs::create_dir_all(&work)?;
+        let victim = upstreams.remove(1);
+        let url = running.url("/sleep?ms=5");
+        let oha = Oha {
+            bin: &tools.oha,
+            connections: 64,
+            threads: 1,
+        };
+        let result = std::thread::scope(|s| {
+            let load = s.spawn(|| oha.open_loop(&url, Proto::H1, FAULT_RPS, window, &work));
+            let killer = s.spawn(move || {
+                let mut victim = victim;
+                let killed = procs::sleep(window / 3).map(|()| {
+                    let pgid = victim._server.pid();
+                    // SAFETY: signalling our own child's process group.
+                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                });
+                victim._server.stop();
+                killed
+            });
+            (load.join(), killer.join())
+        });
+        let (load, killed) = result;
+        killed.map_err(|_| anyhow::anyhow!("killer thread panicked"))??;
+        let r = load.map_err(|_| anyhow::anyhow!("oha thread panicked"))??;
+        eprintln!("  {name}: {} ok, {} failed ({})", r.ok, r.failed, r.failures);
+        rows.push((name, r));
+    }
+    println!("\n| proxy | requests | success % | failed | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, r) in &rows {
+        println!(
+            "| {name} | {} | {:.2} | {} | {:.2} | {:.2} |",
+            r.ok + r.failed,
+            success_pct(r),
+            r.failed,
+            r.p50_us / 1e3,
+            r.p99_us / 1e3
+        );
+    }
+    if let [(_, c), (_, e)] = rows.as_slice() {
+        println!(
+            "\ncogmesh ÷ envoy: failed requests {:.2}, p99 {:.2}",
+            c.failed as f64 / e.failed.max(1) as f64,
+            c.p99_us / e.p99_us.max(1.0)
+        );
+    }
+    Ok(())
+}
+
+/// Envoy with `config(listen, admin, upstreams)`, one worker.
+fn start_envoy_with(
+    bin: &Path,
+    config: &dyn Fn(SocketAddr, SocketAddr, &[SocketAddr]) -> String,
+    upstreams: &[SocketAddr],
+    dir: &Path,
+    tag: &str,
+) -> Result<Running> {
+    let listen = procs::loopback(procs::free_port()?);
+    let admin = procs::loopback(procs::free_port()?);
+    let conf = dir.join(format!("{tag}.yaml"));
+    fs::write(&conf, config(listen, admin, upstreams))?;
+    let mut command = Command::new(bin);
+    command.arg("-c").arg(&conf).args([
+        "--concurrency",
+        "1",
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+    ]);
+    let server = Server::spawn(tag, &mut command, dir)?;
+    wait_until(server, listen, Some(admin))
+}
+
+fn envoy_address(a: SocketAddr) -> String {
+    format!(
+        "{{ socket_address: {{ address: {}, port_value: {} }} }}",
+        a.ip(),
+        a.port()
+    )
+}
+
+/// Envoy set up as the fault run's cogmesh: 2 retries on other hosts after connect failures,
+/// resets and 5xx; outlier detection after 5 consecutive 5xx or gateway failures.
+fn envoy_fault_config(listen: SocketAddr, admin: SocketAddr, upstreams: &[SocketAddr]) -> String {
+    let endpoints: String = upstreams
+        .iter()
+        .map(|u| format!("        - endpoint: {{ address: {} }}\n", envoy_address(*u)))
+        .collect();
+    format!(
+        r#"admin:
+  address: {admin}
+static_resources:
+  listeners:
+  - name: fault
+    address: {listen}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: fault
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route:
+                  cluster: upstream
+                  retry_policy:
+                    retry_on: connect-failure,reset,5xx
+                    num_retries: 2
+                    retry_host_predicate:
+                    - name: envoy.retry_host_predicates.previous_hosts
+                      typed_config:
+                        "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+                    host_selection_retry_max_attempts: 3
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    lb_policy: LEAST_REQUEST
+    outlier_detection:
+      consecutive_5xx: 5
+      consecutive_gateway_failure: 5
+      enforcing_consecutive_gateway_failure: 100
+      max_ejection_percent: 50
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+{endpoints}"#,
+        admin = envoy_address(admin),
+        listen = envoy_address(listen),
+    )
 }
