@@ -248,7 +248,8 @@ fn start_cogmesh(bin: &Path, yaml: &str, dir: &Path, tag: &str) -> Result<Runnin
 
 fn start_envoy(bin: &Path, upstream: SocketAddr, options: &Options, dir: &Path) -> Result<Running> {
     let (rate, burst) = (options.rate, options.burst);
-    let config = |listen, admin, _: &[SocketAddr]| envoy_rate_limit_config(listen, admin, upstream, rate, burst);
+    let config =
+        |listen, admin, _: &[SocketAddr]| envoy_rate_limit_config(listen, admin, upstream, rate, burst);
     start_envoy_with(bin, &config, &[upstream], dir, "envoy-ratelimit")
 }
 
@@ -469,14 +470,22 @@ fn fault_runs(tools: &Tools, proxy: &Path, window: Duration, dir: &Path) -> Resu
             let addr = procs::loopback(procs::free_port()?);
             let mut command = Command::new(&workload_bin);
             command
-                .args(["workload", "--listen", &addr.to_string(), "--name", &format!("w{i}")])
+                .args([
+                    "workload",
+                    "--listen",
+                    &addr.to_string(),
+                    "--name",
+                    &format!("w{i}"),
+                ])
                 .args(["--log-level", "warn"]);
             let server = Server::spawn(&format!("{name}-upstream-{i}"), &mut command, dir)?;
             upstreams.push(wait_until(server, addr, None)?);
             addrs.push(addr);
         }
         let running = match (name, &tools.envoy) {
-            ("envoy", Some(envoy)) => start_envoy_with(envoy, &envoy_fault_config, &addrs, dir, "envoy-fault")?,
+            ("envoy", Some(envoy)) => {
+                start_envoy_with(envoy, &envoy_fault_config, &addrs, dir, "envoy-fault")?
+            }
             _ => {
                 let endpoints: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
                 let yaml = format!(

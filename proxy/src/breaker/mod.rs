@@ -1,6 +1,7 @@
-//! Circuit breaking per service, with Envoy's thresholds: at most `max_requests` requests in
-//! flight to the service (until the response body ends), at most `max_pending_requests` of them
-//! still waiting for the upstream's response headers, at most `max_retries` retries in flight.
+//! Circuit breaking per service, with Envoy's thresholds: at most `max_connections` HTTP/1
+//! connections open to the service's endpoints, at most `max_requests` requests in flight to the
+//! service (until the response body ends), at most `max_pending_requests` of them still waiting
+//! for the upstream's response headers, at most `max_retries` retries in flight.
 //! A request over a threshold fails at once with 503 `overloaded` and
 //! `x-cogmesh-overloaded: true` instead of queueing behind a service that is already saturated;
 //! each overflow is counted by threshold.
@@ -9,8 +10,10 @@
 //! service that stays (permits taken before the reload are returned to the same counters); the
 //! thresholds are atomics too, so a reload changes them in place.
 //!
-//! Envoy's fourth threshold, `max_connections`, needs a view of the upstream pool's
-//! connections, which hyper-util's pool does not give; it is not implemented yet.
+//! `max_connections` is checked when the HTTP/1 pool has no idle connection for a request and
+//! would open one: over the threshold the request fails at once (Envoy would queue it among the
+//! pending requests until a connection frees). HTTP/2 multiplexes each endpoint on at most a few
+//! connections and is not counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +21,8 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 
+/// Envoy's default `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
 /// Envoy's default `max_requests`.
 pub const DEFAULT_MAX_REQUESTS: u64 = 1024;
 /// Envoy's default `max_pending_requests`.
@@ -29,6 +34,8 @@ pub const DEFAULT_MAX_RETRIES: u64 = 3;
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreakerConfig {
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u64,
     #[serde(default = "default_max_requests")]
     pub max_requests: u64,
     #[serde(default = "default_max_pending_requests")]
@@ -40,6 +47,7 @@ pub struct CircuitBreakerConfig {
 impl Default for CircuitBreakerConfig {
     fn default() -> Self {
         CircuitBreakerConfig {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_requests: DEFAULT_MAX_REQUESTS,
             max_pending_requests: DEFAULT_MAX_PENDING_REQUESTS,
             max_retries: DEFAULT_MAX_RETRIES,
@@ -47,6 +55,9 @@ impl Default for CircuitBreakerConfig {
     }
 }
 
+fn default_max_connections() -> u64 {
+    DEFAULT_MAX_CONNECTIONS
+}
 fn default_max_requests() -> u64 {
     DEFAULT_MAX_REQUESTS
 }
@@ -61,6 +72,7 @@ impl CircuitBreakerConfig {
     /// Range checks; `Err((field, reason))` relative to `circuit_breaker`.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         for (field, v) in [
+            ("max_connections", self.max_connections),
             ("max_requests", self.max_requests),
             ("max_pending_requests", self.max_pending_requests),
         ] {
@@ -75,6 +87,7 @@ impl CircuitBreakerConfig {
 /// Which threshold a request ran into: the metric label and the error's wording.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Threshold {
+    MaxConnections,
     MaxRequests,
     MaxPendingRequests,
     MaxRetries,
@@ -83,6 +96,7 @@ pub enum Threshold {
 impl Threshold {
     pub fn as_str(self) -> &'static str {
         match self {
+            Threshold::MaxConnections => "max_connections",
             Threshold::MaxRequests => "max_requests",
             Threshold::MaxPendingRequests => "max_pending_requests",
             Threshold::MaxRetries => "max_retries",
@@ -93,6 +107,7 @@ impl Threshold {
 /// Overflow counters, one per threshold.
 #[derive(Clone, Debug, Default)]
 pub struct OverflowCounters {
+    pub max_connections: Counter,
     pub max_requests: Counter,
     pub max_pending_requests: Counter,
     pub max_retries: Counter,
@@ -101,9 +116,13 @@ pub struct OverflowCounters {
 /// The breaker of one service.
 #[derive(Debug)]
 pub struct Breaker {
+    /// The service's name, for the error of a refused request.
+    service: String,
+    max_connections: AtomicU64,
     max_requests: AtomicU64,
     max_pending: AtomicU64,
     max_retries: AtomicU64,
+    connections: AtomicU64,
     requests: AtomicU64,
     pending: AtomicU64,
     retries: AtomicU64,
@@ -111,8 +130,11 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(config: &CircuitBreakerConfig, overflow: OverflowCounters) -> Self {
+    pub fn new(service: &str, config: &CircuitBreakerConfig, overflow: OverflowCounters) -> Self {
         let b = Breaker {
+            service: service.to_string(),
+            max_connections: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             max_requests: AtomicU64::new(0),
             max_pending: AtomicU64::new(0),
             max_retries: AtomicU64::new(0),
@@ -127,6 +149,7 @@ impl Breaker {
 
     /// `previous` with the thresholds of `config` (its counters carry over), or a new breaker.
     pub fn reuse_or_new(
+        service: &str,
         previous: Option<&Arc<Breaker>>,
         config: &CircuitBreakerConfig,
         overflow: impl FnOnce() -> OverflowCounters,
@@ -136,11 +159,13 @@ impl Breaker {
                 p.set_limits(config);
                 Arc::clone(p)
             }
-            None => Arc::new(Breaker::new(config, overflow())),
+            None => Arc::new(Breaker::new(service, config, overflow())),
         }
     }
 
     fn set_limits(&self, config: &CircuitBreakerConfig) {
+        self.max_connections
+            .store(config.max_connections, Ordering::Relaxed);
         self.max_requests.store(config.max_requests, Ordering::Relaxed);
         self.max_pending
             .store(config.max_pending_requests, Ordering::Relaxed);
@@ -174,6 +199,25 @@ impl Breaker {
     }
 
     /// Admits a retry, or refuses it (the caller answers with what it has).
+    /// A slot for a new upstream connection, held as long as the connection lives; over
+    /// `max_connections`, the error for the request that wanted it.
+    pub fn try_connection(self: &Arc<Self>) -> Result<ConnectionPermit, crate::error::ProxyError> {
+        if !take(&self.connections, &self.max_connections) {
+            self.overflow.max_connections.inc();
+            return Err(crate::error::ProxyError::Overloaded {
+                service: self.service.clone(),
+                threshold: Threshold::MaxConnections,
+            });
+        }
+        Ok(ConnectionPermit {
+            breaker: Arc::clone(self),
+        })
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
     pub fn try_retry(self: &Arc<Self>) -> Result<RetryPermit, Threshold> {
         if !take(&self.retries, &self.max_retries) {
             self.overflow.max_retries.inc();
@@ -219,6 +263,18 @@ impl Drop for RequestPermit {
 }
 
 /// A retry counted against its service until dropped.
+/// An upstream connection counted against `max_connections` until dropped.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    breaker: Arc<Breaker>,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.breaker.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug)]
 pub struct RetryPermit {
     breaker: Arc<Breaker>,
@@ -236,11 +292,29 @@ mod tests {
 
     fn breaker(max_requests: u64, max_pending_requests: u64, max_retries: u64) -> Arc<Breaker> {
         let config = CircuitBreakerConfig {
+            max_connections: 2,
             max_requests,
             max_pending_requests,
             max_retries,
         };
-        Arc::new(Breaker::new(&config, OverflowCounters::default()))
+        Arc::new(Breaker::new("web", &config, OverflowCounters::default()))
+    }
+
+    #[test]
+    fn connections_over_the_threshold_are_refused_until_one_closes() {
+        let b = breaker(10, 10, 1);
+        let (one, two) = (b.try_connection().unwrap(), b.try_connection().unwrap());
+        let err = b.try_connection().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "service \"web\" is overloaded: circuit breaker threshold max_connections reached"
+        );
+        assert_eq!(b.overflow.max_connections.get(), 1);
+        drop(one);
+        assert_eq!(b.connections(), 1);
+        let _three = b.try_connection().unwrap();
+        drop(two);
+        assert_eq!(b.connections(), 1);
     }
 
     #[test]
@@ -292,11 +366,12 @@ mod tests {
         let b = breaker(1, 1, 1);
         let permit = b.try_request().unwrap();
         let config = CircuitBreakerConfig {
+            max_connections: 2,
             max_requests: 2,
             max_pending_requests: 2,
             max_retries: 1,
         };
-        let same = Breaker::reuse_or_new(Some(&b), &config, OverflowCounters::default);
+        let same = Breaker::reuse_or_new("web", Some(&b), &config, OverflowCounters::default);
         assert!(Arc::ptr_eq(&b, &same));
         let second = same.try_request().unwrap();
         assert_eq!(same.try_request().unwrap_err(), Threshold::MaxRequests);

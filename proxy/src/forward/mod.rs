@@ -111,6 +111,7 @@ impl Upstreams {
         endpoint: &Arc<Endpoint>,
         open: u64,
         mut req: Request<UpstreamBody>,
+        breaker: &Arc<crate::breaker::Breaker>,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
         if req.version() == Version::HTTP_2 {
             let uri = Uri::builder()
@@ -132,7 +133,7 @@ impl Upstreams {
                 HeaderValue::from_str(endpoint.authority.as_str()).expect("an authority is a valid header");
             req.headers_mut().insert(HOST, host);
         }
-        let (response, lease) = pool::send(endpoint, req, self.http1).await?;
+        let (response, lease) = pool::send(endpoint, req, self.http1, breaker).await?;
         Ok((response, Some(lease)))
     }
 }
@@ -474,10 +475,12 @@ impl Forward {
 
         let open = endpoint.in_flight();
         let in_flight = InFlight::start(Arc::clone(&endpoint));
-        let pending = self
-            .shared
-            .upstreams
-            .send(&endpoint, open, Request::from_parts(parts, body));
+        let pending = self.shared.upstreams.send(
+            &endpoint,
+            open,
+            Request::from_parts(parts, body),
+            &service.breaker,
+        );
         let result = match service.response_timeout {
             Some(after) => match tokio::time::timeout(after, pending).await {
                 Ok(result) => result,
@@ -494,6 +497,8 @@ impl Forward {
         permit.answered();
         let (mut response, lease) = match result {
             Ok(r) => r,
+            // Refused by our own max_connections: nothing to hold against the endpoint.
+            Err(e) if e.kind() == ErrorKind::Overloaded => return Err((e, None)),
             Err(e) => return Err((e, Some(endpoint))),
         };
 

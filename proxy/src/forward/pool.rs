@@ -27,6 +27,7 @@ use tracing::debug;
 
 use super::UpstreamBody;
 use crate::balance::Endpoint;
+use crate::breaker::{Breaker, ConnectionPermit};
 use crate::error::{error_chain, ProxyError};
 
 /// How upstream HTTP/1.1 connections are opened and kept.
@@ -148,17 +149,22 @@ impl Lease {
 ///
 /// A pooled connection the upstream closed meanwhile hands the unsent request back, and it goes
 /// out on the next connection; a request that reached the wire is never sent twice.
+///
+/// A new connection needs a slot in the service's `max_connections` (`breaker`), which it keeps
+/// until it closes.
 pub async fn send(
     endpoint: &Arc<Endpoint>,
     mut req: Request<UpstreamBody>,
     settings: PoolSettings,
+    breaker: &Arc<Breaker>,
 ) -> Result<(http::Response<Incoming>, Lease), ProxyError> {
     let addr = endpoint.addr;
     loop {
         let (mut sender, owner, pooled) = match endpoint.http1.take() {
             Some((s, owner)) => (s, owner, true),
             None => {
-                let s = Box::pin(connect(addr, settings.connect_timeout)).await?;
+                let permit = breaker.try_connection()?;
+                let s = Box::pin(connect(addr, settings.connect_timeout, permit)).await?;
                 (s, endpoint.http1.own_slot(), false)
             }
         };
@@ -195,7 +201,11 @@ fn reset(endpoint: SocketAddr, err: &hyper::Error) -> ProxyError {
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<UpstreamBody>, ProxyError> {
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    permit: ConnectionPermit,
+) -> Result<SendRequest<UpstreamBody>, ProxyError> {
     let failed = |cause: String| ProxyError::UpstreamConnect {
         endpoint: addr,
         cause,
@@ -218,6 +228,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<Upst
     tokio::spawn(Drive {
         connection: Box::pin(connection.with_upgrades()),
         addr,
+        _permit: permit,
     });
     Ok(sender)
 }
@@ -228,6 +239,8 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<Upst
 struct Drive {
     connection: std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>,
     addr: SocketAddr,
+    /// The connection's slot in `max_connections`, given back when it ends.
+    _permit: ConnectionPermit,
 }
 
 impl std::future::Future for Drive {

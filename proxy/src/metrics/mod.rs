@@ -425,6 +425,7 @@ impl Metrics {
                 .clone()
         };
         crate::breaker::OverflowCounters {
+            max_connections: counter(crate::breaker::Threshold::MaxConnections),
             max_requests: counter(crate::breaker::Threshold::MaxRequests),
             max_pending_requests: counter(crate::breaker::Threshold::MaxPendingRequests),
             max_retries: counter(crate::breaker::Threshold::MaxRetries),

@@ -144,6 +144,7 @@ impl RoutingTable {
                     .map(|o| Arc::clone(&o.retry_budget))
                     .unwrap_or_default(),
                 breaker: crate::breaker::Breaker::reuse_or_new(
+                    &s.name,
                     old.get(s.name.as_str()).map(|o| &o.breaker),
                     &s.circuit_breaker,
                     || metrics.breaker_overflow(&s.name),
