@@ -144,8 +144,8 @@ fn consuming_503_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, read)
 }
 
-/// POSTs `body` to `/echo` with curl; the status and what came back.
-fn post_echo(proxy: &Proxy, body: &[u8]) -> (u16, Vec<u8>) {
+/// POSTs `body` to `path` with curl; the status and what came back.
+fn post(proxy: &Proxy, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     let file = std::env::temp_dir().join(format!(
         "cogmesh-retry-body-{}-{}",
         std::process::id(),
@@ -156,7 +156,7 @@ fn post_echo(proxy: &Proxy, body: &[u8]) -> (u16, Vec<u8>) {
         .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10"])
         .arg("--data-binary")
         .arg(format!("@{}", file.display()))
-        .arg(proxy.url("/echo"))
+        .arg(proxy.url(path))
         .output()
         .expect("curl runs");
     let _ = std::fs::remove_file(&file);
@@ -171,21 +171,30 @@ fn post_echo(proxy: &Proxy, body: &[u8]) -> (u16, Vec<u8>) {
 }
 
 #[test]
-fn a_request_body_is_replayed_from_the_buffer_and_a_longer_one_is_not_retried() {
+fn a_request_body_is_replayed_from_the_buffer_and_a_longer_one_or_another_route_is_not_retried() {
     let (failing, consumed) = consuming_503_upstream();
     let good = start_workload("echo");
-    let proxy = Proxy::with_service(
-        &[failing, good.addr],
-        &[
-            "balancer: round_robin",
-            "retry: { max_attempts: 2, non_idempotent: true, replay_buffer_bytes: 65536, backoff_base_ms: 1, backoff_max_ms: 2 }",
-            "outlier_detection: { consecutive_failures: 0 }",
-        ],
-    );
+    // POSTs may be retried on /echo only: its route allows it.
+    let proxy = Proxy::with_config(&format!(
+        r#"
+admin: "{{admin}}"
+listeners:
+  - {{ name: edge, address: "{{listen}}", default_service: web }}
+services:
+  - name: web
+    endpoints: ["{failing}", "{}"]
+    balancer: round_robin
+    retry: {{ max_attempts: 2, replay_buffer_bytes: 65536, backoff_base_ms: 1, backoff_max_ms: 2 }}
+    outlier_detection: {{ consecutive_failures: 0 }}
+routes:
+  - {{ match: {{ path_prefix: /echo }}, service: web, retry_non_idempotent: true }}
+"#,
+        good.addr
+    ));
     // A 20 KiB POST: whichever endpoint gets it first, it ends at the good one, whole.
     let small: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
     for _ in 0..6 {
-        let (status, echoed) = post_echo(&proxy, &small);
+        let (status, echoed) = post(&proxy, "/echo", &small);
         assert_eq!(status, 200);
         assert!(
             echoed == small,
@@ -208,7 +217,7 @@ fn a_request_body_is_replayed_from_the_buffer_and_a_longer_one_is_not_retried() 
     assert!(retry("sent") >= 3.0, "{m}");
     // A 100 KiB POST is longer than the buffer: sent once; at the failing endpoint it fails.
     let large = vec![b'x'; 100_000];
-    let statuses: Vec<u16> = (0..4).map(|_| post_echo(&proxy, &large).0).collect();
+    let statuses: Vec<u16> = (0..4).map(|_| post(&proxy, "/echo", &large).0).collect();
     assert!(statuses.contains(&503) && statuses.contains(&200), "{statuses:?}");
     let m = proxy.metrics();
     let too_large = metric_value(
@@ -216,6 +225,9 @@ fn a_request_body_is_replayed_from_the_buffer_and_a_longer_one_is_not_retried() 
         r#"retry_total{direction="outbound",service="web",result="body_too_large"}"#,
     );
     assert_eq!(too_large, Some(2.0), "{m}");
+    // Elsewhere a POST is not retried: the one that meets the failing endpoint fails.
+    let statuses: Vec<u16> = (0..4).map(|_| post(&proxy, "/status/200", b"x").0).collect();
+    assert!(statuses.contains(&503) && statuses.contains(&200), "{statuses:?}");
 }
 
 /// A gRPC server (HTTP/2, hyper) that answers every call with a trailers-only UNAVAILABLE, as a

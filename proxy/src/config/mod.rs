@@ -255,6 +255,10 @@ pub struct RouteConfig {
     /// The priority of requests without `x-cogmesh-priority` (default `normal`).
     #[serde(default)]
     pub priority: Option<crate::admission::Priority>,
+    /// Lets the service's retry policy retry requests of any method on this route (POST,
+    /// PATCH), not only idempotent ones.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
     /// Compress responses (and optionally decompress requests) on this route; `{}` for the
     /// defaults.
     #[serde(default)]

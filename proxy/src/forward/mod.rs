@@ -218,8 +218,15 @@ impl Forward {
             return Self::answer_error(metrics, start, &err, grpc);
         }
         let result = match matched.policy {
-            None => self.exchange(&table, index, req.map(Either::Left)).await,
-            Some(policy) => self.with_policy(policy, &table, index, req).await,
+            None => {
+                let any_method = matched.retry_non_idempotent;
+                self.exchange(&table, index, req.map(Either::Left), any_method)
+                    .await
+            }
+            Some(policy) => {
+                let any_method = matched.retry_non_idempotent;
+                self.with_policy(policy, &table, index, req, any_method).await
+            }
         };
         match result {
             Ok(response) => {
@@ -239,6 +246,7 @@ impl Forward {
         table: &RoutingTable,
         index: usize,
         req: Request<Incoming>,
+        retry_any_method: bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let method = req.method().clone();
         let compression = policy.compression.as_ref();
@@ -254,7 +262,7 @@ impl Forward {
             }
             None => req.map(Either::Left),
         };
-        let exchange = |req| self.exchange(table, index, req);
+        let exchange = |req| self.exchange(table, index, req, retry_any_method);
         let response = match &policy.cache {
             Some(cache) => cache.serve(req, exchange).await?,
             None => exchange(req).await?,
@@ -270,11 +278,13 @@ impl Forward {
     /// One upstream exchange: its attempts (retries per the service's policy, see
     /// [`crate::retry`], each on another endpoint when there is one) within the service's
     /// request timeout, and what each attempt tells the balancer and the outlier detector.
+    /// `retry_any_method`: the route lets non-idempotent requests be retried too.
     async fn exchange(
         &self,
         table: &RoutingTable,
         index: usize,
         req: Request<UpstreamBody>,
+        retry_any_method: bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let metrics = &table.listeners[self.listener].metrics[index];
         let service = &table.services[index];
@@ -301,8 +311,11 @@ impl Forward {
                 &service.retry_budget,
                 &service.breaker,
                 req,
-                upgrade,
-                grpc,
+                crate::retry::Eligibility {
+                    upgrade,
+                    grpc,
+                    any_method: retry_any_method,
+                },
             )
             .await;
             loop {

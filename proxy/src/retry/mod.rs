@@ -2,7 +2,8 @@
 //! retry budget that keeps retries from amplifying an outage.
 //!
 //! A request may be retried when its method is idempotent (RFC 9110 §9.2.2), or the service
-//! allows retrying any method (`non_idempotent: true`), or it is a gRPC call and the service
+//! allows retrying any method (`non_idempotent: true`) or its route does
+//! (`retry_non_idempotent: true`), or it is a gRPC call and the service
 //! lists gRPC codes to retry (gRPC's own retry policies are per method, not per HTTP verb). Its
 //! body, if any, is kept in a replay buffer of at most `replay_buffer_bytes` (see [`replay`]);
 //! a longer body is sent once and its retry refused (`body_too_large`). Retried failures: a
@@ -237,6 +238,17 @@ impl Refusal {
     }
 }
 
+/// What decides, besides the method, whether a request may be retried.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Eligibility {
+    /// An upgrade (WebSocket): never retried.
+    pub upgrade: bool,
+    /// A gRPC call: retried when the service lists gRPC codes.
+    pub grpc: bool,
+    /// Its route allows retrying any method.
+    pub any_method: bool,
+}
+
 impl<'a> Attempts<'a> {
     /// Counts the request in the budget and, if it may be retried, keeps its head and reads its
     /// body into the replay buffer; gives back the request to send first.
@@ -245,9 +257,13 @@ impl<'a> Attempts<'a> {
         budget: &'a Budget,
         breaker: &'a Arc<Breaker>,
         req: http::Request<UpstreamBody>,
-        upgrade: bool,
-        grpc: bool,
+        eligibility: Eligibility,
     ) -> (Self, http::Request<UpstreamBody>) {
+        let Eligibility {
+            upgrade,
+            grpc,
+            any_method,
+        } = eligibility;
         let mut attempts = Attempts {
             config,
             budget,
@@ -262,6 +278,7 @@ impl<'a> Attempts<'a> {
         budget.record_request(Instant::now());
         let eligible = is_idempotent(req.method())
             || config.non_idempotent
+            || any_method
             || (grpc && !config.retry_grpc_codes.is_empty());
         if upgrade || !eligible {
             return (attempts, req);

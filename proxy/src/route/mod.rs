@@ -77,6 +77,7 @@ struct Route {
     policy: Option<Arc<RoutePolicy>>,
     rate_limit: Option<Arc<RateLimiter>>,
     priority: Option<crate::admission::Priority>,
+    retry_non_idempotent: bool,
 }
 
 /// What a route does to responses besides forwarding them.
@@ -93,6 +94,8 @@ pub struct RouteMatch<'a> {
     pub service: Option<usize>,
     pub rate_limit: Option<&'a RateLimiter>,
     pub priority: Option<crate::admission::Priority>,
+    /// The route lets requests of any method be retried.
+    pub retry_non_idempotent: bool,
     /// The matched route's compression and cache, if any.
     pub policy: Option<&'a Arc<RoutePolicy>>,
 }
@@ -171,6 +174,7 @@ impl RoutingTable {
             .enumerate()
             .map(|(i, r)| Route {
                 priority: r.priority,
+                retry_non_idempotent: r.retry_non_idempotent,
                 rate_limit: r.rate_limit.as_ref().map(|c| {
                     let name = r.name.clone().unwrap_or_else(|| format!("routes[{i}]"));
                     let kept = previous
@@ -246,12 +250,14 @@ impl RoutingTable {
                 service: Some(r.service),
                 rate_limit: r.rate_limit.as_deref(),
                 priority: r.priority,
+                retry_non_idempotent: r.retry_non_idempotent,
                 policy: r.policy.as_ref(),
             },
             None => RouteMatch {
                 service: self.listeners[listener].default_service,
                 rate_limit: None,
                 priority: None,
+                retry_non_idempotent: false,
                 policy: None,
             },
         }
