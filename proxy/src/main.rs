@@ -16,6 +16,7 @@ use cogmesh_proxy::config::{
 ///
 /// Quick mode:  cogmesh-proxy --listen 127.0.0.1:4140 --upstream 127.0.0.1:8080 [--upstream ...]
 /// Full mode:   cogmesh-proxy --config proxy.yaml
+/// iptables:    cogmesh-proxy init [--proxy-uid 2102] [--remove] [--dry-run] (see `init --help`)
 #[derive(Parser, Debug)]
 #[command(name = "cogmesh-proxy", version, verbatim_doc_comment)]
 struct Args {
@@ -105,6 +106,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // `cogmesh-proxy init [...]`: the iptables rules of transparent mode (see `init.rs`).
+    if std::env::args().nth(1).as_deref() == Some("init") {
+        return cogmesh_proxy::init::main(std::env::args().skip(1));
+    }
     let args = Args::parse();
     init_logging(&args.log_level, &args.log_format);
     let config = match load(&args) {

@@ -68,6 +68,9 @@ pub struct ProxyConfig {
     /// The control plane to join, if any.
     #[serde(default)]
     pub control: Option<ControlConfig>,
+    /// Transparent mode: listeners that receive iptables-redirected connections.
+    #[serde(default)]
+    pub transparent: Option<crate::transparent::TransparentConfig>,
 }
 
 /// How the sidecar joins the control plane (`cogmesh control`).
@@ -455,6 +458,7 @@ impl ProxyConfig {
             }],
             routes: Vec::new(),
             control: None,
+            transparent: None,
         }
     }
 
@@ -611,6 +615,9 @@ impl ProxyConfig {
             }
         }
 
+        if let Some(t) = &self.transparent {
+            t.validate(self, file)?;
+        }
         if let Some(c) = &self.control {
             if c.service.is_empty() {
                 return Err(ConfigError::new(file, "control.service", "must not be empty"));
