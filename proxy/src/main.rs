@@ -42,9 +42,15 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Direction::Outbound)]
     direction: Direction,
 
-    /// Join the control plane at this address (`cogmesh control`). Overrides the file.
-    #[arg(long, requires = "service")]
-    control: Option<SocketAddr>,
+    /// Join the control plane at this address (`cogmesh control`, HOST:PORT). Several
+    /// (comma-separated or repeated): replicas to fail over between. Overrides the file.
+    #[arg(long, requires = "service", value_delimiter = ',', value_name = "HOST:PORT")]
+    control: Vec<String>,
+
+    /// Transparent mode without a file: listeners `outbound` on 0.0.0.0:4140 and `inbound` on
+    /// 0.0.0.0:4143 receive iptables-redirected connections (see `cogmesh-proxy init`).
+    #[arg(long, conflicts_with_all = ["config", "listen"])]
+    transparent: bool,
 
     /// With --control: the service this sidecar's own instance belongs to.
     #[arg(long)]
@@ -164,11 +170,19 @@ fn main() -> ExitCode {
 
 fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> {
     const FLAGS: &str = "<command line>";
-    let (mut config, source) = match (&args.config, args.listen) {
+    let listen = match (args.transparent, args.listen) {
+        (true, _) => Some(
+            cogmesh_proxy::transparent::OUTBOUND_ADDR
+                .parse()
+                .expect("constant address parses"),
+        ),
+        (false, listen) => listen,
+    };
+    let (mut config, source) = match (&args.config, listen) {
         (Some(path), _) => (ProxyConfig::from_file(path)?, path.display().to_string()),
         (None, Some(listen)) => {
             let admin = DEFAULT_ADMIN_ADDR.parse().expect("constant address parses");
-            if args.upstream.is_empty() && args.control.is_none() {
+            if args.upstream.is_empty() && args.control.is_empty() && !args.transparent {
                 return Err(cogmesh_proxy::config::ConfigError {
                     file: FLAGS.into(),
                     field: "--upstream".into(),
@@ -195,6 +209,9 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
             if let Some(ms) = args.response_timeout_ms {
                 c.services[0].response_timeout_ms = ms;
             }
+            if args.transparent {
+                cogmesh_proxy::transparent::quick(&mut c);
+            }
             (c, FLAGS.to_string())
         }
         (None, None) => {
@@ -220,9 +237,9 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     if let Some(n) = args.http2_streams_per_connection {
         config.http2_streams_per_connection = n;
     }
-    if let (Some(address), Some(service)) = (args.control, &args.service) {
+    if let (false, Some(service)) = (args.control.is_empty(), &args.service) {
         config.control = Some(ControlConfig {
-            address,
+            addresses: args.control.clone(),
             service: service.clone(),
             node: args.node.clone(),
             instance_address: args.instance_address,

@@ -40,6 +40,30 @@ use self::detect::Detected;
 use crate::config::{ConfigError, Direction, ProxyConfig};
 use crate::route::RoutingTable;
 
+/// The outbound listener of `--transparent` (iptables redirects the app's TCP here).
+pub const OUTBOUND_ADDR: &str = "0.0.0.0:4140";
+/// The inbound listener of `--transparent` (iptables redirects the pod's inbound TCP here).
+pub const INBOUND_ADDR: &str = "0.0.0.0:4143";
+
+/// Turns a quick-mode configuration into `--transparent` mode: the two capture listeners (no
+/// default service: the original destination picks it), the default `transparent` section, and
+/// no placeholder service without endpoints.
+pub fn quick(config: &mut ProxyConfig) {
+    let listener = |name: &str, address: &str, direction| crate::config::ListenerConfig {
+        name: name.into(),
+        address: address.parse().expect("constant address parses"),
+        direction,
+        default_service: None,
+        rate_limit: None,
+    };
+    config.listeners = vec![
+        listener("outbound", OUTBOUND_ADDR, Direction::Outbound),
+        listener("inbound", INBOUND_ADDR, Direction::Inbound),
+    ];
+    config.services.retain(|s| !s.endpoints.is_empty());
+    config.transparent = Some(TransparentConfig::default());
+}
+
 /// How long a captured connection may take to send enough bytes to recognise its protocol
 /// before it is proxied as opaque TCP.
 pub const DEFAULT_DETECT_TIMEOUT_MS: u64 = 1_000;
