@@ -5,6 +5,8 @@
 //! The binaries are looked up next to the test executable (`target/<profile>/`); the test command
 //! (`scripts/test.sh`) builds them before running the tests.
 
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -16,81 +16,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use cogmesh_e2e::netns::{in_ns, Pods, SERVER_IP};
 use cogmesh_e2e::{bin, eventually, metric_value, python, run_with_timeout, Proc};
 
 const PROXY_UID: &str = "2102";
-const CLIENT_IP: &str = "198.18.0.1";
-const SERVER_IP: &str = "198.18.0.2";
 const VIRTUAL_IP: &str = "198.18.0.100";
-
-/// Two network namespaces and the veth pair between them; deleted when dropped.
-struct Pods {
-    client: String,
-    server: String,
-}
-
-impl Pods {
-    fn create() -> Pods {
-        let id = std::process::id();
-        let pods = Pods {
-            client: format!("cmt{id}c"),
-            server: format!("cmt{id}s"),
-        };
-        let (ok, err) = run(Command::new("ip").args(["netns", "add", &pods.client]));
-        assert!(
-            ok,
-            "cannot create a network namespace ({err}): this test must run as root with `ip netns` \
-             available (scripts/test.sh installs iproute2 and iptables; CI runs as root)"
-        );
-        sh(&["ip", "netns", "add", &pods.server]);
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "veth0",
-            "netns",
-            &pods.client,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "veth0",
-            "netns",
-            &pods.server,
-        ]);
-        for (ns, ip) in [(&pods.client, CLIENT_IP), (&pods.server, SERVER_IP)] {
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-            sh(&["ip", "-n", ns, "addr", "add", &format!("{ip}/24"), "dev", "veth0"]);
-            sh(&["ip", "-n", ns, "link", "set", "veth0", "up"]);
-        }
-        pods
-    }
-}
-
-impl Drop for Pods {
-    fn drop(&mut self) {
-        for ns in [&self.client, &self.server] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
 
 fn run(cmd: &mut Command) -> (bool, String) {
     let (code, out, err) = run_with_timeout(cmd, Duration::from_secs(30));
     (code == Some(0), format!("{}{}", out.trim(), err.trim()))
-}
-
-fn sh(args: &[&str]) -> String {
-    let (code, out, err) = run_with_timeout(Command::new(args[0]).args(&args[1..]), Duration::from_secs(30));
-    assert_eq!(code, Some(0), "`{}` failed: {err}", args.join(" "));
-    out
-}
-
-/// A command run inside network namespace `ns`.
-fn in_ns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).arg(program);
-    c
 }
 
 /// The sidecar of a pod: transparent listeners on 4140/4143, admin on 127.0.0.1:4191, as the
@@ -198,7 +132,7 @@ fn counter(metrics: &str, name_and_labels: &str) -> f64 {
 
 #[test]
 fn apps_in_pods_talk_through_both_sidecars_without_knowing() {
-    let pods = Pods::create();
+    let pods = Pods::create("cmt").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempdir();
 
     // iptables in both pods; installing twice gives the same rules.
