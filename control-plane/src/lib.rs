@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod inject;
 pub mod local;
 pub mod metrics;
 pub mod scaling;

@@ -56,6 +56,9 @@ enum Command {
     /// Bring the example mesh up, drive a load pattern through it with a live view, print a
     /// summary and stop everything.
     Demo(DemoArgs),
+    /// Add the sidecar and its init container to every pod template of Kubernetes manifests
+    /// (opt out with the annotation `cogmesh.io/inject: disabled`); idempotent.
+    Inject(cogmesh_control::inject::InjectArgs),
     /// Autoscaling: `cogmesh scaling history` lists the decisions a control plane recorded.
     #[command(subcommand)]
     Scaling(ScalingCommand),
@@ -236,6 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Workload(args) => workload(args).await,
             Command::Control(args) => control(args).await,
             Command::Check(args) => check(args),
+            Command::Inject(args) => cogmesh_control::inject::run(args),
             Command::Routes(args) => cogmesh_control::cli::routes(args.control, args.json).await,
             Command::Status(args) => cogmesh_control::cli::status(args.control, args.json).await,
             Command::Up(args) => up(args).await,

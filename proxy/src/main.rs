@@ -16,6 +16,7 @@ use cogmesh_proxy::config::{
 ///
 /// Quick mode:  cogmesh-proxy --listen 127.0.0.1:4140 --upstream 127.0.0.1:8080 [--upstream ...]
 /// Full mode:   cogmesh-proxy --config proxy.yaml
+/// iptables:    cogmesh-proxy init [--proxy-uid 2102] [--remove] [--dry-run] (see `init --help`)
 #[derive(Parser, Debug)]
 #[command(name = "cogmesh-proxy", version, verbatim_doc_comment)]
 struct Args {
@@ -41,9 +42,15 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Direction::Outbound)]
     direction: Direction,
 
-    /// Join the control plane at this address (`cogmesh control`). Overrides the file.
-    #[arg(long, requires = "service")]
-    control: Option<SocketAddr>,
+    /// Join the control plane at this address (`cogmesh control`, HOST:PORT). Several
+    /// (comma-separated or repeated): replicas to fail over between. Overrides the file.
+    #[arg(long, requires = "service", value_delimiter = ',', value_name = "HOST:PORT")]
+    control: Vec<String>,
+
+    /// Transparent mode without a file: listeners `outbound` on 0.0.0.0:4140 and `inbound` on
+    /// 0.0.0.0:4143 receive iptables-redirected connections (see `cogmesh-proxy init`).
+    #[arg(long, conflicts_with_all = ["config", "listen"])]
+    transparent: bool,
 
     /// With --control: the service this sidecar's own instance belongs to.
     #[arg(long)]
@@ -115,6 +122,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // `cogmesh-proxy init [...]`: the iptables rules of transparent mode (see `init.rs`).
+    if std::env::args().nth(1).as_deref() == Some("init") {
+        return cogmesh_proxy::init::main(std::env::args().skip(1));
+    }
     let args = Args::parse();
     init_logging(&args.log_level, &args.log_format);
     let config = match load(&args) {
@@ -188,11 +199,19 @@ fn set_max_concurrency(config: &mut ProxyConfig, max_concurrency: u64) {
 
 fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> {
     const FLAGS: &str = "<command line>";
-    let (mut config, source) = match (&args.config, args.listen) {
+    let listen = match (args.transparent, args.listen) {
+        (true, _) => Some(
+            cogmesh_proxy::transparent::OUTBOUND_ADDR
+                .parse()
+                .expect("constant address parses"),
+        ),
+        (false, listen) => listen,
+    };
+    let (mut config, source) = match (&args.config, listen) {
         (Some(path), _) => (ProxyConfig::from_file(path)?, path.display().to_string()),
         (None, Some(listen)) => {
             let admin = DEFAULT_ADMIN_ADDR.parse().expect("constant address parses");
-            if args.upstream.is_empty() && args.control.is_none() {
+            if args.upstream.is_empty() && args.control.is_empty() && !args.transparent {
                 return Err(cogmesh_proxy::config::ConfigError {
                     file: FLAGS.into(),
                     field: "--upstream".into(),
@@ -218,6 +237,9 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
             }
             if let Some(ms) = args.response_timeout_ms {
                 c.services[0].response_timeout_ms = ms;
+            }
+            if args.transparent {
+                cogmesh_proxy::transparent::quick(&mut c);
             }
             (c, FLAGS.to_string())
         }
@@ -250,9 +272,9 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     if let Some(n) = args.max_concurrency {
         set_max_concurrency(&mut config, n);
     }
-    if let (Some(address), Some(service)) = (args.control, &args.service) {
+    if let (false, Some(service)) = (args.control.is_empty(), &args.service) {
         config.control = Some(ControlConfig {
-            address,
+            addresses: args.control.clone(),
             service: service.clone(),
             node: args.node.clone(),
             instance_address: args.instance_address,

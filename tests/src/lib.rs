@@ -5,6 +5,8 @@
 //! The binaries are looked up next to the test executable (`target/<profile>/`); the test command
 //! (`scripts/test.sh`) builds them before running the tests.
 
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -418,4 +420,44 @@ impl Proxy {
         }
         Proxy::with_config(&yaml)
     }
+}
+
+/// An HTTP/1.1 server on a loopback port, on a runtime of its own, for fakes of other systems'
+/// APIs (a Kubernetes API server, an origin): `handle` answers every request. It stops when
+/// the returned runtime is dropped.
+pub fn serve_http1<F, Fut, B>(handle: F) -> (SocketAddr, tokio::runtime::Runtime)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime for the fake server");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("local addr");
+    runtime.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = handle(req);
+                    async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, runtime)
 }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cogmesh_e2e::{bin, eventually, free_addr, http_get, run_with_timeout, start_control};
+use cogmesh_e2e::{bin, eventually, free_addr, http_get, run_with_timeout, serve_http1, start_control};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use serde_json::{json, Value};
@@ -72,37 +72,15 @@ fn endpoint_slice(name: &str, service: &str, endpoints: &[(&str, bool)], rv: u64
 
 impl FakeApiServer {
     fn start() -> FakeApiServer {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let state = Arc::new(Mutex::new(ApiState {
             resource_version: 100,
             ..Default::default()
         }));
         let changed = Arc::new(tokio::sync::watch::channel(0u64).0);
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
         let (st, ch) = (Arc::clone(&state), changed.clone());
-        runtime.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (st, ch) = (Arc::clone(&st), ch.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let (st, ch) = (Arc::clone(&st), ch.clone());
-                        async move { Ok::<_, Infallible>(answer(req, st, ch)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        let (addr, runtime) = serve_http1(move |req| {
+            let response = answer(req, Arc::clone(&st), ch.clone());
+            async move { response }
         });
         FakeApiServer {
             addr,

@@ -67,6 +67,10 @@ pub struct ControlFile {
     /// Other sources of endpoints.
     #[serde(default)]
     pub discovery: Discovery,
+    /// Several replicas: the one holding this Lease makes scaling decisions (see
+    /// [`super::leader`]); without it this replica always does.
+    #[serde(default)]
+    pub leader_election: Option<super::leader::LeaderElection>,
 }
 
 /// Endpoint sources besides sidecar Hellos and `services`.
@@ -162,6 +166,7 @@ pub struct Resolved {
     pub scaling: crate::scaling::ScalingConfig,
     pub alerts: crate::scaling::alerts::AlertsConfig,
     pub discovery: Discovery,
+    pub leader_election: Option<super::leader::LeaderElection>,
     /// The files the configuration came from, in layer order.
     pub sources: Vec<String>,
 }
@@ -306,6 +311,9 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
         check_kubernetes(k, strict)
             .map_err(|(field, reason)| err(&label, format!("discovery.kubernetes.{field}"), reason))?;
     }
+    if let Some(Err((field, reason))) = parsed.leader_election.as_ref().map(|l| l.check()) {
+        return Err(err(&label, format!("leader_election.{field}"), reason));
+    }
     Ok(Resolved {
         environment,
         listen,
@@ -315,6 +323,7 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
         scaling: parsed.scaling,
         alerts: parsed.alerts,
         discovery: parsed.discovery,
+        leader_election: parsed.leader_election,
         sources,
     })
 }

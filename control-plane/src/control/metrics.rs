@@ -33,6 +33,8 @@ pub struct Metrics {
     sidecars_connected: Gauge,
     /// Scaling decisions and alerts (see [`crate::metrics`]).
     pub scaling: crate::metrics::ScalingMetrics,
+    /// Leader election (see [`super::leader`]).
+    pub leader: super::leader::LeaderMetrics,
 }
 
 impl Default for Metrics {
@@ -58,7 +60,10 @@ impl Default for Metrics {
         );
         let scaling = crate::metrics::ScalingMetrics::default();
         scaling.register(&mut registry);
+        let leader = super::leader::LeaderMetrics::default();
+        leader.register(&mut registry);
         Metrics {
+            leader,
             registry,
             config_reload,
             table_version,

@@ -15,6 +15,7 @@
 pub mod config;
 mod connect;
 pub mod kubernetes;
+pub mod leader;
 mod metrics;
 mod state;
 pub mod weights;
@@ -126,6 +127,12 @@ impl Mesh {
                         next.sources.join(" + ")
                     ));
                 }
+                if next.leader_election != current.leader_election {
+                    return Err(format!(
+                        "{}: leader_election: changing it needs a restart",
+                        next.sources.join(" + ")
+                    ));
+                }
                 if next.admin_listen != current.admin_listen {
                     return Err(format!(
                         "{}: admin_listen: changing it needs a restart",
@@ -222,7 +229,21 @@ pub async fn serve(
         )),
     });
     mesh.publish(0.0);
-    let scaling = spawn_scaling(Arc::clone(&mesh), config.resolved.scaling.interval_ms);
+    let (leadership, election) = match config.resolved.leader_election.clone() {
+        None => (leader::Leadership::sole(), None),
+        Some(election) => {
+            let leadership = leader::Leadership::follower();
+            let task = tokio::spawn(leader::run(
+                election,
+                leadership.clone(),
+                |_| {},
+                mesh.metrics.leader.clone(),
+                mesh.stopping.subscribe(),
+            ));
+            (leadership, Some(task))
+        }
+    };
+    let scaling = spawn_scaling(Arc::clone(&mesh), config.resolved.scaling.interval_ms, leadership);
     let kubernetes_scaling = match (
         mesh.scaler.take_kubernetes_queue(),
         &config.resolved.scaling.kubernetes,
@@ -351,13 +372,27 @@ pub async fn serve(
     if let Some(a) = admin {
         a.abort();
     }
+    if let Some(election) = election {
+        // The leader hands the Lease over on its way out (bounded: an unreachable API server
+        // must not hold the exit).
+        if tokio::time::timeout(Duration::from_secs(3), election)
+            .await
+            .is_err()
+        {
+            warn!("leader election did not finish releasing the Lease");
+        }
+    }
     let scaler = Arc::clone(&mesh_for_shutdown.scaler);
     let _ = tokio::task::spawn_blocking(move || scaler.shutdown()).await;
     result
 }
 
 /// Starts the process backend's replicas, then decides every `interval_ms`.
-fn spawn_scaling(mesh: Arc<Mesh>, interval_ms: u64) -> tokio::task::JoinHandle<()> {
+fn spawn_scaling(
+    mesh: Arc<Mesh>,
+    interval_ms: u64,
+    leadership: leader::Leadership,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let scaler = Arc::clone(&mesh.scaler);
         let _ = tokio::task::spawn_blocking(move || scaler.start()).await;
@@ -370,7 +405,8 @@ fn spawn_scaling(mesh: Arc<Mesh>, interval_ms: u64) -> tokio::task::JoinHandle<(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
             let scaler = Arc::clone(&mesh.scaler);
-            let _ = tokio::task::spawn_blocking(move || scaler.tick(&services, unix_ms)).await;
+            let leading = leadership.is_leader();
+            let _ = tokio::task::spawn_blocking(move || scaler.tick(&services, unix_ms, leading)).await;
         }
     })
 }

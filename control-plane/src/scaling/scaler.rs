@@ -148,8 +148,11 @@ impl Scaler {
     }
 
     /// One round of decisions over `services` (the mesh's view) at `unix_ms`, and of alerts.
-    pub fn tick(&self, services: &[ServiceStatus], unix_ms: u64) {
-        self.decide(services, unix_ms);
+    /// Only the `leading` replica decides (see `control::leader`); every replica alerts.
+    pub fn tick(&self, services: &[ServiceStatus], unix_ms: u64, leading: bool) {
+        if leading {
+            self.decide(services, unix_ms);
+        }
         self.evaluate_alerts(services, unix_ms);
     }
 

@@ -76,14 +76,19 @@ pub struct ProxyConfig {
     /// The control plane to join, if any.
     #[serde(default)]
     pub control: Option<ControlConfig>,
+    /// Transparent mode: listeners that receive iptables-redirected connections.
+    #[serde(default)]
+    pub transparent: Option<crate::transparent::TransparentConfig>,
 }
 
 /// How the sidecar joins the control plane (`cogmesh control`).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
-    /// The control plane's gRPC address.
-    pub address: SocketAddr,
+    /// The control plane's gRPC addresses (`host:port`), one string or a list: the sidecar
+    /// uses one replica at a time and fails over to the next (see `control::failover`).
+    #[serde(alias = "address", deserialize_with = "one_or_many")]
+    pub addresses: Vec<String>,
     /// The service this sidecar's own instance belongs to.
     pub service: String,
     /// Unique name of this sidecar; default `<service>@<instance_address>`.
@@ -104,6 +109,19 @@ pub struct ControlConfig {
     /// endpoints stay).
     #[serde(default = "default_weight_expiry_ms")]
     pub weight_expiry_ms: u64,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(a) => vec![a],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// Sidecars report their load this often.
@@ -473,6 +491,7 @@ impl ProxyConfig {
             }],
             routes: Vec::new(),
             control: None,
+            transparent: None,
         }
     }
 
@@ -629,9 +648,31 @@ impl ProxyConfig {
             }
         }
 
+        if let Some(t) = &self.transparent {
+            t.validate(self, file)?;
+        }
         if let Some(c) = &self.control {
             if c.service.is_empty() {
                 return Err(ConfigError::new(file, "control.service", "must not be empty"));
+            }
+            if c.addresses.is_empty() {
+                return Err(ConfigError::new(
+                    file,
+                    "control.addresses",
+                    "list at least one HOST:PORT",
+                ));
+            }
+            for (i, a) in c.addresses.iter().enumerate() {
+                let port = a
+                    .rsplit_once(':')
+                    .and_then(|(host, p)| (!host.is_empty()).then_some(p));
+                if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
+                    return Err(ConfigError::new(
+                        file,
+                        format!("control.addresses[{i}]"),
+                        format!("expected HOST:PORT, got {a:?}"),
+                    ));
+                }
             }
             if c.report_interval_ms == 0 {
                 return Err(ConfigError::new(

@@ -23,6 +23,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+pub mod failover;
+
+use self::failover::{ControlTargets, NextAttempt};
 use crate::config::ControlConfig;
 use crate::route::EndpointOverrides;
 use crate::server::State;
@@ -181,18 +184,19 @@ pub async fn run(state: Arc<State>, config: ControlConfig) {
     let expiry = Duration::from_millis(config.weight_expiry_ms);
     let mut last_contact = Instant::now();
     let mut neutralized = false;
-    let mut attempt = 0u32;
+    let mut targets = ControlTargets::new(config.addresses.clone());
     loop {
         let mut joined = false;
         let hello = Hello {
             table_version: last.as_ref().map_or(0, |t| t.version),
             ..hello.clone()
         };
-        let outcome = session(&state, &config, hello, &mut last, &mut joined).await;
+        let address = targets.current().to_string();
+        let outcome = session(&state, &config, &address, hello, &mut last, &mut joined).await;
         match outcome {
-            Ok(()) => info!("control plane closed the stream"),
+            Ok(()) => info!(control = %address, "control plane closed the stream"),
             Err(e) => warn!(
-                control = %config.address,
+                control = %address,
                 "control plane unreachable: {}",
                 crate::error::error_chain(e.as_ref())
             ),
@@ -201,7 +205,6 @@ pub async fn run(state: Arc<State>, config: ControlConfig) {
             // The session got somewhere: start the backoff over.
             last_contact = Instant::now();
             neutralized = false;
-            attempt = 0;
         }
         if !neutralized && last_contact.elapsed() >= expiry {
             if let Some(t) = &last {
@@ -214,8 +217,10 @@ pub async fn run(state: Arc<State>, config: ControlConfig) {
                 }
             }
         }
-        let delay = backoff(attempt, fastrand::f64());
-        attempt = attempt.saturating_add(1);
+        let delay = match targets.after_session(joined) {
+            NextAttempt::Now => continue,
+            NextAttempt::Backoff { round } => backoff(round, fastrand::f64()),
+        };
         debug!(
             delay_ms = delay.as_millis() as u64,
             "reconnecting to the control plane"
@@ -228,11 +233,12 @@ pub async fn run(state: Arc<State>, config: ControlConfig) {
 async fn session(
     state: &Arc<State>,
     config: &ControlConfig,
+    address: &str,
     hello: Hello,
     last: &mut Option<TableMsg>,
     joined: &mut bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", config.address))?
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
     let channel = endpoint.connect().await?;
@@ -246,7 +252,7 @@ async fn session(
         .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    info!(control = %config.address, "joined the control plane");
+    info!(control = %address, "joined the control plane");
     *joined = true;
 
     let reporter = tokio::spawn(report_loop(

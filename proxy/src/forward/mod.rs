@@ -159,6 +159,9 @@ pub struct Forward {
     shared: Arc<Shared>,
     listener: usize,
     client_ip: HeaderValue,
+    /// Transparent mode: the service the connection's original destination belongs to; its
+    /// requests go there whatever the routes say.
+    pinned: Option<Arc<str>>,
 }
 
 impl Forward {
@@ -168,14 +171,29 @@ impl Forward {
             shared,
             listener,
             client_ip,
+            pinned: None,
         }
+    }
+
+    /// Sends every request of the connection to `service` (see [`crate::transparent`]).
+    pub fn pinned_to(mut self, service: Option<Arc<str>>) -> Self {
+        self.pinned = service;
+        self
     }
 
     async fn forward(self, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let table = self.shared.table.load_full();
         let routes = &table.listeners[self.listener];
-        let matched = table.route_match(self.listener, &req);
+        let matched = match &self.pinned {
+            None => table.route_match(self.listener, &req),
+            Some(name) => crate::route::RouteMatch {
+                service: table.services.iter().position(|s| *s.name == **name),
+                rate_limit: None,
+                priority: None,
+                policy: None,
+            },
+        };
         let route = matched.service;
         let limited = crate::ratelimit::admit(
             [routes.rate_limit.as_deref(), matched.rate_limit],

@@ -170,6 +170,8 @@ pub struct Metrics {
     cache_evictions: Family<RouteLabels, Counter>,
     cache_bytes: Family<RouteLabels, Gauge>,
     cache_entries: Family<RouteLabels, Gauge>,
+    /// Transparent mode: protocol detection and where captured connections went.
+    pub transparent: crate::transparent::TransparentMetrics,
     /// Set once the first routing table exists; read by the endpoint collector.
     pub table: Arc<OnceLock<crate::route::SharedTable>>,
 }
@@ -290,7 +292,9 @@ impl Metrics {
         );
         let cache_entries = Family::<RouteLabels, Gauge>::default();
         registry.register("cache_entries", "Cached responses", cache_entries.clone());
+        let transparent = crate::transparent::TransparentMetrics::register(&mut registry);
         Metrics {
+            transparent,
             registry,
             compressed,
             cache_lookups,

@@ -291,6 +291,8 @@ async fn accept_loop(
         upstreams,
         limits: limits.clone(),
     });
+    let capture =
+        crate::transparent::Capture::for_listener(&state.config.load(), index, &state.metrics.transparent);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -307,18 +309,31 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let stream = GuardedIo::new(stream, &limits, header_read_timeout, refused.clone());
-        let service = Forward::new(Arc::clone(&shared), index, peer);
+        let (shared, refused) = (Arc::clone(&shared), refused.clone());
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
-        let open = open.clone();
-        open.inc();
-        tokio::spawn(async move {
+        let serve_http = move |stream, pinned| async move {
+            let stream = GuardedIo::new(stream, &shared.limits, header_read_timeout, refused);
+            let service = Forward::new(Arc::clone(&shared), index, peer).pinned_to(pinned);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(conn).await {
                 debug!(%peer, "connection ended with an error: {e}");
             }
-            open.dec();
-        });
+        };
+        let open = open.clone();
+        open.inc();
+        match &capture {
+            None => tokio::spawn(async move {
+                serve_http(stream, None).await;
+                open.dec();
+            }),
+            Some(capture) => {
+                let (capture, table) = (Arc::clone(capture), state.table.load_full());
+                tokio::spawn(async move {
+                    capture.handle(stream, table, serve_http).await;
+                    open.dec();
+                })
+            }
+        };
     }
 }

@@ -1,0 +1,309 @@
+//! Transparent interception end to end, in two "pods": network namespaces this test creates
+//! (joined by a veth pair, addresses in 198.18.0.0/24, the benchmarking range, that exist only
+//! inside them) and removes at the end, also when an assertion fails.
+//!
+//! In each pod `cogmesh-proxy init` installs the iptables rules and a sidecar runs in transparent
+//! mode as uid 2102 (the uid the rules skip). The client pod's apps (curl, Python sockets, run as
+//! root and unaware of any proxy) call the server pod: HTTP to a service's virtual address and to
+//! its endpoint address goes through both sidecars (their request metrics count it), an opaque
+//! TCP echo passes through, and an SMTP-like server that speaks first gets its banner to the
+//! client without waiting for protocol detection (the detection metric says `opaque_port`, and
+//! no connection timed out).
+//!
+//! It needs root (network namespaces, iptables) and FAILS otherwise: CI runs as root.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use cogmesh_e2e::netns::{in_ns, Pods, SERVER_IP};
+use cogmesh_e2e::{bin, eventually, metric_value, python, run_with_timeout, Proc};
+
+const PROXY_UID: &str = "2102";
+const VIRTUAL_IP: &str = "198.18.0.100";
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let (code, out, err) = run_with_timeout(cmd, Duration::from_secs(30));
+    (code == Some(0), format!("{}{}", out.trim(), err.trim()))
+}
+
+/// The sidecar of a pod: transparent listeners on 4140/4143, admin on 127.0.0.1:4191, as the
+/// proxy uid.
+fn sidecar(ns: &str, dir: &Path, name: &str, yaml: &str) -> Proc {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let mut cmd = in_ns(ns, "setpriv");
+    cmd.args([
+        &format!("--reuid={PROXY_UID}"),
+        &format!("--regid={PROXY_UID}"),
+        "--clear-groups",
+        "--",
+    ])
+    .arg(bin("cogmesh-proxy"))
+    .arg("--config")
+    .arg(&path);
+    let mut proc = Proc::spawn(name, &mut cmd);
+    eventually(&format!("{name} ready"), Duration::from_secs(20), || {
+        assert!(proc.is_running(), "{name} exited");
+        let (ok, out) = run(in_ns(ns, "curl").args(["-s", "http://127.0.0.1:4191/ready"]));
+        (ok && !out.is_empty()).then_some(())
+    });
+    proc
+}
+
+fn scrape(ns: &str) -> String {
+    let (ok, out) = run(in_ns(ns, "curl").args(["-s", "http://127.0.0.1:4191/metrics"]));
+    assert!(ok, "cannot scrape the sidecar in {ns}: {out}");
+    out
+}
+
+fn init(ns: &str, extra: &[&str]) {
+    let (ok, out) = run(in_ns(ns, bin("cogmesh-proxy")).arg("init").args(extra));
+    assert!(ok, "cogmesh-proxy init {extra:?} in {ns} failed: {out}");
+}
+
+fn nat_rules(ns: &str, binary: &str) -> String {
+    let (ok, out) = run(in_ns(ns, binary).args(["-t", "nat", "-S"]));
+    assert!(ok, "{binary} -t nat -S in {ns}: {out}");
+    out
+}
+
+/// The apps of the server pod: HTTP on 8080 (answers with the path it was asked for), a TCP
+/// echo on 7000, and an SMTP-like server on 2525 that sends its banner first.
+const SERVER_APPS: &str = r#"
+import socket, socketserver, threading, http.server
+
+class Web(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("web says hi to " + self.path).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        while True:
+            data = self.request.recv(4096)
+            if not data:
+                return
+            self.request.sendall(data)
+
+class Smtp(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(b"220 cogmesh-test ESMTP ready\r\n")
+        for line in self.rfile:
+            if line.strip().upper() == b"QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            self.wfile.write(b"250 ok\r\n")
+
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+servers = [
+    http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Web),
+    socketserver.ThreadingTCPServer(("0.0.0.0", 7000), Echo),
+    socketserver.ThreadingTCPServer(("0.0.0.0", 2525), Smtp),
+]
+for s in servers[1:]:
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+print("ready", flush=True)
+servers[0].serve_forever()
+"#;
+
+/// A TCP client in the client pod: connects, optionally sends, prints what it reads first.
+fn tcp_client(ns: &str, addr: &str, send: Option<&str>) -> String {
+    let script = format!(
+        "import socket\ns = socket.create_connection(('{}', {}), timeout=10)\n{}\n\
+         print(s.recv(4096).decode().strip())\n",
+        addr.split(':').next().unwrap(),
+        addr.split(':').nth(1).unwrap(),
+        send.map(|m| format!("s.sendall(b'{m}')")).unwrap_or_default(),
+    );
+    let (ok, out) = run(in_ns(ns, python()).args(["-c", &script]));
+    assert!(ok, "TCP client to {addr} failed: {out}");
+    out
+}
+
+fn counter(metrics: &str, name_and_labels: &str) -> f64 {
+    metric_value(metrics, name_and_labels).unwrap_or(0.0)
+}
+
+#[test]
+fn apps_in_pods_talk_through_both_sidecars_without_knowing() {
+    let pods = Pods::create("cmt").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempdir();
+
+    // iptables in both pods; installing twice gives the same rules.
+    for ns in [&pods.client, &pods.server] {
+        init(ns, &["--proxy-uid", PROXY_UID]);
+        let once = (nat_rules(ns, "iptables"), nat_rules(ns, "ip6tables"));
+        init(ns, &["--proxy-uid", PROXY_UID]);
+        let twice = (nat_rules(ns, "iptables"), nat_rules(ns, "ip6tables"));
+        assert_eq!(once, twice, "init is not idempotent");
+        assert!(
+            once.0.contains("-A PREROUTING -p tcp -j COGMESH_INBOUND"),
+            "{}",
+            once.0
+        );
+        assert!(
+            once.0.contains(&format!("--uid-owner {PROXY_UID} -j RETURN")),
+            "{}",
+            once.0
+        );
+        assert!(
+            once.1.contains("-A OUTPUT -p tcp -j COGMESH_OUTPUT"),
+            "{}",
+            once.1
+        );
+    }
+
+    let mut apps = Proc::spawn(
+        "server apps",
+        in_ns(&pods.server, python())
+            .args(["-c", SERVER_APPS])
+            .stdout(std::process::Stdio::piped()),
+    );
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let stdout = apps.child.stdout.take().unwrap();
+        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "server apps did not start");
+    }
+
+    let listeners = "
+listeners:
+  - { name: outbound, address: 0.0.0.0:4140, direction: outbound }
+  - { name: inbound, address: 0.0.0.0:4143, direction: inbound }
+";
+    let _server_sidecar = sidecar(
+        &pods.server,
+        &dir,
+        "server-sidecar",
+        &format!(
+            "admin: 127.0.0.1:4191\n{listeners}services:\n  - {{ name: web, endpoints: [127.0.0.1:8080] }}\n\
+             transparent:\n  opaque_ports: [2525]\n"
+        ),
+    );
+    let _client_sidecar = sidecar(
+        &pods.client,
+        &dir,
+        "client-sidecar",
+        &format!(
+            "admin: 127.0.0.1:4191\n{listeners}services:\n  - {{ name: web, endpoints: [{SERVER_IP}:8080] }}\n\
+             transparent:\n  opaque_ports: [2525]\n  virtual_services:\n    - {{ service: web, address: {VIRTUAL_IP}:80 }}\n"
+        ),
+    );
+
+    // HTTP to the service's virtual address and to its endpoint, from an app that knows
+    // nothing of the mesh.
+    for (url, path) in [
+        (format!("http://{VIRTUAL_IP}/by-vip"), "/by-vip"),
+        (format!("http://{SERVER_IP}:8080/by-endpoint"), "/by-endpoint"),
+    ] {
+        let (ok, out) = run(in_ns(&pods.client, "curl").args(["-s", "--max-time", "10", &url]));
+        assert!(ok, "curl {url}: {out}");
+        assert_eq!(out, format!("web says hi to {path}"));
+    }
+    let client = scrape(&pods.client);
+    let server = scrape(&pods.server);
+    assert_eq!(
+        counter(&client, r#"request_total{direction="outbound",service="web"}"#),
+        2.0,
+        "{client}"
+    );
+    assert_eq!(
+        counter(&server, r#"request_total{direction="inbound",service="web"}"#),
+        2.0,
+        "{server}"
+    );
+    assert_eq!(
+        counter(
+            &client,
+            r#"protocol_detect_total{direction="outbound",result="http1"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        counter(
+            &server,
+            r#"transparent_connection_total{direction="inbound",destination="service"}"#
+        ),
+        2.0,
+        "{server}"
+    );
+
+    // Opaque TCP: an echo through both captures.
+    let echoed = tcp_client(
+        &pods.client,
+        &format!("{SERVER_IP}:7000"),
+        Some("ping through the mesh"),
+    );
+    assert_eq!(echoed, "ping through the mesh");
+    let client = scrape(&pods.client);
+    let server = scrape(&pods.server);
+    assert_eq!(
+        counter(
+            &client,
+            r#"protocol_detect_total{direction="outbound",result="opaque"}"#
+        ),
+        1.0,
+        "{client}"
+    );
+    assert_eq!(
+        counter(
+            &server,
+            r#"protocol_detect_total{direction="inbound",result="opaque"}"#
+        ),
+        1.0,
+        "{server}"
+    );
+    assert_eq!(
+        counter(
+            &client,
+            r#"transparent_connection_total{direction="outbound",destination="passthrough"}"#
+        ),
+        1.0
+    );
+
+    // Server speaks first: the banner arrives although the client sends nothing, and neither
+    // sidecar waited for detection to time out.
+    let banner = tcp_client(&pods.client, &format!("{SERVER_IP}:2525"), None);
+    assert_eq!(banner, "220 cogmesh-test ESMTP ready");
+    for (ns, direction) in [(&pods.client, "outbound"), (&pods.server, "inbound")] {
+        let m = scrape(ns);
+        assert_eq!(
+            counter(
+                &m,
+                &format!(r#"protocol_detect_total{{direction="{direction}",result="opaque_port"}}"#)
+            ),
+            1.0,
+            "{m}"
+        );
+        assert_eq!(
+            counter(
+                &m,
+                &format!(r#"protocol_detect_total{{direction="{direction}",result="timeout"}}"#)
+            ),
+            0.0,
+            "{m}"
+        );
+    }
+
+    // The rules come off again.
+    for ns in [&pods.client, &pods.server] {
+        init(ns, &["--remove"]);
+        for binary in ["iptables", "ip6tables"] {
+            let rules = nat_rules(ns, binary);
+            assert!(!rules.contains("COGMESH"), "{binary} rules left in {ns}: {rules}");
+        }
+    }
+}
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cogmesh-transparent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
