@@ -191,6 +191,7 @@ impl Forward {
                 service: table.services.iter().position(|s| *s.name == **name),
                 rate_limit: None,
                 priority: None,
+                retry_non_idempotent: false,
                 policy: None,
             },
         };
