@@ -13,6 +13,8 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v gzip >/dev/null || need_apt+=(gzip)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# Issue 6 (TLS): tests/tests/tls.rs checks the inbound TLS listeners with `openssl s_client`.
+command -v openssl >/dev/null || need_apt+=(openssl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
     echo "test.sh: installing Debian packages: ${need_apt[*]}"

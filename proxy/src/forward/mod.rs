@@ -42,7 +42,8 @@ use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::error::ErrorKind;
 use crate::error::ProxyError;
 use crate::metrics::ServiceMetrics;
-use crate::route::{RoutePolicy, RoutingTable, SharedTable};
+use crate::route::{Origination, RoutePolicy, RoutingTable, SharedTable};
+use crate::tls::PeerIdentity;
 
 /// A request body on its way upstream: the client's, or the client's decompressed.
 pub type UpstreamBody = Either<Incoming, CodedBody>;
@@ -110,16 +111,35 @@ impl Upstreams {
         endpoint: &Arc<Endpoint>,
         open: u64,
         mut req: Request<UpstreamBody>,
+        origination: &Origination,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+        let tls = match origination {
+            Origination::Plaintext => None,
+            Origination::Tls(client) => Some(client.as_ref()),
+            Origination::Unavailable => {
+                return Err(ProxyError::UpstreamConnect {
+                    endpoint: endpoint.addr,
+                    cause: "the service needs TLS but the sidecar has no identity".into(),
+                })
+            }
+        };
         if req.version() == Version::HTTP_2 {
             let uri = Uri::builder()
-                .scheme("http")
+                .scheme(if tls.is_some() { "https" } else { "http" })
                 .authority(endpoint.authority.clone())
                 .path_and_query(origin_form(req.uri()))
                 .build()
                 .expect("scheme, authority and path are valid");
             *req.uri_mut() = uri;
-            let response = self.http2_for(open).request(req).await;
+            let response = match tls {
+                None => self.http2_for(open).request(req).await,
+                Some(client) => {
+                    client
+                        .http2_for(open, self.streams_per_connection)
+                        .request(req)
+                        .await
+                }
+            };
             return match response {
                 Ok(r) => Ok((r, None)),
                 Err(e) => Err(ProxyError::from_client(endpoint.addr, &e)),
@@ -131,7 +151,7 @@ impl Upstreams {
                 HeaderValue::from_str(endpoint.authority.as_str()).expect("an authority is a valid header");
             req.headers_mut().insert(HOST, host);
         }
-        let (response, lease) = pool::send(endpoint, req, self.http1).await?;
+        let (response, lease) = pool::send(endpoint, req, self.http1, tls).await?;
         Ok((response, Some(lease)))
     }
 }
@@ -157,16 +177,51 @@ pub struct Forward {
     shared: Arc<Shared>,
     listener: usize,
     client_ip: HeaderValue,
+    /// The peer's verified identity on a TLS listener.
+    identity: Option<Arc<PeerIdentity>>,
 }
 
 impl Forward {
-    pub fn new(shared: Arc<Shared>, listener: usize, peer: SocketAddr) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        listener: usize,
+        peer: SocketAddr,
+        identity: Option<PeerIdentity>,
+    ) -> Self {
         let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value");
         Forward {
             shared,
             listener,
             client_ip,
+            identity: identity.map(Arc::new),
         }
+    }
+
+    /// Whether the route's (else the listener's) authorization admits this connection's peer;
+    /// a refusal is counted with the peer's identity.
+    fn authorized(
+        &self,
+        table: &RoutingTable,
+        matched: &crate::route::RouteMatch<'_>,
+    ) -> Result<(), ProxyError> {
+        let routes = &table.listeners[self.listener];
+        let policy = matched
+            .access
+            .and_then(|a| a.authorization.as_ref())
+            .or(routes.authorization.as_ref());
+        let Some(policy) = policy else {
+            return Ok(());
+        };
+        let identity = self.identity.as_ref().and_then(|p| p.id.clone());
+        if policy.admits(identity.as_deref()) {
+            return Ok(());
+        }
+        match &self.identity {
+            Some(peer) => peer.denied.inc(),
+            None => table.tls_metrics.denied(&routes.name, None).inc(),
+        };
+        debug!(listener = %routes.name, identity = identity.as_deref().unwrap_or("none"), "request refused by authorization");
+        Err(ProxyError::Forbidden { identity })
     }
 
     async fn forward(self, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -175,6 +230,10 @@ impl Forward {
         let routes = &table.listeners[self.listener];
         let matched = table.route_match(self.listener, &req);
         let route = matched.service;
+        if let Err(err) = self.authorized(&table, &matched) {
+            let metrics = route.map_or(&routes.unrouted, |i| &routes.metrics[i]);
+            return Self::answer_error(metrics, start, &err, is_grpc(&req));
+        }
         let limited = crate::ratelimit::admit(
             [routes.rate_limit.as_deref(), matched.rate_limit],
             req.headers(),
@@ -219,14 +278,18 @@ impl Forward {
             None => self.exchange(&table, index, req.map(Either::Left)).await,
             Some(policy) => self.with_policy(policy, &table, index, req).await,
         };
-        match result {
+        let mut response = match result {
             Ok(response) => {
                 metrics.latency.observe(start.elapsed());
                 metrics.response(response.status().as_u16());
                 response.map(|b| b.with_admission(admitted))
             }
             Err(err) => Self::answer_error(metrics, start, &err, grpc),
+        };
+        if let Some(headers) = matched.access.and_then(|a| a.security_headers.as_ref()) {
+            headers.apply(response.headers_mut());
         }
+        response
     }
 
     /// The exchange of a route with a policy: request decompression, then the cache (which may
@@ -455,10 +518,12 @@ impl Forward {
 
         let open = endpoint.in_flight();
         let in_flight = InFlight::start(Arc::clone(&endpoint));
-        let pending = self
-            .shared
-            .upstreams
-            .send(&endpoint, open, Request::from_parts(parts, body));
+        let pending = self.shared.upstreams.send(
+            &endpoint,
+            open,
+            Request::from_parts(parts, body),
+            &service.origination,
+        );
         let result = match service.response_timeout {
             Some(after) => match tokio::time::timeout(after, pending).await {
                 Ok(result) => result,

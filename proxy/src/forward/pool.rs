@@ -152,13 +152,17 @@ pub async fn send(
     endpoint: &Arc<Endpoint>,
     mut req: Request<UpstreamBody>,
     settings: PoolSettings,
+    tls: Option<&crate::tls::client::ServiceTlsClient>,
 ) -> Result<(http::Response<Incoming>, Lease), ProxyError> {
     let addr = endpoint.addr;
     loop {
         let (mut sender, owner, pooled) = match endpoint.http1.take() {
             Some((s, owner)) => (s, owner, true),
             None => {
-                let s = Box::pin(connect(addr, settings.connect_timeout)).await?;
+                let s = match tls {
+                    None => Box::pin(connect(addr, settings.connect_timeout)).await?,
+                    Some(tls) => Box::pin(connect_tls(addr, tls)).await?,
+                };
                 (s, endpoint.http1.own_slot(), false)
             }
         };
@@ -211,10 +215,36 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<Upst
         }
     };
     let _ = stream.set_nodelay(true);
-    let (sender, connection) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+    handshake(addr, stream).await
+}
+
+/// Opens a TLS connection (see [`crate::tls::client`]) for HTTP/1.1.
+async fn connect_tls(
+    addr: SocketAddr,
+    tls: &crate::tls::client::ServiceTlsClient,
+) -> Result<SendRequest<UpstreamBody>, ProxyError> {
+    let stream = tls
+        .connect_http1(addr)
         .await
-        .map_err(|e| failed(error_chain(&e)))?;
+        .map_err(|cause| ProxyError::UpstreamConnect {
+            endpoint: addr,
+            cause,
+        })?;
+    handshake(addr, stream).await
+}
+
+/// The HTTP/1.1 client handshake on an open connection; the connection is driven by a task.
+async fn handshake<IO>(addr: SocketAddr, io: IO) -> Result<SendRequest<UpstreamBody>, ProxyError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ProxyError::UpstreamConnect {
+            endpoint: addr,
+            cause: error_chain(&e),
+        })?;
     tokio::spawn(Drive {
         connection: Box::pin(connection.with_upgrades()),
         addr,

@@ -30,6 +30,9 @@
 //!   for another request's fetch) or `bypass`;
 //! - `cache_eviction_total{route}`, and the gauges `cache_stored_bytes{route}`,
 //!   `cache_entries{route}`;
+//! - TLS and authorization: `tls_handshake_total`, `tls_handshake_failure_total`,
+//!   `tls_identity_reload_total`, `tls_identity_expiry_timestamp_seconds`, `authz_denied_total`
+//!   (see `crate::tls::metrics`);
 //! - per endpoint, read from the routing table at scrape time (so the request path pays
 //!   nothing): `endpoint_in_flight`, `endpoint_rtt_ewma_seconds`, `endpoint_load` (while the
 //!   last report is fresh), `endpoint_weight`, `endpoint_ejected` gauges and `endpoint_picks_total`,
@@ -166,6 +169,8 @@ pub struct Metrics {
     cache_evictions: Family<RouteLabels, Counter>,
     cache_bytes: Family<RouteLabels, Gauge>,
     cache_entries: Family<RouteLabels, Gauge>,
+    /// TLS handshakes, identity rotations and authorization denials (see `crate::tls::metrics`).
+    pub tls: crate::tls::TlsMetrics,
     /// Set once the first routing table exists; read by the endpoint collector.
     pub table: Arc<OnceLock<crate::route::SharedTable>>,
 }
@@ -274,7 +279,9 @@ impl Metrics {
         );
         let cache_entries = Family::<RouteLabels, Gauge>::default();
         registry.register("cache_entries", "Cached responses", cache_entries.clone());
+        let tls = crate::tls::TlsMetrics::register(&mut registry);
         Metrics {
+            tls,
             registry,
             compressed,
             cache_lookups,

@@ -8,6 +8,10 @@
 //! A route may carry a [`RoutePolicy`] (compression, cache). It is built with the table, so a
 //! reload applies new settings atomically; a route's cache survives a reload that keeps its
 //! name and cache settings.
+//!
+//! A route may also carry a [`RouteAccess`]: who may use it (identity-based authorization,
+//! see [`crate::tls::authz`]) and the security headers its responses get. A service with `tls`
+//! carries its TLS client ([`Origination`]), kept across rebuilds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,6 +44,8 @@ pub struct RoutingTable {
     pub listeners: Vec<ListenerRoutes>,
     /// The instance's concurrency limit, if configured.
     pub admission: Option<Arc<crate::admission::Admission>>,
+    /// Where authorization denials of connections without an identity are counted.
+    pub tls_metrics: crate::tls::TlsMetrics,
 }
 
 pub struct Service {
@@ -54,6 +60,23 @@ pub struct Service {
     pub retry: crate::retry::RetryConfig,
     /// Kept across reloads for a service that stays.
     pub retry_budget: Arc<crate::retry::Budget>,
+    pub origination: Origination,
+}
+
+/// How a service's endpoints are reached.
+#[derive(Clone)]
+pub enum Origination {
+    Plaintext,
+    Tls(Arc<crate::tls::client::ServiceTlsClient>),
+    /// The service asks for TLS but the table was built without the sidecar's identity:
+    /// requests fail rather than go out in plaintext.
+    Unavailable,
+}
+
+/// Who may use a route and what its responses get.
+pub struct RouteAccess {
+    pub authorization: Option<crate::tls::authz::Authorization>,
+    pub security_headers: Option<crate::security_headers::SecurityHeaders>,
 }
 
 /// Per listener: the default service and the metric handles of every service seen through it.
@@ -65,6 +88,8 @@ pub struct ListenerRoutes {
     pub metrics: Vec<ServiceMetrics>,
     pub unrouted: ServiceMetrics,
     pub rate_limit: Option<Arc<RateLimiter>>,
+    /// For requests that match no route with its own authorization.
+    pub authorization: Option<crate::tls::authz::Authorization>,
 }
 
 struct Route {
@@ -76,6 +101,7 @@ struct Route {
     policy: Option<Arc<RoutePolicy>>,
     rate_limit: Option<Arc<RateLimiter>>,
     priority: Option<crate::admission::Priority>,
+    access: Option<RouteAccess>,
 }
 
 /// What a route does to responses besides forwarding them.
@@ -94,12 +120,14 @@ pub struct RouteMatch<'a> {
     pub priority: Option<crate::admission::Priority>,
     /// The matched route's compression and cache, if any.
     pub policy: Option<&'a Arc<RoutePolicy>>,
+    /// The matched route's authorization and security headers, if any.
+    pub access: Option<&'a RouteAccess>,
 }
 
 impl RoutingTable {
     /// Builds a table from a validated configuration, reusing endpoint statistics of `previous`.
     pub fn build(config: &ProxyConfig, previous: Option<&RoutingTable>, metrics: &Metrics) -> Self {
-        Self::build_with(config, previous, metrics, &EndpointOverrides::new(), 0)
+        Self::build_with(config, previous, metrics, &EndpointOverrides::new(), 0, None)
     }
 
     /// Like [`RoutingTable::build`], with the endpoints of some services replaced.
@@ -109,6 +137,7 @@ impl RoutingTable {
         metrics: &Metrics,
         overrides: &EndpointOverrides,
         control_version: u64,
+        tls: Option<&crate::tls::client::Origin>,
     ) -> Self {
         let old: HashMap<&str, &Service> = previous
             .map(|p| p.services.iter().map(|s| (s.name.as_str(), s)).collect())
@@ -145,6 +174,7 @@ impl RoutingTable {
                     &s.circuit_breaker,
                     || metrics.breaker_overflow(&s.name),
                 ),
+                origination: origination(s, old.get(s.name.as_str()).copied(), tls),
             })
             .collect();
         let index: HashMap<&str, usize> = services
@@ -189,6 +219,16 @@ impl RoutingTable {
                     .collect(),
                 service: index[r.service.as_str()],
                 policy: route_policy(i, r, &old_caches, metrics),
+                access: (r.authorization.is_some() || r.security_headers.is_some()).then(|| RouteAccess {
+                    authorization: r
+                        .authorization
+                        .as_ref()
+                        .map(crate::tls::authz::Authorization::new),
+                    security_headers: r
+                        .security_headers
+                        .as_ref()
+                        .map(crate::security_headers::SecurityHeaders::new),
+                }),
             })
             .collect();
         let listeners = config
@@ -211,6 +251,10 @@ impl RoutingTable {
                             .and_then(|o| o.rate_limit.as_ref());
                         RateLimiter::reuse_or_new(kept, c, || metrics.rate_limited("listener", &l.name))
                     }),
+                    authorization: l
+                        .authorization
+                        .as_ref()
+                        .map(crate::tls::authz::Authorization::new),
                 }
             })
             .collect();
@@ -220,6 +264,7 @@ impl RoutingTable {
             })
         });
         RoutingTable {
+            tls_metrics: metrics.tls.clone(),
             admission,
             version: previous.map_or(1, |p| p.version + 1),
             control_version,
@@ -243,12 +288,14 @@ impl RoutingTable {
                 rate_limit: r.rate_limit.as_deref(),
                 priority: r.priority,
                 policy: r.policy.as_ref(),
+                access: r.access.as_ref(),
             },
             None => RouteMatch {
                 service: self.listeners[listener].default_service,
                 rate_limit: None,
                 priority: None,
                 policy: None,
+                access: None,
             },
         }
     }
@@ -309,6 +356,28 @@ impl Service {
                 .as_bytes(),
         };
         Some(crate::balance::stable_hash(value))
+    }
+}
+
+/// How a service's endpoints are reached: its TLS client is kept across rebuilds (its settings
+/// cannot change without a restart, see `crate::reload`).
+fn origination(
+    s: &crate::config::ServiceConfig,
+    old: Option<&Service>,
+    tls: Option<&crate::tls::client::Origin>,
+) -> Origination {
+    let Some(settings) = &s.tls else {
+        return Origination::Plaintext;
+    };
+    match (old.map(|o| &o.origination), tls) {
+        (Some(Origination::Tls(client)), _) if client.settings == *settings => {
+            Origination::Tls(Arc::clone(client))
+        }
+        (_, Some(origin)) => Origination::Tls(Arc::new(crate::tls::client::ServiceTlsClient::new(
+            settings,
+            origin.clone(),
+        ))),
+        (_, None) => Origination::Unavailable,
     }
 }
 
