@@ -646,3 +646,21 @@ fn invalid_tls_configuration_is_refused_with_file_field_and_reason() {
         assert!(err.contains(&expected) && err.contains(reason), "{err}");
     }
 }
+
+/// The TLS alerting rules (deploy/prometheus/tls_alerts.yaml) parse and fire as their unit
+/// tests say, checked with the real `promtool`.
+#[test]
+fn tls_alerting_rules_pass_promtool() {
+    let promtool = |args: &[&str]| {
+        let (code, out, err) = run_with_timeout(
+            Command::new("promtool")
+                .args(args)
+                .current_dir(cogmesh_e2e::repo_root().join("deploy/prometheus")),
+            Duration::from_secs(60),
+        );
+        assert_eq!(code, Some(0), "{out}{err}");
+        format!("{out}{err}")
+    };
+    assert!(promtool(&["check", "rules", "tls_alerts.yaml"]).contains("SUCCESS: 3 rules found"));
+    assert!(promtool(&["test", "rules", "tls_alerts_test.yaml"]).contains("SUCCESS"));
+}
