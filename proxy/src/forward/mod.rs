@@ -212,15 +212,17 @@ impl Forward {
         let Some(policy) = policy else {
             return Ok(());
         };
-        let identity = self.identity.as_ref().and_then(|p| p.id.clone());
-        if policy.admits(identity.as_deref()) {
+        let id = self.identity.as_ref().and_then(|p| p.id.as_deref());
+        if policy.admits(id) {
             return Ok(());
         }
+        let resolve = || table.tls_metrics.denied(&routes.name, id);
         match &self.identity {
-            Some(peer) => peer.denied.inc(),
-            None => table.tls_metrics.denied(&routes.name, None).inc(),
+            Some(peer) => peer.denied(resolve).inc(),
+            None => resolve().inc(),
         };
-        debug!(listener = %routes.name, identity = identity.as_deref().unwrap_or("none"), "request refused by authorization");
+        debug!(listener = %routes.name, identity = id.unwrap_or("none"), "request refused by authorization");
+        let identity = self.identity.as_ref().and_then(|p| p.id.clone());
         Err(ProxyError::Forbidden { identity })
     }
 

@@ -11,7 +11,7 @@
 //! The decision is a pure function of the policy and the identity: a few string comparisons,
 //! no allocation. Routes and listeners without a policy pay one `Option` check.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
@@ -112,12 +112,27 @@ pub fn check(config: &AuthorizationConfig) -> Result<(), (String, String)> {
 }
 
 /// Who is at the other end of a downstream connection, resolved once per connection.
-#[derive(Clone, Debug)]
+#[derive(Debug, Default)]
 pub struct PeerIdentity {
     /// The SPIFFE identity of the verified client certificate.
     pub id: Option<Arc<str>>,
-    /// `authz_denied_total` for this peer on this listener.
-    pub denied: Counter,
+    /// `authz_denied_total` for this peer on this listener, resolved at the first denial (so
+    /// peers that are never refused take no identity label).
+    denied: OnceLock<Counter>,
+}
+
+impl PeerIdentity {
+    pub fn new(id: Option<Arc<str>>) -> PeerIdentity {
+        PeerIdentity {
+            id,
+            denied: OnceLock::new(),
+        }
+    }
+
+    /// The denial counter of this connection, made by `resolve` the first time.
+    pub fn denied(&self, resolve: impl FnOnce() -> Counter) -> &Counter {
+        self.denied.get_or_init(resolve)
+    }
 }
 
 #[cfg(test)]

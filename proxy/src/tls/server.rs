@@ -82,8 +82,7 @@ impl ListenerAcceptor {
                     .and_then(|leaf| super::identity::leaf_facts(leaf).ok())
                     .and_then(|facts| facts.spiffe_id)
                     .map(Arc::from);
-                let denied = self.metrics.denied(&self.listener, id.as_deref());
-                return Some((tls, PeerIdentity { id, denied }));
+                return Some((tls, PeerIdentity::new(id)));
             }
             Ok(Err(e)) => (FailureReason::of_io(&e), e.to_string()),
             Err(_) => (
