@@ -13,6 +13,8 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v gzip >/dev/null || need_apt+=(gzip)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# Issue 6 (TLS): tests/tests/tls.rs checks the inbound TLS listeners with `openssl s_client`.
+command -v openssl >/dev/null || need_apt+=(openssl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 # issue 9 (transparent.rs): network namespaces, iptables/ip6tables rules, setpriv for the proxy uid.
 command -v ip >/dev/null || need_apt+=(iproute2)

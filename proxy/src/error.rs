@@ -19,10 +19,11 @@ pub enum ErrorKind {
     RateLimited = 6,
     Overloaded = 7,
     Shed = 8,
+    Forbidden = 9,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::NoRoute,
         ErrorKind::NoEndpoints,
         ErrorKind::UpstreamConnect,
@@ -32,6 +33,7 @@ impl ErrorKind {
         ErrorKind::RateLimited,
         ErrorKind::Overloaded,
         ErrorKind::Shed,
+        ErrorKind::Forbidden,
     ];
 
     /// The metric label and `x-cogmesh-error` header value.
@@ -46,6 +48,7 @@ impl ErrorKind {
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::Shed => "shed",
+            ErrorKind::Forbidden => "forbidden",
         }
     }
 
@@ -59,6 +62,7 @@ impl ErrorKind {
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -68,6 +72,8 @@ impl ErrorKind {
         match self {
             ErrorKind::UpstreamTimeout => ("4", self.status()),
             ErrorKind::RateLimited => ("8", StatusCode::OK),
+            // PERMISSION_DENIED
+            ErrorKind::Forbidden => ("7", StatusCode::OK),
             _ => ("14", self.status()),
         }
     }
@@ -102,6 +108,8 @@ pub enum ProxyError {
         priority: crate::admission::Priority,
         retry_after_secs: u64,
     },
+    #[error("peer {} is not allowed on this route", identity.as_deref().unwrap_or("without a verified identity"))]
+    Forbidden { identity: Option<std::sync::Arc<str>> },
 }
 
 impl ProxyError {
@@ -118,6 +126,7 @@ impl ProxyError {
             ProxyError::RateLimited(_) => ErrorKind::RateLimited,
             ProxyError::Overloaded { .. } => ErrorKind::Overloaded,
             ProxyError::Shed { .. } => ErrorKind::Shed,
+            ProxyError::Forbidden { .. } => ErrorKind::Forbidden,
         }
     }
 
@@ -162,6 +171,8 @@ mod tests {
         assert_eq!(ErrorKind::UpstreamTimeout.label(), "upstream_timeout");
         assert_eq!(ErrorKind::RateLimited.status(), 429);
         assert_eq!(ErrorKind::RateLimited.grpc(), ("8", StatusCode::OK));
+        assert_eq!(ErrorKind::Forbidden.status(), 403);
+        assert_eq!(ErrorKind::Forbidden.grpc(), ("7", StatusCode::OK));
         assert_eq!(
             ErrorKind::NoEndpoints.grpc(),
             ("14", StatusCode::SERVICE_UNAVAILABLE)

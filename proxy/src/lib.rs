@@ -4,7 +4,8 @@
 //! HTTP/2 with hyper; [`forward`] routes each request ([`route`]) to a service, picks an endpoint
 //! ([`balance`]) and sends it on the shared upstream pool; [`metrics`] and [`admin`] make it
 //! observable; [`config`] describes it all. Routes may compress ([`compress`]) and cache
-//! ([`cache`]) responses.
+//! ([`cache`]) responses. [`tls`] terminates and originates TLS (sidecar-to-sidecar mTLS) and
+//! authorizes peers by identity.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -25,6 +26,8 @@ pub mod ratelimit;
 pub mod reload;
 pub mod retry;
 pub mod route;
+pub mod security_headers;
 pub mod server;
+pub mod tls;
 pub mod transparent;
 pub mod worker;

@@ -178,6 +178,10 @@ fn main() -> ExitCode {
     });
     match cogmesh_proxy::server::run(config, source) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(cogmesh_proxy::server::ServeError::Config(e)) => {
+            eprintln!("cogmesh-proxy: invalid configuration: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("cogmesh-proxy: {e}");
             ExitCode::FAILURE

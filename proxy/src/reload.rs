@@ -84,13 +84,21 @@ fn restart_only_change(old: &ProxyConfig, new: &ProxyConfig) -> Option<String> {
     if old.control != new.control {
         return Some("control: changing it needs a restart".into());
     }
+    if old.tls != new.tls {
+        return Some("tls: changing the identity files needs a restart (their contents are watched)".into());
+    }
+    for (i, (a, b)) in old.services.iter().zip(&new.services).enumerate() {
+        if a.name == b.name && a.tls != b.tls {
+            return Some(format!("services[{i}].tls: changing it needs a restart"));
+        }
+    }
     if old.listeners.len() != new.listeners.len() {
         return Some("listeners: adding or removing listeners needs a restart".into());
     }
     for (i, (a, b)) in old.listeners.iter().zip(&new.listeners).enumerate() {
-        if a.name != b.name || a.address != b.address || a.direction != b.direction {
+        if a.name != b.name || a.address != b.address || a.direction != b.direction || a.tls != b.tls {
             return Some(format!(
-                "listeners[{i}]: changing name, address or direction needs a restart"
+                "listeners[{i}]: changing name, address, direction or tls needs a restart"
             ));
         }
     }

@@ -244,6 +244,25 @@ impl Proxy {
     /// Full mode: `yaml` is written to a temp file; `{listen}` and `{admin}` in it are replaced
     /// by fresh loopback addresses.
     pub fn with_config(yaml: &str) -> Proxy {
+        let (listen, admin, cmd) = Self::config_command(yaml);
+        Self::start(listen, admin, cmd)
+    }
+
+    /// Like [`Proxy::with_config`], with the proxy's log (warnings and errors) written to the
+    /// returned file, for tests that check what it says.
+    pub fn with_config_logged(yaml: &str) -> (Proxy, PathBuf) {
+        let (listen, admin, mut cmd) = Self::config_command(yaml);
+        let log = std::env::temp_dir().join(format!(
+            "cogmesh-proxy-{}-{}.log",
+            std::process::id(),
+            listen.port()
+        ));
+        let file = std::fs::File::create(&log).expect("create the proxy log");
+        cmd.stderr(file.try_clone().expect("log handle")).stdout(file);
+        (Self::start(listen, admin, cmd), log)
+    }
+
+    fn config_command(yaml: &str) -> (SocketAddr, SocketAddr, Command) {
         let listen = free_addr();
         let admin = free_addr();
         let text = yaml
@@ -257,7 +276,7 @@ impl Proxy {
         std::fs::write(&path, text).expect("write config");
         let mut cmd = Command::new(bin("cogmesh-proxy"));
         cmd.arg("--config").arg(&path).env("COGMESH_LOG", "warn");
-        Self::start(listen, admin, cmd)
+        (listen, admin, cmd)
     }
 
     fn start(listen: SocketAddr, admin: SocketAddr, mut cmd: Command) -> Proxy {

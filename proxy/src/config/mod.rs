@@ -79,6 +79,9 @@ pub struct ProxyConfig {
     /// Transparent mode: listeners that receive iptables-redirected connections.
     #[serde(default)]
     pub transparent: Option<crate::transparent::TransparentConfig>,
+    /// The sidecar's TLS identity (certificate, key, trust bundle); see `crate::tls`.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// How the sidecar joins the control plane (`cogmesh control`).
@@ -148,6 +151,12 @@ pub struct ListenerConfig {
     /// A token bucket for every request on the listener (before routing).
     #[serde(default)]
     pub rate_limit: Option<crate::ratelimit::RateLimitConfig>,
+    /// Terminate TLS (and verify client certificates) with the sidecar's identity.
+    #[serde(default)]
+    pub tls: Option<crate::tls::ListenerTls>,
+    /// Allowed peer identities for requests that match no route with its own.
+    #[serde(default)]
+    pub authorization: Option<crate::tls::AuthorizationConfig>,
 }
 
 /// Which side of the application a listener serves; a label on every metric.
@@ -208,6 +217,9 @@ pub struct ServiceConfig {
     /// Retries of bodiless idempotent requests, within a budget.
     #[serde(default)]
     pub retry: crate::retry::RetryConfig,
+    /// Originate TLS (mTLS between sidecars) to the endpoints.
+    #[serde(default)]
+    pub tls: Option<crate::tls::ServiceTls>,
 }
 
 /// The protocol spoken to a service's endpoints.
@@ -284,6 +296,13 @@ pub struct RouteConfig {
     /// Cache GET/HEAD responses of this route in memory; `{}` for the defaults.
     #[serde(default)]
     pub cache: Option<CacheConfig>,
+    /// Allowed peer identities (SPIFFE IDs of client certificates); others get 403.
+    #[serde(default)]
+    pub authorization: Option<crate::tls::AuthorizationConfig>,
+    /// Security headers added to responses (HSTS, `x-content-type-options`, ...); `{}` for
+    /// the defaults.
+    #[serde(default)]
+    pub security_headers: Option<crate::security_headers::SecurityHeadersConfig>,
 }
 
 /// Response compression of a route (see `crate::compress`).
@@ -473,6 +492,8 @@ impl ProxyConfig {
                 direction: Direction::Outbound,
                 default_service: Some(QUICK_SERVICE.into()),
                 rate_limit: None,
+                tls: None,
+                authorization: None,
             }],
             services: vec![ServiceConfig {
                 name: QUICK_SERVICE.into(),
@@ -488,10 +509,12 @@ impl ProxyConfig {
                 circuit_breaker: Default::default(),
                 outlier_detection: Default::default(),
                 retry: Default::default(),
+                tls: None,
             }],
             routes: Vec::new(),
             control: None,
             transparent: None,
+            tls: None,
         }
     }
 
@@ -637,6 +660,13 @@ impl ProxyConfig {
                     reason,
                 ));
             }
+            if let Some(Err((field, reason))) = l.authorization.as_ref().map(crate::tls::authz::check) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("listeners[{i}].authorization.{field}"),
+                    reason,
+                ));
+            }
             if let Some(svc) = &l.default_service {
                 if !service_names.contains(svc.as_str()) {
                     return Err(ConfigError::new(
@@ -713,6 +743,20 @@ impl ProxyConfig {
             if let Some(c) = &r.cache {
                 validate_cache(file, i, c)?;
             }
+            if let Some(Err((field, reason))) = r.authorization.as_ref().map(crate::tls::authz::check) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("routes[{i}].authorization.{field}"),
+                    reason,
+                ));
+            }
+            if let Some(Err((field, reason))) = r.security_headers.as_ref().map(|h| h.check()) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("routes[{i}].security_headers.{field}"),
+                    reason,
+                ));
+            }
             for name in r.matches.headers.keys() {
                 if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                     return Err(ConfigError::new(
@@ -723,6 +767,7 @@ impl ProxyConfig {
                 }
             }
         }
+        crate::tls::validate(self).map_err(|(field, reason)| ConfigError::new(file, field, reason))?;
         Ok(())
     }
 }

@@ -43,7 +43,8 @@ use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::error::ErrorKind;
 use crate::error::ProxyError;
 use crate::metrics::ServiceMetrics;
-use crate::route::{RoutePolicy, RoutingTable, SharedTable};
+use crate::route::{Origination, RoutePolicy, RoutingTable, SharedTable};
+use crate::tls::PeerIdentity;
 
 /// A request body on its way upstream: the client's, or the client's decompressed.
 pub type UpstreamBody = Either<Incoming, CodedBody>;
@@ -111,17 +112,36 @@ impl Upstreams {
         endpoint: &Arc<Endpoint>,
         open: u64,
         mut req: Request<UpstreamBody>,
+        origination: &Origination,
         breaker: &Arc<crate::breaker::Breaker>,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+        let tls = match origination {
+            Origination::Plaintext => None,
+            Origination::Tls(client) => Some(client.as_ref()),
+            Origination::Unavailable => {
+                return Err(ProxyError::UpstreamConnect {
+                    endpoint: endpoint.addr,
+                    cause: "the service needs TLS but the sidecar has no identity".into(),
+                })
+            }
+        };
         if req.version() == Version::HTTP_2 {
             let uri = Uri::builder()
-                .scheme("http")
+                .scheme(if tls.is_some() { "https" } else { "http" })
                 .authority(endpoint.authority.clone())
                 .path_and_query(origin_form(req.uri()))
                 .build()
                 .expect("scheme, authority and path are valid");
             *req.uri_mut() = uri;
-            let response = self.http2_for(open).request(req).await;
+            let response = match tls {
+                None => self.http2_for(open).request(req).await,
+                Some(client) => {
+                    client
+                        .http2_for(open, self.streams_per_connection)
+                        .request(req)
+                        .await
+                }
+            };
             return match response {
                 Ok(r) => Ok((r, None)),
                 Err(e) => Err(ProxyError::from_client(endpoint.addr, &e)),
@@ -133,7 +153,7 @@ impl Upstreams {
                 HeaderValue::from_str(endpoint.authority.as_str()).expect("an authority is a valid header");
             req.headers_mut().insert(HOST, host);
         }
-        let (response, lease) = pool::send(endpoint, req, self.http1, breaker).await?;
+        let (response, lease) = pool::send(endpoint, req, self.http1, tls, breaker).await?;
         Ok((response, Some(lease)))
     }
 }
@@ -162,17 +182,54 @@ pub struct Forward {
     /// Transparent mode: the service the connection's original destination belongs to; its
     /// requests go there whatever the routes say.
     pinned: Option<Arc<str>>,
+    /// The peer's verified identity on a TLS listener.
+    identity: Option<Arc<PeerIdentity>>,
 }
 
 impl Forward {
-    pub fn new(shared: Arc<Shared>, listener: usize, peer: SocketAddr) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        listener: usize,
+        peer: SocketAddr,
+        identity: Option<PeerIdentity>,
+    ) -> Self {
         let client_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a valid header value");
         Forward {
             shared,
             listener,
             client_ip,
             pinned: None,
+            identity: identity.map(Arc::new),
         }
+    }
+
+    /// Whether the route's (else the listener's) authorization admits this connection's peer;
+    /// a refusal is counted with the peer's identity.
+    fn authorized(
+        &self,
+        table: &RoutingTable,
+        matched: &crate::route::RouteMatch<'_>,
+    ) -> Result<(), ProxyError> {
+        let routes = &table.listeners[self.listener];
+        let policy = matched
+            .access
+            .and_then(|a| a.authorization.as_ref())
+            .or(routes.authorization.as_ref());
+        let Some(policy) = policy else {
+            return Ok(());
+        };
+        let id = self.identity.as_ref().and_then(|p| p.id.as_deref());
+        if policy.admits(id) {
+            return Ok(());
+        }
+        let resolve = || table.tls_metrics.denied(&routes.name, id);
+        match &self.identity {
+            Some(peer) => peer.denied(resolve).inc(),
+            None => resolve().inc(),
+        };
+        debug!(listener = %routes.name, identity = id.unwrap_or("none"), "request refused by authorization");
+        let identity = self.identity.as_ref().and_then(|p| p.id.clone());
+        Err(ProxyError::Forbidden { identity })
     }
 
     /// Sends every request of the connection to `service` (see [`crate::transparent`]).
@@ -193,9 +250,14 @@ impl Forward {
                 priority: None,
                 retry_non_idempotent: false,
                 policy: None,
+                access: None,
             },
         };
         let route = matched.service;
+        if let Err(err) = self.authorized(&table, &matched) {
+            let metrics = route.map_or(&routes.unrouted, |i| &routes.metrics[i]);
+            return Self::answer_error(metrics, start, &err, is_grpc(&req));
+        }
         let limited = crate::ratelimit::admit(
             [routes.rate_limit.as_deref(), matched.rate_limit],
             req.headers(),
@@ -247,14 +309,18 @@ impl Forward {
                 self.with_policy(policy, &table, index, req, any_method).await
             }
         };
-        match result {
+        let mut response = match result {
             Ok(response) => {
                 metrics.latency.observe(start.elapsed());
                 metrics.response(response.status().as_u16());
                 response.map(|b| b.with_admission(admitted))
             }
             Err(err) => Self::answer_error(metrics, start, &err, grpc),
+        };
+        if let Some(headers) = matched.access.and_then(|a| a.security_headers.as_ref()) {
+            headers.apply(response.headers_mut());
         }
+        response
     }
 
     /// The exchange of a route with a policy: request decompression, then the cache (which may
@@ -511,6 +577,7 @@ impl Forward {
             &endpoint,
             open,
             Request::from_parts(parts, body),
+            &service.origination,
             &service.breaker,
         );
         let result = match service.response_timeout {

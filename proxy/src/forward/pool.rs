@@ -156,6 +156,7 @@ pub async fn send(
     endpoint: &Arc<Endpoint>,
     mut req: Request<UpstreamBody>,
     settings: PoolSettings,
+    tls: Option<&crate::tls::client::ServiceTlsClient>,
     breaker: &Arc<Breaker>,
 ) -> Result<(http::Response<Incoming>, Lease), ProxyError> {
     let addr = endpoint.addr;
@@ -164,7 +165,10 @@ pub async fn send(
             Some((s, owner)) => (s, owner, true),
             None => {
                 let permit = breaker.try_connection()?;
-                let s = Box::pin(connect(addr, settings.connect_timeout, permit)).await?;
+                let s = match tls {
+                    None => Box::pin(connect(addr, settings.connect_timeout, permit)).await?,
+                    Some(tls) => Box::pin(connect_tls(addr, tls, permit)).await?,
+                };
                 (s, endpoint.http1.own_slot(), false)
             }
         };
@@ -221,10 +225,42 @@ async fn connect(
         }
     };
     let _ = stream.set_nodelay(true);
-    let (sender, connection) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+    handshake(addr, stream, permit).await
+}
+
+/// Opens a TLS connection (see [`crate::tls::client`]) for HTTP/1.1.
+async fn connect_tls(
+    addr: SocketAddr,
+    tls: &crate::tls::client::ServiceTlsClient,
+    permit: ConnectionPermit,
+) -> Result<SendRequest<UpstreamBody>, ProxyError> {
+    let stream = tls
+        .connect_http1(addr)
         .await
-        .map_err(|e| failed(error_chain(&e)))?;
+        .map_err(|cause| ProxyError::UpstreamConnect {
+            endpoint: addr,
+            cause,
+        })?;
+    handshake(addr, stream, permit).await
+}
+
+/// The HTTP/1.1 client handshake on an open connection; the connection is driven by a task,
+/// which keeps its `max_connections` slot.
+async fn handshake<IO>(
+    addr: SocketAddr,
+    io: IO,
+    permit: ConnectionPermit,
+) -> Result<SendRequest<UpstreamBody>, ProxyError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ProxyError::UpstreamConnect {
+            endpoint: addr,
+            cause: error_chain(&e),
+        })?;
     tokio::spawn(Drive {
         connection: Box::pin(connection.with_upgrades()),
         addr,

@@ -32,6 +32,9 @@
 //!   for another request's fetch) or `bypass`;
 //! - `cache_eviction_total{route}`, and the gauges `cache_stored_bytes{route}`,
 //!   `cache_entries{route}`;
+//! - TLS and authorization: `tls_handshake_total`, `tls_handshake_failure_total`,
+//!   `tls_identity_reload_total`, `tls_identity_expiry_timestamp_seconds`, `authz_denied_total`
+//!   (see `crate::tls::metrics`);
 //! - per endpoint, read from the routing table at scrape time (so the request path pays
 //!   nothing): `endpoint_in_flight`, `endpoint_rtt_ewma_seconds`, `endpoint_load` (while the
 //!   last report is fresh), `endpoint_weight`, `endpoint_ejected` gauges and `endpoint_picks_total`,
@@ -172,6 +175,8 @@ pub struct Metrics {
     cache_entries: Family<RouteLabels, Gauge>,
     /// Transparent mode: protocol detection and where captured connections went.
     pub transparent: crate::transparent::TransparentMetrics,
+    /// TLS handshakes, identity rotations and authorization denials (see `crate::tls::metrics`).
+    pub tls: crate::tls::TlsMetrics,
     /// Set once the first routing table exists; read by the endpoint collector.
     pub table: Arc<OnceLock<crate::route::SharedTable>>,
 }
@@ -293,8 +298,10 @@ impl Metrics {
         let cache_entries = Family::<RouteLabels, Gauge>::default();
         registry.register("cache_entries", "Cached responses", cache_entries.clone());
         let transparent = crate::transparent::TransparentMetrics::register(&mut registry);
+        let tls = crate::tls::TlsMetrics::register(&mut registry);
         Metrics {
             transparent,
+            tls,
             registry,
             compressed,
             cache_lookups,

@@ -8,6 +8,10 @@
 //! A route may carry a [`RoutePolicy`] (compression, cache). It is built with the table, so a
 //! reload applies new settings atomically; a route's cache survives a reload that keeps its
 //! name and cache settings.
+//!
+//! A route may also carry a [`RouteAccess`]: who may use it (identity-based authorization,
+//! see [`crate::tls::authz`]) and the security headers its responses get. A service with `tls`
+//! carries its TLS client ([`Origination`]), kept across rebuilds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,6 +44,8 @@ pub struct RoutingTable {
     pub listeners: Vec<ListenerRoutes>,
     /// The instance's concurrency limit, if configured.
     pub admission: Option<Arc<crate::admission::Admission>>,
+    /// Where authorization denials of connections without an identity are counted.
+    pub tls_metrics: crate::tls::TlsMetrics,
 }
 
 pub struct Service {
@@ -55,6 +61,23 @@ pub struct Service {
     pub retry: crate::retry::RetryConfig,
     /// Kept across reloads for a service that stays.
     pub retry_budget: Arc<crate::retry::Budget>,
+    pub origination: Origination,
+}
+
+/// How a service's endpoints are reached.
+#[derive(Clone)]
+pub enum Origination {
+    Plaintext,
+    Tls(Arc<crate::tls::client::ServiceTlsClient>),
+    /// The service asks for TLS but the table was built without the sidecar's identity:
+    /// requests fail rather than go out in plaintext.
+    Unavailable,
+}
+
+/// Who may use a route and what its responses get.
+pub struct RouteAccess {
+    pub authorization: Option<crate::tls::authz::Authorization>,
+    pub security_headers: Option<crate::security_headers::SecurityHeaders>,
 }
 
 /// Per listener: the default service and the metric handles of every service seen through it.
@@ -66,6 +89,8 @@ pub struct ListenerRoutes {
     pub metrics: Vec<ServiceMetrics>,
     pub unrouted: ServiceMetrics,
     pub rate_limit: Option<Arc<RateLimiter>>,
+    /// For requests that match no route with its own authorization.
+    pub authorization: Option<crate::tls::authz::Authorization>,
 }
 
 struct Route {
@@ -78,6 +103,7 @@ struct Route {
     rate_limit: Option<Arc<RateLimiter>>,
     priority: Option<crate::admission::Priority>,
     retry_non_idempotent: bool,
+    access: Option<RouteAccess>,
 }
 
 /// What a route does to responses besides forwarding them.
@@ -98,12 +124,14 @@ pub struct RouteMatch<'a> {
     pub retry_non_idempotent: bool,
     /// The matched route's compression and cache, if any.
     pub policy: Option<&'a Arc<RoutePolicy>>,
+    /// The matched route's authorization and security headers, if any.
+    pub access: Option<&'a RouteAccess>,
 }
 
 impl RoutingTable {
     /// Builds a table from a validated configuration, reusing endpoint statistics of `previous`.
     pub fn build(config: &ProxyConfig, previous: Option<&RoutingTable>, metrics: &Metrics) -> Self {
-        Self::build_with(config, previous, metrics, &EndpointOverrides::new(), 0)
+        Self::build_with(config, previous, metrics, &EndpointOverrides::new(), 0, None)
     }
 
     /// Like [`RoutingTable::build`], with the endpoints of some services replaced.
@@ -113,6 +141,7 @@ impl RoutingTable {
         metrics: &Metrics,
         overrides: &EndpointOverrides,
         control_version: u64,
+        tls: Option<&crate::tls::client::Origin>,
     ) -> Self {
         let old: HashMap<&str, &Service> = previous
             .map(|p| p.services.iter().map(|s| (s.name.as_str(), s)).collect())
@@ -152,6 +181,7 @@ impl RoutingTable {
                     &s.circuit_breaker,
                     || metrics.breaker_overflow(&s.name),
                 ),
+                origination: origination(s, old.get(s.name.as_str()).copied(), tls),
             })
             .collect();
         let index: HashMap<&str, usize> = services
@@ -197,6 +227,16 @@ impl RoutingTable {
                     .collect(),
                 service: index[r.service.as_str()],
                 policy: route_policy(i, r, &old_caches, metrics),
+                access: (r.authorization.is_some() || r.security_headers.is_some()).then(|| RouteAccess {
+                    authorization: r
+                        .authorization
+                        .as_ref()
+                        .map(crate::tls::authz::Authorization::new),
+                    security_headers: r
+                        .security_headers
+                        .as_ref()
+                        .map(crate::security_headers::SecurityHeaders::new),
+                }),
             })
             .collect();
         let listeners = config
@@ -219,6 +259,10 @@ impl RoutingTable {
                             .and_then(|o| o.rate_limit.as_ref());
                         RateLimiter::reuse_or_new(kept, c, || metrics.rate_limited("listener", &l.name))
                     }),
+                    authorization: l
+                        .authorization
+                        .as_ref()
+                        .map(crate::tls::authz::Authorization::new),
                 }
             })
             .collect();
@@ -228,6 +272,7 @@ impl RoutingTable {
             })
         });
         RoutingTable {
+            tls_metrics: metrics.tls.clone(),
             admission,
             version: previous.map_or(1, |p| p.version + 1),
             control_version,
@@ -252,6 +297,7 @@ impl RoutingTable {
                 priority: r.priority,
                 retry_non_idempotent: r.retry_non_idempotent,
                 policy: r.policy.as_ref(),
+                access: r.access.as_ref(),
             },
             None => RouteMatch {
                 service: self.listeners[listener].default_service,
@@ -259,6 +305,7 @@ impl RoutingTable {
                 priority: None,
                 retry_non_idempotent: false,
                 policy: None,
+                access: None,
             },
         }
     }
@@ -319,6 +366,28 @@ impl Service {
                 .as_bytes(),
         };
         Some(crate::balance::stable_hash(value))
+    }
+}
+
+/// How a service's endpoints are reached: its TLS client is kept across rebuilds (its settings
+/// cannot change without a restart, see `crate::reload`).
+fn origination(
+    s: &crate::config::ServiceConfig,
+    old: Option<&Service>,
+    tls: Option<&crate::tls::client::Origin>,
+) -> Origination {
+    let Some(settings) = &s.tls else {
+        return Origination::Plaintext;
+    };
+    match (old.map(|o| &o.origination), tls) {
+        (Some(Origination::Tls(client)), _) if client.settings == *settings => {
+            Origination::Tls(Arc::clone(client))
+        }
+        (_, Some(origin)) => Origination::Tls(Arc::new(crate::tls::client::ServiceTlsClient::new(
+            settings,
+            origin.clone(),
+        ))),
+        (_, None) => Origination::Unavailable,
     }
 }
 

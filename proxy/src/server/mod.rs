@@ -39,6 +39,10 @@ pub enum ServeError {
     },
     #[error("cannot start a runtime: {0}")]
     Runtime(std::io::Error),
+    /// A configuration that only proved unusable at start (unreadable identity files, a key
+    /// that does not match its certificate).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// What the admin server shows and the workers share.
@@ -53,6 +57,8 @@ pub struct State {
     pub pushed: Mutex<(EndpointOverrides, u64)>,
     /// The outcome of the last configuration reload, for `/config`.
     pub last_reload: Mutex<Option<crate::reload::ReloadOutcome>>,
+    /// The sidecar's TLS identity and what origination needs, with `tls` configured.
+    pub tls: Option<crate::tls::client::Origin>,
 }
 
 impl State {
@@ -64,7 +70,14 @@ impl State {
         update(&mut pushed);
         let config = self.config.load();
         let current = self.table.load();
-        let next = RoutingTable::build_with(&config, Some(&current), &self.metrics, &pushed.0, pushed.1);
+        let next = RoutingTable::build_with(
+            &config,
+            Some(&current),
+            &self.metrics,
+            &pushed.0,
+            pushed.1,
+            self.tls.as_ref(),
+        );
         self.table.store(Arc::new(next));
     }
 }
@@ -92,8 +105,22 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
 
     crate::worker::set_count(config.workers);
     let metrics = Metrics::new();
-    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
-        &config, None, &metrics,
+    let tls = match &config.tls {
+        None => None,
+        Some(t) => {
+            let file = source
+                .as_ref()
+                .map_or_else(|| "<command line>".to_string(), |s| s.path.display().to_string());
+            Some(crate::tls::client::Origin::load(t, &config, &metrics.tls, &file)?)
+        }
+    };
+    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build_with(
+        &config,
+        None,
+        &metrics,
+        &EndpointOverrides::new(),
+        0,
+        tls.as_ref(),
     )));
     let _ = metrics.table.set(Arc::clone(&table));
     let upstreams = Upstreams::new(&config);
@@ -105,6 +132,7 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         ready: AtomicBool::new(false),
         pushed: Mutex::new((EndpointOverrides::new(), 0)),
         last_reload: Mutex::new(None),
+        tls,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -140,6 +168,9 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         }
         if let Some(source) = source {
             tokio::spawn(crate::reload::watch(Arc::clone(&state), source));
+        }
+        if let (Some(origin), Some(true)) = (&state.tls, config.tls.as_ref().map(|t| t.watch)) {
+            tokio::spawn(crate::tls::identity::watch(Arc::clone(&origin.store)));
         }
         state.ready.store(true, Ordering::Release);
         for l in &config.listeners {
@@ -286,6 +317,15 @@ async fn accept_loop(
     let refused = state
         .metrics
         .requests_refused(config.direction.as_str(), &config.name);
+    let acceptor = match (&config.tls, &state.tls) {
+        (Some(t), Some(origin)) => Some(Arc::new(crate::tls::server::ListenerAcceptor::new(
+            t,
+            Arc::clone(&origin.store),
+            state.metrics.tls.clone(),
+            &config.name,
+        ))),
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         table: Arc::clone(&state.table),
         upstreams,
@@ -309,19 +349,28 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (shared, refused) = (Arc::clone(&shared), refused.clone());
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
-        let serve_http = move |stream, pinned| async move {
-            let stream = GuardedIo::new(stream, &shared.limits, header_read_timeout, refused);
-            let service = Forward::new(Arc::clone(&shared), index, peer).pinned_to(pinned);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn).await {
-                debug!(%peer, "connection ended with an error: {e}");
-            }
-        };
         let open = open.clone();
         open.inc();
+        if let Some(acceptor) = acceptor.clone() {
+            let (shared, limits, refused) = (Arc::clone(&shared), limits.clone(), refused.clone());
+            tokio::spawn(async move {
+                if let Some((stream, identity)) = acceptor.accept(stream, peer).await {
+                    let stream = GuardedIo::new(stream, &limits, header_read_timeout, refused);
+                    let service = Forward::new(shared, index, peer, Some(identity));
+                    serve(&builder, watcher, stream, service, peer).await;
+                }
+                open.dec();
+            });
+            continue;
+        }
+        let (shared, refused) = (Arc::clone(&shared), refused.clone());
+        let serve_http = move |stream, pinned| async move {
+            let stream = GuardedIo::new(stream, &shared.limits, header_read_timeout, refused);
+            let service = Forward::new(Arc::clone(&shared), index, peer, None).pinned_to(pinned);
+            serve(&builder, watcher, stream, service, peer).await;
+        };
         match &capture {
             None => tokio::spawn(async move {
                 serve_http(stream, None).await;
@@ -335,5 +384,21 @@ async fn accept_loop(
                 })
             }
         };
+    }
+}
+
+/// Serves one accepted connection (plaintext or TLS) until it ends or the drain closes it.
+async fn serve<IO>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: IO,
+    service: Forward,
+    peer: SocketAddr,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn).await {
+        debug!(%peer, "connection ended with an error: {e}");
     }
 }

@@ -55,6 +55,8 @@ pub fn quick(config: &mut ProxyConfig) {
         direction,
         default_service: None,
         rate_limit: None,
+        tls: None,
+        authorization: None,
     };
     config.listeners = vec![
         listener("outbound", OUTBOUND_ADDR, Direction::Outbound),
