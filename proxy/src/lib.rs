@@ -18,6 +18,7 @@ pub mod control;
 pub mod error;
 pub mod forward;
 pub mod hardening;
+pub mod identity;
 pub mod metrics;
 pub mod outlier;
 pub mod ratelimit;

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use cogmesh_e2e::{bin, free_addr, grpcurl, run_with_timeout, wait_tcp, Proc};
+use cogmesh_e2e::{
+    bin, eventually, free_addr, grpcurl, metric_value, run_with_timeout, wait_tcp, Proc, Proxy,
+};
 
 /// A fresh temp dir for one test.
 fn tempdir(tag: &str) -> PathBuf {
@@ -176,5 +178,252 @@ fn the_admin_api_is_rate_limited_per_caller() {
             .any(|l| l["caller"] == "val" && l["result"] == "rate_limited"),
         "{lines:?}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// === workload certificates ===
+
+const WEB: &str = "spiffe://cogmesh.local/ns/default/sa/web";
+const WEB_TOKEN: &str = "web-bootstrap-token";
+
+/// The `identity` section: a root generated in `{dir}/ca`, certificates for `ttl_s`, and the
+/// bootstrap token of default/web.
+fn identity_yaml(dir: &Path, ttl_s: u64, extra: &str) -> String {
+    format!(
+        "identity:\n  certificate_ttl_s: {ttl_s}\n  ca: {{ dir: \"{}/ca\" }}\n  workloads:\n    - {{ namespace: default, service_account: web, token: {WEB_TOKEN} }}\n{extra}",
+        dir.display()
+    )
+}
+
+/// A sidecar of `web` on `control` asking for `identity` with the token in `{dir}/token`,
+/// writing to `{dir}/id`.
+fn sidecar(control: std::net::SocketAddr, dir: &Path, identity: &str, extra: &[&str]) -> Proxy {
+    let token = dir.join("token");
+    if !token.exists() {
+        std::fs::write(&token, WEB_TOKEN).unwrap();
+    }
+    let mut args: Vec<String> = [
+        "--control",
+        &control.to_string(),
+        "--service",
+        "web",
+        "--identity",
+        identity,
+        "--identity-dir",
+        &dir.join("id").display().to_string(),
+        "--identity-token-file",
+        &token.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proxy::quick(&[], &args)
+}
+
+/// Runs `openssl args`; its stdout (asserting success).
+fn openssl(args: &[&str]) -> String {
+    let (code, out, err) = run_with_timeout(Command::new("openssl").args(args), Duration::from_secs(30));
+    assert_eq!(code, Some(0), "openssl {args:?}: {err}");
+    out
+}
+
+/// The certificate and key in `id`, read so that they belong together (the sidecar may be
+/// replacing them meanwhile: key first, cert last).
+fn cert_and_key(id: &Path) -> (String, String) {
+    eventually(
+        "a consistent certificate and key",
+        Duration::from_secs(30),
+        || {
+            let cert = std::fs::read_to_string(id.join("cert.pem")).ok()?;
+            let key = std::fs::read_to_string(id.join("key.pem")).ok()?;
+            let again = std::fs::read_to_string(id.join("cert.pem")).ok()?;
+            (cert == again).then_some((cert, key))
+        },
+    )
+}
+
+/// Unix seconds of an openssl date (`notAfter=Nov 26 15:00:00 2026 GMT`), with `date`.
+fn unix_of(line: &str) -> i64 {
+    let when = line.split_once('=').map_or(line, |(_, v)| v).trim();
+    let (code, out, err) = run_with_timeout(
+        Command::new("date").args(["-u", "-d", when, "+%s"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(0), "date: {err}");
+    out.trim().parse().unwrap()
+}
+
+/// A sidecar started against the control plane gets a certificate for its SPIFFE ID, signed by
+/// the CA, valid for the configured TTL (plus the CA's 60 s backdating), with its key beside
+/// it; and renews it (the file changes, the renewal counter grows).
+#[test]
+fn a_sidecar_gets_a_certificate_and_renews_it() {
+    let dir = tempdir("certify");
+    let (_control, addr) = control(&dir, &identity_yaml(&dir, 4, ""));
+    let proxy = sidecar(addr, &dir, WEB, &[]);
+    let id = dir.join("id");
+    let (cert, key) = cert_and_key(&id);
+    let (cert_file, key_file) = (dir.join("cert-1.pem"), dir.join("key-1.pem"));
+    std::fs::write(&cert_file, &cert).unwrap();
+    std::fs::write(&key_file, &key).unwrap();
+    let cert_path = cert_file.display().to_string();
+
+    let text = openssl(&["x509", "-in", &cert_path, "-noout", "-text"]);
+    assert!(text.contains(&format!("URI:{WEB}")), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(
+        text.contains("TLS Web Client Authentication") && text.contains("TLS Web Server Authentication"),
+        "{text}"
+    );
+    // Signed by the control plane's root, which is also the trust bundle written beside it.
+    let root = std::fs::read_to_string(dir.join("ca/ca.pem")).unwrap();
+    assert_eq!(std::fs::read_to_string(id.join("ca.pem")).unwrap(), root);
+    let ca_path = dir.join("ca/ca.pem").display().to_string();
+    let verified = openssl(&["verify", "-no_check_time", "-CAfile", &ca_path, &cert_path]);
+    assert!(verified.contains(": OK"), "{verified}");
+    // Lifetime: the configured TTL from issuance, backdated 60 s.
+    let dates = openssl(&["x509", "-in", &cert_path, "-noout", "-startdate", "-enddate"]);
+    let mut lines = dates.lines();
+    let (start, end) = (unix_of(lines.next().unwrap()), unix_of(lines.next().unwrap()));
+    assert_eq!(end - start, 4 + 60, "{dates}");
+    // The key is the certificate's (PKCS#8, private to the sidecar's user).
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+    let key_path = key_file.display().to_string();
+    assert_eq!(
+        openssl(&["x509", "-in", &cert_path, "-noout", "-pubkey"]),
+        openssl(&["pkey", "-in", &key_path, "-pubout"])
+    );
+
+    // Renewed before it expires: a new certificate (and key) in the files.
+    let renewed = eventually("the certificate to be renewed", Duration::from_secs(60), || {
+        let (next, _) = cert_and_key(&id);
+        (next != cert).then_some(next)
+    });
+    std::fs::write(&cert_file, &renewed).unwrap();
+    let text = openssl(&["x509", "-in", &cert_path, "-noout", "-text"]);
+    assert!(text.contains(&format!("URI:{WEB}")), "{text}");
+    let metrics = proxy.metrics();
+    assert!(
+        metric_value(&metrics, "identity_renewal_total{result=\"ok\"}").unwrap_or(0.0) >= 2.0,
+        "{metrics}"
+    );
+    let expiry = metric_value(&metrics, "identity_cert_expiry_timestamp_seconds").unwrap_or(0.0);
+    assert!(expiry > start as f64, "{metrics}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A CSR for an identity the caller may not have is refused with a clear error: a token for
+/// web asking for db (PERMISSION_DENIED), a CSR naming db in a request for web
+/// (INVALID_ARGUMENT), and a sidecar asking for db writes nothing and counts the failure.
+#[test]
+fn a_csr_for_another_identity_is_refused() {
+    let dir = tempdir("refused");
+    let (_control, addr) = control(&dir, &identity_yaml(&dir, 3600, ""));
+    const DB: &str = "spiffe://cogmesh.local/ns/default/sa/db";
+    let csr_for = |san: &str| {
+        let der = dir.join("csr.der");
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &dir.join("csr-key.pem").display().to_string(),
+            "-subj",
+            "/CN=workload",
+            "-addext",
+            &format!("subjectAltName=URI:{san}"),
+            "-outform",
+            "DER",
+            "-out",
+            &der.display().to_string(),
+        ]);
+        let b64 = openssl(&["base64", "-A", "-in", &der.display().to_string()]);
+        b64.trim().to_string()
+    };
+    let certify = |csr: &str, identity: &str| {
+        call(
+            addr,
+            None,
+            "cogmesh.v1.Identity/Certify",
+            &format!(r#"{{"csr": "{csr}", "identity": "{identity}", "token": "{WEB_TOKEN}"}}"#),
+        )
+    };
+    // The token proves web; db is refused.
+    let (code, _, err) = certify(&csr_for(DB), DB);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("PermissionDenied") && err.contains(&format!("the token proves {WEB}, not {DB}")),
+        "{err}"
+    );
+    // Asking for web with a CSR that names db.
+    let (code, _, err) = certify(&csr_for(DB), WEB);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("InvalidArgument") && err.contains(&format!("asks for \"{DB}\"")),
+        "{err}"
+    );
+    // The same request done right is served (the refusals above are about the identity).
+    let (code, out, err) = certify(&csr_for(WEB), WEB);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("BEGIN CERTIFICATE"), "{out}");
+
+    // A sidecar asking for db with web's token gets nothing and says so in its metrics.
+    let proxy = sidecar(addr, &dir, DB, &[]);
+    eventually("a failed certificate request", Duration::from_secs(30), || {
+        metric_value(&proxy.metrics(), "identity_renewal_total{result=\"failed\"}").filter(|v| *v >= 1.0)
+    });
+    assert!(!dir.join("id/cert.pem").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With TLS on the control plane, sidecars join `MeshControl` with their certificate and renew
+/// over mTLS without the bootstrap token; operators call over TLS with a bearer token.
+#[test]
+fn over_tls_sidecars_join_and_renew_with_their_certificate() {
+    let dir = tempdir("mtls");
+    let auth = "auth:\n  callers:\n    - { name: val, role: viewer, token: viewer-token }\n";
+    let yaml = identity_yaml(&dir, 4, "  server_names: [\"127.0.0.1\", localhost]\n") + auth;
+    let (_control, addr) = control(&dir, &yaml);
+    let ca = dir.join("ca/ca.pem").display().to_string();
+    let proxy = sidecar(addr, &dir, WEB, &["--identity-control-ca", &ca]);
+    let (first, _) = cert_and_key(&dir.join("id"));
+    // From now on only the certificate can prove who the sidecar is.
+    std::fs::remove_file(dir.join("token")).unwrap();
+    let renewed = eventually("a renewal over mTLS", Duration::from_secs(60), || {
+        let (next, _) = cert_and_key(&dir.join("id"));
+        (next != first).then_some(next)
+    });
+    assert!(renewed.contains("BEGIN CERTIFICATE"));
+    // The sidecar joined the control plane over mTLS; a viewer sees it over TLS.
+    let status = eventually("the sidecar to join", Duration::from_secs(60), || {
+        let (code, out, _) = run_with_timeout(
+            Command::new(grpcurl()).args([
+                "-cacert",
+                &ca,
+                "-H",
+                "authorization: Bearer viewer-token",
+                &addr.to_string(),
+                "cogmesh.v1.MeshAdmin/GetSyncStatus",
+            ]),
+            Duration::from_secs(30),
+        );
+        (code == Some(0) && out.contains("\"service\": \"web\"")).then_some(out)
+    });
+    assert!(status.contains("web"), "{status}");
+    // Plaintext is not served.
+    let (code, _, _) = call(
+        addr,
+        Some("viewer-token"),
+        "cogmesh.v1.MeshAdmin/ListServices",
+        "{}",
+    );
+    assert_ne!(code, Some(0));
+    drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }

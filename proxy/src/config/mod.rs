@@ -68,6 +68,9 @@ pub struct ProxyConfig {
     /// The control plane to join, if any.
     #[serde(default)]
     pub control: Option<ControlConfig>,
+    /// Get (and renew) a workload certificate from the control plane's CA (see `identity`).
+    #[serde(default)]
+    pub identity: Option<crate::identity::IdentityConfig>,
 }
 
 /// How the sidecar joins the control plane (`cogmesh control`).
@@ -455,6 +458,7 @@ impl ProxyConfig {
             }],
             routes: Vec::new(),
             control: None,
+            identity: None,
         }
     }
 
@@ -490,6 +494,9 @@ impl ProxyConfig {
         }
         if let Err((field, reason)) = self.limits.check() {
             return Err(ConfigError::new(file, format!("limits.{field}"), reason));
+        }
+        if let Some(Err((field, reason))) = self.identity.as_ref().map(|i| i.check(self.control.is_some())) {
+            return Err(ConfigError::new(file, format!("identity.{field}"), reason));
         }
 
         let mut service_names = HashSet::new();

@@ -168,6 +168,7 @@ pub struct Metrics {
     cache_entries: Family<RouteLabels, Gauge>,
     /// Set once the first routing table exists; read by the endpoint collector.
     pub table: Arc<OnceLock<crate::route::SharedTable>>,
+    pub identity: crate::identity::IdentityMetrics,
 }
 
 impl Default for Metrics {
@@ -274,7 +275,10 @@ impl Metrics {
         );
         let cache_entries = Family::<RouteLabels, Gauge>::default();
         registry.register("cache_entries", "Cached responses", cache_entries.clone());
+        let identity = crate::identity::IdentityMetrics::default();
+        identity.register(&mut registry);
         Metrics {
+            identity,
             registry,
             compressed,
             cache_lookups,
