@@ -14,6 +14,9 @@ command -v gzip >/dev/null || need_apt+=(gzip)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v promtool >/dev/null || need_apt+=(prometheus)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+# Issue 6 (control-plane CA, tests/tests/security.rs): openssl checks the workload certificates
+# and makes CSRs; `date` (coreutils) reads their validity dates.
+command -v openssl >/dev/null || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
     echo "test.sh: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

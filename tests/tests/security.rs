@@ -83,7 +83,10 @@ fn audit_lines(dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn roles_guard_changes_and_the_audit_log_shows_both() {
     let dir = tempdir("rbac");
-    let (_control, addr) = control(&dir, &AUTH.replace("{dir}", &dir.display().to_string()));
+    let yaml = AUTH
+        .replace("{dir}", &dir.display().to_string())
+        .replace("burst: 3", "burst: 100");
+    let (_control, addr) = control(&dir, &yaml);
 
     // A viewer reads, but cannot change.
     let (code, out, err) = call(
@@ -111,6 +114,20 @@ fn roles_guard_changes_and_the_audit_log_shows_both() {
     );
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("cogmesh.v1.Identity"), "{out}");
+
+    // The CLI sends COGMESH_TOKEN.
+    let status = |token: Option<&str>| {
+        let mut cmd = Command::new(bin("cogmesh"));
+        cmd.args(["status", "--control", &addr.to_string()]);
+        if let Some(t) = token {
+            cmd.env("COGMESH_TOKEN", t);
+        }
+        run_with_timeout(&mut cmd, Duration::from_secs(30))
+    };
+    let (code, _, err) = status(Some("viewer-token"));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = status(None);
+    assert!(code != Some(0) && err.contains("no credentials"), "{err}");
 
     // The operator changes it.
     let (code, out, err) = call(addr, Some("operator-token"), SET_POLICY, POLICY);
