@@ -261,6 +261,38 @@ fn cert_and_key(id: &Path) -> (String, String) {
     )
 }
 
+/// A new P-256 key (`{dir}/{name}-key.pem`) and a CSR for it made by openssl, with `san` as its
+/// URI SAN; the CSR's DER in base64 (as grpcurl takes `bytes`).
+fn csr_b64(dir: &Path, name: &str, san: Option<&str>) -> String {
+    let der = dir.join(format!("{name}.csr"));
+    let key = dir.join(format!("{name}-key.pem"));
+    let (key, out) = (key.display().to_string(), der.display().to_string());
+    let subject = format!("/CN={name}");
+    let mut args = vec![
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-subj",
+        &subject,
+        "-outform",
+        "DER",
+        "-out",
+        &out,
+    ];
+    let ext = san.map(|s| format!("subjectAltName=URI:{s}"));
+    if let Some(e) = &ext {
+        args.extend(["-addext", e.as_str()]);
+    }
+    openssl(&args);
+    openssl(&["base64", "-A", "-in", &out]).trim().to_string()
+}
+
 /// Unix seconds of an openssl date (`notAfter=Nov 26 15:00:00 2026 GMT`), with `date`.
 fn unix_of(line: &str) -> i64 {
     let when = line.split_once('=').map_or(line, |(_, v)| v).trim();
@@ -339,30 +371,7 @@ fn a_csr_for_another_identity_is_refused() {
     let dir = tempdir("refused");
     let (_control, addr) = control(&dir, &identity_yaml(&dir, 3600, ""));
     const DB: &str = "spiffe://cogmesh.local/ns/default/sa/db";
-    let csr_for = |san: &str| {
-        let der = dir.join("csr.der");
-        openssl(&[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &dir.join("csr-key.pem").display().to_string(),
-            "-subj",
-            "/CN=workload",
-            "-addext",
-            &format!("subjectAltName=URI:{san}"),
-            "-outform",
-            "DER",
-            "-out",
-            &der.display().to_string(),
-        ]);
-        let b64 = openssl(&["base64", "-A", "-in", &der.display().to_string()]);
-        b64.trim().to_string()
-    };
+    let csr_for = |san: &str| csr_b64(&dir, "workload", Some(san));
     let certify = |csr: &str, identity: &str| {
         call(
             addr,
@@ -404,8 +413,9 @@ fn a_csr_for_another_identity_is_refused() {
 #[test]
 fn over_tls_sidecars_join_and_renew_with_their_certificate() {
     let dir = tempdir("mtls");
-    let auth = "auth:\n  callers:\n    - { name: val, role: viewer, token: viewer-token }\n";
-    let yaml = identity_yaml(&dir, 4, "  server_names: [\"127.0.0.1\", localhost]\n") + auth;
+    let auth = "auth:\n  callers:\n    - { name: val, role: viewer, token: viewer-token }\n    - { name: ci, role: admin, identity: \"spiffe://cogmesh.local/ns/ops/sa/ci\" }\n";
+    let extra = "    - { namespace: ops, service_account: ci, token: ci-bootstrap-token }\n  server_names: [\"127.0.0.1\", localhost]\n";
+    let yaml = identity_yaml(&dir, 4, extra) + auth;
     let (_control, addr) = control(&dir, &yaml);
     let ca = dir.join("ca/ca.pem").display().to_string();
     let proxy = sidecar(addr, &dir, WEB, &["--identity-control-ca", &ca]);
@@ -441,6 +451,42 @@ fn over_tls_sidecars_join_and_renew_with_their_certificate() {
         "{}",
     );
     assert_ne!(code, Some(0));
+
+    // An operator tool authenticates with a client certificate from the CA (key and CSR made
+    // by openssl, certified with its bootstrap token): admin by its identity, no token sent.
+    let csr = csr_b64(&dir, "ci", None);
+    let key = dir.join("ci-key.pem");
+    let (code, out, err) = run_with_timeout(
+        Command::new(grpcurl()).args([
+            "-cacert", &ca, "-d",
+            &format!(r#"{{"csr": "{}", "identity": "spiffe://cogmesh.local/ns/ops/sa/ci", "token": "ci-bootstrap-token"}}"#, csr),
+            &addr.to_string(), "cogmesh.v1.Identity/Certify",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let cert = dir.join("ci.pem");
+    std::fs::write(&cert, answer["certificateChainPem"].as_str().unwrap()).unwrap();
+    let admin_call = |with_cert: bool| {
+        let mut cmd = Command::new(grpcurl());
+        cmd.args(["-cacert", &ca]);
+        if with_cert {
+            cmd.args([
+                "-cert",
+                &cert.display().to_string(),
+                "-key",
+                &key.display().to_string(),
+            ]);
+        }
+        cmd.args([&addr.to_string(), "cogmesh.v1.MeshAdmin/GetConfigStatus"]);
+        run_with_timeout(&mut cmd, Duration::from_secs(30))
+    };
+    let (code, out, err) = admin_call(true);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("environment"), "{out}");
+    let (code, _, err) = admin_call(false);
+    assert!(code != Some(0) && err.contains("Unauthenticated"), "{err}");
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }
