@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use cogmesh_e2e::{
-    bin, eventually, free_addr, grpcurl, metric_value, run_with_timeout, wait_tcp, Proc, Proxy,
+    bin, eventually, free_addr, grpcurl, http_get, metric_value, run_with_timeout, wait_tcp, Proc, Proxy,
 };
 
 /// A fresh temp dir for one test.
@@ -83,10 +83,11 @@ fn audit_lines(dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn roles_guard_changes_and_the_audit_log_shows_both() {
     let dir = tempdir("rbac");
+    let metrics = free_addr();
     let yaml = AUTH
         .replace("{dir}", &dir.display().to_string())
         .replace("burst: 3", "burst: 100");
-    let (_control, addr) = control(&dir, &yaml);
+    let (_control, addr) = control(&dir, &format!("admin_listen: \"{metrics}\"\n{yaml}"));
 
     // A viewer reads, but cannot change.
     let (code, out, err) = call(
@@ -164,6 +165,16 @@ fn roles_guard_changes_and_the_audit_log_shows_both() {
     assert_eq!(change["target"], "reasoning");
     assert_eq!(change["before"]["max_replicas"], 3, "{change}");
     assert_eq!(change["after"]["max_replicas"], 7, "{change}");
+    // Counted on the control plane's /metrics too.
+    let (_, text) = http_get(metrics, "/metrics").unwrap();
+    assert!(
+        metric_value(&text, "api_refused_total{reason=\"permission_denied\"}").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "api_refused_total{reason=\"unauthenticated\"}").unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -369,7 +380,9 @@ fn a_sidecar_gets_a_certificate_and_renews_it() {
 #[test]
 fn a_csr_for_another_identity_is_refused() {
     let dir = tempdir("refused");
-    let (_control, addr) = control(&dir, &identity_yaml(&dir, 3600, ""));
+    let metrics = free_addr();
+    let yaml = format!("admin_listen: \"{metrics}\"\n{}", identity_yaml(&dir, 3600, ""));
+    let (_control, addr) = control(&dir, &yaml);
     const DB: &str = "spiffe://cogmesh.local/ns/default/sa/db";
     let csr_for = |san: &str| csr_b64(&dir, "workload", Some(san));
     let certify = |csr: &str, identity: &str| {
@@ -405,6 +418,16 @@ fn a_csr_for_another_identity_is_refused() {
         metric_value(&proxy.metrics(), "identity_renewal_total{result=\"failed\"}").filter(|v| *v >= 1.0)
     });
     assert!(!dir.join("id/cert.pem").exists());
+    let (_, text) = http_get(metrics, "/metrics").unwrap();
+    assert_eq!(
+        metric_value(&text, "certificate_requests_total{result=\"issued\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "certificate_requests_total{result=\"refused\"}").unwrap_or(0.0) >= 3.0,
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -219,7 +219,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (tables, _) = watch::channel(Arc::new(RoutingTable::default()));
     let (stopping, _) = watch::channel(false);
-    let control_metrics = metrics::Metrics::default();
+    let control_metrics = metrics::Metrics::with_security(&config.security.metrics);
     let scaling_metrics = control_metrics.scaling.clone();
     let mesh = Arc::new(Mesh {
         state: Mutex::new(MeshState::with_statics(config.resolved.services.clone())),

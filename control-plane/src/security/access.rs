@@ -160,6 +160,7 @@ pub struct Access {
     /// The mesh's trust domain: a certificate of it makes a sidecar.
     trust_domain: Option<String>,
     pub audit: AuditLog,
+    pub metrics: super::SecurityMetrics,
 }
 
 impl Access {
@@ -175,6 +176,7 @@ impl Access {
             sidecars_need_identity,
             trust_domain,
             audit,
+            metrics: Default::default(),
         }
     }
 
@@ -284,6 +286,15 @@ impl Access {
     }
 
     fn refused(&self, caller: &str, role: &str, method: &str, result: Outcome, reason: &str) {
+        let label = match (result, caller) {
+            (Outcome::RateLimited, _) => "rate_limited",
+            (_, ANONYMOUS) => "unauthenticated",
+            _ => "permission_denied",
+        };
+        self.metrics
+            .api_refused
+            .get_or_create(&super::RefusedLabels { reason: label })
+            .inc();
         self.audit.write(&Record {
             time: now_rfc3339(),
             caller,

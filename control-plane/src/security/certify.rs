@@ -23,6 +23,7 @@ use super::IdentityConfig;
 /// The CA with the configuration that says who may have which identity.
 pub struct Authority {
     pub ca: CertificateAuthority,
+    pub metrics: super::SecurityMetrics,
     config: Mutex<IdentityConfig>,
 }
 
@@ -30,6 +31,7 @@ impl Authority {
     pub fn new(ca: CertificateAuthority, config: IdentityConfig) -> Self {
         Authority {
             ca,
+            metrics: Default::default(),
             config: Mutex::new(config),
         }
     }
@@ -46,6 +48,22 @@ impl Authority {
     /// Checks that a caller with `token` (or the mTLS identity `peer`) may have `identity`, then
     /// signs `csr` for it.
     pub fn certify(
+        &self,
+        csr: &[u8],
+        identity: &str,
+        token: &str,
+        peer: Option<&str>,
+    ) -> Result<CertifyResponse, Status> {
+        let result = self.check_and_sign(csr, identity, token, peer);
+        let result_label = if result.is_ok() { "issued" } else { "refused" };
+        self.metrics
+            .certificate_requests
+            .get_or_create(&super::ResultLabels { result: result_label })
+            .inc();
+        result
+    }
+
+    fn check_and_sign(
         &self,
         csr: &[u8],
         identity: &str,

@@ -96,8 +96,52 @@ pub fn restart_needed(
     }
 }
 
+// === metrics ===
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `unauthenticated`, `permission_denied` or `rate_limited`.
+    pub reason: &'static str,
+}
+
+/// The security metrics on the control plane's `GET /metrics`.
+#[derive(Clone, Default)]
+pub struct SecurityMetrics {
+    /// `certificate_requests_total{result="issued|refused"}`.
+    pub certificate_requests: prometheus_client::metrics::family::Family<
+        ResultLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// `api_refused_total{reason}`: calls the access layer refused.
+    pub api_refused: prometheus_client::metrics::family::Family<
+        RefusedLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl SecurityMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "certificate_requests",
+            "Identity.Certify requests, issued or refused",
+            self.certificate_requests.clone(),
+        );
+        registry.register(
+            "api_refused",
+            "gRPC calls refused by access control, by reason",
+            self.api_refused.clone(),
+        );
+    }
+}
+
 /// The security state `serve` runs with, built from the configuration.
 pub struct Security {
+    pub metrics: SecurityMetrics,
     pub access: std::sync::Arc<access::Access>,
     pub authority: Option<std::sync::Arc<certify::Authority>>,
     /// Set when the control plane serves TLS (`identity.server_names`).
@@ -114,11 +158,14 @@ impl Security {
         identity: Option<&IdentityConfig>,
         auth: Option<&AuthConfig>,
     ) -> Result<Self, (String, String)> {
+        let metrics = SecurityMetrics::default();
         let authority = match identity {
             Some(i) => {
                 let ca = ca::CertificateAuthority::from_source(&i.ca, &i.trust_domain)
                     .map_err(|e| (e.field.to_string(), e.reason))?;
-                Some(std::sync::Arc::new(certify::Authority::new(ca, i.clone())))
+                let mut authority = certify::Authority::new(ca, i.clone());
+                authority.metrics = metrics.clone();
+                Some(std::sync::Arc::new(authority))
             }
             None => None,
         };
@@ -136,13 +183,15 @@ impl Security {
                 ),
             )
         })?;
-        let access = access::Access::new(
+        let mut access = access::Access::new(
             auth,
             identity.map(|i| i.trust_domain.clone()),
             tls.is_some(),
             audit,
         );
+        access.metrics = metrics.clone();
         Ok(Security {
+            metrics,
             access: std::sync::Arc::new(access),
             authority,
             tls,
