@@ -7,6 +7,9 @@
 //! A record says who (`caller`, `role`), what (`method`, `target`), when (`time`, RFC 3339 UTC),
 //! the outcome (`result`: `allowed`, `denied`, `rate_limited`, `failed`; `reason`) and, for
 //! changes that were made, the state `before` and `after`.
+//!
+//! Records are written synchronously from the handler: a few hundred bytes per change or refusal
+//! on the operators' API, never on the sidecars' data path.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -229,7 +229,9 @@ pub fn write_identity(dir: &Path, key_pem: &str, response: &CertifyResponse) -> 
 pub async fn run(config: IdentityConfig, control: SocketAddr, metrics: IdentityMetrics) {
     let mut failures = 0u32;
     loop {
-        let delay = match certify(&config, control, failures == 0).await {
+        // Every other retry goes without the current certificate (see `control_channel`), so
+        // neither a rejected certificate nor a token removed after the first one locks it out.
+        let delay = match certify(&config, control, failures.is_multiple_of(2)).await {
             Ok((key_pem, response)) => match write_identity(&config.dir, &key_pem, &response) {
                 Ok(()) => {
                     metrics.count(true);
