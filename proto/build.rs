@@ -7,6 +7,7 @@ use std::path::PathBuf;
 const PROTO_FILES: &[&str] = &[
     "cogmesh/v1/workload.proto",
     "cogmesh/v1/mesh.proto",
+    "cogmesh/v1/identity.proto",
     "xds/data/orca/v3/orca_load_report.proto",
     "externalscaler/externalscaler.proto",
 ];

@@ -20,6 +20,8 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v iptables >/dev/null || need_apt+=(iptables)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
+# Issue 6 (control-plane CA, tests/tests/security.rs): openssl (above) checks the workload
+# certificates and makes CSRs; `date` (coreutils) reads their validity dates.
 if ((${#need_apt[@]})); then
     echo "test.sh: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

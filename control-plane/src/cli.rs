@@ -10,13 +10,49 @@ use cogmesh_proto::v1::{
 };
 use tonic::transport::Channel;
 
-async fn client(control: SocketAddr) -> anyhow::Result<MeshAdminClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
-        .connect_timeout(std::time::Duration::from_secs(3))
+/// The admin client: over TLS when `COGMESH_CA` names the control plane's CA bundle, with
+/// `authorization: Bearer $COGMESH_TOKEN` when that is set (see the control plane's `auth`).
+type AdminClient = MeshAdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+async fn client(control: SocketAddr) -> anyhow::Result<AdminClient> {
+    let ca = std::env::var_os("COGMESH_CA");
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{control}"))?
+        .connect_timeout(std::time::Duration::from_secs(3));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(&ca)
+            .with_context(|| format!("COGMESH_CA: cannot read {}", ca.to_string_lossy()))?;
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        )?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach the control plane at {control}"))?;
-    Ok(MeshAdminClient::new(channel))
+    let token = match std::env::var("COGMESH_TOKEN") {
+        Ok(t) => Some(
+            format!("Bearer {}", t.trim())
+                .parse()
+                .context("COGMESH_TOKEN: not a valid header value")?,
+        ),
+        Err(_) => None,
+    };
+    Ok(MeshAdminClient::with_interceptor(channel, Bearer(token)))
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            request.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(request)
+    }
 }
 
 pub async fn routes(control: SocketAddr, json: bool) -> anyhow::Result<()> {

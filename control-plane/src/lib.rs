@@ -10,4 +10,5 @@ pub mod inject;
 pub mod local;
 pub mod metrics;
 pub mod scaling;
+pub mod security;
 pub mod workload;

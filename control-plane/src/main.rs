@@ -338,7 +338,18 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let security =
+        cogmesh_control::security::Security::from_config(resolved.identity.as_ref(), resolved.auth.as_ref())
+            .map_err(|(field, reason)| {
+                let files = if resolved.sources.is_empty() {
+                    "<defaults>".to_string()
+                } else {
+                    resolved.sources.join(" + ")
+                };
+                anyhow::anyhow!("{files}: {field}: {reason}")
+            })?;
     let config = cogmesh_control::control::ControlConfig {
+        security,
         resolved,
         startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
         path: args.config,

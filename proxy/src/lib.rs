@@ -19,6 +19,7 @@ pub mod control;
 pub mod error;
 pub mod forward;
 pub mod hardening;
+pub mod identity;
 pub mod init;
 pub mod metrics;
 pub mod outlier;

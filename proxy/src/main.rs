@@ -68,6 +68,24 @@ struct Args {
     #[arg(long)]
     state_file: Option<PathBuf>,
 
+    /// Get a workload certificate for this SPIFFE ID from the control plane's CA and keep it
+    /// renewed in --identity-dir (cert.pem, key.pem, ca.pem). Overrides the file's `identity`.
+    #[arg(long, value_name = "SPIFFE_ID", requires_all = ["identity_dir", "identity_token_file"])]
+    identity: Option<String>,
+
+    /// With --identity: the directory the certificate, key and trust bundle are written to.
+    #[arg(long, value_name = "DIR", requires = "identity")]
+    identity_dir: Option<PathBuf>,
+
+    /// With --identity: the file holding the bootstrap token that proves the identity.
+    #[arg(long, value_name = "FILE", requires = "identity")]
+    identity_token_file: Option<PathBuf>,
+
+    /// With --identity: the CA bundle of the control plane's TLS certificate (then the control
+    /// plane is called over TLS, and renewals use mTLS).
+    #[arg(long, value_name = "FILE", requires = "identity")]
+    identity_control_ca: Option<PathBuf>,
+
     /// Admin server address (/live, /ready, /metrics, /config). Overrides the file's `admin`.
     #[arg(long)]
     admin: Option<SocketAddr>,
@@ -145,6 +163,7 @@ fn main() -> ExitCode {
         );
         let (shutdown_delay, max_concurrency) = (args.shutdown_delay_ms, args.max_concurrency);
         let control = config.control.clone();
+        let identity = args.identity.is_some().then(|| config.identity.clone()).flatten();
         cogmesh_proxy::reload::ConfigSource {
             path,
             // The same command-line overrides apply to every reloaded file.
@@ -172,6 +191,9 @@ fn main() -> ExitCode {
                 }
                 if control.is_some() && c.control.is_none() {
                     c.control = control.clone();
+                }
+                if identity.is_some() {
+                    c.identity = identity.clone();
                 }
             }),
         }
@@ -286,6 +308,17 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
             state_file: args.state_file.clone(),
             report_interval_ms: DEFAULT_REPORT_INTERVAL_MS,
             weight_expiry_ms: DEFAULT_WEIGHT_EXPIRY_MS,
+        });
+    }
+    if let (Some(name), Some(dir)) = (&args.identity, &args.identity_dir) {
+        config.identity = Some(cogmesh_proxy::identity::IdentityConfig {
+            name: name.clone(),
+            dir: dir.clone(),
+            token: None,
+            token_file: args.identity_token_file.clone(),
+            control: None,
+            control_ca: args.identity_control_ca.clone(),
+            renew_fraction: cogmesh_proxy::identity::DEFAULT_RENEW_FRACTION,
         });
     }
     // Flags can break what the file alone satisfied (e.g. --workers 0): validate the result,

@@ -81,6 +81,9 @@ fn restart_only_change(old: &ProxyConfig, new: &ProxyConfig) -> Option<String> {
     if old.limits != new.limits {
         return Some("limits: changing them needs a restart".into());
     }
+    if old.identity != new.identity {
+        return Some("identity: changing it needs a restart".into());
+    }
     if old.control != new.control {
         return Some("control: changing it needs a restart".into());
     }

@@ -71,6 +71,12 @@ pub struct ControlFile {
     /// [`super::leader`]); without it this replica always does.
     #[serde(default)]
     pub leader_election: Option<super::leader::LeaderElection>,
+    /// Workload identity: the CA and who may ask it for which identity (see `security`).
+    #[serde(default)]
+    pub identity: Option<crate::security::IdentityConfig>,
+    /// Operators' access: callers and roles, rate limit, audit log (see `security`).
+    #[serde(default)]
+    pub auth: Option<crate::security::AuthConfig>,
 }
 
 /// Endpoint sources besides sidecar Hellos and `services`.
@@ -167,6 +173,8 @@ pub struct Resolved {
     pub alerts: crate::scaling::alerts::AlertsConfig,
     pub discovery: Discovery,
     pub leader_election: Option<super::leader::LeaderElection>,
+    pub identity: Option<crate::security::IdentityConfig>,
+    pub auth: Option<crate::security::AuthConfig>,
     /// The files the configuration came from, in layer order.
     pub sources: Vec<String>,
 }
@@ -314,6 +322,8 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
     if let Some(Err((field, reason))) = parsed.leader_election.as_ref().map(|l| l.check()) {
         return Err(err(&label, format!("leader_election.{field}"), reason));
     }
+    crate::security::validate(parsed.identity.as_ref(), parsed.auth.as_ref(), strict)
+        .map_err(|(field, reason)| err(&label, field, reason))?;
     Ok(Resolved {
         environment,
         listen,
@@ -324,6 +334,8 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
         alerts: parsed.alerts,
         discovery: parsed.discovery,
         leader_election: parsed.leader_election,
+        identity: parsed.identity,
+        auth: parsed.auth,
         sources,
     })
 }
@@ -331,15 +343,7 @@ pub fn load(base: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result
 /// Field and reason of the first problem in a Kubernetes discovery section.
 fn check_kubernetes(k: &KubernetesDiscovery, strict: bool) -> Result<(), (&'static str, String)> {
     // A namespace name is a DNS label (RFC 1123).
-    let label_ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !s.starts_with('-')
-            && !s.ends_with('-')
-    };
-    if !label_ok(&k.namespace) {
+    if !crate::security::is_dns_label(&k.namespace) {
         return Err((
             "namespace",
             format!(
@@ -532,6 +536,38 @@ mod tests {
         );
         let e = load(Some(&base), &no_env).unwrap_err();
         assert_eq!(e.field, "discovery.kubernetes.api_server", "{e}");
+    }
+
+    #[test]
+    fn identity_and_auth_are_validated() {
+        let d = tempdir("security");
+        let ok = refused_or(&d, "identity:\n  workloads: [{ namespace: default, service_account: web, token: t }]\nauth:\n  callers: [{ name: a, role: viewer, token: v }]\n");
+        let r = ok.unwrap();
+        assert_eq!(
+            r.identity.unwrap().certificate_ttl_s,
+            crate::security::DEFAULT_CERTIFICATE_TTL_S
+        );
+        for (yaml, field, reason) in [
+            ("identity: { trust_domain: Bad_Domain }", "identity.trust_domain", "not a trust domain"),
+            ("identity: { certificate_ttl_s: 0 }", "identity.certificate_ttl_s", "between 1"),
+            ("identity: { ca: { cert: a.pem } }", "identity.ca.key", "with ca.cert"),
+            ("identity: { workloads: [{ namespace: a, service_account: b, token: x }, { namespace: c, service_account: d, token: x }] }", "identity.workloads[1].token", "another workload"),
+            ("auth: { callers: [{ name: a, role: sidecar, token: x }] }", "auth.callers[0].role", "expected viewer"),
+            ("auth: { callers: [{ name: a, role: admin }] }", "auth.callers[0].token", "give a token"),
+            ("auth: { callers: [{ name: a, role: root, token: x }] }", "auth.callers[0].role", "unknown variant"),
+            ("auth: { rate_limit: { requests_per_second: 0 } }", "auth.rate_limit.requests_per_second", "> 0"),
+            ("environment: production\nlisten: 127.0.0.1:1", "auth", "must be set in production"),
+            ("environment: production\nlisten: 127.0.0.1:1\nauth: { callers: [{ name: a, role: admin, token: short }] }", "auth.callers[0].token", "at least 16"),
+        ] {
+            let e = refused(&d, &format!("{yaml}\n"));
+            assert!(e.field.starts_with(field), "{yaml}: {e}");
+            assert!(e.reason.contains(reason), "{yaml}: {e}");
+        }
+    }
+
+    fn refused_or(dir: &Path, text: &str) -> Result<Resolved, ConfigError> {
+        let base = write(dir, "control.yaml", text);
+        load(Some(&base), &no_env)
     }
 
     #[test]

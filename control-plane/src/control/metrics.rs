@@ -37,6 +37,16 @@ pub struct Metrics {
     pub leader: super::leader::LeaderMetrics,
 }
 
+impl Metrics {
+    /// The control plane's metrics with the security ones (`certificate_requests_total`,
+    /// `api_refused_total`) registered too.
+    pub fn with_security(security: &crate::security::SecurityMetrics) -> Self {
+        let mut metrics = Self::default();
+        security.register(&mut metrics.registry);
+        metrics
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cogmesh_proto::externalscaler::external_scaler_server::ExternalScalerServer;
+use cogmesh_proto::v1::identity_server::IdentityServer;
 use cogmesh_proto::v1::mesh_admin_server::{MeshAdmin, MeshAdminServer};
 use cogmesh_proto::v1::{
     Alert, ConfigStatusRequest, ConfigStatusResponse, GetScalingPoliciesRequest, GetScalingPoliciesResponse,
@@ -56,6 +57,8 @@ pub struct ControlConfig {
     pub path: Option<std::path::PathBuf>,
     /// Where `GET /metrics` is served (bound by the caller from `admin_listen`), if anywhere.
     pub admin: Option<tokio::net::TcpListener>,
+    /// The CA, access control and audit log (built from `resolved`'s `identity` and `auth`).
+    pub security: crate::security::Security,
 }
 
 /// Reload bookkeeping for `MeshAdmin.GetConfigStatus`.
@@ -82,6 +85,8 @@ struct Mesh {
     start: Instant,
     startup_grace: Duration,
     scaler: Arc<crate::scaling::Scaler>,
+    access: Arc<crate::security::access::Access>,
+    authority: Option<Arc<crate::security::certify::Authority>>,
 }
 
 /// How long open streams may take to end after a shutdown signal.
@@ -147,6 +152,15 @@ impl Mesh {
                         next.listen
                     ));
                 }
+                if let Some(field) = crate::security::restart_needed(
+                    (current.identity.as_ref(), current.auth.as_ref()),
+                    (next.identity.as_ref(), next.auth.as_ref()),
+                ) {
+                    return Err(format!(
+                        "{}: {field}: changing it needs a restart (callers, tokens and workloads reload)",
+                        next.sources.join(" + ")
+                    ));
+                }
                 if let Some(field) = current.scaling.restart_needed(&next.scaling) {
                     return Err(format!(
                         "{}: {field}: changing it needs a restart (policies reload)",
@@ -169,6 +183,10 @@ impl Mesh {
                 self.state().statics = next.services.clone();
                 self.scaler.set_policies(&next.scaling);
                 self.scaler.set_alerts(&next.alerts);
+                self.access.set_auth(next.auth.as_ref());
+                if let (Some(a), Some(i)) = (&self.authority, &next.identity) {
+                    a.set_config(i.clone());
+                }
                 *self.config.lock().unwrap_or_else(|p| p.into_inner()) = next;
                 drop(status);
                 self.publish(0.0);
@@ -208,7 +226,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (tables, _) = watch::channel(Arc::new(RoutingTable::default()));
     let (stopping, _) = watch::channel(false);
-    let control_metrics = metrics::Metrics::default();
+    let control_metrics = metrics::Metrics::with_security(&config.security.metrics);
     let scaling_metrics = control_metrics.scaling.clone();
     let mesh = Arc::new(Mesh {
         state: Mutex::new(MeshState::with_statics(config.resolved.services.clone())),
@@ -227,6 +245,8 @@ pub async fn serve(
             listener.local_addr().unwrap_or(config.resolved.listen),
             scaling_metrics,
         )),
+        access: Arc::clone(&config.security.access),
+        authority: config.security.authority.clone(),
     });
     mesh.publish(0.0);
     let (leadership, election) = match config.resolved.leader_election.clone() {
@@ -293,6 +313,9 @@ pub async fn serve(
     health.set_serving::<connect::ControlRoute>().await;
     health.set_serving::<MeshAdminServer<AdminService>>().await;
     health
+        .set_serving::<IdentityServer<crate::security::certify::IdentityService>>()
+        .await;
+    health
         .set_serving::<ExternalScalerServer<crate::scaling::keda::KedaService>>()
         .await;
     // Both reflection versions: grpcurl releases before 1.9 only speak v1alpha.
@@ -328,7 +351,14 @@ pub async fn serve(
             let _ = signalled_tx.send(true);
         }
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = config.security.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
+        .layer(crate::security::access::AccessLayer {
+            access: Arc::clone(&mesh.access),
+        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -337,6 +367,9 @@ pub async fn serve(
         })
         .add_service(MeshAdminServer::new(AdminService {
             mesh: Arc::clone(&mesh),
+        }))
+        .add_service(IdentityServer::new(crate::security::certify::IdentityService {
+            authority: config.security.authority.clone(),
         }))
         .add_service(ExternalScalerServer::new(crate::scaling::keda::KedaService {
             scaler: Arc::clone(&mesh.scaler),
@@ -575,11 +608,36 @@ impl MeshAdmin for AdminService {
         &self,
         request: Request<SetScalingPolicyRequest>,
     ) -> Result<Response<cogmesh_proto::v1::ScalingPolicy>, Status> {
+        let caller = crate::security::access::caller_of(&request);
         let Some(p) = request.into_inner().policy else {
             return Err(Status::invalid_argument("policy: missing"));
         };
         let policy = crate::scaling::ScalingPolicy::from_proto(&p);
-        match self.mesh.scaler.set_policy(&p.service, policy) {
+        let before = self
+            .mesh
+            .scaler
+            .policies()
+            .into_iter()
+            .find(|(name, _)| *name == p.service)
+            .map(|(_, before)| before);
+        let result = self.mesh.scaler.set_policy(&p.service, policy.clone());
+        let json = |p: &crate::scaling::ScalingPolicy| serde_json::to_value(p).ok();
+        let (outcome, reason, after) = match &result {
+            Ok(set) => (crate::security::audit::Outcome::Allowed, "", json(set)),
+            Err(e) => (crate::security::audit::Outcome::Failed, e.as_str(), json(&policy)),
+        };
+        self.mesh.access.audit.write(&crate::security::audit::Record {
+            time: crate::security::audit::now_rfc3339(),
+            caller: &caller.name,
+            role: caller.role.as_str(),
+            method: "cogmesh.v1.MeshAdmin/SetScalingPolicy",
+            target: &p.service,
+            result: outcome,
+            reason,
+            before: before.as_ref().and_then(json),
+            after,
+        });
+        match result {
             Ok(set) => Ok(Response::new(set.to_proto(&p.service))),
             Err(e) if e.starts_with("policy.") => Err(Status::invalid_argument(e)),
             Err(e) => Err(Status::not_found(e)),

@@ -82,6 +82,9 @@ pub struct ProxyConfig {
     /// The sidecar's TLS identity (certificate, key, trust bundle); see `crate::tls`.
     #[serde(default)]
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Get (and renew) a workload certificate from the control plane's CA (see `identity`).
+    #[serde(default)]
+    pub identity: Option<crate::identity::IdentityConfig>,
 }
 
 /// How the sidecar joins the control plane (`cogmesh control`).
@@ -515,6 +518,7 @@ impl ProxyConfig {
             control: None,
             transparent: None,
             tls: None,
+            identity: None,
         }
     }
 
@@ -550,6 +554,9 @@ impl ProxyConfig {
         }
         if let Err((field, reason)) = self.limits.check() {
             return Err(ConfigError::new(file, format!("limits.{field}"), reason));
+        }
+        if let Some(Err((field, reason))) = self.identity.as_ref().map(|i| i.check(self.control.is_some())) {
+            return Err(ConfigError::new(file, format!("identity.{field}"), reason));
         }
 
         let mut service_names = HashSet::new();

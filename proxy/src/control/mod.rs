@@ -238,10 +238,10 @@ async fn session(
     last: &mut Option<TableMsg>,
     joined: &mut bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    let channel = endpoint.connect().await?;
+    // Over TLS with the workload certificate when the identity section says the control
+    // plane serves TLS; plaintext otherwise.
+    let identity = state.config.load().identity.clone();
+    let channel = crate::identity::control_channel(identity.as_ref(), address, true).await?;
     let mut client = MeshControlClient::new(channel);
     let (tx, rx) = mpsc::channel::<SidecarMessage>(16);
     tx.send(SidecarMessage {

@@ -179,6 +179,7 @@ pub struct Metrics {
     pub tls: crate::tls::TlsMetrics,
     /// Set once the first routing table exists; read by the endpoint collector.
     pub table: Arc<OnceLock<crate::route::SharedTable>>,
+    pub identity: crate::identity::IdentityMetrics,
 }
 
 impl Default for Metrics {
@@ -299,9 +300,12 @@ impl Metrics {
         registry.register("cache_entries", "Cached responses", cache_entries.clone());
         let transparent = crate::transparent::TransparentMetrics::register(&mut registry);
         let tls = crate::tls::TlsMetrics::register(&mut registry);
+        let identity = crate::identity::IdentityMetrics::default();
+        identity.register(&mut registry);
         Metrics {
             transparent,
             tls,
+            identity,
             registry,
             compressed,
             cache_lookups,

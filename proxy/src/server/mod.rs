@@ -166,6 +166,7 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         if let Some(control) = config.control.clone() {
             tokio::spawn(crate::control::run(Arc::clone(&state), control));
         }
+        crate::identity::spawn(&config, &state.metrics.identity);
         if let Some(source) = source {
             tokio::spawn(crate::reload::watch(Arc::clone(&state), source));
         }
