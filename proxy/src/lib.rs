@@ -7,6 +7,7 @@
 //! ([`cache`]) responses.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod balance;
@@ -19,6 +20,8 @@ pub mod error;
 pub mod forward;
 pub mod hardening;
 pub mod metrics;
+pub mod observe;
+pub mod otel;
 pub mod outlier;
 pub mod ratelimit;
 pub mod reload;

@@ -95,6 +95,28 @@ struct Args {
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
 
+    /// Export OpenTelemetry spans to this OTLP receiver (`http://host:4317` for gRPC, the
+    /// `/v1/traces` URL or its base for HTTP). Overrides the file's `tracing.otlp_endpoint`.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+
+    /// With --otlp-endpoint: OTLP over gRPC or HTTP (protobuf).
+    #[arg(long, value_enum)]
+    otlp_protocol: Option<cogmesh_proxy::otel::OtlpProtocol>,
+
+    /// With --otlp-endpoint: the share of new traces recorded, 0 to 1 (callers' decisions are
+    /// followed).
+    #[arg(long)]
+    trace_sampling_ratio: Option<f64>,
+
+    /// Write an access log line per request: `stdout`, `stderr` or a file path.
+    #[arg(long)]
+    access_log: Option<String>,
+
+    /// With --access-log: a template of `{field}`s, or `json`.
+    #[arg(long, requires = "access_log")]
+    access_log_format: Option<String>,
+
     /// Log filter, e.g. `info` or `cogmesh_proxy=debug` (RUST_LOG syntax).
     #[arg(long, env = "COGMESH_LOG", default_value = "info")]
     log_level: String,
@@ -123,6 +145,7 @@ fn main() -> ExitCode {
             args.http2_streams_per_connection,
         );
         let control = config.control.clone();
+        let observe = observe_overrides(&args);
         cogmesh_proxy::reload::ConfigSource {
             path,
             // The same command-line overrides apply to every reloaded file.
@@ -145,6 +168,7 @@ fn main() -> ExitCode {
                 if control.is_some() && c.control.is_none() {
                     c.control = control.clone();
                 }
+                observe(c);
             }),
         }
     });
@@ -227,6 +251,7 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
             weight_expiry_ms: DEFAULT_WEIGHT_EXPIRY_MS,
         });
     }
+    observe_overrides(args)(&mut config);
     // Flags can break what the file alone satisfied (e.g. --workers 0): validate the result,
     // naming the flags when they were the source.
     let origin = if args.config.is_some() && (args.admin.is_some() || args.workers.is_some()) {
@@ -236,6 +261,45 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     };
     config.validate(&origin)?;
     Ok(config)
+}
+
+/// What the tracing and access-log flags change in a configuration (the file's or quick
+/// mode's), applied at start and to every reloaded file.
+fn observe_overrides(args: &Args) -> impl Fn(&mut ProxyConfig) + Send + Sync + 'static {
+    use cogmesh_proxy::access_log::AccessLogConfig;
+    use cogmesh_proxy::otel::{OtlpProtocol, TracingConfig};
+    let (endpoint, protocol, ratio) = (
+        args.otlp_endpoint.clone(),
+        args.otlp_protocol,
+        args.trace_sampling_ratio,
+    );
+    let (log_path, log_format) = (args.access_log.clone(), args.access_log_format.clone());
+    move |c: &mut ProxyConfig| {
+        if let Some(endpoint) = &endpoint {
+            let t = c
+                .tracing
+                .get_or_insert_with(|| TracingConfig::new(endpoint.clone(), OtlpProtocol::default()));
+            t.otlp_endpoint = endpoint.clone();
+        }
+        if let Some(t) = c.tracing.as_mut() {
+            if let Some(p) = protocol {
+                t.protocol = p;
+            }
+            if let Some(r) = ratio {
+                t.sampling_ratio = r;
+            }
+        }
+        if let Some(path) = &log_path {
+            let mut log = AccessLogConfig {
+                path: path.clone(),
+                format: cogmesh_proxy::access_log::DEFAULT_FORMAT.into(),
+            };
+            if let Some(f) = &log_format {
+                log.format = f.clone();
+            }
+            c.access_log = Some(log);
+        }
+    }
 }
 
 fn init_logging(filter: &str, format: &str) {

@@ -68,6 +68,12 @@ pub struct ProxyConfig {
     /// The control plane to join, if any.
     #[serde(default)]
     pub control: Option<ControlConfig>,
+    /// OpenTelemetry spans over OTLP; off by default (see [`crate::otel`]).
+    #[serde(default)]
+    pub tracing: Option<crate::otel::TracingConfig>,
+    /// One line per request; off by default (see [`crate::access_log`]).
+    #[serde(default)]
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
 }
 
 /// How the sidecar joins the control plane (`cogmesh control`).
@@ -382,7 +388,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(file: &str, field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn new(file: &str, field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             file: file.to_string(),
             field: field.into(),
@@ -455,6 +461,8 @@ impl ProxyConfig {
             }],
             routes: Vec::new(),
             control: None,
+            tracing: None,
+            access_log: None,
         }
     }
 
@@ -484,6 +492,12 @@ impl ProxyConfig {
             if value == 0 {
                 return Err(ConfigError::new(file, field, "must be greater than 0"));
             }
+        }
+        if let Some(t) = &self.tracing {
+            t.validate(file)?;
+        }
+        if let Some(a) = &self.access_log {
+            a.validate(file)?;
         }
         if let Some(Err((field, reason))) = self.admission.as_ref().map(|a| a.check()) {
             return Err(ConfigError::new(file, format!("admission.{field}"), reason));

@@ -149,6 +149,8 @@ pub struct Shared {
     pub table: SharedTable,
     pub upstreams: Upstreams,
     pub limits: crate::hardening::LimitsConfig,
+    /// Spans and the access log (each `None` when off).
+    pub observe: crate::observe::Observe,
 }
 
 /// The hyper service of one accepted connection.
@@ -157,6 +159,7 @@ pub struct Forward {
     shared: Arc<Shared>,
     listener: usize,
     client_ip: HeaderValue,
+    peer_ip: std::net::IpAddr,
 }
 
 impl Forward {
@@ -166,11 +169,31 @@ impl Forward {
             shared,
             listener,
             client_ip,
+            peer_ip: peer.ip(),
         }
     }
 
     async fn forward(self, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
+        let Some(begun) = self.shared.observe.begin(&req, start) else {
+            return self.route_and_send(req, start, None).await;
+        };
+        let response = self.route_and_send(req, start, Some(&begun)).await;
+        let table = self.shared.table.load();
+        let listener = &table.listeners[self.listener];
+        let (name, direction) = (listener.name.as_str(), listener.direction.as_str());
+        self.shared
+            .observe
+            .finish(begun, &response, self.peer_ip, (name, direction));
+        response
+    }
+
+    async fn route_and_send(
+        &self,
+        req: Request<Incoming>,
+        start: Instant,
+        begun: Option<&crate::observe::Begun>,
+    ) -> Response<ProxyBody> {
         let table = self.shared.table.load_full();
         let routes = &table.listeners[self.listener];
         let matched = table.route_match(self.listener, &req);
@@ -190,6 +213,10 @@ impl Forward {
             debug!(error = err.kind().label(), uri = %req.uri(), "{err}");
             return Self::answer_error(&routes.unrouted, start, &err, is_grpc(&req));
         };
+        if let Some(b) = begun {
+            b.routed(&table, index, matched.route);
+        }
+        let span = begun.and_then(|b| b.span.as_ref());
         let metrics = &routes.metrics[index];
         metrics.requests.inc();
         let grpc = is_grpc(&req);
@@ -216,8 +243,8 @@ impl Forward {
             return Self::answer_error(metrics, start, &err, grpc);
         }
         let result = match matched.policy {
-            None => self.exchange(&table, index, req.map(Either::Left)).await,
-            Some(policy) => self.with_policy(policy, &table, index, req).await,
+            None => self.exchange(&table, index, req.map(Either::Left), span).await,
+            Some(policy) => self.with_policy(policy, &table, index, req, span).await,
         };
         match result {
             Ok(response) => {
@@ -237,6 +264,7 @@ impl Forward {
         table: &RoutingTable,
         index: usize,
         req: Request<Incoming>,
+        span: Option<&crate::otel::ServerSpan>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let method = req.method().clone();
         let compression = policy.compression.as_ref();
@@ -252,7 +280,7 @@ impl Forward {
             }
             None => req.map(Either::Left),
         };
-        let exchange = |req| self.exchange(table, index, req);
+        let exchange = |req| self.exchange(table, index, req, span);
         let response = match &policy.cache {
             Some(cache) => cache.serve(req, exchange).await?,
             None => exchange(req).await?,
@@ -273,8 +301,10 @@ impl Forward {
         table: &RoutingTable,
         index: usize,
         req: Request<UpstreamBody>,
+        span: Option<&crate::otel::ServerSpan>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let metrics = &table.listeners[self.listener].metrics[index];
+        let tracer = span.and(self.shared.observe.tracer.as_deref());
         let service = &table.services[index];
         let upgrade = headers::is_upgrade(&req);
         let mut attempts = crate::retry::Attempts::new(
@@ -290,10 +320,24 @@ impl Forward {
         let attempts = async {
             loop {
                 let attempt_start = Instant::now();
+                let client_span = match (tracer, span) {
+                    (Some(t), Some(s)) => {
+                        let method = req.method().clone();
+                        t.start_client(s, &method, req.headers_mut())
+                    }
+                    _ => None,
+                };
                 let (outcome, endpoint) = match self.send(table, index, metrics, req, avoid).await {
                     Ok((response, endpoint)) => (Ok(response), Some(endpoint)),
                     Err((err, endpoint)) => (Err(err), endpoint),
                 };
+                if let (Some(t), Some(s), Some(c)) = (tracer, span, client_span) {
+                    t.end_client(
+                        s,
+                        c,
+                        &client_outcome(&service.name, &outcome, endpoint.as_deref()),
+                    );
+                }
                 let retriable = match &outcome {
                     Ok(response) => attempts.retries_status(response.status()),
                     Err(err) => matches!(err.kind(), ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset),
@@ -528,6 +572,20 @@ impl hyper::service::Service<Request<Incoming>> for Forward {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(req).await) })
+    }
+}
+
+/// What an attempt's CLIENT span records.
+fn client_outcome<'a>(
+    service: &'a str,
+    outcome: &Result<Response<ProxyBody>, ProxyError>,
+    endpoint: Option<&Endpoint>,
+) -> crate::otel::ClientOutcome<'a> {
+    crate::otel::ClientOutcome {
+        service,
+        endpoint: endpoint.map(|e| e.addr),
+        status: outcome.as_ref().ok().map(|r| r.status().as_u16()),
+        error: outcome.as_ref().err().map(|e| e.kind().label()),
     }
 }
 

@@ -21,6 +21,8 @@
 //! - `retry_total{direction,service,result}`: retries `sent`, and retriable failures not retried
 //!   because of the budget (`budget_exhausted`) or the breaker's `max_retries`
 //!   (`breaker_overflow`);
+//! - `trace_span_total{result}`: finished spans `exported`, `failed` (export error) or
+//!   `dropped` (queue full); `access_log_line_total{result}`: lines `written` or `dropped`;
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
 //!   `accepted` or `rejected` (malformed reports are ignored, never fail a request);
@@ -168,6 +170,8 @@ pub struct Metrics {
     cache_entries: Family<RouteLabels, Gauge>,
     /// Set once the first routing table exists; read by the endpoint collector.
     pub table: Arc<OnceLock<crate::route::SharedTable>>,
+    /// Spans and access-log lines: exported, written, dropped.
+    pub telemetry: crate::otel::TelemetryCounters,
 }
 
 impl Default for Metrics {
@@ -274,8 +278,10 @@ impl Metrics {
         );
         let cache_entries = Family::<RouteLabels, Gauge>::default();
         registry.register("cache_entries", "Cached responses", cache_entries.clone());
+        let telemetry = crate::otel::TelemetryCounters::register(&mut registry);
         Metrics {
             registry,
+            telemetry,
             compressed,
             cache_lookups,
             cache_evictions,

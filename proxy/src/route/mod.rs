@@ -68,6 +68,8 @@ pub struct ListenerRoutes {
 }
 
 struct Route {
+    /// The route's `name`, else `routes[i]` (spans and the access log).
+    name: Arc<str>,
     host: Option<String>,
     path_prefix: Option<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -94,6 +96,8 @@ pub struct RouteMatch<'a> {
     pub priority: Option<crate::admission::Priority>,
     /// The matched route's compression and cache, if any.
     pub policy: Option<&'a Arc<RoutePolicy>>,
+    /// The matched route's name (`routes[i]` without one); `None` for the default service.
+    pub route: Option<&'a Arc<str>>,
 }
 
 impl RoutingTable {
@@ -166,6 +170,7 @@ impl RoutingTable {
             .iter()
             .enumerate()
             .map(|(i, r)| Route {
+                name: r.name.clone().unwrap_or_else(|| format!("routes[{i}]")).into(),
                 priority: r.priority,
                 rate_limit: r.rate_limit.as_ref().map(|c| {
                     let name = r.name.clone().unwrap_or_else(|| format!("routes[{i}]"));
@@ -243,12 +248,14 @@ impl RoutingTable {
                 rate_limit: r.rate_limit.as_deref(),
                 priority: r.priority,
                 policy: r.policy.as_ref(),
+                route: Some(&r.name),
             },
             None => RouteMatch {
                 service: self.listeners[listener].default_service,
                 rate_limit: None,
                 priority: None,
                 policy: None,
+                route: None,
             },
         }
     }

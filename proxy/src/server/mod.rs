@@ -39,6 +39,8 @@ pub enum ServeError {
     },
     #[error("cannot start a runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    Observe(String),
 }
 
 /// What the admin server shows and the workers share.
@@ -53,6 +55,8 @@ pub struct State {
     pub pushed: Mutex<(EndpointOverrides, u64)>,
     /// The outcome of the last configuration reload, for `/config`.
     pub last_reload: Mutex<Option<crate::reload::ReloadOutcome>>,
+    /// Spans and the access log; both `None` when off (see [`crate::observe`]).
+    pub observe: crate::observe::Observe,
 }
 
 impl State {
@@ -92,6 +96,15 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
 
     crate::worker::set_count(config.workers);
     let metrics = Metrics::new();
+    // The main thread's runtime (admin server, control-plane client, span export) exists before
+    // the workers, so the span exporter can be built inside it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let (observe, exporting) = runtime
+        .block_on(async { crate::observe::Observe::start(&config, &metrics) })
+        .map_err(ServeError::Observe)?;
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build(
         &config, None, &metrics,
     )));
@@ -105,6 +118,7 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         ready: AtomicBool::new(false),
         pushed: Mutex::new((EndpointOverrides::new(), 0)),
         last_reload: Mutex::new(None),
+        observe,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -127,10 +141,6 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         workers.push(handle);
     }
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(ServeError::Runtime)?;
     runtime.block_on(async {
         let admin_listener = TcpListener::from_std(admin_listener).map_err(ServeError::Runtime)?;
         tokio::spawn(admin::serve(admin_listener, Arc::clone(&state)));
@@ -155,6 +165,10 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         let _ = stop_tx.send(true);
         for w in workers {
             let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+        // The workers are gone: the spans still queued are exported.
+        if let Some(flush) = exporting {
+            flush.finish(crate::otel::FLUSH_TIMEOUT).await;
         }
         info!("stopped");
         Ok(())
@@ -279,6 +293,7 @@ async fn accept_loop(
         table: Arc::clone(&state.table),
         upstreams,
         limits: limits.clone(),
+        observe: state.observe.clone(),
     });
     loop {
         let accepted = tokio::select! {

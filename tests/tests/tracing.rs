@@ -1,0 +1,242 @@
+//! OpenTelemetry tracing end to end: real sidecars export their spans over OTLP (one over HTTP,
+//! one over gRPC) to a real receiver built on the official `opentelemetry-proto` Python package
+//! (tests/python/otlp_receiver.py), and the spans of one request form one correctly parented
+//! trace under the client's `traceparent`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cogmesh_e2e::{eventually, free_addr, python, repo_root, start_workload, wait_tcp, Proc, Proxy};
+use serde_json::Value;
+
+/// The Python OTLP receiver and the file it writes spans to.
+struct Receiver {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    out: PathBuf,
+    _proc: Proc,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let (grpc, http) = (free_addr(), free_addr());
+        let out = std::env::temp_dir().join(format!(
+            "cogmesh-spans-{}-{}.jsonl",
+            std::process::id(),
+            grpc.port()
+        ));
+        let _ = std::fs::remove_file(&out);
+        let mut proc = Proc::spawn(
+            "otlp_receiver.py",
+            Command::new(python())
+                .arg(repo_root().join("tests/python/otlp_receiver.py"))
+                .args(["--grpc-port", &grpc.port().to_string()])
+                .args(["--http-port", &http.port().to_string()])
+                .arg("--out")
+                .arg(&out)
+                .stdout(Stdio::null()),
+        );
+        wait_tcp(grpc, &mut proc);
+        wait_tcp(http, &mut proc);
+        Receiver {
+            grpc,
+            http,
+            out,
+            _proc: proc,
+        }
+    }
+
+    /// Every span received so far of `trace_id`.
+    fn spans(&self, trace_id: &str) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|s| s["trace_id"] == trace_id)
+            .collect()
+    }
+
+    /// Waits until `n` spans of `trace_id` arrived.
+    fn wait_for(&self, trace_id: &str, n: usize) -> Vec<Value> {
+        eventually(
+            &format!("{n} spans of trace {trace_id}"),
+            Duration::from_secs(20),
+            || {
+                let spans = self.spans(trace_id);
+                (spans.len() >= n).then_some(spans)
+            },
+        )
+    }
+}
+
+/// GET `path` through `addr` with extra header lines; the status and body.
+fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: app.local\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn find<'a>(spans: &'a [Value], service: &str, kind: &str) -> &'a Value {
+    spans
+        .iter()
+        .find(|s| s["service"] == service && s["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} span of {service} in {spans:#?}"))
+}
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+#[test]
+fn a_request_through_two_sidecars_is_one_trace_under_the_clients_span() {
+    let receiver = Receiver::start();
+    let app = start_workload("traced");
+    // The inbound sidecar exports over OTLP/gRPC, the outbound one over OTLP/HTTP.
+    let inbound = Proxy::quick(
+        &[app.addr],
+        &[
+            "--direction",
+            "inbound",
+            "--upstream-service",
+            "app",
+            "--otlp-endpoint",
+            &format!("http://{}", receiver.grpc),
+        ],
+    );
+    let outbound = Proxy::quick(
+        &[inbound.listen],
+        &[
+            "--upstream-service",
+            "app",
+            "--otlp-endpoint",
+            &format!("http://{}", receiver.http),
+            "--otlp-protocol",
+            "http",
+        ],
+    );
+
+    let traceparent = format!("00-{TRACE_ID}-{CLIENT_SPAN}-01");
+    let (status, body) = get_with(
+        outbound.listen,
+        "/headers",
+        &[("traceparent", &traceparent), ("tracestate", "vendor=opaque")],
+    );
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    let app_parent = seen["headers"]["traceparent"].as_str().unwrap().to_owned();
+    assert_eq!(seen["headers"]["tracestate"], "vendor=opaque");
+
+    let spans = receiver.wait_for(TRACE_ID, 4);
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    // Both sidecars call themselves cogmesh-proxy (no control plane): tell them apart by how
+    // they exported.
+    let by = |via: &str, kind: &str| -> Value {
+        spans
+            .iter()
+            .find(|s| s["via"] == via && s["kind"] == kind)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kind} span over {via} in {spans:#?}"))
+    };
+    let (a_server, a_client) = (by("http", "SERVER"), by("http", "CLIENT"));
+    let (b_server, b_client) = (by("grpc", "SERVER"), by("grpc", "CLIENT"));
+    assert_eq!(a_server["parent_span_id"], CLIENT_SPAN);
+    assert_eq!(a_client["parent_span_id"], a_server["span_id"]);
+    assert_eq!(b_server["parent_span_id"], a_client["span_id"]);
+    assert_eq!(b_client["parent_span_id"], b_server["span_id"]);
+    // The app got the inbound sidecar's CLIENT span as its parent.
+    assert_eq!(
+        app_parent,
+        format!("00-{TRACE_ID}-{}-01", b_client["span_id"].as_str().unwrap())
+    );
+    // What each span says about the request.
+    assert_eq!(a_server["attributes"]["http.response.status_code"], 200);
+    assert_eq!(a_server["attributes"]["cogmesh.service"], "app");
+    assert_eq!(a_server["attributes"]["cogmesh.direction"], "outbound");
+    assert_eq!(a_server["attributes"]["url.path"], "/headers");
+    assert_eq!(a_server["attributes"]["cogmesh.retries"], 1);
+    assert_eq!(a_client["attributes"]["server.port"], inbound.listen.port());
+    assert_eq!(b_server["attributes"]["cogmesh.direction"], "inbound");
+    assert_eq!(b_client["attributes"]["server.port"], app.addr.port());
+    for s in &spans {
+        assert!(s["end_ns"].as_u64() >= s["start_ns"].as_u64(), "{s}");
+        assert_eq!(s["status"], "UNSET", "{s}");
+    }
+    // A client's span encloses its server's.
+    assert!(a_client["start_ns"].as_u64() <= b_server["start_ns"].as_u64());
+
+    // The export is counted.
+    let metrics = outbound.metrics();
+    assert!(
+        metrics.contains("trace_span_total{result=\"exported\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn b3_parents_are_read_and_unsampled_callers_are_not_recorded() {
+    let receiver = Receiver::start();
+    let app = start_workload("traced-b3");
+    let proxy = Proxy::quick(
+        &[app.addr],
+        &[
+            "--otlp-endpoint",
+            &format!("http://{}", receiver.grpc),
+            "--trace-sampling-ratio",
+            "0",
+        ],
+    );
+    // B3 multi headers with a sampled decision: followed even at ratio 0 (parent-based).
+    let b3_trace = "80f198ee56343ba864fe8b2a57d3eff7";
+    let (status, body) = get_with(
+        proxy.listen,
+        "/headers",
+        &[
+            ("x-b3-traceid", b3_trace),
+            ("x-b3-spanid", "e457b5a2e4d86bd1"),
+            ("x-b3-sampled", "1"),
+        ],
+    );
+    assert_eq!(status, 200);
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    let spans = receiver.wait_for(b3_trace, 2);
+    let server = find(&spans, "cogmesh-proxy", "SERVER");
+    let client = find(&spans, "cogmesh-proxy", "CLIENT");
+    assert_eq!(server["parent_span_id"], "e457b5a2e4d86bd1");
+    // Upstream gets W3C and the B3 it came with, both naming the CLIENT span.
+    let client_id = client["span_id"].as_str().unwrap();
+    assert_eq!(
+        seen["headers"]["traceparent"],
+        format!("00-{b3_trace}-{client_id}-01")
+    );
+    assert_eq!(seen["headers"]["b3"], format!("{b3_trace}-{client_id}-1"));
+    assert!(seen["headers"].get("x-b3-spanid").is_none());
+
+    // An unsampled caller: its traceparent passes on untouched and nothing is recorded; a
+    // request without one starts a trace that ratio 0 does not record, and says so upstream.
+    let unsampled = format!("00-{TRACE_ID}-{CLIENT_SPAN}-00");
+    let (_, body) = get_with(proxy.listen, "/headers", &[("traceparent", &unsampled)]);
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["headers"]["traceparent"], unsampled.as_str());
+    let (_, body) = get_with(proxy.listen, "/headers", &[]);
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    let fresh = seen["headers"]["traceparent"].as_str().unwrap();
+    assert!(fresh.starts_with("00-") && fresh.ends_with("-00"), "{fresh}");
+    // The sampled request's spans were exported; after one more batch period nothing else came.
+    std::thread::sleep(Duration::from_millis(1500));
+    let all = std::fs::read_to_string(&receiver.out).unwrap_or_default();
+    assert_eq!(all.lines().count(), 2, "{all}");
+}
