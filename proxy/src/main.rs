@@ -302,17 +302,29 @@ fn observe_overrides(args: &Args) -> impl Fn(&mut ProxyConfig) + Send + Sync + '
     }
 }
 
+/// Logs to stderr as text or JSON lines, through a filter the admin server can change at run
+/// time (`PUT /log-level`).
 fn init_logging(filter: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let (filter, initial) = match EnvFilter::try_new(filter) {
+        Ok(f) => (f, filter.to_owned()),
+        Err(_) => (EnvFilter::new("info"), "info".to_owned()),
+    };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     if format == "json" {
-        builder.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
+    cogmesh_proxy::admin::log_level::install(&initial, move |new| {
+        let parsed = EnvFilter::try_new(new).map_err(|e| e.to_string())?;
+        handle.reload(parsed).map_err(|e| e.to_string())
+    });
 }

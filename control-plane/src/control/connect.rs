@@ -339,6 +339,7 @@ impl Pushes {
                 continue;
             }
             state.sent(&self.node, table.version);
+            self.mesh.metrics.table_pushes.inc();
             self.last_content = Some(view.content);
             self.in_flight = Some(table.version);
             return Some(view.frame);
@@ -400,12 +401,14 @@ async fn read_sidecar(
                 sidecar_message::Kind::Ack(a) => {
                     debug!(%node, version = a.version, "ACK");
                     mesh.state().ack(&node, a.version);
+                    mesh.metrics.table_answer("ack");
                     answered.send_modify(|v| *v = (*v).max(a.version));
                 }
                 sidecar_message::Kind::Nack(n) => {
                     warn!(%node, version = n.version, error = %n.error, "sidecar refused a routing table");
                     let version = n.version;
                     mesh.state().nack(&node, version, n.error);
+                    mesh.metrics.table_answer("nack");
                     answered.send_modify(|v| *v = (*v).max(version));
                 }
                 sidecar_message::Kind::Hello(_) => {

@@ -9,6 +9,8 @@
 //! - `response_latency_seconds{direction,service}`: histogram, request start to response headers;
 //! - `proxy_error_total{direction,service,error}`: requests the proxy failed itself, by cause;
 //! - `tcp_open_connections{direction,listener}`: accepted connections currently open;
+//!   `tcp_accepted_connections_total`, `tcp_read_bytes_total` and `tcp_write_bytes_total` with
+//!   the same labels (bytes as the proxy read and wrote them on client connections);
 //! - `request_refused_total{direction,listener}`: HTTP/1 request heads refused as smuggling
 //!   attempts (`Content-Length` with `Transfer-Encoding`, conflicting lengths);
 //! - `rate_limited_total{scope,name}`: requests refused with 429 by the rate limiter of a
@@ -47,7 +49,9 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::error::ErrorKind;
 
+mod counted;
 mod sharded;
+pub use self::counted::{ByteCounters, CountedIo};
 pub use self::sharded::{LatencyHistogram, ShardedCounter};
 
 /// Latency buckets in seconds: 0.5 ms to 30 s, roughly ×2.5 apart.
@@ -172,6 +176,42 @@ pub struct Metrics {
     pub table: Arc<OnceLock<crate::route::SharedTable>>,
     /// Spans and access-log lines: exported, written, dropped.
     pub telemetry: crate::otel::TelemetryCounters,
+    tcp: TcpFamilies,
+}
+
+/// Accepted connections and their bytes, per listener.
+struct TcpFamilies {
+    accepted: Family<ConnectionLabels, Counter>,
+    read: Family<ConnectionLabels, Counter>,
+    written: Family<ConnectionLabels, Counter>,
+}
+
+impl TcpFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        let f = TcpFamilies {
+            accepted: Family::default(),
+            read: Family::default(),
+            written: Family::default(),
+        };
+        registry.register(
+            "tcp_accepted_connections",
+            "Client connections accepted",
+            f.accepted.clone(),
+        );
+        registry.register_with_unit(
+            "tcp_read",
+            "Bytes read from client connections",
+            Unit::Bytes,
+            f.read.clone(),
+        );
+        registry.register_with_unit(
+            "tcp_write",
+            "Bytes written to client connections",
+            Unit::Bytes,
+            f.written.clone(),
+        );
+        f
+    }
 }
 
 impl Default for Metrics {
@@ -279,9 +319,11 @@ impl Metrics {
         let cache_entries = Family::<RouteLabels, Gauge>::default();
         registry.register("cache_entries", "Cached responses", cache_entries.clone());
         let telemetry = crate::otel::TelemetryCounters::register(&mut registry);
+        let tcp = TcpFamilies::register(&mut registry);
         Metrics {
             registry,
             telemetry,
+            tcp,
             compressed,
             cache_lookups,
             cache_evictions,
@@ -301,6 +343,19 @@ impl Metrics {
             reloads,
             table,
         }
+    }
+
+    /// A listener's accepted-connection counter and byte counters.
+    pub fn tcp(&self, direction: &'static str, listener: &str) -> (Counter, ByteCounters) {
+        let labels = ConnectionLabels {
+            direction,
+            listener: listener.to_string(),
+        };
+        let bytes = ByteCounters {
+            read: self.tcp.read.get_or_create(&labels).clone(),
+            written: self.tcp.written.get_or_create(&labels).clone(),
+        };
+        (self.tcp.accepted.get_or_create(&labels).clone(), bytes)
     }
 
     /// The reload counter for `applied` (true) or `refused` (false).

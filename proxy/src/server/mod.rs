@@ -284,6 +284,7 @@ async fn accept_loop(
     // Listeners cannot change on reload (see crate::reload), so this copy stays accurate.
     let config = state.config.load().listeners[index].clone();
     let open = state.metrics.connections(config.direction.as_str(), &config.name);
+    let (accepted_total, bytes) = state.metrics.tcp(config.direction.as_str(), &config.name);
     let limits = state.config.load().limits.clone();
     let header_read_timeout = Duration::from_millis(state.config.load().header_read_timeout_ms);
     let refused = state
@@ -311,6 +312,8 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        accepted_total.inc();
+        let stream = crate::metrics::CountedIo::new(stream, bytes.clone());
         let stream = GuardedIo::new(stream, &limits, header_read_timeout, refused.clone());
         let service = Forward::new(Arc::clone(&shared), index, peer);
         let builder = Arc::clone(&builder);
