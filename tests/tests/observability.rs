@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use cogmesh_e2e::{
-    eventually, free_addr, http_get, metric_value, run_with_timeout, start_control, start_workload, wait_tcp,
-    Proc, Proxy,
+    documented_metrics, eventually, free_addr, http_get, metric_families, metric_value, run_with_timeout,
+    start_control, start_workload, wait_tcp, Proc, Proxy,
 };
 
 /// `promtool check metrics` over `text` (fed on stdin): its exit code and findings.
@@ -97,6 +97,18 @@ fn promtool_finds_every_components_metrics_clean() {
             "{family} missing:\n{proxy_metrics}"
         );
     }
+    let documented = documented_metrics();
+    let undocumented = |text: &str| -> Vec<String> {
+        metric_families(text)
+            .into_iter()
+            .filter(|f| !documented.contains(f))
+            .collect()
+    };
+    assert_eq!(
+        undocumented(&proxy_metrics),
+        Vec::<String>::new(),
+        "missing from docs/metrics.md"
+    );
     let (code, out) = promtool_check_metrics(&proxy_metrics);
     assert_eq!(code, Some(0), "proxy /metrics: {out}");
     assert_eq!(out.trim(), "", "promtool findings on the proxy's /metrics");
@@ -107,6 +119,11 @@ fn promtool_finds_every_components_metrics_clean() {
     });
     assert!(metric_value(&control_metrics, "table_push_total").unwrap() >= 1.0);
     assert!(control_metrics.contains("sidecar_sync_lag_versions"));
+    assert_eq!(
+        undocumented(&control_metrics),
+        Vec::<String>::new(),
+        "missing from docs/metrics.md"
+    );
     let (code, out) = promtool_check_metrics(&control_metrics);
     assert_eq!(code, Some(0), "control plane /metrics: {out}");
     assert_eq!(
