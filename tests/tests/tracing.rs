@@ -240,3 +240,190 @@ fn b3_parents_are_read_and_unsampled_callers_are_not_recorded() {
     let all = std::fs::read_to_string(&receiver.out).unwrap_or_default();
     assert_eq!(all.lines().count(), 2, "{all}");
 }
+
+/// An Envoy bootstrap: one HTTP listener routing everything to `upstream`, with Envoy's
+/// OpenTelemetry tracer exporting over OTLP/gRPC to `otlp` (every request sampled).
+fn envoy_config(listen: SocketAddr, admin: SocketAddr, upstream: SocketAddr, otlp: SocketAddr) -> String {
+    let addr = |a: SocketAddr| {
+        format!(
+            "{{ socket_address: {{ address: {}, port_value: {} }} }}",
+            a.ip(),
+            a.port()
+        )
+    };
+    let cluster = |name: &str, a: SocketAddr, h2: bool| {
+        let h2 = if h2 {
+            "    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+"
+        } else {
+            ""
+        };
+        format!(
+            "  - name: {name}
+    type: STATIC
+    connect_timeout: 2s
+{h2}    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {} }} }}] }}]
+",
+            addr(a)
+        )
+    };
+    format!(
+        "admin:
+  address: {admin}
+static_resources:
+  listeners:
+  - name: hop
+    address: {listen}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hop
+          tracing:
+            random_sampling: {{ value: 100 }}
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                \"@type\": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                service_name: envoy
+                grpc_service:
+                  envoy_grpc: {{ cluster_name: otlp }}
+                  timeout: 2s
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: [\"*\"]
+              routes: [{{ match: {{ prefix: \"/\" }}, route: {{ cluster: app }} }}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+{}{}",
+        cluster("app", upstream, false),
+        cluster("otlp", otlp, true),
+        admin = addr(admin),
+        listen = addr(listen),
+    )
+}
+
+#[test]
+fn the_trace_continues_through_an_envoy_hop_with_its_opentelemetry_tracer() {
+    let envoy_bin = repo_root().join(".venv/bin/envoy");
+    assert!(
+        envoy_bin.exists(),
+        "{} is missing: run scripts/test.sh",
+        envoy_bin.display()
+    );
+    let receiver = Receiver::start();
+    let app = start_workload("behind-envoy");
+    let inbound = Proxy::quick(
+        &[app.addr],
+        &[
+            "--direction",
+            "inbound",
+            "--upstream-service",
+            "app",
+            "--otlp-endpoint",
+            &format!("http://{}", receiver.grpc),
+        ],
+    );
+    let (listen, admin) = (free_addr(), free_addr());
+    let config = std::env::temp_dir().join(format!(
+        "cogmesh-envoy-{}-{}.yaml",
+        std::process::id(),
+        listen.port()
+    ));
+    std::fs::write(
+        &config,
+        envoy_config(listen, admin, inbound.listen, receiver.grpc),
+    )
+    .unwrap();
+    let mut envoy = Proc::spawn(
+        "envoy",
+        Command::new(&envoy_bin)
+            .arg("-c")
+            .arg(&config)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+            ])
+            .arg("--base-id")
+            .arg(listen.port().to_string())
+            .stdout(Stdio::null()),
+    );
+    wait_tcp(listen, &mut envoy);
+    let outbound = Proxy::quick(
+        &[listen],
+        &[
+            "--upstream-service",
+            "envoy-hop",
+            "--otlp-endpoint",
+            &format!("http://{}", receiver.http),
+            "--otlp-protocol",
+            "http",
+        ],
+    );
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = format!("00-{trace_id}-b7ad6b7169203331-01");
+    let (status, body) = eventually("a 200 through Envoy", Duration::from_secs(20), || {
+        let (status, body) = get_with(outbound.listen, "/headers", &[("traceparent", &traceparent)]);
+        (status == 200).then_some((status, body))
+    });
+    assert_eq!(status, 200, "{body}");
+
+    // Envoy flushes its spans every 5 s.
+    let spans = eventually("the spans of every hop", Duration::from_secs(30), || {
+        let spans = receiver.spans(trace_id);
+        let envoy_spans = spans.iter().filter(|s| s["service"] == "envoy").count();
+        (spans.len() >= 5 && envoy_spans >= 1).then_some(spans)
+    });
+    let by = |pick: &dyn Fn(&Value) -> bool, what: &str| -> Value {
+        spans
+            .iter()
+            .find(|s| pick(s))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {what} in {spans:#?}"))
+    };
+    let a_server = by(
+        &|s| s["via"] == "http" && s["kind"] == "SERVER",
+        "outbound SERVER span",
+    );
+    let a_client = by(
+        &|s| s["via"] == "http" && s["kind"] == "CLIENT",
+        "outbound CLIENT span",
+    );
+    let b_server = by(
+        &|s| s["service"] == "cogmesh-proxy" && s["via"] == "grpc" && s["kind"] == "SERVER",
+        "inbound SERVER span",
+    );
+    let b_client = by(
+        &|s| s["service"] == "cogmesh-proxy" && s["via"] == "grpc" && s["kind"] == "CLIENT",
+        "inbound CLIENT span",
+    );
+    let envoy_spans: Vec<&Value> = spans.iter().filter(|s| s["service"] == "envoy").collect();
+    assert_eq!(a_server["parent_span_id"], "b7ad6b7169203331");
+    assert_eq!(a_client["parent_span_id"], a_server["span_id"]);
+    // Envoy's span is the child of the outbound sidecar's CLIENT span ...
+    let envoy_first = envoy_spans
+        .iter()
+        .find(|s| s["parent_span_id"] == a_client["span_id"])
+        .unwrap_or_else(|| panic!("no Envoy span under {}: {spans:#?}", a_client["span_id"]));
+    // ... and the inbound sidecar's SERVER span the child of an Envoy span (its only one, or
+    // its upstream span when Envoy makes two).
+    let envoy_ids: Vec<&Value> = envoy_spans.iter().map(|s| &s["span_id"]).collect();
+    assert!(envoy_ids.contains(&&b_server["parent_span_id"]), "{spans:#?}");
+    assert_eq!(b_client["parent_span_id"], b_server["span_id"]);
+    assert_eq!(envoy_first["trace_id"], trace_id);
+    drop(envoy);
+    let _ = std::fs::remove_file(config);
+}
