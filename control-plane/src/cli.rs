@@ -10,7 +10,8 @@ use cogmesh_proto::v1::{
 };
 use tonic::transport::Channel;
 
-async fn client(control: SocketAddr) -> anyhow::Result<MeshAdminClient<Channel>> {
+/// A `MeshAdmin` client of the control plane at `control` (3 s to connect).
+pub async fn admin_client(control: SocketAddr) -> anyhow::Result<MeshAdminClient<Channel>> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
@@ -20,7 +21,7 @@ async fn client(control: SocketAddr) -> anyhow::Result<MeshAdminClient<Channel>>
 }
 
 pub async fn routes(control: SocketAddr, json: bool) -> anyhow::Result<()> {
-    let services = client(control)
+    let services = admin_client(control)
         .await?
         .list_services(ListServicesRequest {})
         .await
@@ -59,7 +60,7 @@ pub async fn routes(control: SocketAddr, json: bool) -> anyhow::Result<()> {
 }
 
 pub async fn status(control: SocketAddr, json: bool) -> anyhow::Result<()> {
-    let mut admin = client(control).await?;
+    let mut admin = admin_client(control).await?;
     let sync = admin
         .get_sync_status(SyncStatusRequest {})
         .await
@@ -126,7 +127,7 @@ pub async fn status(control: SocketAddr, json: bool) -> anyhow::Result<()> {
 
 /// `cogmesh scaling history`: every recorded decision, oldest first.
 pub async fn scaling_history(control: SocketAddr, service: Option<String>, json: bool) -> anyhow::Result<()> {
-    let decisions = client(control)
+    let decisions = admin_client(control)
         .await?
         .list_scaling_decisions(ListScalingDecisionsRequest {
             service: service.unwrap_or_default(),

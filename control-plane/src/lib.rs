@@ -9,4 +9,5 @@ pub mod control;
 pub mod local;
 pub mod metrics;
 pub mod scaling;
+pub mod top;
 pub mod workload;
