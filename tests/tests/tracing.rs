@@ -167,7 +167,8 @@ fn a_request_through_two_sidecars_is_one_trace_under_the_clients_span() {
     assert_eq!(a_server["attributes"]["cogmesh.service"], "app");
     assert_eq!(a_server["attributes"]["cogmesh.direction"], "outbound");
     assert_eq!(a_server["attributes"]["url.path"], "/headers");
-    assert_eq!(a_server["attributes"]["cogmesh.retries"], 1);
+    assert_eq!(a_server["attributes"]["cogmesh.retries"], 0);
+    assert_eq!(a_client["attributes"]["cogmesh.attempt"], 1);
     assert_eq!(a_client["attributes"]["server.port"], inbound.listen.port());
     assert_eq!(b_server["attributes"]["cogmesh.direction"], "inbound");
     assert_eq!(b_client["attributes"]["server.port"], app.addr.port());
@@ -426,4 +427,47 @@ fn the_trace_continues_through_an_envoy_hop_with_its_opentelemetry_tracer() {
     assert_eq!(envoy_first["trace_id"], trace_id);
     drop(envoy);
     let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn a_retried_request_has_a_client_span_per_attempt() {
+    let receiver = Receiver::start();
+    let dead = free_addr();
+    let proxy = Proxy::with_config(&format!(
+        r#"
+admin: "{{admin}}"
+workers: 1
+listeners:
+  - {{ name: edge, address: "{{listen}}", direction: outbound, default_service: flaky }}
+services:
+  - {{ name: flaky, endpoints: ["{dead}"], retry: {{ max_attempts: 2, backoff_base_ms: 1, backoff_max_ms: 1 }} }}
+tracing: {{ otlp_endpoint: "http://{grpc}", batch_timeout_ms: 100 }}
+"#,
+        grpc = receiver.grpc
+    ));
+    let trace_id = "11111111111111111111111111111111";
+    let (status, _) = get_with(
+        proxy.listen,
+        "/",
+        &[("traceparent", &format!("00-{trace_id}-2222222222222222-01"))],
+    );
+    assert_eq!(status, 502);
+    let spans = receiver.wait_for(trace_id, 3);
+    let server = find(&spans, "cogmesh-proxy", "SERVER");
+    assert_eq!(server["attributes"]["cogmesh.retries"], 1);
+    assert_eq!(server["attributes"]["error.type"], "upstream_connect");
+    assert_eq!(server["attributes"]["http.response.status_code"], 502);
+    assert_eq!(server["status"], "ERROR");
+    let mut attempts: Vec<i64> = spans
+        .iter()
+        .filter(|s| s["kind"] == "CLIENT")
+        .map(|s| {
+            assert_eq!(s["parent_span_id"], server["span_id"]);
+            assert_eq!(s["attributes"]["error.type"], "upstream_connect");
+            assert_eq!(s["attributes"]["server.port"], dead.port());
+            s["attributes"]["cogmesh.attempt"].as_i64().unwrap()
+        })
+        .collect();
+    attempts.sort();
+    assert_eq!(attempts, [1, 2]);
 }

@@ -17,6 +17,9 @@
 //! `trace_span_total{result="dropped"}`) that [`export`] drains in batches to the
 //! `opentelemetry-otlp` exporter, over OTLP/gRPC (tonic) or OTLP/HTTP protobuf (hyper).
 //!
+//! A SERVER span ends when the response headers go out (the body streams on afterwards), like
+//! `response_latency_seconds`; a CLIENT span when the upstream's response headers arrive.
+//!
 //! With tracing off the proxy holds no tracer, and the request path pays one `None` check.
 
 pub mod export;
@@ -282,7 +285,8 @@ pub struct ServerSpan {
     /// Wall-clock start, read only for sampled spans.
     start: Option<SystemTime>,
     started: Instant,
-    retries: AtomicU32,
+    /// Upstream attempts started so far.
+    attempts: AtomicU32,
     trace_state: Option<HeaderValue>,
 }
 
@@ -356,7 +360,7 @@ impl Tracer {
             b3: parent.is_some_and(|p| p.format != propagation::Format::W3c),
             start: sampled.then(SystemTime::now),
             started,
-            retries: AtomicU32::new(0),
+            attempts: AtomicU32::new(0),
             trace_state: sampled
                 .then(|| headers.get(propagation::TRACESTATE).cloned())
                 .flatten(),
@@ -372,7 +376,11 @@ impl Tracer {
             KeyValue::new("http.response.status_code", i64::from(outcome.status)),
             KeyValue::new("cogmesh.listener", outcome.listener.to_owned()),
             KeyValue::new("cogmesh.direction", outcome.direction),
-            KeyValue::new("cogmesh.retries", i64::from(span.retries.load(Ordering::Relaxed))),
+            // Every upstream attempt counted one; the first is not a retry.
+            KeyValue::new(
+                "cogmesh.retries",
+                i64::from(span.attempts.load(Ordering::Relaxed).saturating_sub(1)),
+            ),
         ];
         if let Some(route) = outcome.route {
             attributes.push(KeyValue::new("cogmesh.route", route.to_owned()));
@@ -412,7 +420,7 @@ impl Tracer {
         method: &Method,
         headers: &mut HeaderMap,
     ) -> Option<ClientSpan> {
-        let attempt = server.retries.fetch_add(1, Ordering::Relaxed) + 1;
+        let attempt = server.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         if !server.sampled {
             if server.propagate {
                 propagation::inject(headers, &server.trace_id, &server.span_id, false, server.b3);
