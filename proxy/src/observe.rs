@@ -31,6 +31,8 @@ pub struct Begun {
     version: Version,
     wall: Option<SystemTime>,
     started: Instant,
+    /// Whether anything will read what the request was (see [`Observe::begin`]).
+    keep: bool,
     routed: OnceLock<Routed>,
 }
 
@@ -79,16 +81,25 @@ impl Observe {
         if self.tracer.is_none() && self.access_log.is_none() {
             return None;
         }
+        let span = self
+            .tracer
+            .as_ref()
+            .map(|t| t.server_span(req.headers(), started));
+        // The path and method are kept only for what will use them: the access log, or a
+        // recorded span (an unsampled request allocates nothing here).
+        let keep = self.access_log.is_some() || span.as_ref().is_some_and(ServerSpan::is_sampled);
         Some(Begun {
-            span: self
-                .tracer
-                .as_ref()
-                .map(|t| t.server_span(req.headers(), started)),
+            span,
             method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+            path: if keep {
+                req.uri().path().to_owned()
+            } else {
+                String::new()
+            },
             version: req.version(),
             wall: self.access_log.as_ref().map(|_| SystemTime::now()),
             started,
+            keep,
             routed: OnceLock::new(),
         })
     }
@@ -109,8 +120,8 @@ impl Observe {
         let routed = begun.routed.get();
         let service = routed.map(|r| r.table.services[r.service].name.as_str());
         let route = routed.and_then(|r| r.route.as_deref());
-        let trace_id = begun.span.as_ref().map(ServerSpan::trace_id_hex);
         if let Some(log) = &self.access_log {
+            let trace_id = begun.span.as_ref().map(ServerSpan::trace_id_hex);
             log.record(&Entry {
                 start: begun.wall.unwrap_or_else(SystemTime::now),
                 client_ip,
@@ -148,6 +159,9 @@ impl Observe {
 impl Begun {
     /// Records where routing sent the request.
     pub fn routed(&self, table: &Arc<RoutingTable>, service: usize, route: Option<&Arc<str>>) {
+        if !self.keep {
+            return;
+        }
         let _ = self.routed.set(Routed {
             table: Arc::clone(table),
             service,

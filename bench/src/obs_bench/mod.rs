@@ -241,9 +241,10 @@ fn render(samples: &[Sample], sink: &Sink) -> String {
         );
     }
     let cost = (1.0 - m(&samples[2].rps) / base_rps.max(1e-9)) * 100.0;
+    let cpu_cost = (m(&samples[2].cpu_us) / base_cpu.max(1e-9) - 1.0) * 100.0;
     let _ = writeln!(
         out,
-        "\nthroughput cost at 1 % sampling: {cost:.1} % (target < 5 %: {})",
+        "\ntracing at 1 % sampling: throughput cost {cost:+.1} % (target < 5 %: {}), CPU per request {cpu_cost:+.1} %",
         if cost < 5.0 { "met" } else { "NOT met" }
     );
     let _ = writeln!(

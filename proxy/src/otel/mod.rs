@@ -322,6 +322,11 @@ pub struct ClientOutcome<'a> {
 }
 
 impl ServerSpan {
+    /// Whether the span is recorded (and exported).
+    pub fn is_sampled(&self) -> bool {
+        self.sampled
+    }
+
     /// The trace id in lower-case hex (for the access log).
     pub fn trace_id_hex(&self) -> String {
         propagation::hex(&self.trace_id)
