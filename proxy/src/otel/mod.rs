@@ -629,3 +629,67 @@ mod tests {
         assert_eq!(counters.dropped.get(), 1);
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use crate::config::ProxyConfig;
+
+    const BASE: &str = r#"
+listeners: [{ name: out, address: "127.0.0.1:4140", default_service: web }]
+services: [{ name: web, endpoints: ["127.0.0.1:8080"] }]
+"#;
+
+    fn load(extra: &str) -> Result<ProxyConfig, crate::config::ConfigError> {
+        ProxyConfig::from_yaml("proxy.yaml", &format!("{BASE}{extra}"))
+    }
+
+    #[test]
+    fn tracing_and_access_log_parse_with_defaults() {
+        let c = load("tracing: { otlp_endpoint: \"http://127.0.0.1:4318\", protocol: http }\naccess_log: { format: json }\n")
+            .unwrap();
+        let t = c.tracing.unwrap();
+        assert_eq!(t.protocol, super::OtlpProtocol::Http);
+        assert_eq!(t.sampling_ratio, 1.0);
+        assert!(t.parent_based);
+        assert_eq!(t.max_queue_spans, super::DEFAULT_MAX_QUEUE_SPANS);
+        assert_eq!(c.access_log.unwrap().path, "stdout");
+        assert!(load("").unwrap().tracing.is_none());
+    }
+
+    #[test]
+    fn bad_tracing_and_access_log_fields_are_refused_with_their_path() {
+        let cases = [
+            (
+                "tracing: { otlp_endpoint: \"127.0.0.1:4317\" }",
+                "tracing.otlp_endpoint",
+                "http:// or https://",
+            ),
+            (
+                "tracing: { otlp_endpoint: \"http://c:4317\", sampling_ratio: 2 }",
+                "tracing.sampling_ratio",
+                "between 0 and 1",
+            ),
+            (
+                "tracing: { otlp_endpoint: \"http://c:4317\", max_batch_spans: 4096 }",
+                "tracing.max_batch_spans",
+                "max_queue_spans",
+            ),
+            (
+                "access_log: { format: \"{status} {nope}\" }",
+                "access_log.format",
+                "unknown field {nope}",
+            ),
+        ];
+        for (extra, field, reason) in cases {
+            let e = load(extra).unwrap_err();
+            assert_eq!(
+                (e.file.as_str(), e.field.as_str()),
+                ("proxy.yaml", field),
+                "{extra}: {e:?}"
+            );
+            assert!(e.reason.contains(reason), "{extra}: {}", e.reason);
+        }
+        let e = load("tracing: { otlp_endpoint: \"http://c:4317\", protocol: udp }").unwrap_err();
+        assert!(e.field.starts_with("tracing"), "{e:?}");
+    }
+}
