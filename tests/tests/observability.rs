@@ -118,6 +118,7 @@ fn promtool_finds_every_components_metrics_clean() {
         (metric_value(&body, "table_answer_total{result=\"ack\"}").unwrap_or(0.0) >= 1.0).then_some(body)
     });
     assert!(metric_value(&control_metrics, "table_push_total").unwrap() >= 1.0);
+    assert!(metric_value(&control_metrics, "table_ack_seconds_count").unwrap() >= 1.0);
     assert!(control_metrics.contains("sidecar_sync_lag_versions"));
     assert_eq!(
         undocumented(&control_metrics),

@@ -252,6 +252,8 @@ struct Pushes {
     answered: watch::Receiver<u64>,
     /// The version sent and not answered yet.
     in_flight: Option<u64>,
+    /// When the table in flight went out (for `table_ack_seconds`).
+    sent_at: Option<tokio::time::Instant>,
     /// Scaling decisions, of which the sidecar gets those for its own service and the
     /// services it routes to (`None` once the channel closed).
     decisions: Option<tokio::sync::broadcast::Receiver<ScalingDecision>>,
@@ -272,7 +274,11 @@ impl Pushes {
             tokio::select! {
                 _ = &mut self.done => return None,
                 _ = self.stopping.wait_for(|s| *s) => return None,
-                _ = self.answered.wait_for(|v| *v >= sent) => {}
+                _ = self.answered.wait_for(|v| *v >= sent) => {
+                    if let Some(at) = self.sent_at.take() {
+                        self.mesh.metrics.table_ack_seconds.observe(at.elapsed().as_secs_f64());
+                    }
+                }
                 _ = tokio::time::sleep(std::time::Duration::from_millis(ANSWER_WAIT_MS)) => {
                     debug!(node = %self.node, version = sent, "no answer to the last table; sending the next anyway");
                 }
@@ -342,6 +348,7 @@ impl Pushes {
             self.mesh.metrics.table_pushes.inc();
             self.last_content = Some(view.content);
             self.in_flight = Some(table.version);
+            self.sent_at = Some(tokio::time::Instant::now());
             return Some(view.frame);
         }
     }
@@ -373,6 +380,7 @@ fn push_body(
         last_content: None,
         answered,
         in_flight: None,
+        sent_at: None,
     };
     let frames = futures_util::stream::unfold(pushes, |mut p| async move {
         let frame = p.next().await?;

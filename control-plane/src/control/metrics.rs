@@ -15,6 +15,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing::debug;
 
@@ -25,6 +26,12 @@ pub struct ReloadLabels {
     /// `applied` or `refused`.
     pub result: &'static str,
 }
+
+/// Buckets of `table_ack_seconds`: 1 ms to 10 s (a sidecar that never answers is sent the next
+/// table after 5 s anyway).
+const TABLE_ACK_BUCKETS_SECONDS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AnswerLabels {
@@ -42,6 +49,8 @@ pub struct Metrics {
     pub table_answers: Family<AnswerLabels, Counter>,
     sidecars_out_of_sync: Gauge,
     sync_lag_versions: Gauge,
+    /// Push of a table to its ACK or NACK, per sidecar and table.
+    pub table_ack_seconds: Histogram,
     table_version: Gauge<u64, AtomicU64>,
     sidecars_connected: Gauge,
     /// Scaling decisions and alerts (see [`crate::metrics`]).
@@ -93,6 +102,13 @@ impl Default for Metrics {
             "The most routing-table versions a connected sidecar is behind",
             sync_lag_versions.clone(),
         );
+        let table_ack_seconds = Histogram::new(TABLE_ACK_BUCKETS_SECONDS);
+        registry.register_with_unit(
+            "table_ack",
+            "Time from sending a routing table to a sidecar to its ACK or NACK",
+            prometheus_client::registry::Unit::Seconds,
+            table_ack_seconds.clone(),
+        );
         let scaling = crate::metrics::ScalingMetrics::default();
         scaling.register(&mut registry);
         Metrics {
@@ -102,6 +118,7 @@ impl Default for Metrics {
             table_answers,
             sidecars_out_of_sync,
             sync_lag_versions,
+            table_ack_seconds,
             table_version,
             sidecars_connected,
             scaling,
