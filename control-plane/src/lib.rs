@@ -11,4 +11,5 @@ pub mod local;
 pub mod metrics;
 pub mod scaling;
 pub mod security;
+pub mod top;
 pub mod workload;

@@ -45,6 +45,9 @@ enum Command {
     Check(CheckArgs),
     /// Services, endpoints and their weights, from a running control plane.
     Routes(AdminArgs),
+    /// A live view of every service and endpoint: rps, success rate, p50/p99 latency,
+    /// cognitive load, weight, in flight, breaker state, replicas; refreshed every second.
+    Top(TopArgs),
     /// Sidecars and their sync state (versions ACKed, NACKed and why), and the control plane's
     /// configuration status.
     Status(AdminArgs),
@@ -186,6 +189,19 @@ struct AdminArgs {
 }
 
 #[derive(Debug, Args)]
+struct TopArgs {
+    /// The control plane's gRPC address.
+    #[arg(long, value_name = "ADDR", default_value = cogmesh_control::control::DEFAULT_LISTEN)]
+    control: SocketAddr,
+    /// Print one view and exit.
+    #[arg(long)]
+    once: bool,
+    /// A table, or one JSON object per view.
+    #[arg(long, value_enum, default_value = "plain")]
+    output: cogmesh_control::top::Output,
+}
+
+#[derive(Debug, Args)]
 struct WorkloadArgs {
     /// Address to listen on, e.g. 127.0.0.1:8080.
     #[arg(long, value_name = "ADDR")]
@@ -242,6 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Inject(args) => cogmesh_control::inject::run(args),
             Command::Routes(args) => cogmesh_control::cli::routes(args.control, args.json).await,
             Command::Status(args) => cogmesh_control::cli::status(args.control, args.json).await,
+            Command::Top(args) => cogmesh_control::top::run(args.control, args.once, args.output).await,
             Command::Up(args) => up(args).await,
             Command::Down(args) => cogmesh_control::local::up::down(args.control),
             Command::Demo(args) => {

@@ -8,6 +8,7 @@
 //! authorizes peers by identity.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod balance;
@@ -22,6 +23,8 @@ pub mod hardening;
 pub mod identity;
 pub mod init;
 pub mod metrics;
+pub mod observe;
+pub mod otel;
 pub mod outlier;
 pub mod ratelimit;
 pub mod reload;

@@ -130,6 +130,28 @@ struct Args {
     #[arg(long)]
     max_concurrency: Option<u64>,
 
+    /// Export OpenTelemetry spans to this OTLP receiver (`http://host:4317` for gRPC, the
+    /// `/v1/traces` URL or its base for HTTP). Overrides the file's `tracing.otlp_endpoint`.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+
+    /// With --otlp-endpoint: OTLP over gRPC or HTTP (protobuf).
+    #[arg(long, value_enum)]
+    otlp_protocol: Option<cogmesh_proxy::otel::OtlpProtocol>,
+
+    /// With --otlp-endpoint: the share of new traces recorded, 0 to 1 (callers' decisions are
+    /// followed).
+    #[arg(long)]
+    trace_sampling_ratio: Option<f64>,
+
+    /// Write an access log line per request: `stdout`, `stderr` or a file path.
+    #[arg(long)]
+    access_log: Option<String>,
+
+    /// With --access-log: a template of `{field}`s, or `json`.
+    #[arg(long, requires = "access_log")]
+    access_log_format: Option<String>,
+
     /// Log filter, e.g. `info` or `cogmesh_proxy=debug` (RUST_LOG syntax).
     #[arg(long, env = "COGMESH_LOG", default_value = "info")]
     log_level: String,
@@ -164,6 +186,7 @@ fn main() -> ExitCode {
         let (shutdown_delay, max_concurrency) = (args.shutdown_delay_ms, args.max_concurrency);
         let control = config.control.clone();
         let identity = args.identity.is_some().then(|| config.identity.clone()).flatten();
+        let observe = observe_overrides(&args);
         cogmesh_proxy::reload::ConfigSource {
             path,
             // The same command-line overrides apply to every reloaded file.
@@ -195,6 +218,7 @@ fn main() -> ExitCode {
                 if identity.is_some() {
                     c.identity = identity.clone();
                 }
+                observe(c);
             }),
         }
     });
@@ -321,6 +345,8 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
             renew_fraction: cogmesh_proxy::identity::DEFAULT_RENEW_FRACTION,
         });
     }
+
+    observe_overrides(args)(&mut config);
     // Flags can break what the file alone satisfied (e.g. --workers 0): validate the result,
     // naming the flags when they were the source.
     let origin = if args.config.is_some()
@@ -334,17 +360,68 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     Ok(config)
 }
 
+/// What the tracing and access-log flags change in a configuration (the file's or quick
+/// mode's), applied at start and to every reloaded file.
+fn observe_overrides(args: &Args) -> impl Fn(&mut ProxyConfig) + Send + Sync + 'static {
+    use cogmesh_proxy::access_log::AccessLogConfig;
+    use cogmesh_proxy::otel::{OtlpProtocol, TracingConfig};
+    let (endpoint, protocol, ratio) = (
+        args.otlp_endpoint.clone(),
+        args.otlp_protocol,
+        args.trace_sampling_ratio,
+    );
+    let (log_path, log_format) = (args.access_log.clone(), args.access_log_format.clone());
+    move |c: &mut ProxyConfig| {
+        if let Some(endpoint) = &endpoint {
+            let t = c
+                .tracing
+                .get_or_insert_with(|| TracingConfig::new(endpoint.clone(), OtlpProtocol::default()));
+            t.otlp_endpoint = endpoint.clone();
+        }
+        if let Some(t) = c.tracing.as_mut() {
+            if let Some(p) = protocol {
+                t.protocol = p;
+            }
+            if let Some(r) = ratio {
+                t.sampling_ratio = r;
+            }
+        }
+        if let Some(path) = &log_path {
+            let mut log = AccessLogConfig {
+                path: path.clone(),
+                format: cogmesh_proxy::access_log::DEFAULT_FORMAT.into(),
+            };
+            if let Some(f) = &log_format {
+                log.format = f.clone();
+            }
+            c.access_log = Some(log);
+        }
+    }
+}
+
+/// Logs to stderr as text or JSON lines, through a filter the admin server can change at run
+/// time (`PUT /log-level`).
 fn init_logging(filter: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let (filter, initial) = match EnvFilter::try_new(filter) {
+        Ok(f) => (f, filter.to_owned()),
+        Err(_) => (EnvFilter::new("info"), "info".to_owned()),
+    };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     if format == "json" {
-        builder.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
+    cogmesh_proxy::admin::log_level::install(&initial, move |new| {
+        let parsed = EnvFilter::try_new(new).map_err(|e| e.to_string())?;
+        handle.reload(parsed).map_err(|e| e.to_string())
+    });
 }

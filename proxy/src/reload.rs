@@ -95,6 +95,12 @@ fn restart_only_change(old: &ProxyConfig, new: &ProxyConfig) -> Option<String> {
             return Some(format!("services[{i}].tls: changing it needs a restart"));
         }
     }
+    if old.tracing != new.tracing {
+        return Some("tracing: changing it needs a restart".into());
+    }
+    if old.access_log != new.access_log {
+        return Some("access_log: changing it needs a restart".into());
+    }
     if old.listeners.len() != new.listeners.len() {
         return Some("listeners: adding or removing listeners needs a restart".into());
     }

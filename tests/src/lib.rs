@@ -480,3 +480,30 @@ where
     });
     (addr, runtime)
 }
+
+/// Every metric name documented in docs/metrics.md: the backquoted names in the first column of
+/// its tables.
+pub fn documented_metrics() -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(repo_root().join("docs/metrics.md")).expect("docs/metrics.md");
+    text.lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| l.split('|').nth(1))
+        .flat_map(|cell| {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The metric families (`# TYPE` lines) of a Prometheus text exposition.
+pub fn metric_families(exposition: &str) -> Vec<String> {
+    exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect()
+}

@@ -128,21 +128,10 @@ pub fn main_with_args() -> u8 {
 }
 
 fn run(options: &Options) -> Result<()> {
-    let repo = peers::repo_root();
-    let mut tools = Tools::find(&repo, options.cogmesh_bin.as_deref())?;
-    if tools.cogmesh.is_none() {
-        bail!("target/release/cogmesh-proxy is not built: cargo build --release -p cogmesh-proxy");
-    }
-    let dir = std::env::temp_dir().join(format!("cogmesh-cache-bench-{}", std::process::id()));
-    fs::create_dir_all(&dir)?;
-    tools.snapshot_cogmesh(&dir)?;
-    let result = run_in(options, &tools, &dir);
-    if options.keep_temp || (result.is_err() && !procs::interrupted()) {
-        eprintln!("configs, logs and oha output kept in {}", dir.display());
-    } else {
-        let _ = fs::remove_dir_all(&dir);
-    }
-    result
+    let bin = options.cogmesh_bin.as_deref();
+    peers::with_work_dir("cogmesh-cache-bench", bin, options.keep_temp, |tools, dir| {
+        run_in(options, tools, dir)
+    })
 }
 
 fn run_in(options: &Options, tools: &Tools, dir: &Path) -> Result<()> {

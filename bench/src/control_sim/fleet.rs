@@ -319,6 +319,7 @@ impl Shared {
                         in_flight: 8,
                         ..Default::default()
                     }),
+                    ejected: false,
                 })
                 .collect();
             let instance = Load {

@@ -252,6 +252,8 @@ struct Pushes {
     answered: watch::Receiver<u64>,
     /// The version sent and not answered yet.
     in_flight: Option<u64>,
+    /// When the table in flight went out (for `table_ack_seconds`).
+    sent_at: Option<tokio::time::Instant>,
     /// Scaling decisions, of which the sidecar gets those for its own service and the
     /// services it routes to (`None` once the channel closed).
     decisions: Option<tokio::sync::broadcast::Receiver<ScalingDecision>>,
@@ -272,7 +274,11 @@ impl Pushes {
             tokio::select! {
                 _ = &mut self.done => return None,
                 _ = self.stopping.wait_for(|s| *s) => return None,
-                _ = self.answered.wait_for(|v| *v >= sent) => {}
+                _ = self.answered.wait_for(|v| *v >= sent) => {
+                    if let Some(at) = self.sent_at.take() {
+                        self.mesh.metrics.table_ack_seconds.observe(at.elapsed().as_secs_f64());
+                    }
+                }
                 _ = tokio::time::sleep(std::time::Duration::from_millis(ANSWER_WAIT_MS)) => {
                     debug!(node = %self.node, version = sent, "no answer to the last table; sending the next anyway");
                 }
@@ -339,8 +345,10 @@ impl Pushes {
                 continue;
             }
             state.sent(&self.node, table.version);
+            self.mesh.metrics.table_pushes.inc();
             self.last_content = Some(view.content);
             self.in_flight = Some(table.version);
+            self.sent_at = Some(tokio::time::Instant::now());
             return Some(view.frame);
         }
     }
@@ -372,6 +380,7 @@ fn push_body(
         last_content: None,
         answered,
         in_flight: None,
+        sent_at: None,
     };
     let frames = futures_util::stream::unfold(pushes, |mut p| async move {
         let frame = p.next().await?;
@@ -400,12 +409,14 @@ async fn read_sidecar(
                 sidecar_message::Kind::Ack(a) => {
                     debug!(%node, version = a.version, "ACK");
                     mesh.state().ack(&node, a.version);
+                    mesh.metrics.table_answer("ack");
                     answered.send_modify(|v| *v = (*v).max(a.version));
                 }
                 sidecar_message::Kind::Nack(n) => {
                     warn!(%node, version = n.version, error = %n.error, "sidecar refused a routing table");
                     let version = n.version;
                     mesh.state().nack(&node, version, n.error);
+                    mesh.metrics.table_answer("nack");
                     answered.send_modify(|v| *v = (*v).max(version));
                 }
                 sidecar_message::Kind::Hello(_) => {

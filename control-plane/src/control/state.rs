@@ -38,6 +38,8 @@ pub struct MeshState {
     weights: BTreeMap<String, BTreeMap<String, WeightState>>,
     /// endpoint address → (qps, load) of the last update, for ListServices.
     last_observed: HashMap<String, Observation>,
+    /// endpoint address → its [`Traffic`] of the last update, for ListServices.
+    last_traffic: HashMap<String, Traffic>,
     pub version: u64,
     pub table: Arc<RoutingTable>,
     /// Services known from configuration (static discovery).
@@ -59,6 +61,18 @@ struct Accumulated {
     eps: f64,
     load_sum: f64,
     load_n: u32,
+    /// What `cogmesh top` shows besides: the highest p50 / p99 any sidecar reported, the
+    /// in-flight sum, and how many reports had the endpoint ejected.
+    traffic: Traffic,
+}
+
+/// An endpoint's latency, in-flight count and ejections over one window (see [`Accumulated`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Traffic {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub in_flight: u64,
+    pub ejected_by: u32,
 }
 
 impl MeshState {
@@ -132,6 +146,11 @@ impl MeshState {
             acc.eps += l.errors_per_second;
             acc.load_sum += l.cognitive_load;
             acc.load_n += 1;
+            let t = &mut acc.traffic;
+            t.p50_ms = t.p50_ms.max(l.latency_p50_ms);
+            t.p99_ms = t.p99_ms.max(l.latency_p99_ms);
+            t.in_flight += l.in_flight;
+            t.ejected_by += u32::from(e.ejected);
         }
     }
 
@@ -222,6 +241,16 @@ impl MeshState {
             .iter()
             .map(|(a, w)| (a.as_str(), (w.load_sum, w.load_n as usize)))
             .collect();
+        self.last_traffic = window
+            .iter()
+            .map(|(a, w)| {
+                let mut t = w.traffic;
+                // Sums over several reports of one sidecar in the window count it once.
+                t.in_flight = (t.in_flight as f64 / per_reporter).round() as u64;
+                t.ejected_by = (f64::from(t.ejected_by) / per_reporter).round() as u32;
+                (a.clone(), t)
+            })
+            .collect();
         let self_load: HashMap<&str, f64> = self
             .sidecars
             .values()
@@ -302,17 +331,28 @@ impl MeshState {
             .iter()
             .map(|s| ServiceStatus {
                 name: s.name.clone(),
+                replicas: self
+                    .sidecars
+                    .values()
+                    .filter(|c| c.connected && c.hello.service == s.name)
+                    .count() as u32,
                 endpoints: s
                     .endpoints
                     .iter()
                     .map(|e| {
                         let o = self.last_observed.get(&e.address);
+                        let t = self.last_traffic.get(&e.address).copied().unwrap_or_default();
                         EndpointStatus {
                             address: e.address.clone(),
                             weight: e.weight,
                             node: nodes.get(e.address.as_str()).unwrap_or(&"").to_string(),
                             cognitive_load: o.map_or(0.0, |o| o.utilization),
                             qps: o.map_or(0.0, |o| o.qps),
+                            errors_per_second: o.map_or(0.0, |o| o.eps),
+                            latency_p50_ms: t.p50_ms,
+                            latency_p99_ms: t.p99_ms,
+                            in_flight: t.in_flight,
+                            ejected_by: t.ejected_by,
                         }
                     })
                     .collect(),
@@ -435,11 +475,13 @@ mod tests {
                             service: "r".into(),
                             address: "127.0.0.1:7001".into(),
                             load: Some(load(50.0, 0.9)),
+                            ejected: false,
                         },
                         EndpointLoad {
                             service: "r".into(),
                             address: "127.0.0.1:7002".into(),
                             load: Some(load(50.0, 0.3)),
+                            ejected: false,
                         },
                     ],
                 },

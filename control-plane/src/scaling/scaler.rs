@@ -228,6 +228,7 @@ impl Scaler {
             let empty = ServiceStatus {
                 name: name.clone(),
                 endpoints: Vec::new(),
+                replicas: 0,
             };
             let status = services.iter().find(|s| &s.name == name).unwrap_or(&empty);
             let mut obs = observe(status, unix_ms);

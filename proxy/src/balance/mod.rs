@@ -11,6 +11,7 @@
 
 pub mod cost;
 mod ewma;
+pub mod latency;
 pub mod orca;
 mod ring;
 
@@ -52,6 +53,8 @@ pub struct Endpoint {
     /// Responses that were 5xx or failed in the proxy (connect, reset, timeout).
     failures: AtomicU64,
     rtt: PeakEwma,
+    /// Observed latencies by bucket, for the load reports.
+    latency: latency::LatencyBuckets,
     /// f64 bits of the last reported load; `load_at_ns` 0 means never reported.
     load: AtomicU64,
     load_at_ns: AtomicU64,
@@ -89,6 +92,7 @@ impl Endpoint {
             picks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             rtt: PeakEwma::new(),
+            latency: Default::default(),
             load: AtomicU64::new(0f64.to_bits()),
             load_at_ns: AtomicU64::new(0),
             ejected_until_ns: AtomicU64::new(0),
@@ -127,6 +131,12 @@ impl Endpoint {
     /// Records an observed response latency.
     pub fn observe_rtt(&self, rtt: Duration) {
         self.rtt.observe(rtt);
+        self.latency.observe(rtt);
+    }
+
+    /// The distribution of observed latencies (for the load reports' p50 / p99).
+    pub fn latency(&self) -> &latency::LatencyBuckets {
+        &self.latency
     }
 
     pub fn rtt_ewma_ns(&self) -> f64 {

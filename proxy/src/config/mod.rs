@@ -85,6 +85,12 @@ pub struct ProxyConfig {
     /// Get (and renew) a workload certificate from the control plane's CA (see `identity`).
     #[serde(default)]
     pub identity: Option<crate::identity::IdentityConfig>,
+    /// OpenTelemetry spans over OTLP; off by default (see [`crate::otel`]).
+    #[serde(default)]
+    pub tracing: Option<crate::otel::TracingConfig>,
+    /// One line per request; off by default (see [`crate::access_log`]).
+    #[serde(default)]
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
 }
 
 /// How the sidecar joins the control plane (`cogmesh control`).
@@ -438,7 +444,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(file: &str, field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn new(file: &str, field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             file: file.to_string(),
             field: field.into(),
@@ -519,6 +525,8 @@ impl ProxyConfig {
             transparent: None,
             tls: None,
             identity: None,
+            tracing: None,
+            access_log: None,
         }
     }
 
@@ -548,6 +556,12 @@ impl ProxyConfig {
             if value == 0 {
                 return Err(ConfigError::new(file, field, "must be greater than 0"));
             }
+        }
+        if let Some(t) = &self.tracing {
+            t.validate(file)?;
+        }
+        if let Some(a) = &self.access_log {
+            a.validate(file)?;
         }
         if let Some(Err((field, reason))) = self.admission.as_ref().map(|a| a.check()) {
             return Err(ConfigError::new(file, format!("admission.{field}"), reason));

@@ -307,7 +307,8 @@ async fn session(
 
 /// Sends a LoadReport every `interval` with what this sidecar saw of each endpoint.
 async fn report_loop(state: Arc<State>, tx: mpsc::Sender<SidecarMessage>, interval: Duration) {
-    let mut previous: HashMap<(String, SocketAddr), (u64, u64)> = HashMap::new();
+    type Counts = (u64, u64, [u64; crate::balance::latency::BUCKETS]);
+    let mut previous: HashMap<(String, SocketAddr), Counts> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
     loop {
@@ -320,10 +321,11 @@ async fn report_loop(state: Arc<State>, tx: mpsc::Sender<SidecarMessage>, interv
             let stale = s.endpoints.load_staleness();
             for e in s.endpoints.endpoints() {
                 let key = (s.name.clone(), e.addr);
-                let (picks, failures) = (e.picks(), e.failures());
-                let (p0, f0) = previous
-                    .insert(key, (picks, failures))
-                    .unwrap_or((picks, failures));
+                let (picks, failures, latency) = (e.picks(), e.failures(), e.latency().snapshot());
+                let (p0, f0, l0) = previous
+                    .insert(key, (picks, failures, latency))
+                    .unwrap_or((picks, failures, latency));
+                let quantile = |q| crate::balance::latency::quantile_ms(&l0, &latency, q).unwrap_or(0.0);
                 let load = e.fresh_load(stale).unwrap_or(0.0);
                 instance.in_flight += e.in_flight();
                 // An inbound sidecar fronts its own app: the app's load is the instance's.
@@ -341,10 +343,12 @@ async fn report_loop(state: Arc<State>, tx: mpsc::Sender<SidecarMessage>, interv
                         cognitive_load: load,
                         reasoning_throughput_rps: picks.saturating_sub(p0) as f64 / secs,
                         errors_per_second: failures.saturating_sub(f0) as f64 / secs,
-                        latency_p50_ms: e.rtt_ewma_ns() / 1e6,
+                        latency_p50_ms: quantile(0.5),
+                        latency_p99_ms: quantile(0.99),
                         in_flight: e.in_flight(),
                         ..Default::default()
                     }),
+                    ejected: e.is_ejected(),
                 });
             }
         }

@@ -171,6 +171,8 @@ pub struct Shared {
     pub table: SharedTable,
     pub upstreams: Upstreams,
     pub limits: crate::hardening::LimitsConfig,
+    /// Spans and the access log (each `None` when off).
+    pub observe: crate::observe::Observe,
 }
 
 /// The hyper service of one accepted connection.
@@ -184,6 +186,7 @@ pub struct Forward {
     pinned: Option<Arc<str>>,
     /// The peer's verified identity on a TLS listener.
     identity: Option<Arc<PeerIdentity>>,
+    peer_ip: std::net::IpAddr,
 }
 
 impl Forward {
@@ -200,6 +203,7 @@ impl Forward {
             client_ip,
             pinned: None,
             identity: identity.map(Arc::new),
+            peer_ip: peer.ip(),
         }
     }
 
@@ -240,6 +244,25 @@ impl Forward {
 
     async fn forward(self, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
+        let Some(begun) = self.shared.observe.begin(&req, start) else {
+            return self.route_and_send(req, start, None).await;
+        };
+        let response = self.route_and_send(req, start, Some(&begun)).await;
+        let table = self.shared.table.load();
+        let listener = &table.listeners[self.listener];
+        let (name, direction) = (listener.name.as_str(), listener.direction.as_str());
+        self.shared
+            .observe
+            .finish(begun, &response, self.peer_ip, (name, direction));
+        response
+    }
+
+    async fn route_and_send(
+        &self,
+        req: Request<Incoming>,
+        start: Instant,
+        begun: Option<&crate::observe::Begun>,
+    ) -> Response<ProxyBody> {
         let table = self.shared.table.load_full();
         let routes = &table.listeners[self.listener];
         let matched = match &self.pinned {
@@ -251,6 +274,7 @@ impl Forward {
                 retry_non_idempotent: false,
                 policy: None,
                 access: None,
+                route: None,
             },
         };
         let route = matched.service;
@@ -273,6 +297,10 @@ impl Forward {
             debug!(error = err.kind().label(), uri = %req.uri(), "{err}");
             return Self::answer_error(&routes.unrouted, start, &err, is_grpc(&req));
         };
+        if let Some(b) = begun {
+            b.routed(&table, index, matched.route);
+        }
+        let span = begun.and_then(|b| b.span.as_ref());
         let metrics = &routes.metrics[index];
         metrics.requests.inc();
         let grpc = is_grpc(&req);
@@ -301,12 +329,13 @@ impl Forward {
         let result = match matched.policy {
             None => {
                 let any_method = matched.retry_non_idempotent;
-                self.exchange(&table, index, req.map(Either::Left), any_method)
+                self.exchange(&table, index, req.map(Either::Left), any_method, span)
                     .await
             }
             Some(policy) => {
                 let any_method = matched.retry_non_idempotent;
-                self.with_policy(policy, &table, index, req, any_method).await
+                self.with_policy(policy, &table, index, req, any_method, span)
+                    .await
             }
         };
         let mut response = match result {
@@ -332,6 +361,7 @@ impl Forward {
         index: usize,
         req: Request<Incoming>,
         retry_any_method: bool,
+        span: Option<&crate::otel::ServerSpan>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let method = req.method().clone();
         let compression = policy.compression.as_ref();
@@ -347,7 +377,7 @@ impl Forward {
             }
             None => req.map(Either::Left),
         };
-        let exchange = |req| self.exchange(table, index, req, retry_any_method);
+        let exchange = |req| self.exchange(table, index, req, retry_any_method, span);
         let response = match &policy.cache {
             Some(cache) => cache.serve(req, exchange).await?,
             None => exchange(req).await?,
@@ -370,8 +400,10 @@ impl Forward {
         index: usize,
         req: Request<UpstreamBody>,
         retry_any_method: bool,
+        span: Option<&crate::otel::ServerSpan>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let metrics = &table.listeners[self.listener].metrics[index];
+        let tracer = span.and(self.shared.observe.tracer.as_deref());
         let service = &table.services[index];
         let upgrade = headers::is_upgrade(&req);
         let grpc = is_grpc(&req);
@@ -405,6 +437,13 @@ impl Forward {
             .await;
             loop {
                 let attempt_start = Instant::now();
+                let client_span = match (tracer, span) {
+                    (Some(t), Some(s)) => {
+                        let method = req.method().clone();
+                        t.start_client(s, &method, req.headers_mut())
+                    }
+                    _ => None,
+                };
                 let (outcome, endpoint) = match self
                     .send(table, index, metrics, req, avoid, activity.as_ref())
                     .await
@@ -412,6 +451,13 @@ impl Forward {
                     Ok((response, endpoint)) => (Ok(response), Some(endpoint)),
                     Err((err, endpoint)) => (Err(err), endpoint),
                 };
+                if let (Some(t), Some(s), Some(c)) = (tracer, span, client_span) {
+                    t.end_client(
+                        s,
+                        c,
+                        &client_outcome(&service.name, &outcome, endpoint.as_deref()),
+                    );
+                }
                 let retriable = match &outcome {
                     Ok(response) => attempts.retries_response(response),
                     Err(err) => matches!(err.kind(), ErrorKind::UpstreamConnect | ErrorKind::UpstreamReset),
@@ -661,6 +707,20 @@ impl hyper::service::Service<Request<Incoming>> for Forward {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(req).await) })
+    }
+}
+
+/// What an attempt's CLIENT span records.
+fn client_outcome<'a>(
+    service: &'a str,
+    outcome: &Result<Response<ProxyBody>, ProxyError>,
+    endpoint: Option<&Endpoint>,
+) -> crate::otel::ClientOutcome<'a> {
+    crate::otel::ClientOutcome {
+        service,
+        endpoint: endpoint.map(|e| e.addr),
+        status: outcome.as_ref().ok().map(|r| r.status().as_u16()),
+        error: outcome.as_ref().err().map(|e| e.kind().label()),
     }
 }
 

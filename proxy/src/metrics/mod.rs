@@ -9,6 +9,8 @@
 //! - `response_latency_seconds{direction,service}`: histogram, request start to response headers;
 //! - `proxy_error_total{direction,service,error}`: requests the proxy failed itself, by cause;
 //! - `tcp_open_connections{direction,listener}`: accepted connections currently open;
+//!   `tcp_accepted_connections_total`, `tcp_read_bytes_total` and `tcp_write_bytes_total` with
+//!   the same labels (bytes as the proxy read and wrote them on client connections);
 //! - `request_refused_total{direction,listener}`: HTTP/1 request heads refused as smuggling
 //!   attempts (`Content-Length` with `Transfer-Encoding`, conflicting lengths);
 //! - `rate_limited_total{scope,name}`: requests refused with 429 by the rate limiter of a
@@ -22,6 +24,8 @@
 //! - `retry_total{direction,service,result}`: retries `sent`, and retriable failures not retried
 //!   because of the budget (`budget_exhausted`), the breaker's `max_retries`
 //!   (`breaker_overflow`) or a body longer than the replay buffer (`body_too_large`);
+//! - `trace_span_total{result}`: finished spans `exported`, `failed` (export error) or
+//!   `dropped` (queue full); `access_log_line_total{result}`: lines `written` or `dropped`;
 //! - `config_reload_total{result}`: reloads of proxy.yaml, `applied` or `refused`;
 //! - `stream_idle_timeout_total{direction,service}`: streams ended by `stream_idle_timeout_ms`;
 //! - `load_report_total{direction,service,result}`: ORCA load reports read from responses,
@@ -50,7 +54,9 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::error::ErrorKind;
 
+mod counted;
 mod sharded;
+pub use self::counted::{ByteCounters, CountedIo};
 pub use self::sharded::{LatencyHistogram, ShardedCounter};
 
 /// Latency buckets in seconds: 0.5 ms to 30 s, roughly ×2.5 apart.
@@ -180,6 +186,44 @@ pub struct Metrics {
     /// Set once the first routing table exists; read by the endpoint collector.
     pub table: Arc<OnceLock<crate::route::SharedTable>>,
     pub identity: crate::identity::IdentityMetrics,
+    /// Spans and access-log lines: exported, written, dropped.
+    pub telemetry: crate::otel::TelemetryCounters,
+    tcp: TcpFamilies,
+}
+
+/// Accepted connections and their bytes, per listener.
+struct TcpFamilies {
+    accepted: Family<ConnectionLabels, Counter>,
+    read: Family<ConnectionLabels, Counter>,
+    written: Family<ConnectionLabels, Counter>,
+}
+
+impl TcpFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        let f = TcpFamilies {
+            accepted: Family::default(),
+            read: Family::default(),
+            written: Family::default(),
+        };
+        registry.register(
+            "tcp_accepted_connections",
+            "Client connections accepted",
+            f.accepted.clone(),
+        );
+        registry.register_with_unit(
+            "tcp_read",
+            "Bytes read from client connections",
+            Unit::Bytes,
+            f.read.clone(),
+        );
+        registry.register_with_unit(
+            "tcp_write",
+            "Bytes written to client connections",
+            Unit::Bytes,
+            f.written.clone(),
+        );
+        f
+    }
 }
 
 impl Default for Metrics {
@@ -302,11 +346,15 @@ impl Metrics {
         let tls = crate::tls::TlsMetrics::register(&mut registry);
         let identity = crate::identity::IdentityMetrics::default();
         identity.register(&mut registry);
+        let telemetry = crate::otel::TelemetryCounters::register(&mut registry);
+        let tcp = TcpFamilies::register(&mut registry);
         Metrics {
             transparent,
             tls,
             identity,
             registry,
+            telemetry,
+            tcp,
             compressed,
             cache_lookups,
             cache_evictions,
@@ -328,6 +376,19 @@ impl Metrics {
             reloads,
             table,
         }
+    }
+
+    /// A listener's accepted-connection counter and byte counters.
+    pub fn tcp(&self, direction: &'static str, listener: &str) -> (Counter, ByteCounters) {
+        let labels = ConnectionLabels {
+            direction,
+            listener: listener.to_string(),
+        };
+        let bytes = ByteCounters {
+            read: self.tcp.read.get_or_create(&labels).clone(),
+            written: self.tcp.written.get_or_create(&labels).clone(),
+        };
+        (self.tcp.accepted.get_or_create(&labels).clone(), bytes)
     }
 
     /// The reload counter for `applied` (true) or `refused` (false).

@@ -94,6 +94,8 @@ pub struct ListenerRoutes {
 }
 
 struct Route {
+    /// The route's `name`, else `routes[i]` (spans and the access log).
+    name: Arc<str>,
     host: Option<String>,
     path_prefix: Option<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -126,6 +128,8 @@ pub struct RouteMatch<'a> {
     pub policy: Option<&'a Arc<RoutePolicy>>,
     /// The matched route's authorization and security headers, if any.
     pub access: Option<&'a RouteAccess>,
+    /// The matched route's name (`routes[i]` without one); `None` for the default service.
+    pub route: Option<&'a Arc<str>>,
 }
 
 impl RoutingTable {
@@ -203,6 +207,7 @@ impl RoutingTable {
             .iter()
             .enumerate()
             .map(|(i, r)| Route {
+                name: r.name.clone().unwrap_or_else(|| format!("routes[{i}]")).into(),
                 priority: r.priority,
                 retry_non_idempotent: r.retry_non_idempotent,
                 rate_limit: r.rate_limit.as_ref().map(|c| {
@@ -298,6 +303,7 @@ impl RoutingTable {
                 retry_non_idempotent: r.retry_non_idempotent,
                 policy: r.policy.as_ref(),
                 access: r.access.as_ref(),
+                route: Some(&r.name),
             },
             None => RouteMatch {
                 service: self.listeners[listener].default_service,
@@ -306,6 +312,7 @@ impl RoutingTable {
                 retry_non_idempotent: false,
                 policy: None,
                 access: None,
+                route: None,
             },
         }
     }

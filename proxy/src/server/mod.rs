@@ -43,6 +43,8 @@ pub enum ServeError {
     /// that does not match its certificate).
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Observe(String),
 }
 
 /// What the admin server shows and the workers share.
@@ -59,6 +61,8 @@ pub struct State {
     pub last_reload: Mutex<Option<crate::reload::ReloadOutcome>>,
     /// The sidecar's TLS identity and what origination needs, with `tls` configured.
     pub tls: Option<crate::tls::client::Origin>,
+    /// Spans and the access log; both `None` when off (see [`crate::observe`]).
+    pub observe: crate::observe::Observe,
 }
 
 impl State {
@@ -105,6 +109,15 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
 
     crate::worker::set_count(config.workers);
     let metrics = Metrics::new();
+    // The main thread's runtime (admin server, control-plane client, span export) exists before
+    // the workers, so the span exporter can be built inside it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let (observe, exporting) = runtime
+        .block_on(async { crate::observe::Observe::start(&config, &metrics) })
+        .map_err(ServeError::Observe)?;
     let tls = match &config.tls {
         None => None,
         Some(t) => {
@@ -133,6 +146,7 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         pushed: Mutex::new((EndpointOverrides::new(), 0)),
         last_reload: Mutex::new(None),
         tls,
+        observe,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -155,10 +169,6 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         workers.push(handle);
     }
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(ServeError::Runtime)?;
     runtime.block_on(async {
         let admin_listener = TcpListener::from_std(admin_listener).map_err(ServeError::Runtime)?;
         tokio::spawn(admin::serve(admin_listener, Arc::clone(&state)));
@@ -198,6 +208,10 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         let _ = stop_tx.send(true);
         for w in workers {
             let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+        // The workers are gone: the spans still queued are exported.
+        if let Some(flush) = exporting {
+            flush.finish(crate::otel::FLUSH_TIMEOUT).await;
         }
         info!("stopped");
         Ok(())
@@ -313,6 +327,7 @@ async fn accept_loop(
     // Listeners cannot change on reload (see crate::reload), so this copy stays accurate.
     let config = state.config.load().listeners[index].clone();
     let open = state.metrics.connections(config.direction.as_str(), &config.name);
+    let (accepted_total, bytes) = state.metrics.tcp(config.direction.as_str(), &config.name);
     let limits = state.config.load().limits.clone();
     let header_read_timeout = Duration::from_millis(state.config.load().header_read_timeout_ms);
     let refused = state
@@ -331,6 +346,7 @@ async fn accept_loop(
         table: Arc::clone(&state.table),
         upstreams,
         limits: limits.clone(),
+        observe: state.observe.clone(),
     });
     let capture =
         crate::transparent::Capture::for_listener(&state.config.load(), index, &state.metrics.transparent);
@@ -350,14 +366,17 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        accepted_total.inc();
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let open = open.clone();
         open.inc();
         if let Some(acceptor) = acceptor.clone() {
             let (shared, limits, refused) = (Arc::clone(&shared), limits.clone(), refused.clone());
+            let bytes = bytes.clone();
             tokio::spawn(async move {
                 if let Some((stream, identity)) = acceptor.accept(stream, peer).await {
+                    let stream = crate::metrics::CountedIo::new(stream, bytes);
                     let stream = GuardedIo::new(stream, &limits, header_read_timeout, refused);
                     let service = Forward::new(shared, index, peer, Some(identity));
                     serve(&builder, watcher, stream, service, peer).await;
@@ -366,8 +385,9 @@ async fn accept_loop(
             });
             continue;
         }
-        let (shared, refused) = (Arc::clone(&shared), refused.clone());
+        let (shared, refused, bytes) = (Arc::clone(&shared), refused.clone(), bytes.clone());
         let serve_http = move |stream, pinned| async move {
+            let stream = crate::metrics::CountedIo::new(stream, bytes);
             let stream = GuardedIo::new(stream, &shared.limits, header_read_timeout, refused);
             let service = Forward::new(Arc::clone(&shared), index, peer, None).pinned_to(pinned);
             serve(&builder, watcher, stream, service, peer).await;
