@@ -65,6 +65,9 @@ struct Args {
     /// Connections of the throughput runs.
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// The cogmesh-proxy binary (default target/release/cogmesh-proxy).
+    #[arg(long)]
+    cogmesh: Option<PathBuf>,
     /// Concurrent clients of the handshake runs.
     #[arg(long, default_value_t = 8)]
     handshake_clients: usize,
@@ -315,10 +318,17 @@ fn check_pair(servers: &mut [Server], a: SocketAddr) -> Result<()> {
     })
 }
 
-/// The protocol version and cipher suite `openssl s_client` negotiates with B (as A would).
+/// The TLS 1.3 suites in the order sidecar A offers them.
+const TLS13_SUITES_OFFERED: &str =
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
+
+/// The protocol version and cipher suite `openssl s_client` negotiates with B when it offers
+/// the suites in A's order.
 fn negotiated(b: SocketAddr, pki: &Pki) -> String {
     let out = Command::new("openssl")
         .args(["s_client", "-brief", "-connect", &b.to_string()])
+        // The order both A's offer (rustls as cogmesh sets it up, BoringSSL in Envoy).
+        .args(["-ciphersuites", TLS13_SUITES_OFFERED])
         .arg("-cert")
         .arg(&pki.a.0)
         .arg("-key")
@@ -346,7 +356,12 @@ fn negotiated(b: SocketAddr, pki: &Pki) -> String {
 
 /// Full mTLS handshakes (plus one request each) per second against `b`.
 fn handshakes_per_sec(b: SocketAddr, pki: &Pki, clients: usize, window: Duration) -> Result<(f64, u64)> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    // A's order: AES-128-GCM first.
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let provider = Arc::new(provider);
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(&pki.ca)? {
         roots.add(cert?)?;
@@ -421,7 +436,7 @@ fn run(args: &Args) -> Result<()> {
         (args.rounds.max(1), Duration::from_secs(args.seconds.max(1)))
     };
     let repo = repo_root();
-    let tools = Tools::find(&repo, None)?;
+    let tools = Tools::find(&repo, args.cogmesh.as_deref())?;
     let dir = std::env::temp_dir().join(format!("cogmesh-tls-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let pki = make_pki(&dir)?;
@@ -479,7 +494,7 @@ fn run(args: &Args) -> Result<()> {
     );
     for pair in &pairs {
         println!(
-            "  {:<8} A→B negotiated: {}",
+            "  {:<8} B negotiates: {}",
             pair.kind.name(),
             negotiated(pair.b, &pki)
         );
