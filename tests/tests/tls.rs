@@ -123,7 +123,7 @@ listeners:
     tls: {{ client_auth: required }}
     authorization: {{ allow: ["{TRUST_DOMAIN}/ns/default/*"] }}
 services:
-  - {{ name: app, endpoints: ["{app}"] }}
+  - {{ name: app, endpoints: ["{app}"], protocol: http1 }}
 routes:
   - match: {{ path_prefix: /admin.Only/ }}
     service: app
@@ -282,6 +282,16 @@ fn mtls_between_sidecars_with_plaintext_at_both_ends() {
         heads.iter().any(|h| h.starts_with("GET /hello?x=1 HTTP/1.1\r\n")),
         "the server should read a plaintext request, got {heads:?}"
     );
+    // HTTP/2 from the client: A → B is HTTP/2 over TLS (ALPN h2), B → server HTTP/1.1.
+    let (code, body, err) = curl(&["--http2-prior-knowledge", &a.url("/over-h2")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(body, "hello");
+    assert!(server
+        .heads
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|h| h.starts_with("GET /over-h2 HTTP/1.1\r\n")));
 
     // TLS 1.3 between A and B, on both sides' counters.
     assert!(metric(&a, r#"tls_handshake_total{side="client",version="TLSv1_3"}"#) >= 1.0);
@@ -324,7 +334,7 @@ fn mtls_between_sidecars_with_plaintext_at_both_ends() {
     assert_eq!(metric(&b, &denied), 2.0);
     assert_eq!(
         server.heads.lock().unwrap().len(),
-        1,
+        2,
         "denied requests never reach the server"
     );
 
