@@ -59,8 +59,9 @@ struct Args {
     /// Seconds per measurement window.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Requests per second of the latency runs.
-    #[arg(long, default_value_t = 2000)]
+    /// Requests per second of the latency runs (below what either pair saturates at on a
+    /// busy 2-core machine, so the numbers are latency, not queueing).
+    #[arg(long, default_value_t = 500)]
     rate: u32,
     /// Connections of the throughput runs.
     #[arg(long, default_value_t = 32)]
@@ -390,14 +391,25 @@ fn handshakes_per_sec(b: SocketAddr, pki: &Pki, clients: usize, window: Duration
                     while start.elapsed() < window {
                         let once = async {
                             let tcp = tokio::net::TcpStream::connect(b).await?;
+                            // As the sidecars do: no Nagle delay between handshake and request.
+                            tcp.set_nodelay(true)?;
                             let name = ServerName::try_from("localhost").expect("a DNS name");
                             let mut tls = connector.connect(name, tcp).await?;
                             tls.write_all(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
                                 .await?;
+                            // Read one whole response (by its length: servers differ in
+                            // how soon they close after `Connection: close`), then hang up.
                             let mut response = Vec::new();
-                            tls.read_to_end(&mut response).await?;
-                            if !response.starts_with(b"HTTP/1.1 200") {
-                                return Err(std::io::Error::other("not a 200"));
+                            let mut chunk = [0u8; 4096];
+                            loop {
+                                let n = tls.read(&mut chunk).await?;
+                                if n == 0 {
+                                    return Err(std::io::Error::other("closed before the response ended"));
+                                }
+                                response.extend_from_slice(&chunk[..n]);
+                                if response_complete(&response)? {
+                                    break;
+                                }
                             }
                             Ok::<_, std::io::Error>(())
                         };
@@ -418,6 +430,23 @@ fn handshakes_per_sec(b: SocketAddr, pki: &Pki, clients: usize, window: Duration
         done.load(Ordering::Relaxed) as f64 / secs,
         failed.load(Ordering::Relaxed),
     ))
+}
+
+/// Whether `buf` holds a whole `200` response with a `content-length` body.
+fn response_complete(buf: &[u8]) -> std::io::Result<bool> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(false);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        return Err(std::io::Error::other(format!("not a 200: {head}")));
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no content-length"))?;
+    Ok(buf.len() >= end + 4 + length)
 }
 
 #[derive(Default)]
@@ -467,7 +496,13 @@ fn run(args: &Args) -> Result<()> {
         direct
             .rps
             .push(wrk.run(&direct_url, Proto::H1, window, &dir)?.rps);
-        for (pair, samples) in pairs.iter().zip(by_pair.iter_mut()) {
+        // Alternate which pair goes first, so neither always follows the other's load.
+        let mut order: Vec<usize> = (0..pairs.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (pair, samples) = (&pairs[i], &mut by_pair[i]);
             let url = format!("http://{}/", pair.a);
             let latency = oha.open_loop(&url, Proto::H1, args.rate, window, &dir)?;
             samples.p50_us.push(latency.p50_us);
@@ -479,6 +514,13 @@ fn run(args: &Args) -> Result<()> {
             let (rate, failed) = handshakes_per_sec(pair.b, &pki, args.handshake_clients, window)?;
             samples.handshakes.push(rate);
             samples.errors += failed;
+            eprintln!(
+                "  {:<8} p50 {:.0} µs, p99 {:.0} µs, {:.0} rps, {rate:.0} handshakes/s",
+                pair.kind.name(),
+                latency.p50_us,
+                latency.p99_us,
+                throughput.rps
+            );
         }
     }
 
