@@ -348,6 +348,7 @@ fn mtls_between_sidecars_with_plaintext_at_both_ends() {
     );
 }
 
+/// An edge listener with a certificate of its own (no sidecar identity).
 #[test]
 fn curl_and_openssl_against_an_inbound_tls_listener() {
     let pki = Pki::new("edge");
@@ -356,9 +357,12 @@ fn curl_and_openssl_against_an_inbound_tls_listener() {
     let (edge, _) = Proxy::with_config_logged(&format!(
         r#"
 admin: "{{admin}}"
-tls: {{ identity_dir: "{dir}" }}
 listeners:
-  - {{ name: edge, address: "{{listen}}", direction: inbound, default_service: app, tls: {{ client_auth: none }} }}
+  - name: edge
+    address: "{{listen}}"
+    direction: inbound
+    default_service: app
+    tls: {{ client_auth: none, cert: "{dir}/cert.pem", key: "{dir}/key.pem" }}
 services:
   - {{ name: app, endpoints: ["{app}"] }}
 routes:

@@ -59,6 +59,8 @@ pub struct State {
     pub last_reload: Mutex<Option<crate::reload::ReloadOutcome>>,
     /// The sidecar's TLS identity and what origination needs, with `tls` configured.
     pub tls: Option<crate::tls::client::Origin>,
+    /// Per listener, the identity it terminates TLS with (see `crate::tls::server`).
+    pub listener_identities: Vec<Option<Arc<crate::tls::IdentityStore>>>,
 }
 
 impl State {
@@ -105,15 +107,19 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
 
     crate::worker::set_count(config.workers);
     let metrics = Metrics::new();
+    let file = source
+        .as_ref()
+        .map_or_else(|| "<command line>".to_string(), |s| s.path.display().to_string());
     let tls = match &config.tls {
         None => None,
-        Some(t) => {
-            let file = source
-                .as_ref()
-                .map_or_else(|| "<command line>".to_string(), |s| s.path.display().to_string());
-            Some(crate::tls::client::Origin::load(t, &config, &metrics.tls, &file)?)
-        }
+        Some(t) => Some(crate::tls::client::Origin::load(t, &config, &metrics.tls, &file)?),
     };
+    let listener_identities = crate::tls::server::listener_identities(
+        &config,
+        tls.as_ref().map(|o| &o.store),
+        &metrics.tls,
+        &file,
+    )?;
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build_with(
         &config,
         None,
@@ -133,6 +139,7 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         pushed: Mutex::new((EndpointOverrides::new(), 0)),
         last_reload: Mutex::new(None),
         tls,
+        listener_identities,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -171,6 +178,12 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         }
         if let (Some(origin), Some(true)) = (&state.tls, config.tls.as_ref().map(|t| t.watch)) {
             tokio::spawn(crate::tls::identity::watch(Arc::clone(&origin.store)));
+        }
+        // Listeners with certificates of their own watch them too.
+        for store in state.listener_identities.iter().flatten() {
+            if !state.tls.as_ref().is_some_and(|o| Arc::ptr_eq(&o.store, store)) {
+                tokio::spawn(crate::tls::identity::watch(Arc::clone(store)));
+            }
         }
         state.ready.store(true, Ordering::Release);
         for l in &config.listeners {
@@ -306,10 +319,10 @@ async fn accept_loop(
     let refused = state
         .metrics
         .requests_refused(config.direction.as_str(), &config.name);
-    let acceptor = match (&config.tls, &state.tls) {
-        (Some(t), Some(origin)) => Some(Arc::new(crate::tls::server::ListenerAcceptor::new(
+    let acceptor = match (&config.tls, &state.listener_identities[index]) {
+        (Some(t), Some(store)) => Some(Arc::new(crate::tls::server::ListenerAcceptor::new(
             t,
-            Arc::clone(&origin.store),
+            Arc::clone(store),
             state.metrics.tls.clone(),
             &config.name,
         ))),
