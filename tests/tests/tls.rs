@@ -661,6 +661,33 @@ fn invalid_tls_configuration_is_refused_with_file_field_and_reason() {
     }
 }
 
+/// A WebSocket (HTTP/1.1 Upgrade) through the pair: the upgraded connection between the
+/// sidecars is the mTLS one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_through_the_mtls_pair() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let pki = Pki::new("ws");
+    let app = start_workload("ws-app");
+    let b_dir = pki.identity("b", &spiffe("default", "server"), Validity::Current);
+    let a_dir = pki.identity("a", &spiffe("default", "client"), Validity::Current);
+    let (b, _) = inbound_sidecar(&b_dir, app.addr);
+    let (a, _) = outbound_sidecar(&a_dir, &[("/", b.listen, &spiffe("default", "server"))]);
+    let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{}/ws", a.listen))
+        .await
+        .expect("websocket handshake through the pair");
+    assert_eq!(response.status(), 101);
+    for i in 0..5 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        assert_eq!(
+            ws.next().await.expect("a reply").unwrap(),
+            Message::text(format!("hello {i}"))
+        );
+    }
+    ws.close(None).await.unwrap();
+    assert!(metric(&a, r#"tls_handshake_total{side="client",version="TLSv1_3"}"#) >= 1.0);
+}
+
 /// The TLS alerting rules (deploy/prometheus/tls_alerts.yaml) parse and fire as their unit
 /// tests say, checked with the real `promtool`.
 #[test]
