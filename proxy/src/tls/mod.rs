@@ -9,7 +9,8 @@
 //! rustls configurations are built once and a rotation is one pointer swap.
 //!
 //! - [`server`]: a listener's TLS acceptor (ALPN `h2`, `http/1.1`), optional or required client
-//!   certificates, the peer's SPIFFE identity handed to routing;
+//!   certificates, the peer's SPIFFE identity handed to routing; a listener may have a
+//!   certificate of its own (an edge listener's public one), loaded and watched the same way;
 //! - [`client`]: origination to a service's endpoints with SNI and a verified server name or
 //!   SPIFFE identity, presenting our own identity (mTLS);
 //! - [`authz`]: per-route (and per-listener) allowed client identities, 403 otherwise;
