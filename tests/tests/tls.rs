@@ -123,7 +123,7 @@ listeners:
     tls: {{ client_auth: required }}
     authorization: {{ allow: ["{TRUST_DOMAIN}/ns/default/*"] }}
 services:
-  - {{ name: app, endpoints: ["{app}"] }}
+  - {{ name: app, endpoints: ["{app}"], protocol: http1 }}
 routes:
   - match: {{ path_prefix: /admin.Only/ }}
     service: app
@@ -282,6 +282,16 @@ fn mtls_between_sidecars_with_plaintext_at_both_ends() {
         heads.iter().any(|h| h.starts_with("GET /hello?x=1 HTTP/1.1\r\n")),
         "the server should read a plaintext request, got {heads:?}"
     );
+    // HTTP/2 from the client: A → B is HTTP/2 over TLS (ALPN h2), B → server HTTP/1.1.
+    let (code, body, err) = curl(&["--http2-prior-knowledge", &a.url("/over-h2")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(body, "hello");
+    assert!(server
+        .heads
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|h| h.starts_with("GET /over-h2 HTTP/1.1\r\n")));
 
     // TLS 1.3 between A and B, on both sides' counters.
     assert!(metric(&a, r#"tls_handshake_total{side="client",version="TLSv1_3"}"#) >= 1.0);
@@ -324,7 +334,7 @@ fn mtls_between_sidecars_with_plaintext_at_both_ends() {
     assert_eq!(metric(&b, &denied), 2.0);
     assert_eq!(
         server.heads.lock().unwrap().len(),
-        1,
+        2,
         "denied requests never reach the server"
     );
 
@@ -338,6 +348,7 @@ fn mtls_between_sidecars_with_plaintext_at_both_ends() {
     );
 }
 
+/// An edge listener with a certificate of its own (no sidecar identity).
 #[test]
 fn curl_and_openssl_against_an_inbound_tls_listener() {
     let pki = Pki::new("edge");
@@ -346,9 +357,12 @@ fn curl_and_openssl_against_an_inbound_tls_listener() {
     let (edge, _) = Proxy::with_config_logged(&format!(
         r#"
 admin: "{{admin}}"
-tls: {{ identity_dir: "{dir}" }}
 listeners:
-  - {{ name: edge, address: "{{listen}}", direction: inbound, default_service: app, tls: {{ client_auth: none }} }}
+  - name: edge
+    address: "{{listen}}"
+    direction: inbound
+    default_service: app
+    tls: {{ client_auth: none, cert: "{dir}/cert.pem", key: "{dir}/key.pem" }}
 services:
   - {{ name: app, endpoints: ["{app}"] }}
 routes:
@@ -645,6 +659,33 @@ fn invalid_tls_configuration_is_refused_with_file_field_and_reason() {
         let expected = format!("{}: {field}: ", file.display());
         assert!(err.contains(&expected) && err.contains(reason), "{err}");
     }
+}
+
+/// A WebSocket (HTTP/1.1 Upgrade) through the pair: the upgraded connection between the
+/// sidecars is the mTLS one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_through_the_mtls_pair() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let pki = Pki::new("ws");
+    let app = start_workload("ws-app");
+    let b_dir = pki.identity("b", &spiffe("default", "server"), Validity::Current);
+    let a_dir = pki.identity("a", &spiffe("default", "client"), Validity::Current);
+    let (b, _) = inbound_sidecar(&b_dir, app.addr);
+    let (a, _) = outbound_sidecar(&a_dir, &[("/", b.listen, &spiffe("default", "server"))]);
+    let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{}/ws", a.listen))
+        .await
+        .expect("websocket handshake through the pair");
+    assert_eq!(response.status(), 101);
+    for i in 0..5 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        assert_eq!(
+            ws.next().await.expect("a reply").unwrap(),
+            Message::text(format!("hello {i}"))
+        );
+    }
+    ws.close(None).await.unwrap();
+    assert!(metric(&a, r#"tls_handshake_total{side="client",version="TLSv1_3"}"#) >= 1.0);
 }
 
 /// The TLS alerting rules (deploy/prometheus/tls_alerts.yaml) parse and fire as their unit

@@ -15,7 +15,9 @@
 //! - maximum throughput through the pair (wrk, closed loop);
 //! - new mTLS handshakes per second on B's listener: clients that each open a connection, do a
 //!   full handshake (no resumption) with A's certificate, send one request, read the response,
-//!   and close, as fast as B answers.
+//!   and close, as fast as B answers (two client threads against B's one worker);
+//! - CPU per request of A + B during the throughput runs, and B's CPU per handshake: steadier
+//!   than the rates on a shared machine.
 //!
 //! ```text
 //! bench/setup.sh && cargo build --release -p cogmesh-proxy -p cogmesh-bench
@@ -59,12 +61,16 @@ struct Args {
     /// Seconds per measurement window.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Requests per second of the latency runs.
-    #[arg(long, default_value_t = 2000)]
+    /// Requests per second of the latency runs (below what either pair saturates at on a
+    /// busy 2-core machine, so the numbers are latency, not queueing).
+    #[arg(long, default_value_t = 500)]
     rate: u32,
     /// Connections of the throughput runs.
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// The cogmesh-proxy binary (default target/release/cogmesh-proxy).
+    #[arg(long)]
+    cogmesh: Option<PathBuf>,
     /// Concurrent clients of the handshake runs.
     #[arg(long, default_value_t = 8)]
     handshake_clients: usize,
@@ -117,7 +123,15 @@ struct Pair {
     kind: Kind,
     a: SocketAddr,
     b: SocketAddr,
-    _servers: Vec<Server>,
+    /// B, then A.
+    servers: Vec<Server>,
+}
+
+impl Pair {
+    /// CPU seconds used so far by (B, A).
+    fn cpu(&self) -> (f64, f64) {
+        (self.servers[0].usage().cpu_secs, self.servers[1].usage().cpu_secs)
+    }
 }
 
 fn start_cogmesh(tools: &Tools, dir: &Path, pki: &Pki, upstream: SocketAddr) -> Result<Pair> {
@@ -295,12 +309,7 @@ fn launch(
         servers.push(server);
     }
     check_pair(&mut servers, a)?;
-    Ok(Pair {
-        kind,
-        a,
-        b,
-        _servers: servers,
-    })
+    Ok(Pair { kind, a, b, servers })
 }
 
 /// A request through the pair reaches nginx.
@@ -315,10 +324,17 @@ fn check_pair(servers: &mut [Server], a: SocketAddr) -> Result<()> {
     })
 }
 
-/// The protocol version and cipher suite `openssl s_client` negotiates with B (as A would).
+/// The TLS 1.3 suites in the order sidecar A offers them.
+const TLS13_SUITES_OFFERED: &str =
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
+
+/// The protocol version and cipher suite `openssl s_client` negotiates with B when it offers
+/// the suites in A's order.
 fn negotiated(b: SocketAddr, pki: &Pki) -> String {
     let out = Command::new("openssl")
         .args(["s_client", "-brief", "-connect", &b.to_string()])
+        // The order both A's offer (rustls as cogmesh sets it up, BoringSSL in Envoy).
+        .args(["-ciphersuites", TLS13_SUITES_OFFERED])
         .arg("-cert")
         .arg(&pki.a.0)
         .arg("-key")
@@ -346,7 +362,12 @@ fn negotiated(b: SocketAddr, pki: &Pki) -> String {
 
 /// Full mTLS handshakes (plus one request each) per second against `b`.
 fn handshakes_per_sec(b: SocketAddr, pki: &Pki, clients: usize, window: Duration) -> Result<(f64, u64)> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    // A's order: AES-128-GCM first.
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let provider = Arc::new(provider);
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(&pki.ca)? {
         roots.add(cert?)?;
@@ -361,7 +382,9 @@ fn handshakes_per_sec(b: SocketAddr, pki: &Pki, clients: usize, window: Duration
     config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two client threads against B's one worker: the server, not the client, sets the pace.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     let done = Arc::new(AtomicU64::new(0));
@@ -375,14 +398,25 @@ fn handshakes_per_sec(b: SocketAddr, pki: &Pki, clients: usize, window: Duration
                     while start.elapsed() < window {
                         let once = async {
                             let tcp = tokio::net::TcpStream::connect(b).await?;
+                            // As the sidecars do: no Nagle delay between handshake and request.
+                            tcp.set_nodelay(true)?;
                             let name = ServerName::try_from("localhost").expect("a DNS name");
                             let mut tls = connector.connect(name, tcp).await?;
                             tls.write_all(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
                                 .await?;
+                            // Read one whole response (by its length: servers differ in
+                            // how soon they close after `Connection: close`), then hang up.
                             let mut response = Vec::new();
-                            tls.read_to_end(&mut response).await?;
-                            if !response.starts_with(b"HTTP/1.1 200") {
-                                return Err(std::io::Error::other("not a 200"));
+                            let mut chunk = [0u8; 4096];
+                            loop {
+                                let n = tls.read(&mut chunk).await?;
+                                if n == 0 {
+                                    return Err(std::io::Error::other("closed before the response ended"));
+                                }
+                                response.extend_from_slice(&chunk[..n]);
+                                if response_complete(&response)? {
+                                    break;
+                                }
                             }
                             Ok::<_, std::io::Error>(())
                         };
@@ -405,12 +439,33 @@ fn handshakes_per_sec(b: SocketAddr, pki: &Pki, clients: usize, window: Duration
     ))
 }
 
+/// Whether `buf` holds a whole `200` response with a `content-length` body.
+fn response_complete(buf: &[u8]) -> std::io::Result<bool> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(false);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        return Err(std::io::Error::other(format!("not a 200: {head}")));
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no content-length"))?;
+    Ok(buf.len() >= end + 4 + length)
+}
+
 #[derive(Default)]
 struct Samples {
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
     rps: Vec<f64>,
     handshakes: Vec<f64>,
+    /// CPU µs of A + B per request in the throughput runs.
+    cpu_per_request_us: Vec<f64>,
+    /// CPU µs of B per handshake (and its one request).
+    cpu_per_handshake_us: Vec<f64>,
     errors: u64,
 }
 
@@ -421,7 +476,7 @@ fn run(args: &Args) -> Result<()> {
         (args.rounds.max(1), Duration::from_secs(args.seconds.max(1)))
     };
     let repo = repo_root();
-    let tools = Tools::find(&repo, None)?;
+    let tools = Tools::find(&repo, args.cogmesh.as_deref())?;
     let dir = std::env::temp_dir().join(format!("cogmesh-tls-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let pki = make_pki(&dir)?;
@@ -452,18 +507,42 @@ fn run(args: &Args) -> Result<()> {
         direct
             .rps
             .push(wrk.run(&direct_url, Proto::H1, window, &dir)?.rps);
-        for (pair, samples) in pairs.iter().zip(by_pair.iter_mut()) {
+        // Alternate which pair goes first, so neither always follows the other's load.
+        let mut order: Vec<usize> = (0..pairs.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (pair, samples) = (&pairs[i], &mut by_pair[i]);
             let url = format!("http://{}/", pair.a);
             let latency = oha.open_loop(&url, Proto::H1, args.rate, window, &dir)?;
             samples.p50_us.push(latency.p50_us);
             samples.p99_us.push(latency.p99_us);
             samples.errors += latency.failed;
+            let before = pair.cpu();
             let throughput = wrk.run(&url, Proto::H1, window, &dir)?;
+            let after = pair.cpu();
+            let requests = throughput.requests.max(1) as f64;
+            samples
+                .cpu_per_request_us
+                .push((after.0 - before.0 + after.1 - before.1) * 1e6 / requests);
             samples.rps.push(throughput.rps);
             samples.errors += throughput.errors;
+            let before = pair.cpu();
             let (rate, failed) = handshakes_per_sec(pair.b, &pki, args.handshake_clients, window)?;
+            let b_cpu = pair.cpu().0 - before.0;
+            samples
+                .cpu_per_handshake_us
+                .push(b_cpu * 1e6 / (rate * window.as_secs_f64()).max(1.0));
             samples.handshakes.push(rate);
             samples.errors += failed;
+            eprintln!(
+                "  {:<8} p50 {:.0} µs, p99 {:.0} µs, {:.0} rps, {rate:.0} handshakes/s",
+                pair.kind.name(),
+                latency.p50_us,
+                latency.p99_us,
+                throughput.rps
+            );
         }
     }
 
@@ -479,7 +558,7 @@ fn run(args: &Args) -> Result<()> {
     );
     for pair in &pairs {
         println!(
-            "  {:<8} A→B negotiated: {}",
+            "  {:<8} B negotiates: {}",
             pair.kind.name(),
             negotiated(pair.b, &pki)
         );
@@ -503,12 +582,25 @@ fn run(args: &Args) -> Result<()> {
             m(&e.p99_us) - d99,
             false,
         ),
+        ("p99 through the pair (µs)", m(&c.p99_us), m(&e.p99_us), false),
         ("max throughput (rps)", m(&c.rps), m(&e.rps), true),
+        (
+            "CPU µs per request (A + B)",
+            m(&c.cpu_per_request_us),
+            m(&e.cpu_per_request_us),
+            false,
+        ),
         (
             "new mTLS handshakes/s on B",
             m(&c.handshakes),
             m(&e.handshakes),
             true,
+        ),
+        (
+            "CPU µs per handshake (B)",
+            m(&c.cpu_per_handshake_us),
+            m(&e.cpu_per_handshake_us),
+            false,
         ),
     ];
     println!(
@@ -518,9 +610,14 @@ fn run(args: &Args) -> Result<()> {
     println!("|{:-<30}|{:->12}|{:->12}|{:->16}|{:->8}|", "", "", "", "", "");
     for (name, cog, env, higher_is_better) in rows {
         let better = if higher_is_better { cog > env } else { cog < env };
+        // An added p99 can come out below zero when the direct run's own tail was worse.
+        let ratio = if cog > 0.0 && env > 0.0 {
+            format!("{:.2}", cog / env)
+        } else {
+            "-".to_string()
+        };
         println!(
-            "| {name:<28} | {cog:>10.0} | {env:>10.0} | {:>14.2} | {:>6} |",
-            cog / env,
+            "| {name:<28} | {cog:>10.0} | {env:>10.0} | {ratio:>14} | {:>6} |",
             if better { "cogmesh" } else { "envoy" }
         );
     }

@@ -207,35 +207,6 @@ impl Forward {
         }
     }
 
-    /// Whether the route's (else the listener's) authorization admits this connection's peer;
-    /// a refusal is counted with the peer's identity.
-    fn authorized(
-        &self,
-        table: &RoutingTable,
-        matched: &crate::route::RouteMatch<'_>,
-    ) -> Result<(), ProxyError> {
-        let routes = &table.listeners[self.listener];
-        let policy = matched
-            .access
-            .and_then(|a| a.authorization.as_ref())
-            .or(routes.authorization.as_ref());
-        let Some(policy) = policy else {
-            return Ok(());
-        };
-        let id = self.identity.as_ref().and_then(|p| p.id.as_deref());
-        if policy.admits(id) {
-            return Ok(());
-        }
-        let resolve = || table.tls_metrics.denied(&routes.name, id);
-        match &self.identity {
-            Some(peer) => peer.denied(resolve).inc(),
-            None => resolve().inc(),
-        };
-        debug!(listener = %routes.name, identity = id.unwrap_or("none"), "request refused by authorization");
-        let identity = self.identity.as_ref().and_then(|p| p.id.clone());
-        Err(ProxyError::Forbidden { identity })
-    }
-
     /// Sends every request of the connection to `service` (see [`crate::transparent`]).
     pub fn pinned_to(mut self, service: Option<Arc<str>>) -> Self {
         self.pinned = service;
@@ -278,7 +249,8 @@ impl Forward {
             },
         };
         let route = matched.service;
-        if let Err(err) = self.authorized(&table, &matched) {
+        let peer = self.identity.as_deref();
+        if let Err(err) = crate::tls::authz::authorize(&table, self.listener, &matched, peer) {
             let metrics = route.map_or(&routes.unrouted, |i| &routes.metrics[i]);
             return Self::answer_error(metrics, start, &err, is_grpc(&req));
         }

@@ -63,6 +63,8 @@ pub struct State {
     pub tls: Option<crate::tls::client::Origin>,
     /// Spans and the access log; both `None` when off (see [`crate::observe`]).
     pub observe: crate::observe::Observe,
+    /// Per listener, the identity it terminates TLS with (see `crate::tls::server`).
+    pub listener_identities: Vec<Option<Arc<crate::tls::IdentityStore>>>,
 }
 
 impl State {
@@ -118,15 +120,19 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
     let (observe, exporting) = runtime
         .block_on(async { crate::observe::Observe::start(&config, &metrics) })
         .map_err(ServeError::Observe)?;
+    let file = source
+        .as_ref()
+        .map_or_else(|| "<command line>".to_string(), |s| s.path.display().to_string());
     let tls = match &config.tls {
         None => None,
-        Some(t) => {
-            let file = source
-                .as_ref()
-                .map_or_else(|| "<command line>".to_string(), |s| s.path.display().to_string());
-            Some(crate::tls::client::Origin::load(t, &config, &metrics.tls, &file)?)
-        }
+        Some(t) => Some(crate::tls::client::Origin::load(t, &config, &metrics.tls, &file)?),
     };
+    let listener_identities = crate::tls::server::listener_identities(
+        &config,
+        tls.as_ref().map(|o| &o.store),
+        &metrics.tls,
+        &file,
+    )?;
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::build_with(
         &config,
         None,
@@ -147,6 +153,7 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         last_reload: Mutex::new(None),
         tls,
         observe,
+        listener_identities,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -182,6 +189,12 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
         }
         if let (Some(origin), Some(true)) = (&state.tls, config.tls.as_ref().map(|t| t.watch)) {
             tokio::spawn(crate::tls::identity::watch(Arc::clone(&origin.store)));
+        }
+        // Listeners with certificates of their own watch them too.
+        for store in state.listener_identities.iter().flatten() {
+            if !state.tls.as_ref().is_some_and(|o| Arc::ptr_eq(&o.store, store)) {
+                tokio::spawn(crate::tls::identity::watch(Arc::clone(store)));
+            }
         }
         state.ready.store(true, Ordering::Release);
         for l in &config.listeners {
@@ -333,10 +346,10 @@ async fn accept_loop(
     let refused = state
         .metrics
         .requests_refused(config.direction.as_str(), &config.name);
-    let acceptor = match (&config.tls, &state.tls) {
-        (Some(t), Some(origin)) => Some(Arc::new(crate::tls::server::ListenerAcceptor::new(
+    let acceptor = match (&config.tls, &state.listener_identities[index]) {
+        (Some(t), Some(store)) => Some(Arc::new(crate::tls::server::ListenerAcceptor::new(
             t,
-            Arc::clone(&origin.store),
+            Arc::clone(store),
             state.metrics.tls.clone(),
             &config.name,
         ))),

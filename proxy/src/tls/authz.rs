@@ -135,6 +135,37 @@ impl PeerIdentity {
     }
 }
 
+/// Whether the matched route's authorization (else the listener's) admits the connection's
+/// peer; a refusal is counted with the peer's identity and becomes 403.
+pub fn authorize(
+    table: &crate::route::RoutingTable,
+    listener: usize,
+    matched: &crate::route::RouteMatch<'_>,
+    peer: Option<&PeerIdentity>,
+) -> Result<(), crate::error::ProxyError> {
+    let routes = &table.listeners[listener];
+    let policy = matched
+        .access
+        .and_then(|a| a.authorization.as_ref())
+        .or(routes.authorization.as_ref());
+    let Some(policy) = policy else {
+        return Ok(());
+    };
+    let id = peer.and_then(|p| p.id.as_deref());
+    if policy.admits(id) {
+        return Ok(());
+    }
+    let resolve = || table.tls_metrics.denied(&routes.name, id);
+    match peer {
+        Some(peer) => peer.denied(resolve).inc(),
+        None => resolve().inc(),
+    };
+    tracing::debug!(listener = %routes.name, identity = id.unwrap_or("none"), "request refused by authorization");
+    Err(crate::error::ProxyError::Forbidden {
+        identity: peer.and_then(|p| p.id.clone()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

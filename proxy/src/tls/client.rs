@@ -64,7 +64,7 @@ impl Origin {
             reason,
         };
         let files = tls.files().map_err(|(field, reason)| error(field, reason))?;
-        let store = IdentityStore::load(files, metrics.clone())
+        let store = IdentityStore::load(files, metrics.clone(), true)
             .map_err(|e| error(e.field, format!("{}: {}", e.path, e.reason)))?;
         Ok(Origin {
             store,

@@ -179,6 +179,9 @@ pub struct IdentityStore {
     current: ArcSwap<Identity>,
     files: IdentityFiles,
     metrics: TlsMetrics,
+    /// The sidecar's own identity (its expiry is the exported one), not a listener's
+    /// certificate.
+    primary: bool,
 }
 
 impl std::fmt::Debug for IdentityStore {
@@ -192,12 +195,18 @@ impl std::fmt::Debug for IdentityStore {
 impl IdentityStore {
     /// Loads the identity for the first time (an expired certificate is loaded with a
     /// warning: the process still serves what does not need it, and a renewal replaces it).
-    pub fn load(files: IdentityFiles, metrics: TlsMetrics) -> Result<Arc<IdentityStore>, LoadError> {
+    pub fn load(
+        files: IdentityFiles,
+        metrics: TlsMetrics,
+        primary: bool,
+    ) -> Result<Arc<IdentityStore>, LoadError> {
         let identity = Identity::load(&files)?;
         if identity.is_expired() {
             warn!(cert = %files.cert.1.display(), "the sidecar's certificate has expired; peers will refuse it until it is renewed");
         }
-        metrics.set_identity(&identity);
+        if primary {
+            metrics.set_identity(&identity);
+        }
         info!(
             identity = identity.spiffe_id.as_deref().unwrap_or("-"),
             cert = %files.cert.1.display(),
@@ -207,6 +216,7 @@ impl IdentityStore {
             current: ArcSwap::from_pointee(identity),
             files,
             metrics,
+            primary,
         }))
     }
 
@@ -228,7 +238,9 @@ impl IdentityStore {
                 "the new certificate has already expired",
             ));
         }
-        self.metrics.set_identity(&next);
+        if self.primary {
+            self.metrics.set_identity(&next);
+        }
         self.current.store(Arc::new(next));
         Ok(true)
     }

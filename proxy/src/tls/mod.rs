@@ -9,7 +9,8 @@
 //! rustls configurations are built once and a rotation is one pointer swap.
 //!
 //! - [`server`]: a listener's TLS acceptor (ALPN `h2`, `http/1.1`), optional or required client
-//!   certificates, the peer's SPIFFE identity handed to routing;
+//!   certificates, the peer's SPIFFE identity handed to routing; a listener may have a
+//!   certificate of its own (an edge listener's public one), loaded and watched the same way;
 //! - [`client`]: origination to a service's endpoints with SNI and a verified server name or
 //!   SPIFFE identity, presenting our own identity (mTLS);
 //! - [`authz`]: per-route (and per-listener) allowed client identities, 403 otherwise;
@@ -154,7 +155,8 @@ impl TlsConfig {
     }
 }
 
-/// `tls` on a listener: terminate TLS with the sidecar's identity.
+/// `tls` on a listener: terminate TLS with the sidecar's identity, or with a certificate of
+/// its own (`cert` and `key`, e.g. a public one for an edge listener; watched like the identity).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
@@ -165,6 +167,46 @@ pub struct ListenerTls {
     /// Accept TLS 1.2 as well (for external clients); sidecars always speak TLS 1.3.
     #[serde(default)]
     pub allow_tls12: bool,
+    /// The listener's own certificate chain (PEM), instead of the sidecar's identity.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The trust bundle for client certificates; default the sidecar's (`tls.ca`).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+impl ListenerTls {
+    /// The listener's own certificate files (listener `i`), if it has them; the trust bundle
+    /// falls back to the sidecar's.
+    pub fn own_files(
+        &self,
+        i: usize,
+        sidecar: Option<&TlsConfig>,
+    ) -> Option<Result<IdentityFiles, (String, String)>> {
+        if self.cert.is_none() && self.key.is_none() {
+            return None;
+        }
+        let field = |f: &str| format!("listeners[{i}].tls.{f}");
+        let required = |f: &str, p: &Option<PathBuf>| {
+            p.clone()
+                .map(|p| (field(f), p))
+                .ok_or_else(|| (field(f), "is required with a listener certificate".to_string()))
+        };
+        let files = (|| {
+            let ca = match &self.ca {
+                Some(p) => Some((field("ca"), p.clone())),
+                None => sidecar.map(TlsConfig::files).transpose()?.and_then(|f| f.ca),
+            };
+            Ok(IdentityFiles {
+                cert: required("cert", &self.cert)?,
+                key: required("key", &self.key)?,
+                ca,
+            })
+        })();
+        Some(files)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -204,12 +246,16 @@ pub fn validate(config: &crate::config::ProxyConfig) -> Result<(), (String, Stri
     let has_ca = files.as_ref().is_some_and(|f| f.ca.is_some());
     for (i, l) in config.listeners.iter().enumerate() {
         let Some(t) = &l.tls else { continue };
-        if files.is_none() {
-            return Err((
-                format!("listeners[{i}].tls"),
-                "needs the sidecar's identity: set tls.identity_dir (or tls.cert and tls.key)".into(),
-            ));
-        }
+        let has_ca = match t.own_files(i, config.tls.as_ref()) {
+            Some(own) => own?.ca.is_some(),
+            None if files.is_none() => {
+                return Err((
+                    format!("listeners[{i}].tls"),
+                    "needs the sidecar's identity (tls.identity_dir, or tls.cert and tls.key) or its own cert and key".into(),
+                ));
+            }
+            None => has_ca,
+        };
         if t.client_auth != ClientAuth::None && !has_ca {
             return Err((
                 format!("listeners[{i}].tls.client_auth"),
@@ -254,7 +300,7 @@ mod tests {
         let listener = "listeners:\n  - { name: in, address: \"127.0.0.1:1\", default_service: a, tls: {} }\nservices:\n  - { name: a }\n";
         assert_eq!(
             error_of(listener),
-            "p.yaml: listeners[0].tls: needs the sidecar's identity: set tls.identity_dir (or tls.cert and tls.key)"
+            "p.yaml: listeners[0].tls: needs the sidecar's identity (tls.identity_dir, or tls.cert and tls.key) or its own cert and key"
         );
         let no_ca = format!("tls: {{ cert: c.pem, key: k.pem }}\n{listener}");
         assert!(error_of(&no_ca).starts_with("p.yaml: listeners[0].tls.client_auth: "));
@@ -268,6 +314,15 @@ mod tests {
         assert!(error_of(&pattern).starts_with("p.yaml: services[0].tls.identity: "));
         let dir = "tls: { identity_dir: /run/id }\nlisteners:\n  - { name: in, address: \"127.0.0.1:1\", default_service: a, tls: {}, authorization: { allow: [\"a*b\"] } }\nservices:\n  - { name: a }\n";
         assert!(error_of(dir).starts_with("p.yaml: listeners[0].authorization.allow[0]: "));
+        let own = "listeners:\n  - { name: in, address: \"127.0.0.1:1\", default_service: a, tls: { cert: c.pem } }\nservices:\n  - { name: a }\n";
+        assert_eq!(
+            error_of(own),
+            "p.yaml: listeners[0].tls.key: is required with a listener certificate"
+        );
+        let own = own.replace("cert: c.pem", "cert: c.pem, key: k.pem");
+        assert!(error_of(&own).starts_with("p.yaml: listeners[0].tls.client_auth: "));
+        let own = own.replace("key: k.pem", "key: k.pem, client_auth: none");
+        assert!(ProxyConfig::from_yaml("p.yaml", &own).is_ok());
         let ok = dir.replace("a*b", "spiffe://td/ns/x/*");
         let config = ProxyConfig::from_yaml("p.yaml", &ok).unwrap();
         let files = config.tls.unwrap().files().unwrap();

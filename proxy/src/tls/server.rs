@@ -101,6 +101,36 @@ impl ListenerAcceptor {
     }
 }
 
+/// The identity each listener terminates TLS with (`None` for plaintext listeners): its own
+/// certificate files, else the sidecar's identity. Errors name `file`, the field and the reason.
+pub fn listener_identities(
+    config: &crate::config::ProxyConfig,
+    sidecar: Option<&Arc<IdentityStore>>,
+    metrics: &TlsMetrics,
+    file: &str,
+) -> Result<Vec<Option<Arc<IdentityStore>>>, crate::config::ConfigError> {
+    let error = |field: String, reason: String| crate::config::ConfigError {
+        file: file.to_string(),
+        field,
+        reason,
+    };
+    let mut stores = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let store = match l.tls.as_ref().map(|t| t.own_files(i, config.tls.as_ref())) {
+            None => None,
+            Some(None) => sidecar.cloned(),
+            Some(Some(files)) => {
+                let files = files.map_err(|(field, reason)| error(field, reason))?;
+                let store = IdentityStore::load(files, metrics.clone(), false)
+                    .map_err(|e| error(e.field, format!("{}: {}", e.path, e.reason)))?;
+                Some(store)
+            }
+        };
+        stores.push(store);
+    }
+    Ok(stores)
+}
+
 /// Serves the certificate of the identity in force (server and client side alike).
 #[derive(Debug)]
 pub(super) struct CurrentCert(pub(super) Arc<IdentityStore>);
