@@ -254,10 +254,14 @@ impl Forward {
             let metrics = route.map_or(&routes.unrouted, |i| &routes.metrics[i]);
             return Self::answer_error(metrics, start, &err, is_grpc(&req));
         }
+        let client = crate::ratelimit::Client {
+            ip: self.client_ip.as_bytes(),
+            identity: self.identity.as_ref().and_then(|p| p.id.as_deref()),
+        };
         let limited = crate::ratelimit::admit(
             [routes.rate_limit.as_deref(), matched.rate_limit],
             req.headers(),
-            self.client_ip.as_bytes(),
+            client,
         );
         if let Err(decision) = limited {
             let metrics = route.map_or(&routes.unrouted, |i| &routes.metrics[i]);

@@ -42,7 +42,7 @@ pub struct RateLimitConfig {
     pub key: Option<ClientKey>,
 }
 
-/// Whose requests share a bucket: `key: client_ip` or `key: { header: NAME }`.
+/// Whose requests share a bucket: `key: client_ip`, `key: identity` or `key: { header: NAME }`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(try_from = "KeyRepr", into = "KeyRepr")]
 pub enum ClientKey {
@@ -50,6 +50,9 @@ pub enum ClientKey {
     Header(String),
     /// The address of the downstream connection.
     ClientIp,
+    /// The peer's mTLS identity (its SPIFFE ID) on a TLS listener; peers without one share a
+    /// bucket.
+    Identity,
 }
 
 /// The YAML spelling of [`ClientKey`].
@@ -72,7 +75,10 @@ impl TryFrom<KeyRepr> for ClientKey {
     fn try_from(r: KeyRepr) -> Result<Self, String> {
         match r {
             KeyRepr::Named(n) if n == "client_ip" => Ok(ClientKey::ClientIp),
-            KeyRepr::Named(n) => Err(format!("expected `client_ip` or `{{ header: NAME }}`, got {n:?}")),
+            KeyRepr::Named(n) if n == "identity" => Ok(ClientKey::Identity),
+            KeyRepr::Named(n) => Err(format!(
+                "expected `client_ip`, `identity` or `{{ header: NAME }}`, got {n:?}"
+            )),
             KeyRepr::Header(h) => Ok(ClientKey::Header(h.header)),
         }
     }
@@ -82,6 +88,7 @@ impl From<ClientKey> for KeyRepr {
     fn from(k: ClientKey) -> Self {
         match k {
             ClientKey::ClientIp => KeyRepr::Named("client_ip".into()),
+            ClientKey::Identity => KeyRepr::Named("identity".into()),
             ClientKey::Header(header) => KeyRepr::Header(HeaderKey { header }),
         }
     }
@@ -107,6 +114,15 @@ impl RateLimitConfig {
     fn burst(&self) -> u32 {
         self.burst.unwrap_or(self.requests_per_second)
     }
+}
+
+/// Who sent a request, for per-client buckets.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Client<'a> {
+    /// The downstream address, as text.
+    pub ip: &'a [u8],
+    /// The peer's mTLS identity, on a TLS listener that verified one.
+    pub identity: Option<&'a str>,
 }
 
 /// The outcome of taking one token.
@@ -232,10 +248,11 @@ impl RateLimiter {
     }
 
     /// Takes a token for a request with these headers from this client address.
-    pub fn check(&self, headers: &http::HeaderMap, client_ip: &[u8], now: Instant) -> Decision {
+    pub fn check(&self, headers: &http::HeaderMap, client: Client<'_>, now: Instant) -> Decision {
         let key: &[u8] = match (&self.config.key, &self.key_header) {
             (None, _) => return self.count(self.shared.try_take(now)),
-            (Some(ClientKey::ClientIp), _) => client_ip,
+            (Some(ClientKey::ClientIp), _) => client.ip,
+            (Some(ClientKey::Identity), _) => client.identity.map_or(&[], str::as_bytes),
             (Some(ClientKey::Header(_)), Some(name)) => headers.get(name).map_or(&[], |v| v.as_bytes()),
             (Some(ClientKey::Header(_)), None) => &[],
         };
@@ -276,11 +293,11 @@ mod tests;
 pub fn admit(
     limiters: [Option<&RateLimiter>; 2],
     headers: &http::HeaderMap,
-    client_ip: &[u8],
+    client: Client<'_>,
 ) -> Result<(), Decision> {
     let now = Instant::now();
     for l in limiters.into_iter().flatten() {
-        let d = l.check(headers, client_ip, now);
+        let d = l.check(headers, client, now);
         if !d.allowed {
             return Err(d);
         }

@@ -76,7 +76,7 @@ async fn keyed_limiter_keeps_one_bucket_per_client() {
     let now = Instant::now();
     let got: Vec<bool> = [&a, &a, &a, &b, &b, &b]
         .iter()
-        .map(|h| l.check(h, b"10.0.0.1", now).allowed)
+        .map(|h| l.check(h, ip(b"10.0.0.1"), now).allowed)
         .collect();
     assert_eq!(got, [true, true, false, true, true, false]);
     assert_eq!(l.limited.get(), 2);
@@ -85,20 +85,37 @@ async fn keyed_limiter_keeps_one_bucket_per_client() {
     let none = http::HeaderMap::new();
     let got: Vec<bool> = [b"1", b"1", b"1", b"2"]
         .iter()
-        .map(|ip| l.check(&none, *ip, now).allowed)
+        .map(|a| l.check(&none, ip(*a), now).allowed)
         .collect();
     assert_eq!(got, [true, true, false, true]);
+
+    // By mTLS identity: each SPIFFE ID has its bucket; peers without one share another.
+    let l = limiter(Some(ClientKey::Identity));
+    let peer = |id| Client {
+        ip: b"10.0.0.1",
+        identity: id,
+    };
+    let (a, b) = (Some("spiffe://m/ns/a/sa/a"), Some("spiffe://m/ns/b/sa/b"));
+    let got: Vec<bool> = [a, a, a, b, None, None, None]
+        .iter()
+        .map(|id| l.check(&none, peer(*id), now).allowed)
+        .collect();
+    assert_eq!(got, [true, true, false, true, true, true, false]);
+}
+
+fn ip(ip: &[u8]) -> Client<'_> {
+    Client { ip, identity: None }
 }
 
 #[tokio::test(start_paused = true)]
 async fn unkeyed_limiter_is_shared_and_survives_reuse_with_the_same_config() {
     let l = Arc::new(limiter(None));
     let none = http::HeaderMap::new();
-    assert!(l.check(&none, b"1", Instant::now()).allowed);
-    assert!(l.check(&none, b"2", Instant::now()).allowed);
+    assert!(l.check(&none, ip(b"1"), Instant::now()).allowed);
+    assert!(l.check(&none, ip(b"2"), Instant::now()).allowed);
     let same = RateLimiter::reuse_or_new(Some(&l), &l.config.clone(), Counter::default);
     assert!(
-        !same.check(&none, b"3", Instant::now()).allowed,
+        !same.check(&none, ip(b"3"), Instant::now()).allowed,
         "a reload must not refill"
     );
     let changed = RateLimitConfig {
@@ -106,7 +123,7 @@ async fn unkeyed_limiter_is_shared_and_survives_reuse_with_the_same_config() {
         ..l.config.clone()
     };
     let fresh = RateLimiter::reuse_or_new(Some(&l), &changed, Counter::default);
-    assert!(fresh.check(&none, b"3", Instant::now()).allowed);
+    assert!(fresh.check(&none, ip(b"3"), Instant::now()).allowed);
 }
 
 #[test]
