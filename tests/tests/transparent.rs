@@ -1,11 +1,12 @@
 //! Transparent interception end to end, in two "pods": network namespaces this test creates
-//! (joined by a veth pair, addresses in 198.18.0.0/24, the benchmarking range, that exist only
-//! inside them) and removes at the end, also when an assertion fails.
+//! (see `cogmesh_e2e::netns`: a veth pair, addresses in 198.18.0.0/24 and 2001:2::/64 that exist
+//! only inside them) and removes at the end, also when an assertion fails.
 //!
 //! In each pod `cogmesh-proxy init` installs the iptables rules and a sidecar runs in transparent
 //! mode as uid 2102 (the uid the rules skip). The client pod's apps (curl, Python sockets, run as
 //! root and unaware of any proxy) call the server pod: HTTP to a service's virtual address and to
-//! its endpoint address goes through both sidecars (their request metrics count it), an opaque
+//! its endpoint address, over IPv4 and IPv6, goes through both sidecars (their request metrics
+//! count it), an opaque
 //! TCP echo passes through, and an SMTP-like server that speaks first gets its banner to the
 //! client without waiting for protocol detection (the detection metric says `opaque_port`, and
 //! no connection timed out).
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use cogmesh_e2e::netns::{in_ns, Pods, SERVER_IP};
+use cogmesh_e2e::netns::{in_ns, Pods, SERVER_IP, SERVER_IP6};
 use cogmesh_e2e::{bin, eventually, metric_value, python, run_with_timeout, Proc};
 
 const PROXY_UID: &str = "2102";
@@ -100,9 +101,16 @@ class Smtp(socketserver.StreamRequestHandler):
                 return
             self.wfile.write(b"250 ok\r\n")
 
+class Web6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
 socketserver.ThreadingTCPServer.allow_reuse_address = True
 servers = [
     http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Web),
+    Web6(("::", 8080), Web),
     socketserver.ThreadingTCPServer(("0.0.0.0", 7000), Echo),
     socketserver.ThreadingTCPServer(("0.0.0.0", 2525), Smtp),
 ]
@@ -177,6 +185,8 @@ fn apps_in_pods_talk_through_both_sidecars_without_knowing() {
 listeners:
   - { name: outbound, address: 0.0.0.0:4140, direction: outbound }
   - { name: inbound, address: 0.0.0.0:4143, direction: inbound }
+  - { name: outbound-v6, address: '[::]:4140', direction: outbound }
+  - { name: inbound-v6, address: '[::]:4143', direction: inbound }
 ";
     let _server_sidecar = sidecar(
         &pods.server,
@@ -184,6 +194,7 @@ listeners:
         "server-sidecar",
         &format!(
             "admin: 127.0.0.1:4191\n{listeners}services:\n  - {{ name: web, endpoints: [127.0.0.1:8080] }}\n\
+             \x20 - {{ name: web6, endpoints: ['[::1]:8080'] }}\n\
              transparent:\n  opaque_ports: [2525]\n"
         ),
     );
@@ -193,6 +204,7 @@ listeners:
         "client-sidecar",
         &format!(
             "admin: 127.0.0.1:4191\n{listeners}services:\n  - {{ name: web, endpoints: [{SERVER_IP}:8080] }}\n\
+             \x20 - {{ name: web6, endpoints: ['[{SERVER_IP6}]:8080'] }}\n\
              transparent:\n  opaque_ports: [2525]\n  virtual_services:\n    - {{ service: web, address: {VIRTUAL_IP}:80 }}\n"
         ),
     );
@@ -207,8 +219,24 @@ listeners:
         assert!(ok, "curl {url}: {out}");
         assert_eq!(out, format!("web says hi to {path}"));
     }
+    // IPv6: ip6tables rules, IP6T_SO_ORIGINAL_DST, the [::] listeners.
+    let url = format!("http://[{SERVER_IP6}]:8080/by-v6");
+    let (ok, out) = run(in_ns(&pods.client, "curl").args(["-s", "-g", "--max-time", "10", &url]));
+    assert!(ok, "curl {url}: {out}");
+    assert_eq!(out, "web says hi to /by-v6");
+
     let client = scrape(&pods.client);
     let server = scrape(&pods.server);
+    for (m, direction) in [(&client, "outbound"), (&server, "inbound")] {
+        assert_eq!(
+            counter(
+                m,
+                &format!(r#"request_total{{direction="{direction}",service="web6"}}"#)
+            ),
+            1.0,
+            "{m}"
+        );
+    }
     assert_eq!(
         counter(&client, r#"request_total{direction="outbound",service="web"}"#),
         2.0,
@@ -224,14 +252,14 @@ listeners:
             &client,
             r#"protocol_detect_total{direction="outbound",result="http1"}"#
         ),
-        2.0
+        3.0
     );
     assert_eq!(
         counter(
             &server,
             r#"transparent_connection_total{direction="inbound",destination="service"}"#
         ),
-        2.0,
+        3.0,
         "{server}"
     );
 

@@ -44,10 +44,13 @@ use crate::route::RoutingTable;
 pub const OUTBOUND_ADDR: &str = "0.0.0.0:4140";
 /// The inbound listener of `--transparent` (iptables redirects the pod's inbound TCP here).
 pub const INBOUND_ADDR: &str = "0.0.0.0:4143";
+/// Their IPv6 twins (ip6tables redirects there), where the host has IPv6.
+pub const OUTBOUND_ADDR_V6: &str = "[::]:4140";
+pub const INBOUND_ADDR_V6: &str = "[::]:4143";
 
 /// Turns a quick-mode configuration into `--transparent` mode: the two capture listeners (no
-/// default service: the original destination picks it), the default `transparent` section, and
-/// no placeholder service without endpoints.
+/// default service: the original destination picks it) and their IPv6 twins when the host has
+/// IPv6, the default `transparent` section, and no placeholder service without endpoints.
 pub fn quick(config: &mut ProxyConfig) {
     let listener = |name: &str, address: &str, direction| crate::config::ListenerConfig {
         name: name.into(),
@@ -60,6 +63,14 @@ pub fn quick(config: &mut ProxyConfig) {
         listener("outbound", OUTBOUND_ADDR, Direction::Outbound),
         listener("inbound", INBOUND_ADDR, Direction::Inbound),
     ];
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        config
+            .listeners
+            .push(listener("outbound-v6", OUTBOUND_ADDR_V6, Direction::Outbound));
+        config
+            .listeners
+            .push(listener("inbound-v6", INBOUND_ADDR_V6, Direction::Inbound));
+    }
     config.services.retain(|s| !s.endpoints.is_empty());
     config.transparent = Some(TransparentConfig::default());
 }
@@ -76,8 +87,9 @@ pub const DEFAULT_OPAQUE_PORTS: [u16; 7] = [21, 22, 25, 110, 143, 587, 3306];
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TransparentConfig {
-    /// Names of the listeners that receive redirected connections (default `outbound` and
-    /// `inbound`, those that exist). Their `direction` says what to do with them.
+    /// Names of the listeners that receive redirected connections (default `outbound`,
+    /// `inbound`, `outbound-v6` and `inbound-v6`, those that exist). Their `direction` says
+    /// what to do with them.
     #[serde(default = "default_listeners")]
     pub listeners: Vec<String>,
     #[serde(default = "default_detect_timeout_ms")]
@@ -99,7 +111,9 @@ pub struct VirtualService {
 }
 
 fn default_listeners() -> Vec<String> {
-    vec!["outbound".into(), "inbound".into()]
+    ["outbound", "inbound", "outbound-v6", "inbound-v6"]
+        .map(String::from)
+        .to_vec()
 }
 fn default_detect_timeout_ms() -> u64 {
     DEFAULT_DETECT_TIMEOUT_MS
