@@ -452,6 +452,25 @@ mod tests {
     }
 
     #[test]
+    fn quick_mode_captures_on_both_listeners() {
+        let mut config = ProxyConfig::quick(
+            OUTBOUND_ADDR.parse().unwrap(),
+            Vec::new(),
+            "127.0.0.1:4191".parse().unwrap(),
+        );
+        quick(&mut config);
+        let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names[..2], ["outbound", "inbound"]);
+        assert!(config.services.is_empty(), "the placeholder service is gone");
+        config.validate("<command line>").unwrap();
+        let t = config.transparent.as_ref().unwrap();
+        for (i, l) in config.listeners.iter().enumerate() {
+            assert!(t.listeners.contains(&l.name));
+            assert!(Capture::for_listener(&config, i, &TransparentMetrics::default()).is_some());
+        }
+    }
+
+    #[test]
     fn validation_names_the_field() {
         let mut config = ProxyConfig::quick(
             "127.0.0.1:4140".parse().unwrap(),
