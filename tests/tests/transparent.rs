@@ -69,8 +69,9 @@ fn nat_rules(ns: &str, binary: &str) -> String {
     out
 }
 
-/// The apps of the server pod: HTTP on 8080 (answers with the path it was asked for), a TCP
-/// echo on 7000, and an SMTP-like server on 2525 that sends its banner first.
+/// The apps of the server pod: HTTP on 8080 (answers with the path it was asked for; IPv4 and
+/// IPv6), a TCP echo on 7000, and an SMTP-like server that sends its banner first on 2525
+/// (declared opaque to the sidecars) and 2526 (not declared).
 const SERVER_APPS: &str = r#"
 import socket, socketserver, threading, http.server
 
@@ -113,6 +114,7 @@ servers = [
     Web6(("::", 8080), Web),
     socketserver.ThreadingTCPServer(("0.0.0.0", 7000), Echo),
     socketserver.ThreadingTCPServer(("0.0.0.0", 2525), Smtp),
+    socketserver.ThreadingTCPServer(("0.0.0.0", 2526), Smtp),
 ]
 for s in servers[1:]:
     threading.Thread(target=s.serve_forever, daemon=True).start()
@@ -319,6 +321,21 @@ listeners:
             "{m}"
         );
     }
+
+    // The same server on a port nobody declared opaque: detection waits for its timeout, then
+    // proxies the connection as opaque TCP, so the banner still arrives (late), and the metric
+    // says why.
+    let banner = tcp_client(&pods.client, &format!("{SERVER_IP}:2526"), None);
+    assert_eq!(banner, "220 cogmesh-test ESMTP ready");
+    let m = scrape(&pods.client);
+    assert_eq!(
+        counter(
+            &m,
+            r#"protocol_detect_total{direction="outbound",result="timeout"}"#
+        ),
+        1.0,
+        "{m}"
+    );
 
     // The rules come off again.
     for ns in [&pods.client, &pods.server] {
