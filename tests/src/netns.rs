@@ -65,6 +65,24 @@ impl Pods {
             ])?;
             ip(&["-n", ns, "link", "set", "veth0", "up"])?;
         }
+        // IPv6 neighbours are only resolved once no address is tentative any more (the
+        // link-local one goes through duplicate address detection): wait for that.
+        for ns in [&pods.client, &pods.server] {
+            let settled = (0..100).any(|_| {
+                let tentative = Command::new("ip")
+                    .args(["-n", ns, "-6", "addr", "show", "dev", "veth0", "tentative"])
+                    .output()
+                    .map(|o| o.stdout.is_empty())
+                    .unwrap_or(false);
+                if !tentative {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                tentative
+            });
+            if !settled {
+                return Err(format!("{ns}: IPv6 addresses still tentative after 5 s"));
+            }
+        }
         Ok(pods)
     }
 }

@@ -33,6 +33,11 @@ fn run(cmd: &mut Command) -> (bool, String) {
 fn sidecar(ns: &str, dir: &Path, name: &str, yaml: &str) -> Proc {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, yaml).unwrap();
+    proxy_as_proxy_uid(ns, name, &["--config".as_ref(), path.as_os_str()])
+}
+
+/// `cogmesh-proxy ARGS` in `ns` as the proxy uid, once its admin port says ready.
+fn proxy_as_proxy_uid(ns: &str, name: &str, args: &[&std::ffi::OsStr]) -> Proc {
     let mut cmd = in_ns(ns, "setpriv");
     cmd.args([
         &format!("--reuid={PROXY_UID}"),
@@ -41,8 +46,7 @@ fn sidecar(ns: &str, dir: &Path, name: &str, yaml: &str) -> Proc {
         "--",
     ])
     .arg(bin("cogmesh-proxy"))
-    .arg("--config")
-    .arg(&path);
+    .args(args);
     let mut proc = Proc::spawn(name, &mut cmd);
     eventually(&format!("{name} ready"), Duration::from_secs(20), || {
         assert!(proc.is_running(), "{name} exited");
@@ -122,6 +126,22 @@ print("ready", flush=True)
 servers[0].serve_forever()
 "#;
 
+/// Starts [`SERVER_APPS`] in `ns` and waits until they listen.
+fn server_apps(ns: &str) -> Proc {
+    let mut apps = Proc::spawn(
+        "server apps",
+        in_ns(ns, python())
+            .args(["-c", SERVER_APPS])
+            .stdout(std::process::Stdio::piped()),
+    );
+    use std::io::BufRead;
+    let mut line = String::new();
+    let stdout = apps.child.stdout.take().unwrap();
+    std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "server apps did not start");
+    apps
+}
+
 /// A TCP client in the client pod: connects, optionally sends, prints what it reads first.
 fn tcp_client(ns: &str, addr: &str, send: Option<&str>) -> String {
     let script = format!(
@@ -169,19 +189,7 @@ fn apps_in_pods_talk_through_both_sidecars_without_knowing() {
         );
     }
 
-    let mut apps = Proc::spawn(
-        "server apps",
-        in_ns(&pods.server, python())
-            .args(["-c", SERVER_APPS])
-            .stdout(std::process::Stdio::piped()),
-    );
-    {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let stdout = apps.child.stdout.take().unwrap();
-        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "server apps did not start");
-    }
+    let _apps = server_apps(&pods.server);
 
     let listeners = "
 listeners:
@@ -351,4 +359,61 @@ fn tempdir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cogmesh-transparent-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// What `cogmesh inject` runs: `cogmesh-proxy --transparent` with no file, joined to the control
+/// plane, routes a captured call to a service the control plane pushed (here a static service of
+/// control.yaml), and counts it under that service.
+#[test]
+fn a_sidecar_without_a_file_routes_services_the_control_plane_pushes() {
+    let pods = Pods::create("cmq").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempdir().join("quick");
+    std::fs::create_dir_all(&dir).unwrap();
+    init(&pods.client, &["--proxy-uid", PROXY_UID]);
+    let _apps = server_apps(&pods.server);
+
+    let control_yaml = dir.join("control.yaml");
+    std::fs::write(
+        &control_yaml,
+        format!("listen: 127.0.0.1:7070\nweight_interval_ms: 200\nservices:\n  - {{ name: api, endpoints: [{SERVER_IP}:8080] }}\n"),
+    )
+    .unwrap();
+    let _control = Proc::spawn(
+        "control plane",
+        in_ns(&pods.client, bin("cogmesh"))
+            .args(["control", "--config"])
+            .arg(&control_yaml)
+            .env("COGMESH_LOG", "warn"),
+    );
+    let args = [
+        "--transparent",
+        "--control",
+        "127.0.0.1:7070",
+        "--service",
+        "client",
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let mut sidecar = proxy_as_proxy_uid(&pods.client, "quick sidecar", &args);
+
+    // Until the table arrives the call passes through untouched; then it is routed to `api`.
+    let url = format!("http://{SERVER_IP}:8080/quick");
+    let metrics = eventually(
+        "the call routed to the pushed service",
+        Duration::from_secs(30),
+        || {
+            assert!(sidecar.is_running(), "the sidecar exited");
+            let (ok, out) = run(in_ns(&pods.client, "curl").args(["-s", "--max-time", "5", &url]));
+            assert!(ok, "curl {url}: {out}");
+            assert_eq!(out, "web says hi to /quick");
+            let (ok, m) = run(in_ns(&pods.client, "curl").args(["-s", "http://127.0.0.1:4191/metrics"]));
+            (ok && counter(&m, r#"request_total{direction="outbound",service="api"}"#) >= 1.0).then_some(m)
+        },
+    );
+    assert!(
+        counter(
+            &metrics,
+            r#"protocol_detect_total{direction="outbound",result="http1"}"#
+        ) >= 1.0,
+        "{metrics}"
+    );
 }

@@ -37,8 +37,8 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use self::detect::Detected;
-use crate::config::{ConfigError, Direction, ProxyConfig};
-use crate::route::RoutingTable;
+use crate::config::{ConfigError, Direction, ProxyConfig, ServiceConfig};
+use crate::route::{EndpointOverrides, RoutingTable};
 
 /// The outbound listener of `--transparent` (iptables redirects the app's TCP here).
 pub const OUTBOUND_ADDR: &str = "0.0.0.0:4140";
@@ -73,6 +73,29 @@ pub fn quick(config: &mut ProxyConfig) {
     }
     config.services.retain(|s| !s.endpoints.is_empty());
     config.transparent = Some(TransparentConfig::default());
+}
+
+/// Transparent mode: the services pushed by the control plane that the configuration does not
+/// name, with the defaults of a `services:` entry that gives only the name, so that captured
+/// connections to their endpoints are routed (and counted) like configured ones. Sorted by
+/// name; empty without a `transparent` section.
+pub fn pushed_services(config: &ProxyConfig, overrides: &EndpointOverrides) -> Vec<ServiceConfig> {
+    if config.transparent.is_none() {
+        return Vec::new();
+    }
+    let mut names: Vec<&String> = overrides
+        .keys()
+        .filter(|n| !config.services.iter().any(|s| &s.name == *n))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let mut entry = serde_yaml_ng::Mapping::new();
+            entry.insert("name".into(), name.as_str().into());
+            serde_yaml_ng::from_value(serde_yaml_ng::Value::Mapping(entry)).ok()
+        })
+        .collect()
 }
 
 /// How long a captured connection may take to send enough bytes to recognise its protocol
@@ -468,6 +491,31 @@ mod tests {
             assert!(t.listeners.contains(&l.name));
             assert!(Capture::for_listener(&config, i, &TransparentMetrics::default()).is_some());
         }
+    }
+
+    #[test]
+    fn pushed_services_are_routed_in_transparent_mode_only() {
+        let endpoint: SocketAddr = "10.0.0.5:8080".parse().unwrap();
+        let overrides: EndpointOverrides = [("reasoning".to_string(), vec![(endpoint, 1.0)])].into();
+        let mut config = ProxyConfig::quick(
+            OUTBOUND_ADDR.parse().unwrap(),
+            Vec::new(),
+            "127.0.0.1:4191".parse().unwrap(),
+        );
+        let metrics = crate::metrics::Metrics::new();
+        let plain = RoutingTable::build_with(&config, None, &metrics, &overrides, 1);
+        assert!(!plain.services.iter().any(|s| s.name == "reasoning"));
+
+        quick(&mut config);
+        let table = RoutingTable::build_with(&config, None, &metrics, &overrides, 1);
+        let names: Vec<&str> = table.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["reasoning"]);
+        let capture = Capture::for_listener(&config, 0, &metrics.transparent).unwrap();
+        let (index, name, virtual_address) = capture.resolve(&table, endpoint).unwrap();
+        assert_eq!((index, &*name, virtual_address), (0, "reasoning", false));
+        assert!(capture
+            .resolve(&table, "10.0.0.6:8080".parse().unwrap())
+            .is_none());
     }
 
     #[test]
