@@ -101,6 +101,10 @@ fn restart_only_change(old: &ProxyConfig, new: &ProxyConfig) -> Option<String> {
     if old.access_log != new.access_log {
         return Some("access_log: changing it needs a restart".into());
     }
+    // Each worker builds its captures when it starts (see crate::transparent).
+    if old.transparent != new.transparent {
+        return Some("transparent: changing it needs a restart".into());
+    }
     if old.listeners.len() != new.listeners.len() {
         return Some("listeners: adding or removing listeners needs a restart".into());
     }

@@ -1,12 +1,15 @@
 //! Two "pods" for tests and benchmarks of transparent interception: network namespaces joined
-//! by a veth pair, with addresses in 198.18.0.0/24 (the benchmarking range) that exist only
-//! inside them. Creating them needs root; dropping [`Pods`] deletes them (and with them the
+//! by a veth pair, with addresses in 198.18.0.0/24 and 2001:2::/64 (the benchmarking ranges)
+//! that exist only inside them. Creating them needs root; dropping [`Pods`] deletes them (and with them the
 //! veth pair and any iptables rules installed inside).
 
 use std::process::Command;
 
 pub const CLIENT_IP: &str = "198.18.0.1";
 pub const SERVER_IP: &str = "198.18.0.2";
+/// IPv6 addresses from the benchmarking range 2001:2::/48 (RFC 5180).
+pub const CLIENT_IP6: &str = "2001:2::1";
+pub const SERVER_IP6: &str = "2001:2::2";
 
 /// The client and server namespaces; deleted when dropped.
 pub struct Pods {
@@ -43,10 +46,42 @@ impl Pods {
             "netns",
             &pods.server,
         ])?;
-        for (ns, addr) in [(&pods.client, CLIENT_IP), (&pods.server, SERVER_IP)] {
+        for (ns, addr, addr6) in [
+            (&pods.client, CLIENT_IP, CLIENT_IP6),
+            (&pods.server, SERVER_IP, SERVER_IP6),
+        ] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "veth0"])?;
+            // No duplicate address detection: the address is usable at once.
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr6}/64"),
+                "dev",
+                "veth0",
+                "nodad",
+            ])?;
             ip(&["-n", ns, "link", "set", "veth0", "up"])?;
+        }
+        // IPv6 neighbours are only resolved once no address is tentative any more (the
+        // link-local one goes through duplicate address detection): wait for that.
+        for ns in [&pods.client, &pods.server] {
+            let settled = (0..100).any(|_| {
+                let tentative = Command::new("ip")
+                    .args(["-n", ns, "-6", "addr", "show", "dev", "veth0", "tentative"])
+                    .output()
+                    .map(|o| o.stdout.is_empty())
+                    .unwrap_or(false);
+                if !tentative {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                tentative
+            });
+            if !settled {
+                return Err(format!("{ns}: IPv6 addresses still tentative after 5 s"));
+            }
         }
         Ok(pods)
     }

@@ -214,8 +214,9 @@ fn one_replica_leads_and_another_takes_over_when_it_dies() {
 
     // A sidecar given the leader's address first, then a follower's.
     let follower = (leader + 1) % 3;
+    // The second one by host name: sidecars resolve names on every connect.
     let second_address = replicas[follower].cp.addr;
-    let controls = format!("{},{second_address}", replicas[leader].cp.addr);
+    let controls = format!("{},localhost:{}", replicas[leader].cp.addr, second_address.port());
     let app = free_addr();
     let _sidecar = Proxy::quick(
         &[app],

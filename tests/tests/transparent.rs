@@ -1,11 +1,12 @@
 //! Transparent interception end to end, in two "pods": network namespaces this test creates
-//! (joined by a veth pair, addresses in 198.18.0.0/24, the benchmarking range, that exist only
-//! inside them) and removes at the end, also when an assertion fails.
+//! (see `cogmesh_e2e::netns`: a veth pair, addresses in 198.18.0.0/24 and 2001:2::/64 that exist
+//! only inside them) and removes at the end, also when an assertion fails.
 //!
 //! In each pod `cogmesh-proxy init` installs the iptables rules and a sidecar runs in transparent
 //! mode as uid 2102 (the uid the rules skip). The client pod's apps (curl, Python sockets, run as
 //! root and unaware of any proxy) call the server pod: HTTP to a service's virtual address and to
-//! its endpoint address goes through both sidecars (their request metrics count it), an opaque
+//! its endpoint address, over IPv4 and IPv6, goes through both sidecars (their request metrics
+//! count it), an opaque
 //! TCP echo passes through, and an SMTP-like server that speaks first gets its banner to the
 //! client without waiting for protocol detection (the detection metric says `opaque_port`, and
 //! no connection timed out).
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use cogmesh_e2e::netns::{in_ns, Pods, SERVER_IP};
+use cogmesh_e2e::netns::{in_ns, Pods, SERVER_IP, SERVER_IP6};
 use cogmesh_e2e::{bin, eventually, metric_value, python, run_with_timeout, Proc};
 
 const PROXY_UID: &str = "2102";
@@ -32,6 +33,11 @@ fn run(cmd: &mut Command) -> (bool, String) {
 fn sidecar(ns: &str, dir: &Path, name: &str, yaml: &str) -> Proc {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, yaml).unwrap();
+    proxy_as_proxy_uid(ns, name, &["--config".as_ref(), path.as_os_str()])
+}
+
+/// `cogmesh-proxy ARGS` in `ns` as the proxy uid, once its admin port says ready.
+fn proxy_as_proxy_uid(ns: &str, name: &str, args: &[&std::ffi::OsStr]) -> Proc {
     let mut cmd = in_ns(ns, "setpriv");
     cmd.args([
         &format!("--reuid={PROXY_UID}"),
@@ -40,8 +46,7 @@ fn sidecar(ns: &str, dir: &Path, name: &str, yaml: &str) -> Proc {
         "--",
     ])
     .arg(bin("cogmesh-proxy"))
-    .arg("--config")
-    .arg(&path);
+    .args(args);
     let mut proc = Proc::spawn(name, &mut cmd);
     eventually(&format!("{name} ready"), Duration::from_secs(20), || {
         assert!(proc.is_running(), "{name} exited");
@@ -68,8 +73,9 @@ fn nat_rules(ns: &str, binary: &str) -> String {
     out
 }
 
-/// The apps of the server pod: HTTP on 8080 (answers with the path it was asked for), a TCP
-/// echo on 7000, and an SMTP-like server on 2525 that sends its banner first.
+/// The apps of the server pod: HTTP on 8080 (answers with the path it was asked for; IPv4 and
+/// IPv6), a TCP echo on 7000, and an SMTP-like server that sends its banner first on 2525
+/// (declared opaque to the sidecars) and 2526 (not declared).
 const SERVER_APPS: &str = r#"
 import socket, socketserver, threading, http.server
 
@@ -100,17 +106,41 @@ class Smtp(socketserver.StreamRequestHandler):
                 return
             self.wfile.write(b"250 ok\r\n")
 
+class Web6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
 socketserver.ThreadingTCPServer.allow_reuse_address = True
 servers = [
     http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Web),
+    Web6(("::", 8080), Web),
     socketserver.ThreadingTCPServer(("0.0.0.0", 7000), Echo),
     socketserver.ThreadingTCPServer(("0.0.0.0", 2525), Smtp),
+    socketserver.ThreadingTCPServer(("0.0.0.0", 2526), Smtp),
 ]
 for s in servers[1:]:
     threading.Thread(target=s.serve_forever, daemon=True).start()
 print("ready", flush=True)
 servers[0].serve_forever()
 "#;
+
+/// Starts [`SERVER_APPS`] in `ns` and waits until they listen.
+fn server_apps(ns: &str) -> Proc {
+    let mut apps = Proc::spawn(
+        "server apps",
+        in_ns(ns, python())
+            .args(["-c", SERVER_APPS])
+            .stdout(std::process::Stdio::piped()),
+    );
+    use std::io::BufRead;
+    let mut line = String::new();
+    let stdout = apps.child.stdout.take().unwrap();
+    std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "server apps did not start");
+    apps
+}
 
 /// A TCP client in the client pod: connects, optionally sends, prints what it reads first.
 fn tcp_client(ns: &str, addr: &str, send: Option<&str>) -> String {
@@ -159,24 +189,14 @@ fn apps_in_pods_talk_through_both_sidecars_without_knowing() {
         );
     }
 
-    let mut apps = Proc::spawn(
-        "server apps",
-        in_ns(&pods.server, python())
-            .args(["-c", SERVER_APPS])
-            .stdout(std::process::Stdio::piped()),
-    );
-    {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let stdout = apps.child.stdout.take().unwrap();
-        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "server apps did not start");
-    }
+    let _apps = server_apps(&pods.server);
 
     let listeners = "
 listeners:
   - { name: outbound, address: 0.0.0.0:4140, direction: outbound }
   - { name: inbound, address: 0.0.0.0:4143, direction: inbound }
+  - { name: outbound-v6, address: '[::]:4140', direction: outbound }
+  - { name: inbound-v6, address: '[::]:4143', direction: inbound }
 ";
     let _server_sidecar = sidecar(
         &pods.server,
@@ -184,6 +204,7 @@ listeners:
         "server-sidecar",
         &format!(
             "admin: 127.0.0.1:4191\n{listeners}services:\n  - {{ name: web, endpoints: [127.0.0.1:8080] }}\n\
+             \x20 - {{ name: web6, endpoints: ['[::1]:8080'] }}\n\
              transparent:\n  opaque_ports: [2525]\n"
         ),
     );
@@ -193,6 +214,7 @@ listeners:
         "client-sidecar",
         &format!(
             "admin: 127.0.0.1:4191\n{listeners}services:\n  - {{ name: web, endpoints: [{SERVER_IP}:8080] }}\n\
+             \x20 - {{ name: web6, endpoints: ['[{SERVER_IP6}]:8080'] }}\n\
              transparent:\n  opaque_ports: [2525]\n  virtual_services:\n    - {{ service: web, address: {VIRTUAL_IP}:80 }}\n"
         ),
     );
@@ -207,8 +229,24 @@ listeners:
         assert!(ok, "curl {url}: {out}");
         assert_eq!(out, format!("web says hi to {path}"));
     }
+    // IPv6: ip6tables rules, IP6T_SO_ORIGINAL_DST, the [::] listeners.
+    let url = format!("http://[{SERVER_IP6}]:8080/by-v6");
+    let (ok, out) = run(in_ns(&pods.client, "curl").args(["-s", "-g", "--max-time", "10", &url]));
+    assert!(ok, "curl {url}: {out}");
+    assert_eq!(out, "web says hi to /by-v6");
+
     let client = scrape(&pods.client);
     let server = scrape(&pods.server);
+    for (m, direction) in [(&client, "outbound"), (&server, "inbound")] {
+        assert_eq!(
+            counter(
+                m,
+                &format!(r#"request_total{{direction="{direction}",service="web6"}}"#)
+            ),
+            1.0,
+            "{m}"
+        );
+    }
     assert_eq!(
         counter(&client, r#"request_total{direction="outbound",service="web"}"#),
         2.0,
@@ -224,14 +262,14 @@ listeners:
             &client,
             r#"protocol_detect_total{direction="outbound",result="http1"}"#
         ),
-        2.0
+        3.0
     );
     assert_eq!(
         counter(
             &server,
             r#"transparent_connection_total{direction="inbound",destination="service"}"#
         ),
-        2.0,
+        3.0,
         "{server}"
     );
 
@@ -292,6 +330,21 @@ listeners:
         );
     }
 
+    // The same server on a port nobody declared opaque: detection waits for its timeout, then
+    // proxies the connection as opaque TCP, so the banner still arrives (late), and the metric
+    // says why.
+    let banner = tcp_client(&pods.client, &format!("{SERVER_IP}:2526"), None);
+    assert_eq!(banner, "220 cogmesh-test ESMTP ready");
+    let m = scrape(&pods.client);
+    assert_eq!(
+        counter(
+            &m,
+            r#"protocol_detect_total{direction="outbound",result="timeout"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+
     // The rules come off again.
     for ns in [&pods.client, &pods.server] {
         init(ns, &["--remove"]);
@@ -306,4 +359,61 @@ fn tempdir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cogmesh-transparent-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// What `cogmesh inject` runs: `cogmesh-proxy --transparent` with no file, joined to the control
+/// plane, routes a captured call to a service the control plane pushed (here a static service of
+/// control.yaml), and counts it under that service.
+#[test]
+fn a_sidecar_without_a_file_routes_services_the_control_plane_pushes() {
+    let pods = Pods::create("cmq").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempdir().join("quick");
+    std::fs::create_dir_all(&dir).unwrap();
+    init(&pods.client, &["--proxy-uid", PROXY_UID]);
+    let _apps = server_apps(&pods.server);
+
+    let control_yaml = dir.join("control.yaml");
+    std::fs::write(
+        &control_yaml,
+        format!("listen: 127.0.0.1:7070\nweight_interval_ms: 200\nservices:\n  - {{ name: api, endpoints: [{SERVER_IP}:8080] }}\n"),
+    )
+    .unwrap();
+    let _control = Proc::spawn(
+        "control plane",
+        in_ns(&pods.client, bin("cogmesh"))
+            .args(["control", "--config"])
+            .arg(&control_yaml)
+            .env("COGMESH_LOG", "warn"),
+    );
+    let args = [
+        "--transparent",
+        "--control",
+        "127.0.0.1:7070",
+        "--service",
+        "client",
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let mut sidecar = proxy_as_proxy_uid(&pods.client, "quick sidecar", &args);
+
+    // Until the table arrives the call passes through untouched; then it is routed to `api`.
+    let url = format!("http://{SERVER_IP}:8080/quick");
+    let metrics = eventually(
+        "the call routed to the pushed service",
+        Duration::from_secs(30),
+        || {
+            assert!(sidecar.is_running(), "the sidecar exited");
+            let (ok, out) = run(in_ns(&pods.client, "curl").args(["-s", "--max-time", "5", &url]));
+            assert!(ok, "curl {url}: {out}");
+            assert_eq!(out, "web says hi to /quick");
+            let (ok, m) = run(in_ns(&pods.client, "curl").args(["-s", "http://127.0.0.1:4191/metrics"]));
+            (ok && counter(&m, r#"request_total{direction="outbound",service="api"}"#) >= 1.0).then_some(m)
+        },
+    );
+    assert!(
+        counter(
+            &metrics,
+            r#"protocol_detect_total{direction="outbound",result="http1"}"#
+        ) >= 1.0,
+        "{metrics}"
+    );
 }

@@ -107,8 +107,25 @@ pub fn overrides_from(
 /// Applies a pushed (or persisted) table; with `neutral`, all weights become 1.
 fn apply(state: &State, table: &TableMsg, neutral: bool) -> Result<(), TableError> {
     let config = state.config.load();
-    let known: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+    let mut known: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
     let own: HashSet<SocketAddr> = config.listeners.iter().map(|l| l.address).collect();
+    if config.transparent.is_some() {
+        // Transparent mode routes to every service of the mesh: the original destination of a
+        // captured connection finds it (see crate::transparent::pushed_services). A pushed
+        // service that lists one of our listeners (our own registration, without
+        // --instance-address) is left out rather than refusing the table.
+        known.extend(
+            table
+                .services
+                .iter()
+                .filter(|s| {
+                    !s.endpoints
+                        .iter()
+                        .any(|e| e.address.parse().is_ok_and(|a: SocketAddr| own.contains(&a)))
+                })
+                .map(|s| s.name.as_str()),
+        );
+    }
     let mut overrides = overrides_from(table, &known, &own)?;
     if neutral {
         for members in overrides.values_mut() {
@@ -157,6 +174,15 @@ pub fn restore(state: &State, config: &ControlConfig) -> Option<TableMsg> {
     }
 }
 
+/// The services a sidecar asks the control plane for: those it routes to, or (none listed) all
+/// of them, as a transparent sidecar needs (the original destination picks the service).
+fn subscriptions(config: &crate::config::ProxyConfig) -> Vec<String> {
+    if config.transparent.is_some() {
+        return Vec::new();
+    }
+    config.services.iter().map(|s| s.name.clone()).collect()
+}
+
 /// Runs the control-plane session forever: connect, serve, reconnect.
 pub async fn run(state: Arc<State>, config: ControlConfig) {
     let mut last = restore(&state, &config);
@@ -173,13 +199,7 @@ pub async fn run(state: Arc<State>, config: ControlConfig) {
         zone: config.zone.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         table_version: last.as_ref().map_or(0, |t| t.version),
-        subscriptions: state
-            .config
-            .load()
-            .services
-            .iter()
-            .map(|s| s.name.clone())
-            .collect(),
+        subscriptions: subscriptions(&state.config.load()),
     };
     let expiry = Duration::from_millis(config.weight_expiry_ms);
     let mut last_contact = Instant::now();

@@ -150,9 +150,11 @@ impl RoutingTable {
         let old: HashMap<&str, &Service> = previous
             .map(|p| p.services.iter().map(|s| (s.name.as_str(), s)).collect())
             .unwrap_or_default();
+        let pushed_only = crate::transparent::pushed_services(config, overrides);
         let services: Vec<Service> = config
             .services
             .iter()
+            .chain(&pushed_only)
             .map(|s| Service {
                 name: s.name.clone(),
                 protocol: s.protocol,

@@ -235,6 +235,11 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
 /// spreads connections over them.
 fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<StdTcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // `[::]:P` is IPv6 only, so `0.0.0.0:P` can be a listener of its own (transparent mode
+        // has both).
+        socket.set_only_v6(true)?;
+    }
     socket.set_reuse_address(true)?;
     if reuse_port {
         socket.set_reuse_port(true)?;

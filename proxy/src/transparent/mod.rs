@@ -37,17 +37,20 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use self::detect::Detected;
-use crate::config::{ConfigError, Direction, ProxyConfig};
-use crate::route::RoutingTable;
+use crate::config::{ConfigError, Direction, ProxyConfig, ServiceConfig};
+use crate::route::{EndpointOverrides, RoutingTable};
 
 /// The outbound listener of `--transparent` (iptables redirects the app's TCP here).
 pub const OUTBOUND_ADDR: &str = "0.0.0.0:4140";
 /// The inbound listener of `--transparent` (iptables redirects the pod's inbound TCP here).
 pub const INBOUND_ADDR: &str = "0.0.0.0:4143";
+/// Their IPv6 twins (ip6tables redirects there), where the host has IPv6.
+pub const OUTBOUND_ADDR_V6: &str = "[::]:4140";
+pub const INBOUND_ADDR_V6: &str = "[::]:4143";
 
 /// Turns a quick-mode configuration into `--transparent` mode: the two capture listeners (no
-/// default service: the original destination picks it), the default `transparent` section, and
-/// no placeholder service without endpoints.
+/// default service: the original destination picks it) and their IPv6 twins when the host has
+/// IPv6, the default `transparent` section, and no placeholder service without endpoints.
 pub fn quick(config: &mut ProxyConfig) {
     let listener = |name: &str, address: &str, direction| crate::config::ListenerConfig {
         name: name.into(),
@@ -62,8 +65,39 @@ pub fn quick(config: &mut ProxyConfig) {
         listener("outbound", OUTBOUND_ADDR, Direction::Outbound),
         listener("inbound", INBOUND_ADDR, Direction::Inbound),
     ];
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        config
+            .listeners
+            .push(listener("outbound-v6", OUTBOUND_ADDR_V6, Direction::Outbound));
+        config
+            .listeners
+            .push(listener("inbound-v6", INBOUND_ADDR_V6, Direction::Inbound));
+    }
     config.services.retain(|s| !s.endpoints.is_empty());
     config.transparent = Some(TransparentConfig::default());
+}
+
+/// Transparent mode: the services pushed by the control plane that the configuration does not
+/// name, with the defaults of a `services:` entry that gives only the name, so that captured
+/// connections to their endpoints are routed (and counted) like configured ones. Sorted by
+/// name; empty without a `transparent` section.
+pub fn pushed_services(config: &ProxyConfig, overrides: &EndpointOverrides) -> Vec<ServiceConfig> {
+    if config.transparent.is_none() {
+        return Vec::new();
+    }
+    let mut names: Vec<&String> = overrides
+        .keys()
+        .filter(|n| !config.services.iter().any(|s| &s.name == *n))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let mut entry = serde_yaml_ng::Mapping::new();
+            entry.insert("name".into(), name.as_str().into());
+            serde_yaml_ng::from_value(serde_yaml_ng::Value::Mapping(entry)).ok()
+        })
+        .collect()
 }
 
 /// How long a captured connection may take to send enough bytes to recognise its protocol
@@ -78,8 +112,9 @@ pub const DEFAULT_OPAQUE_PORTS: [u16; 7] = [21, 22, 25, 110, 143, 587, 3306];
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TransparentConfig {
-    /// Names of the listeners that receive redirected connections (default `outbound` and
-    /// `inbound`, those that exist). Their `direction` says what to do with them.
+    /// Names of the listeners that receive redirected connections (default `outbound`,
+    /// `inbound`, `outbound-v6` and `inbound-v6`, those that exist). Their `direction` says
+    /// what to do with them.
     #[serde(default = "default_listeners")]
     pub listeners: Vec<String>,
     #[serde(default = "default_detect_timeout_ms")]
@@ -101,7 +136,9 @@ pub struct VirtualService {
 }
 
 fn default_listeners() -> Vec<String> {
-    vec!["outbound".into(), "inbound".into()]
+    ["outbound", "inbound", "outbound-v6", "inbound-v6"]
+        .map(String::from)
+        .to_vec()
 }
 fn default_detect_timeout_ms() -> u64 {
     DEFAULT_DETECT_TIMEOUT_MS
@@ -437,6 +474,50 @@ mod tests {
         let (server, _) = listener.accept().await.unwrap();
         // Without a NAT entry the kernel reports ENOENT, or (with one) the listener itself.
         assert!(original_destination(&server).is_err());
+    }
+
+    #[test]
+    fn quick_mode_captures_on_both_listeners() {
+        let mut config = ProxyConfig::quick(
+            OUTBOUND_ADDR.parse().unwrap(),
+            Vec::new(),
+            "127.0.0.1:4191".parse().unwrap(),
+        );
+        quick(&mut config);
+        let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names[..2], ["outbound", "inbound"]);
+        assert!(config.services.is_empty(), "the placeholder service is gone");
+        config.validate("<command line>").unwrap();
+        let t = config.transparent.as_ref().unwrap();
+        for (i, l) in config.listeners.iter().enumerate() {
+            assert!(t.listeners.contains(&l.name));
+            assert!(Capture::for_listener(&config, i, &TransparentMetrics::default()).is_some());
+        }
+    }
+
+    #[test]
+    fn pushed_services_are_routed_in_transparent_mode_only() {
+        let endpoint: SocketAddr = "10.0.0.5:8080".parse().unwrap();
+        let overrides: EndpointOverrides = [("reasoning".to_string(), vec![(endpoint, 1.0)])].into();
+        let mut config = ProxyConfig::quick(
+            OUTBOUND_ADDR.parse().unwrap(),
+            Vec::new(),
+            "127.0.0.1:4191".parse().unwrap(),
+        );
+        let metrics = crate::metrics::Metrics::new();
+        let plain = RoutingTable::build_with(&config, None, &metrics, &overrides, 1);
+        assert!(!plain.services.iter().any(|s| s.name == "reasoning"));
+
+        quick(&mut config);
+        let table = RoutingTable::build_with(&config, None, &metrics, &overrides, 1);
+        let names: Vec<&str> = table.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["reasoning"]);
+        let capture = Capture::for_listener(&config, 0, &metrics.transparent).unwrap();
+        let (index, name, virtual_address) = capture.resolve(&table, endpoint).unwrap();
+        assert_eq!((index, &*name, virtual_address), (0, "reasoning", false));
+        assert!(capture
+            .resolve(&table, "10.0.0.6:8080".parse().unwrap())
+            .is_none());
     }
 
     #[test]
