@@ -505,11 +505,11 @@ mod tests {
             "127.0.0.1:4191".parse().unwrap(),
         );
         let metrics = crate::metrics::Metrics::new();
-        let plain = RoutingTable::build_with(&config, None, &metrics, &overrides, 1);
+        let plain = RoutingTable::build_with(&config, None, &metrics, &overrides, 1, None);
         assert!(!plain.services.iter().any(|s| s.name == "reasoning"));
 
         quick(&mut config);
-        let table = RoutingTable::build_with(&config, None, &metrics, &overrides, 1);
+        let table = RoutingTable::build_with(&config, None, &metrics, &overrides, 1, None);
         let names: Vec<&str> = table.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["reasoning"]);
         let capture = Capture::for_listener(&config, 0, &metrics.transparent).unwrap();
