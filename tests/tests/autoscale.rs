@@ -271,10 +271,11 @@ fn process_backend_scales_up_under_a_load_step_and_back_down() {
 
     // Every decision is in the history, with its reason, and was pushed on MeshControl to a
     // sidecar that routes to the service.
-    let decisions = history(control_addr);
-    let pushed = eventually("every decision pushed", Duration::from_secs(10), || {
+    // (Read together: a decision may still come while the test looks.)
+    let (decisions, pushed) = eventually("every decision pushed", Duration::from_secs(10), || {
+        let decisions = history(control_addr);
         let p = pushed.lock().unwrap().clone();
-        (p.len() == decisions.len()).then_some(p)
+        (p.len() == decisions.len()).then_some((decisions, p))
     });
     watching.store(true, Ordering::Relaxed);
     assert!(pushed.iter().any(|(from, to)| to > from), "{pushed:?}");
