@@ -347,6 +347,7 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     }
 
     observe_overrides(args)(&mut config);
+    config.link_identity();
     // Flags can break what the file alone satisfied (e.g. --workers 0): validate the result,
     // naming the flags when they were the source.
     let origin = if args.config.is_some()

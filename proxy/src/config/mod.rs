@@ -467,7 +467,7 @@ impl ProxyConfig {
     /// Parses and validates YAML text; `file` is only used in error messages.
     pub fn from_yaml(file: &str, text: &str) -> Result<Self, ConfigError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let config: ProxyConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: ProxyConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner().to_string();
             // serde_yaml_ng prefixes its own (shorter) path, e.g. "services[0]: unknown field";
@@ -478,8 +478,19 @@ impl ProxyConfig {
             };
             ConfigError::new(file, field, reason)
         })?;
+        config.link_identity();
         config.validate(file)?;
         Ok(config)
+    }
+
+    /// With `identity` (certificates from the control plane's CA) and a `tls` section that
+    /// names no files of its own, TLS uses the identity's directory: the mesh's automatic mTLS.
+    pub fn link_identity(&mut self) {
+        if let (Some(tls), Some(identity)) = (&mut self.tls, &self.identity) {
+            if tls.identity_dir.is_none() && tls.cert.is_none() && tls.key.is_none() {
+                tls.identity_dir = Some(identity.dir.clone());
+            }
+        }
     }
 
     /// The configuration of quick mode: one outbound listener in front of one service.

@@ -358,16 +358,86 @@ fn current_identity(dir: &Path) -> Option<tonic::transport::Identity> {
     Some(tonic::transport::Identity::from_pem(cert, key))
 }
 
+/// How long a sidecar whose TLS identity comes from the control plane waits for its first
+/// certificate at start before it gives up (exit 2).
+pub const FIRST_CERTIFICATE_TIMEOUT_SECS: u64 = 30;
+
+/// The control plane the client asks: `identity.control`, else the first of `control.addresses`.
+fn control_address(config: &crate::config::ProxyConfig) -> Option<String> {
+    let identity = config.identity.as_ref()?;
+    match identity.control {
+        Some(address) => Some(address.to_string()),
+        None => config.control.as_ref()?.addresses.first().cloned(),
+    }
+}
+
+/// Before TLS starts: when the identity directory has no certificate yet, asks for one (with
+/// the usual backoff) for at most `limit`, so the sidecar's listeners and origination start
+/// with the identity the control plane issued. Nothing to do without `identity`, or when a
+/// certificate is there already (the background client renews it).
+pub async fn first_certificate(
+    config: &crate::config::ProxyConfig,
+    metrics: &IdentityMetrics,
+    limit: Duration,
+) -> Result<(), String> {
+    let Some(identity) = config.identity.as_ref() else {
+        return Ok(());
+    };
+    if identity.dir.join(CERT_FILE).exists() {
+        return Ok(());
+    }
+    let control = control_address(config).ok_or_else(|| {
+        "identity: no control plane address (identity.control or control.addresses)".to_string()
+    })?;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut failures = 0u32;
+    loop {
+        let attempt = certify(identity, &control, false)
+            .await
+            .and_then(|(key_pem, response)| {
+                write_identity(&identity.dir, &key_pem, &response)
+                    .map(|()| response)
+                    .map_err(|e| {
+                        format!(
+                            "cannot write the identity files in {}: {e}",
+                            identity.dir.display()
+                        )
+                    })
+            });
+        match attempt {
+            Ok(response) => {
+                metrics.count(true);
+                metrics.expiry.set(response.valid_until_unix_s);
+                info!(identity = identity.name, "first workload certificate written");
+                return Ok(());
+            }
+            Err(e) => {
+                metrics.count(false);
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "identity: no workload certificate for {} from {control} within {} s: {e}",
+                        identity.name,
+                        limit.as_secs()
+                    ));
+                }
+                warn!(
+                    identity = identity.name,
+                    "waiting for the first workload certificate: {e}"
+                );
+                tokio::time::sleep(retry_delay(failures, 0.75)).await;
+                failures += 1;
+            }
+        }
+    }
+}
+
 /// Starts the client if `identity` is configured (on the current runtime).
 pub fn spawn(
     config: &crate::config::ProxyConfig,
     metrics: &IdentityMetrics,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let identity = config.identity.clone()?;
-    let control = match identity.control {
-        Some(address) => address.to_string(),
-        None => config.control.as_ref()?.addresses.first()?.clone(),
-    };
+    let control = control_address(config)?;
     Some(tokio::spawn(run(identity, control, metrics.clone())))
 }
 

@@ -45,6 +45,9 @@ pub enum ServeError {
     Config(#[from] crate::config::ConfigError),
     #[error("{0}")]
     Observe(String),
+    /// No workload certificate from the control plane in time.
+    #[error("{0}")]
+    Identity(String),
 }
 
 /// What the admin server shows and the workers share.
@@ -123,6 +126,17 @@ pub fn run(config: ProxyConfig, source: Option<crate::reload::ConfigSource>) -> 
     let file = source
         .as_ref()
         .map_or_else(|| "<command line>".to_string(), |s| s.path.display().to_string());
+    // A TLS identity issued by the control plane: the first certificate comes before TLS starts.
+    if config.tls.is_some() {
+        let limit = Duration::from_secs(crate::identity::FIRST_CERTIFICATE_TIMEOUT_SECS);
+        runtime
+            .block_on(crate::identity::first_certificate(
+                &config,
+                &metrics.identity,
+                limit,
+            ))
+            .map_err(ServeError::Identity)?;
+    }
     let tls = match &config.tls {
         None => None,
         Some(t) => Some(crate::tls::client::Origin::load(t, &config, &metrics.tls, &file)?),
