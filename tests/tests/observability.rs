@@ -200,6 +200,7 @@ fn the_log_level_changes_at_run_time_and_the_access_log_has_a_line_per_request()
     let proxy = Proxy::with_config(&format!(
         r#"
 admin: "{{admin}}"
+admin_mutations: true
 workers: 1
 listeners:
   - {{ name: edge, address: "{{listen}}", direction: outbound, default_service: app }}
@@ -213,6 +214,10 @@ access_log: {{ path: "{log}", format: json }}
         app = app.addr,
         log = log.display()
     ));
+    // Off unless enabled: a sidecar without `admin_mutations` refuses the change.
+    let default = Proxy::quick(&[app.addr], &[]);
+    assert_eq!(put(default.admin, "/log-level", "debug").0, 403);
+    drop(default);
     // The level: the starting filter, then changed and shown; a bad one refused.
     assert_eq!(get(proxy.admin, "/log-level"), (200, "warn\n".into()));
     assert_eq!(put(proxy.admin, "/log-level", "debug").0, 200);

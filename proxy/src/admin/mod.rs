@@ -43,7 +43,8 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                 let state = Arc::clone(&state);
                 async move {
                     if req.uri().path() == "/log-level" && req.method() == Method::PUT {
-                        return Ok::<_, Infallible>(put_log_level(req, loopback).await);
+                        let enabled = state.config.load().admin_mutations;
+                        return Ok::<_, Infallible>(put_log_level(req, enabled, loopback).await);
                     }
                     Ok::<_, Infallible>(respond(&state, &req))
                 }
@@ -114,8 +115,15 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 const MAX_LOG_FILTER_BYTES: usize = 4096;
 
 /// `PUT /log-level`: the body is the new filter.
-async fn put_log_level(req: Request<Incoming>, loopback: bool) -> Response<Full<Bytes>> {
+async fn put_log_level(req: Request<Incoming>, enabled: bool, loopback: bool) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt;
+    if !enabled {
+        return text(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "changing the log level is off: set `admin_mutations: true` in proxy.yaml\n",
+        );
+    }
     if !loopback {
         return text(
             StatusCode::FORBIDDEN,

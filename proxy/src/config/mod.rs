@@ -50,6 +50,10 @@ pub struct ProxyConfig {
     /// once.
     #[serde(default)]
     pub shutdown_delay_ms: u64,
+    /// Serve the admin server's one mutating endpoint (`PUT /log-level`), on a loopback admin
+    /// address only. Off by default.
+    #[serde(default)]
+    pub admin_mutations: bool,
     #[serde(default = "default_header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
     #[serde(default = "default_connect_timeout_ms")]
@@ -500,6 +504,7 @@ impl ProxyConfig {
             workers: default_workers(),
             drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
             shutdown_delay_ms: 0,
+            admin_mutations: false,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             pool_idle_timeout_ms: DEFAULT_POOL_IDLE_TIMEOUT_MS,
