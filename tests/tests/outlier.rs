@@ -24,8 +24,11 @@ fn start_flaky() -> Flaky {
 }
 
 fn start_flaky_one_in(fail_one_in: u64) -> Flaky {
-    let addr = free_addr();
-    let listener = TcpListener::bind(addr).unwrap();
+    // A port free a moment ago can be taken meanwhile: try a few.
+    let listener = (0..5)
+        .find_map(|_| TcpListener::bind(free_addr()).ok())
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("local addr");
     let failing = Arc::new(AtomicBool::new(true));
     let hits = Arc::new(AtomicU64::new(0));
     let (f, h) = (Arc::clone(&failing), Arc::clone(&hits));

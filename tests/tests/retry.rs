@@ -101,8 +101,10 @@ fn the_request_timeout_bounds_all_attempts_with_504() {
 /// An upstream that reads each request whole (head and `content-length` body) and answers 503:
 /// what a retry must recover from after the body was consumed. Counts the body bytes it read.
 fn consuming_503_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-    let addr = free_addr();
-    let listener = TcpListener::bind(addr).expect("bind");
+    let listener = (0..5)
+        .find_map(|_| TcpListener::bind(free_addr()).ok())
+        .expect("a loopback port for the upstream");
+    let addr = listener.local_addr().expect("local addr");
     let read = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&read);
     // The thread ends with the test process; it only ever talks to the proxy.
@@ -234,8 +236,16 @@ routes:
 /// server that is shutting down does.
 async fn unavailable_grpc_server() -> SocketAddr {
     use hyper::service::service_fn;
-    let addr = free_addr();
-    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    // A port free a moment ago can be taken meanwhile: try a few.
+    let mut listener = None;
+    for _ in 0..5 {
+        if let Ok(l) = tokio::net::TcpListener::bind(free_addr()).await {
+            listener = Some(l);
+            break;
+        }
+    }
+    let listener = listener.expect("a loopback port for the gRPC server");
+    let addr = listener.local_addr().expect("local addr");
     tokio::spawn(async move {
         while let Ok((conn, _)) = listener.accept().await {
             let service = service_fn(|_req: http::Request<hyper::body::Incoming>| async {

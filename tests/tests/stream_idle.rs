@@ -11,8 +11,11 @@ use cogmesh_e2e::{free_addr, metric_value, Proxy};
 /// An HTTP/1.1 upstream whose response to `/stall` is its headers (100 bytes announced) and 10
 /// bytes, then nothing for 10 s; to `/trickle`, 10 bytes every 150 ms for 1.5 s.
 fn start_slow_upstream() -> SocketAddr {
-    let addr = free_addr();
-    let listener = TcpListener::bind(addr).expect("bind");
+    // A port free a moment ago can be taken meanwhile: try a few.
+    let listener = (0..5)
+        .find_map(|_| TcpListener::bind(free_addr()).ok())
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("local addr");
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             std::thread::spawn(move || {
