@@ -431,13 +431,7 @@ pub fn envoy_config_with_filters(
 "
         .to_string(),
     };
-    let addr = |a: SocketAddr| {
-        format!(
-            "{{ socket_address: {{ address: {}, port_value: {} }} }}",
-            a.ip(),
-            a.port()
-        )
-    };
+    let addr = envoy_address;
     format!(
         "admin:
   address: {admin}
@@ -680,6 +674,15 @@ pub fn wait_ready(server: &mut Server, limit: Duration, mut probe: impl FnMut() 
         }
         procs::sleep(Duration::from_millis(50))?;
     }
+}
+
+/// An address in Envoy's bootstrap YAML: `{ socket_address: { address, port_value } }`.
+pub fn envoy_address(a: SocketAddr) -> String {
+    format!(
+        "{{ socket_address: {{ address: {}, port_value: {} }} }}",
+        a.ip(),
+        a.port()
+    )
 }
 
 #[cfg(test)]

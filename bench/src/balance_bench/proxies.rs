@@ -202,13 +202,7 @@ pub fn envoy_config(
     upstreams: &[SocketAddr],
     timeout_ms: u64,
 ) -> String {
-    let addr = |a: SocketAddr| {
-        format!(
-            "{{ socket_address: {{ address: {}, port_value: {} }} }}",
-            a.ip(),
-            a.port()
-        )
-    };
+    let addr = cogmesh_bench::peers::envoy_address;
     let endpoints: String = upstreams
         .iter()
         .map(|u| format!("        - endpoint: {{ address: {} }}\n", addr(*u)))

@@ -159,14 +159,6 @@ fn start_cogmesh(tools: &Tools, dir: &Path, pki: &Pki, upstream: SocketAddr) -> 
     launch(Kind::Cogmesh, (a, b), sidecars, dir)
 }
 
-fn envoy_addr(a: SocketAddr) -> String {
-    format!(
-        "{{ socket_address: {{ address: {}, port_value: {} }} }}",
-        a.ip(),
-        a.port()
-    )
-}
-
 /// The `common_tls_context` both Envoys share: TLS 1.3 only, a certificate, the CA bundle.
 fn envoy_tls_context(
     cert: &Path,
@@ -240,9 +232,9 @@ static_resources:
         - endpoint:
             address: {cluster}
 ",
-        admin = envoy_addr(admin),
-        listen = envoy_addr(listen),
-        cluster = envoy_addr(cluster),
+        admin = cogmesh_bench::peers::envoy_address(admin),
+        listen = cogmesh_bench::peers::envoy_address(listen),
+        cluster = cogmesh_bench::peers::envoy_address(cluster),
     )
 }
 

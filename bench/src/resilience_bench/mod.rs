@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cogmesh_bench::load::{Latency, Oha};
-use cogmesh_bench::peers::{self, Proto, Tools, Upstream};
+use cogmesh_bench::peers::{self, envoy_address, Proto, Tools, Upstream};
 use cogmesh_bench::procs::{self, Server};
 
 #[derive(Debug, Clone, Parser)]
@@ -570,14 +570,6 @@ fn start_envoy_with(
     ]);
     let server = Server::spawn(tag, &mut command, dir)?;
     wait_until(server, listen, Some(admin))
-}
-
-fn envoy_address(a: SocketAddr) -> String {
-    format!(
-        "{{ socket_address: {{ address: {}, port_value: {} }} }}",
-        a.ip(),
-        a.port()
-    )
 }
 
 /// Envoy set up as the fault run's cogmesh: 2 retries on other hosts after connect failures,
