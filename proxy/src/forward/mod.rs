@@ -277,6 +277,7 @@ impl Forward {
             b.routed(&table, index, matched.route);
         }
         let span = begun.and_then(|b| b.span.as_ref());
+        let any_method = matched.retry_non_idempotent;
         let metrics = &routes.metrics[index];
         metrics.requests.inc();
         let grpc = is_grpc(&req);
@@ -304,12 +305,10 @@ impl Forward {
         }
         let result = match matched.policy {
             None => {
-                let any_method = matched.retry_non_idempotent;
                 self.exchange(&table, index, req.map(Either::Left), any_method, span)
                     .await
             }
             Some(policy) => {
-                let any_method = matched.retry_non_idempotent;
                 self.with_policy(policy, &table, index, req, any_method, span)
                     .await
             }
