@@ -90,7 +90,7 @@ fn an_adaptive_limit_grows_at_baseline_latency_and_shrinks_under_overload() {
     let proxy = Proxy::with_config(&format!(
         r#"
 admin: "{{admin}}"
-admission: {{ max_concurrency: 100, max_queue_wait_ms: 2000, adaptive: {{ min_limit: 4, max_limit: 400, window_ms: 100 }} }}
+admission: {{ max_concurrency: 100, max_queue_wait_ms: 2000, adaptive: {{ min_limit: 4, max_limit: 400, window_ms: 300 }} }}
 listeners:
   - {{ name: edge, address: "{{listen}}", default_service: web }}
 services:
@@ -100,9 +100,25 @@ services:
     ));
     let limit = || metric_value(&proxy.metrics(), "admission_limit").expect("admission_limit");
     assert_eq!(limit(), 100.0);
-    // One client at a time: latency stays at its baseline and the limit grows.
-    for _ in 0..150 {
-        assert_eq!(http_get(proxy.listen, "/work").unwrap().0, 200);
+    // Two clients (the upstream has four slots): latency stays at its baseline and the limit
+    // grows. Batches until it shows, at most 2000 requests.
+    for _ in 0..100 {
+        let light: Vec<_> = (0..2)
+            .map(|_| {
+                let listen = proxy.listen;
+                std::thread::spawn(move || {
+                    for _ in 0..10 {
+                        assert_eq!(http_get(listen, "/work").unwrap().0, 200);
+                    }
+                })
+            })
+            .collect();
+        for c in light {
+            c.join().unwrap();
+        }
+        if limit() > 100.0 {
+            break;
+        }
     }
     let grown = limit();
     assert!(grown > 100.0, "limit {grown} after light load");
