@@ -4,7 +4,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{HeaderName, StatusCode};
+
+/// The header that carries [`ErrorKind::label`] on a response the proxy made itself.
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-cogmesh-error");
 
 /// The cause of a response the proxy made itself. The discriminant indexes per-cause metric
 /// handles, so keep [`ErrorKind::ALL`] in the same order.

@@ -113,7 +113,7 @@ impl Observe {
         listener: (&str, &'static str),
     ) {
         let status = response.status().as_u16();
-        let error = response.headers().get("x-cogmesh-error").and_then(|v| {
+        let error = response.headers().get(crate::error::ERROR_HEADER).and_then(|v| {
             let kinds = crate::error::ErrorKind::ALL.iter();
             kinds.map(|k| k.label()).find(|l| l.as_bytes() == v.as_bytes())
         });
@@ -157,6 +157,12 @@ impl Observe {
 }
 
 impl Begun {
+    /// Whether [`Observe::finish`] has anything to write: an access-log line or a recorded span.
+    /// An unsampled request without an access log is done once its trace headers went out.
+    pub fn records(&self) -> bool {
+        self.keep
+    }
+
     /// Records where routing sent the request.
     pub fn routed(&self, table: &Arc<RoutingTable>, service: usize, route: Option<&Arc<str>>) {
         if !self.keep {

