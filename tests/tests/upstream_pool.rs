@@ -1,7 +1,8 @@
 //! The HTTP/1.1 upstream pool, seen from a real upstream (hyper) that counts its connections:
-//! requests from many client connections and both workers share a few keep-alive connections,
-//! idle ones are closed after the idle timeout, and a pooled connection the upstream closed is
-//! replaced without failing the request.
+//! requests from many client connections share a few keep-alive connections, each worker
+//! opening its own and borrowing another worker's only at `max_connections`, idle ones are
+//! closed after the idle timeout, and a pooled connection the upstream closed is replaced
+//! without failing the request.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cogmesh_e2e::{eventually, http_get, Proxy};
+use cogmesh_e2e::{eventually, http_get, metric_value, Proxy};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 
@@ -63,19 +64,45 @@ async fn get(addr: SocketAddr) -> (u16, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_are_reused_across_requests_and_workers() {
+async fn connections_are_reused_and_each_worker_opens_its_own() {
     let server = counting_server(None).await;
     let proxy = Proxy::quick(&[server.addr], &["--workers", "2"]);
     for _ in 0..40 {
         assert_eq!(get(proxy.listen).await, (200, "ok".to_string()));
     }
-    // 40 client connections, spread over two workers by SO_REUSEPORT, one request at a time:
-    // at most one upstream connection per worker.
+    // 40 client connections, spread over two workers by SO_REUSEPORT (all on one worker has
+    // odds of 2^-39), one request at a time: one upstream connection per worker. A worker does
+    // not run its requests over the other's connection (two cross-thread wake-ups each) when it
+    // may open its own.
     let n = server.accepted.load(Ordering::SeqCst);
-    assert!(
-        (1..=2).contains(&n),
-        "{n} upstream connections for 40 sequential requests"
+    assert_eq!(n, 2, "{n} upstream connections for 40 sequential requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_at_max_connections_borrows_the_other_workers_idle_connection() {
+    let server = counting_server(None).await;
+    let proxy = Proxy::with_config(&format!(
+        r#"
+admin: "{{admin}}"
+workers: 2
+listeners:
+  - {{ name: outbound, address: "{{listen}}", default_service: up }}
+services:
+  - {{ name: up, endpoints: ["{}"], circuit_breaker: {{ max_connections: 1 }} }}
+"#,
+        server.addr
+    ));
+    for i in 0..40 {
+        assert_eq!(get(proxy.listen).await, (200, "ok".to_string()), "request {i}");
+    }
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        1,
+        "one connection for both workers"
     );
+    let m = proxy.metrics();
+    let overflow = r#"circuit_breaker_overflow_total{service="up",threshold="max_connections"}"#;
+    assert_eq!(metric_value(&m, overflow), Some(0.0), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,19 +199,21 @@ impl Breaker {
     }
 
     /// Admits a retry, or refuses it (the caller answers with what it has).
-    /// A slot for a new upstream connection, held as long as the connection lives; over
-    /// `max_connections`, the error for the request that wanted it.
-    pub fn try_connection(self: &Arc<Self>) -> Result<ConnectionPermit, crate::error::ProxyError> {
-        if !take(&self.connections, &self.max_connections) {
-            self.overflow.max_connections.inc();
-            return Err(crate::error::ProxyError::Overloaded {
-                service: self.service.clone(),
-                threshold: Threshold::MaxConnections,
-            });
-        }
-        Ok(ConnectionPermit {
+    /// A slot for a new upstream connection, or `None` over `max_connections` (not counted as
+    /// an overflow: the caller may still do without a new connection).
+    pub fn connection_slot(self: &Arc<Self>) -> Option<ConnectionPermit> {
+        take(&self.connections, &self.max_connections).then(|| ConnectionPermit {
             breaker: Arc::clone(self),
         })
+    }
+
+    /// Counts a request refused for want of a connection slot, and its error.
+    pub fn connections_overflowed(&self) -> crate::error::ProxyError {
+        self.overflow.max_connections.inc();
+        crate::error::ProxyError::Overloaded {
+            service: self.service.clone(),
+            threshold: Threshold::MaxConnections,
+        }
     }
 
     pub fn connections(&self) -> u64 {
@@ -303,8 +305,11 @@ mod tests {
     #[test]
     fn connections_over_the_threshold_are_refused_until_one_closes() {
         let b = breaker(10, 10, 1);
-        let (one, two) = (b.try_connection().unwrap(), b.try_connection().unwrap());
-        let err = b.try_connection().unwrap_err();
+        let (one, two) = (b.connection_slot().unwrap(), b.connection_slot().unwrap());
+        assert!(b.connection_slot().is_none());
+        // Only a request that finally goes without a connection counts as an overflow.
+        assert_eq!(b.overflow.max_connections.get(), 0);
+        let err = b.connections_overflowed();
         assert_eq!(
             err.to_string(),
             "service \"web\" is overloaded: circuit breaker threshold max_connections reached"
@@ -312,7 +317,7 @@ mod tests {
         assert_eq!(b.overflow.max_connections.get(), 1);
         drop(one);
         assert_eq!(b.connections(), 1);
-        let _three = b.try_connection().unwrap();
+        let _three = b.connection_slot().unwrap();
         drop(two);
         assert_eq!(b.connections(), 1);
     }
