@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::framing::plain_head_len;
 use super::*;
 
 fn run(framing: &mut Framing, input: &[u8]) -> (Vec<u8>, Verdict) {
@@ -73,6 +74,30 @@ fn what_it_does_not_understand_goes_to_hyper_unchecked() {
         assert_eq!(run(&mut f, input), (input.to_vec(), Verdict::Pass));
         assert!(f.is_opaque(), "{}", String::from_utf8_lossy(input));
     }
+}
+
+#[test]
+fn heads_without_a_body_are_told_apart_without_a_full_parse_and_the_rest_are_parsed() {
+    // No body: the quick scan gives the head's length (lines ending in LF, with or without CR).
+    let get = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n";
+    assert_eq!(plain_head_len(get), Some(get.len()));
+    assert_eq!(plain_head_len(b"GET / HTTP/1.0\nHost: x\n\nrest"), Some(24));
+    // Whatever may frame a body, or is not plain HTTP/1, goes to the full parse.
+    for head in [
+        &b"POST / HTTP/1.1\r\ncontent-LENGTH: 3\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\r\nUPGRADE: websocket\r\n\r\n",
+        b"CONNECT x:443 HTTP/1.1\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\n",
+        b"get / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n",
+    ] {
+        assert_eq!(plain_head_len(head), None, "{}", String::from_utf8_lossy(head));
+    }
+    // A smuggling attempt is still refused, whatever its case.
+    let mut f = Framing::new(1024);
+    let smuggle = b"GET / HTTP/1.1\r\ncontent-length: 4\r\nTRANSFER-ENCODING: chunked\r\n\r\n";
+    assert_eq!(run(&mut f, smuggle).1, Verdict::Refused);
 }
 
 #[test]
