@@ -57,6 +57,11 @@ pub const ANSWER_WAIT_MS: u64 = 5_000;
 /// while most messages (an instance's report, an ACK) are ~100 bytes; the buffer grows for the
 /// few large reports.
 const DECODE_BUFFER_BYTES: usize = 512;
+/// A delta is sent instead of the whole table unless it is larger by more than this. When
+/// everything in a table changed, its delta is the table plus the base version and little more;
+/// sending it anyway keeps one path (apply to the confirmed table) for every push after the
+/// first. A delta that also lists many removals is larger still, and goes whole.
+const DELTA_SLACK_BYTES: usize = 64;
 
 // === EncodedTables ===
 
@@ -120,8 +125,9 @@ impl EncodedTables {
     }
 
     /// What to send a subscriber of `subscriptions` that runs `base` to give it `next` (a view
-    /// of the current version): the changes since `base`, or the whole table when that is not
-    /// smaller. Built on first use for each base version, shared afterwards.
+    /// of the current version): the changes since `base`, or the whole table when that is
+    /// smaller by more than [`DELTA_SLACK_BYTES`]. Built on first use for each base version,
+    /// shared afterwards.
     pub fn push(&mut self, base: &View, next: &View, subscriptions: &[String]) -> Push {
         if next.table.version != self.version {
             // Not the current version's view (cannot happen: views are taken from it): no cache.
@@ -137,7 +143,8 @@ impl EncodedTables {
     }
 }
 
-/// The delta from `base` to `next`, unless the whole table is as small.
+/// The delta from `base` to `next`, unless the whole table is smaller by more than
+/// [`DELTA_SLACK_BYTES`].
 fn delta_or_whole(base: &View, next: &View) -> Push {
     let message = ControlMessage {
         kind: Some(control_message::Kind::RoutingTableDelta(delta::diff(
@@ -145,7 +152,7 @@ fn delta_or_whole(base: &View, next: &View) -> Push {
             &next.table,
         ))),
     };
-    if message.encoded_len() + 5 < next.frame.len() {
+    if message.encoded_len() + 5 <= next.frame.len() + DELTA_SLACK_BYTES {
         Push {
             frame: grpc_frame(&message),
             delta: true,
@@ -668,14 +675,32 @@ mod tests {
     }
 
     #[test]
-    fn a_delta_no_smaller_than_the_table_goes_whole() {
+    fn a_delta_much_larger_than_the_table_goes_whole() {
         let mut cache = EncodedTables::default();
-        // From an empty table, the delta lists every endpoint: as big as the table, or bigger.
-        let base = cache.view(&RoutingTable { version: 1, services: vec![] }, &[]);
-        let next = cache.view(&table(2), &[]);
+        let many = |version, first_port: u16| RoutingTable {
+            version,
+            services: vec![ServiceEndpoints {
+                name: "reasoning".into(),
+                endpoints: (first_port..first_port + 20)
+                    .map(|port| WeightedEndpoint {
+                        address: format!("127.0.0.1:{port}"),
+                        weight: 1.0,
+                    })
+                    .collect(),
+            }],
+        };
+        // Every endpoint replaced: the delta lists 20 removals besides the 20 new endpoints.
+        let base = cache.view(&many(1, 1000), &[]);
+        let next = cache.view(&many(2, 2000), &[]);
         let push = cache.push(&base, &next, &[]);
         assert!(!push.delta);
         assert_eq!(push.frame.as_ptr(), next.frame.as_ptr());
+        // Everything changed but nothing left: a few bytes more than the table, sent as a delta.
+        let base = cache.view(&RoutingTable { version: 3, services: vec![] }, &[]);
+        let next = cache.view(&table(4), &[]);
+        let push = cache.push(&base, &next, &[]);
+        assert!(push.delta);
+        assert!(push.frame.len() > next.frame.len(), "{} vs {}", push.frame.len(), next.frame.len());
     }
 
     #[test]
