@@ -71,7 +71,8 @@ const DELTA_SLACK_BYTES: usize = 64;
 pub struct EncodedTables {
     version: u64,
     views: HashMap<Vec<String>, View>,
-    deltas: HashMap<(Vec<String>, u64), Push>,
+    /// Base version → subscription set → push.
+    deltas: HashMap<u64, HashMap<Vec<String>, Push>>,
 }
 
 /// One subscription set's view of a version.
@@ -133,12 +134,12 @@ impl EncodedTables {
             // Not the current version's view (cannot happen: views are taken from it): no cache.
             return delta_or_whole(base, next);
         }
-        let key = (subscriptions.to_vec(), base.table.version);
-        if let Some(p) = self.deltas.get(&key) {
+        let pushes = self.deltas.entry(base.table.version).or_default();
+        if let Some(p) = pushes.get(subscriptions) {
             return p.clone();
         }
         let push = delta_or_whole(base, next);
-        self.deltas.insert(key, push.clone());
+        pushes.insert(subscriptions.to_vec(), push.clone());
         push
     }
 }
