@@ -15,7 +15,9 @@ use crate::v1::{RoutingTable, RoutingTableDelta, ServiceDelta, ServiceEndpoints,
 /// Why a delta does not fit the table it was applied to.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DeltaError {
-    #[error("the delta to version {version} is against version {base}, but this sidecar runs version {running}")]
+    #[error(
+        "the delta to version {version} is against version {base}, but this sidecar runs version {running}"
+    )]
     WrongBase { version: u64, base: u64, running: u64 },
     #[error("the delta removes service {service:?}, which the table does not have")]
     NoSuchService { service: String },
@@ -26,7 +28,8 @@ pub enum DeltaError {
 /// What turns `base` into `next`: the services and endpoints `next` added or removed, and the
 /// endpoints whose weight changed. Empty (but for the versions) when only the version moved.
 pub fn diff(base: &RoutingTable, next: &RoutingTable) -> RoutingTableDelta {
-    let before: HashMap<&str, &ServiceEndpoints> = base.services.iter().map(|s| (s.name.as_str(), s)).collect();
+    let before: HashMap<&str, &ServiceEndpoints> =
+        base.services.iter().map(|s| (s.name.as_str(), s)).collect();
     let after: HashSet<&str> = next.services.iter().map(|s| s.name.as_str()).collect();
     let mut services = Vec::new();
     for service in &next.services {
@@ -38,7 +41,10 @@ pub fn diff(base: &RoutingTable, next: &RoutingTable) -> RoutingTableDelta {
             },
             Some(old) => service_diff(old, service),
         };
-        if !change.upserted.is_empty() || !change.removed.is_empty() || !before.contains_key(service.name.as_str()) {
+        if !change.upserted.is_empty()
+            || !change.removed.is_empty()
+            || !before.contains_key(service.name.as_str())
+        {
             services.push(change);
         }
     }
@@ -57,7 +63,11 @@ pub fn diff(base: &RoutingTable, next: &RoutingTable) -> RoutingTableDelta {
 
 /// One service's changes (possibly none).
 fn service_diff(old: &ServiceEndpoints, new: &ServiceEndpoints) -> ServiceDelta {
-    let weights: HashMap<&str, f64> = old.endpoints.iter().map(|e| (e.address.as_str(), e.weight)).collect();
+    let weights: HashMap<&str, f64> = old
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.weight))
+        .collect();
     let kept: HashSet<&str> = new.endpoints.iter().map(|e| e.address.as_str()).collect();
     ServiceDelta {
         name: new.name.clone(),
@@ -89,7 +99,9 @@ pub fn apply(base: &RoutingTable, delta: &RoutingTableDelta) -> Result<RoutingTa
     let mut services = base.services.clone();
     for name in &delta.removed_services {
         let Some(at) = services.iter().position(|s| &s.name == name) else {
-            return Err(DeltaError::NoSuchService { service: name.clone() });
+            return Err(DeltaError::NoSuchService {
+                service: name.clone(),
+            });
         };
         services.remove(at);
     }
@@ -122,7 +134,9 @@ fn apply_service(service: &mut ServiceEndpoints, change: &ServiceDelta) -> Resul
                 address: missing.clone(),
             });
         }
-        service.endpoints.retain(|e| !removed.contains(e.address.as_str()));
+        service
+            .endpoints
+            .retain(|e| !removed.contains(e.address.as_str()));
     }
     let mut index: HashMap<String, usize> = service
         .endpoints
@@ -171,14 +185,20 @@ mod tests {
         let base = table(
             4,
             vec![
-                service("reasoning", &[("10.0.0.1:80", 1.0), ("10.0.0.2:80", 1.0), ("10.0.0.3:80", 1.0)]),
+                service(
+                    "reasoning",
+                    &[("10.0.0.1:80", 1.0), ("10.0.0.2:80", 1.0), ("10.0.0.3:80", 1.0)],
+                ),
                 service("memory", &[("10.0.1.1:80", 1.0)]),
             ],
         );
         let next = table(
             5,
             vec![
-                service("reasoning", &[("10.0.0.1:80", 0.4), ("10.0.0.2:80", 1.3), ("10.0.0.3:80", 1.0)]),
+                service(
+                    "reasoning",
+                    &[("10.0.0.1:80", 0.4), ("10.0.0.2:80", 1.3), ("10.0.0.3:80", 1.0)],
+                ),
                 service("memory", &[("10.0.1.1:80", 1.0)]),
             ],
         );
@@ -255,7 +275,10 @@ mod tests {
         let base = table(1, vec![service("r", &[("10.0.0.1:80", 1.0)])]);
         let next = table(2, base.services.clone());
         let delta = diff(&base, &next);
-        assert!(delta.services.is_empty() && delta.removed_services.is_empty(), "{delta:?}");
+        assert!(
+            delta.services.is_empty() && delta.removed_services.is_empty(),
+            "{delta:?}"
+        );
         assert_eq!(apply(&base, &delta), Ok(next));
     }
 

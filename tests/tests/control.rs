@@ -81,7 +81,12 @@ fn sync_status(cp: &ControlPlane) -> SyncStatusResponse {
 #[test]
 fn pushed_tables_route_traffic_and_every_sidecar_acks() {
     let admin = free_addr();
-    let cp = start_control(&["--weight-interval-ms", "200", "--admin-listen", &admin.to_string()]);
+    let cp = start_control(&[
+        "--weight-interval-ms",
+        "200",
+        "--admin-listen",
+        &admin.to_string(),
+    ]);
     let w1 = start_workload("reasoning-1");
     let w2 = start_workload("reasoning-2");
     let s1 = inbound(&cp, w1.addr, "reasoning");
@@ -155,7 +160,10 @@ fn pushed_tables_route_traffic_and_every_sidecar_acks() {
     assert_eq!(code, 200);
     let deltas = metric_value(&metrics, "table_delta_push_total").unwrap();
     assert!(deltas >= 1.0, "no table went as a delta:\n{metrics}");
-    assert!(metric_value(&metrics, "table_push_total").unwrap() > deltas, "the first table goes whole");
+    assert!(
+        metric_value(&metrics, "table_push_total").unwrap() > deltas,
+        "the first table goes whole"
+    );
     assert_eq!(
         metric_value(&metrics, "table_answer_total{result=\"nack\"}").unwrap_or(0.0),
         0.0,

@@ -112,6 +112,7 @@ pub struct Shared {
     /// Of `tables`, the deltas.
     pub deltas: AtomicU64,
     pub table_bytes: AtomicU64,
+    /// The largest whole table received: bytes and endpoints.
     pub last_table_bytes: AtomicU64,
     pub last_table_endpoints: AtomicU64,
     pub reports: AtomicU64,
@@ -258,9 +259,11 @@ impl Shared {
         if table.base.is_some() {
             self.deltas.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.last_table_bytes.store(table.bytes as u64, Ordering::Relaxed);
+            // The largest whole table (a client's; an instance's covers no mesh service).
+            self.last_table_bytes
+                .fetch_max(table.bytes as u64, Ordering::Relaxed);
             self.last_table_endpoints
-                .store(table.endpoints as u64, Ordering::Relaxed);
+                .fetch_max(table.endpoints as u64, Ordering::Relaxed);
         }
     }
 

@@ -31,10 +31,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use cogmesh_proto::delta;
 use cogmesh_proto::v1::{
     control_message, sidecar_message, ControlMessage, RoutingTable, ScalingDecision, SidecarMessage,
 };
-use cogmesh_proto::delta;
 use futures_util::StreamExt;
 use http_body::Frame;
 use prost::Message;
@@ -442,7 +442,9 @@ impl Pushes {
                 state.sent(&self.node, table.version);
             }
             let push = match &self.confirmed {
-                Some(base) if self.accepts_deltas => self.mesh.encoded().push(base, &view, &self.subscriptions),
+                Some(base) if self.accepts_deltas => {
+                    self.mesh.encoded().push(base, &view, &self.subscriptions)
+                }
                 _ => Push {
                     frame: view.frame.clone(),
                     delta: false,
@@ -672,7 +674,11 @@ mod tests {
         );
         assert_eq!(delta::apply(&base.table, &d).as_ref(), Ok(&*next.table));
         let again = cache.push(&base, &next, &subs);
-        assert_eq!(again.frame.as_ptr(), push.frame.as_ptr(), "built once per base version");
+        assert_eq!(
+            again.frame.as_ptr(),
+            push.frame.as_ptr(),
+            "built once per base version"
+        );
     }
 
     #[test]
@@ -697,22 +703,63 @@ mod tests {
         assert!(!push.delta);
         assert_eq!(push.frame.as_ptr(), next.frame.as_ptr());
         // Everything changed but nothing left: a few bytes more than the table, sent as a delta.
-        let base = cache.view(&RoutingTable { version: 3, services: vec![] }, &[]);
+        let base = cache.view(
+            &RoutingTable {
+                version: 3,
+                services: vec![],
+            },
+            &[],
+        );
         let next = cache.view(&table(4), &[]);
         let push = cache.push(&base, &next, &[]);
         assert!(push.delta);
-        assert!(push.frame.len() > next.frame.len(), "{} vs {}", push.frame.len(), next.frame.len());
+        assert!(
+            push.frame.len() > next.frame.len(),
+            "{} vs {}",
+            push.frame.len(),
+            next.frame.len()
+        );
     }
 
     #[test]
     fn the_newest_answer_wins() {
         let mut a = Answer::default();
-        a.update(Answer { version: 5, accepted: true });
-        a.update(Answer { version: 4, accepted: false });
-        assert_eq!(a, Answer { version: 5, accepted: true });
-        a.update(Answer { version: 5, accepted: false });
-        assert_eq!(a, Answer { version: 5, accepted: false });
-        a.update(Answer { version: 6, accepted: true });
-        assert_eq!(a, Answer { version: 6, accepted: true });
+        a.update(Answer {
+            version: 5,
+            accepted: true,
+        });
+        a.update(Answer {
+            version: 4,
+            accepted: false,
+        });
+        assert_eq!(
+            a,
+            Answer {
+                version: 5,
+                accepted: true
+            }
+        );
+        a.update(Answer {
+            version: 5,
+            accepted: false,
+        });
+        assert_eq!(
+            a,
+            Answer {
+                version: 5,
+                accepted: false
+            }
+        );
+        a.update(Answer {
+            version: 6,
+            accepted: true,
+        });
+        assert_eq!(
+            a,
+            Answer {
+                version: 6,
+                accepted: true
+            }
+        );
     }
 }
