@@ -737,18 +737,23 @@ fn render(outcomes: &[Outcome]) -> String {
             );
         }
         if let Some(s) = &o.steady {
+            // With deltas, a client may never get its whole table after the first (empty) one.
+            let whole = if o.table_endpoints > 0 {
+                format!(
+                    "; whole table {} endpoints, {:.1} KiB ({:.1} MiB per version if sent whole to \
+                     every sidecar)",
+                    o.table_endpoints,
+                    o.table_bytes as f64 / 1024.0,
+                    o.table_bytes as f64 * o.n as f64 / (1024.0 * 1024.0)
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
                 "  steady: {:.0} reports/s, {:.1} tables/s received; simulator {:.2} cores, others \
-                 {:.2} cores; whole table {} endpoints, {:.1} KiB ({:.1} MiB per version if sent \
-                 whole to every sidecar)",
-                s.reports_per_sec,
-                s.tables_per_sec,
-                s.cores.sim,
-                s.cores.foreign,
-                o.table_endpoints,
-                o.table_bytes as f64 / 1024.0,
-                o.table_bytes as f64 * o.n as f64 / (1024.0 * 1024.0)
+                 {:.2} cores{whole}",
+                s.reports_per_sec, s.tables_per_sec, s.cores.sim, s.cores.foreign,
             );
         }
         if let Some(c) = o.probe_cores {
