@@ -22,5 +22,7 @@ pub mod externalscaler {
     include!(concat!(env!("OUT_DIR"), "/externalscaler.rs"));
 }
 
+pub mod delta;
+
 /// The encoded `FileDescriptorSet` of every cogmesh proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cogmesh_descriptor.bin"));

@@ -1,5 +1,6 @@
 //! The control plane with real sidecars on loopback: sidecars join with Hello, the control
-//! plane pushes versioned routing tables that a client sidecar routes with, sidecars ACK (or
+//! plane pushes versioned routing tables (whole, then as deltas) that a client sidecar routes
+//! with, sidecars ACK (or
 //! NACK with a reason, and the refused version is not sent again), operators read it all through
 //! `MeshAdmin` (tonic client and grpcurl over server reflection), and a sidecar restarted while
 //! the control plane is down routes from its saved table (static stability).
@@ -9,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use cogmesh_e2e::{
-    eventually, grpcurl, http_get, run_with_timeout, start_control, start_workload, ControlPlane, Proxy,
+    eventually, free_addr, grpcurl, http_get, metric_value, run_with_timeout, start_control, start_workload,
+    ControlPlane, Proxy,
 };
 use cogmesh_proto::v1::mesh_admin_client::MeshAdminClient;
 use cogmesh_proto::v1::{SyncStatusRequest, SyncStatusResponse};
@@ -78,11 +80,16 @@ fn sync_status(cp: &ControlPlane) -> SyncStatusResponse {
 
 #[test]
 fn pushed_tables_route_traffic_and_every_sidecar_acks() {
-    let cp = start_control(&["--weight-interval-ms", "200"]);
+    let admin = free_addr();
+    let cp = start_control(&[
+        "--weight-interval-ms",
+        "200",
+        "--admin-listen",
+        &admin.to_string(),
+    ]);
     let w1 = start_workload("reasoning-1");
     let w2 = start_workload("reasoning-2");
     let s1 = inbound(&cp, w1.addr, "reasoning");
-    let s2 = inbound(&cp, w2.addr, "reasoning");
     // Round robin, so that sequential requests visibly reach both instances.
     let client = Proxy::quick(
         &[],
@@ -97,6 +104,13 @@ fn pushed_tables_route_traffic_and_every_sidecar_acks() {
             "gateway",
         ],
     );
+    eventually(
+        "the client to learn the first reasoning instance",
+        Duration::from_secs(20),
+        || (endpoints_of(&client, "reasoning") == vec![s1.listen.to_string()]).then_some(()),
+    );
+    // The second instance joins a table the client already runs: it gets it as a delta.
+    let s2 = inbound(&cp, w2.addr, "reasoning");
 
     let mut expected = vec![s1.listen.to_string(), s2.listen.to_string()];
     expected.sort();
@@ -141,6 +155,19 @@ fn pushed_tables_route_traffic_and_every_sidecar_acks() {
     assert!(
         services.contains(&"gateway") && services.contains(&"reasoning"),
         "{services:?}"
+    );
+    let (code, metrics) = http_get(admin, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let deltas = metric_value(&metrics, "table_delta_push_total").unwrap();
+    assert!(deltas >= 1.0, "no table went as a delta:\n{metrics}");
+    assert!(
+        metric_value(&metrics, "table_push_total").unwrap() > deltas,
+        "the first table goes whole"
+    );
+    assert_eq!(
+        metric_value(&metrics, "table_answer_total{result=\"nack\"}").unwrap_or(0.0),
+        0.0,
+        "{metrics}"
     );
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Every sidecar sends `Hello`, then a `LoadReport` every second (first one at a per-sidecar
 //! offset in [0, 1 s), so reports are spread evenly instead of arriving in one burst), and ACKs
-//! every routing table it receives. Sidecars `0..instances` front instances of `reasoning`; the
+//! every routing table it receives. Unless told otherwise, sidecars take deltas, as real ones
+//! do; a delta against another version than the sidecar's fails the run (a control-plane bug). Sidecars `0..instances` front instances of `reasoning`; the
 //! rest front instances of `gateway`, a client of `reasoning`, and report on its endpoints.
 //!
 //! Everything the coordinator measures lives in [`Shared`], in atomics: per sidecar the last
@@ -84,6 +85,8 @@ pub struct Shared {
     pub n: usize,
     pub instances: usize,
     mode: ReportMode,
+    /// Sidecars say `accepts_deltas` in their Hello.
+    accepts_deltas: bool,
     instance_addresses: Vec<String>,
     /// Current cognitive load of each instance (f64 bits); its sidecar reports it.
     loads: Vec<AtomicU64>,
@@ -106,7 +109,10 @@ pub struct Shared {
     max_version: AtomicU64,
     new_version_ns: AtomicU64,
     pub tables: AtomicU64,
+    /// Of `tables`, the deltas.
+    pub deltas: AtomicU64,
     pub table_bytes: AtomicU64,
+    /// The largest whole table received: bytes and endpoints.
     pub last_table_bytes: AtomicU64,
     pub last_table_endpoints: AtomicU64,
     pub reports: AtomicU64,
@@ -231,9 +237,9 @@ impl Shared {
             .collect()
     }
 
-    fn on_table(&self, idx: usize, table: &TableSummary) {
+    /// Sidecar `idx` got `table`; the watched weight in the table it now runs is `weight`.
+    fn on_table(&self, idx: usize, table: &TableSummary, weight: f64) {
         let now = self.now_ns();
-        let weight = table.watched_weight.unwrap_or(f64::NAN);
         store_f64(&self.watched_weight[idx], weight);
         self.last_version[idx].store(table.version, Ordering::Relaxed);
         if self.first_table_ns[idx]
@@ -250,9 +256,15 @@ impl Shared {
         }
         self.tables.fetch_add(1, Ordering::Relaxed);
         self.table_bytes.fetch_add(table.bytes as u64, Ordering::Relaxed);
-        self.last_table_bytes.store(table.bytes as u64, Ordering::Relaxed);
-        self.last_table_endpoints
-            .store(table.endpoints as u64, Ordering::Relaxed);
+        if table.base.is_some() {
+            self.deltas.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // The largest whole table (a client's; an instance's covers no mesh service).
+            self.last_table_bytes
+                .fetch_max(table.bytes as u64, Ordering::Relaxed);
+            self.last_table_endpoints
+                .fetch_max(table.endpoints as u64, Ordering::Relaxed);
+        }
     }
 
     fn hello(&self, idx: usize) -> SidecarMessage {
@@ -276,6 +288,7 @@ impl Shared {
                 version: "control-bench".into(),
                 table_version: 0,
                 subscriptions: vec![subscribes.into()],
+                accepts_deltas: self.accepts_deltas,
             })),
         }
     }
@@ -352,7 +365,7 @@ impl Fleet {
     pub fn start(
         n: usize,
         instances: usize,
-        mode: ReportMode,
+        (mode, accepts_deltas): (ReportMode, bool),
         channels: &[Channel],
         low_load: f64,
         join_rate: Option<f64>,
@@ -367,6 +380,7 @@ impl Fleet {
             n,
             instances,
             mode,
+            accepts_deltas,
             instance_addresses,
             loads: atomics(instances, low_load.to_bits()),
             connected: AtomicUsize::new(0),
@@ -385,6 +399,7 @@ impl Fleet {
             max_version: AtomicU64::new(0),
             new_version_ns: AtomicU64::new(1),
             tables: AtomicU64::new(0),
+            deltas: AtomicU64::new(0),
             table_bytes: AtomicU64::new(0),
             last_table_bytes: AtomicU64::new(0),
             last_table_endpoints: AtomicU64::new(0),
@@ -466,6 +481,8 @@ impl Sidecar {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let watched = self.idx == 0;
         let mut last_sent_load = f64::NAN;
+        // The table this sidecar runs: its version and the watched endpoint's weight in it.
+        let (mut version, mut weight) = (0u64, f64::NAN);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -483,7 +500,19 @@ impl Sidecar {
                 }
                 message = inbound.message() => match message {
                     Ok(Some(Control::Table(table))) => {
-                        shared.on_table(self.idx, &table);
+                        weight = match table.base {
+                            None => table.watched_weight.unwrap_or(f64::NAN),
+                            Some(base) if base != version => {
+                                return Err(format!(
+                                    "got a delta to version {} against version {base}, but runs version {version}",
+                                    table.version
+                                ));
+                            }
+                            Some(_) if table.watched_removed => f64::NAN,
+                            Some(_) => table.watched_weight.unwrap_or(weight),
+                        };
+                        version = table.version;
+                        shared.on_table(self.idx, &table, weight);
                         let ack = SidecarMessage {
                             kind: Some(sidecar_message::Kind::Ack(Ack { version: table.version })),
                         };

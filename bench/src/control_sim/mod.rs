@@ -85,6 +85,10 @@ pub struct Options {
     /// subset of reporters per endpoint, and the control plane's qps sums (and weights) jitter.
     #[arg(long, value_name = "K")]
     pub fanout: Option<usize>,
+    /// Sidecars do not take deltas (`accepts_deltas` unset in their Hello): every version goes
+    /// whole, as to sidecars from before deltas.
+    #[arg(long)]
+    pub whole_tables: bool,
     /// Sidecars joining per second, as in a rolling start; 0 = all at once, as when a restarted
     /// control plane sees every sidecar reconnect (at most 256 Hellos in flight either way).
     #[arg(long, default_value_t = 0.0)]
@@ -331,6 +335,8 @@ struct Outcome {
     table_endpoints: u64,
     probes: Vec<Probe>,
     probe_cores: Option<Cores>,
+    /// Over the whole run: tables the sidecars received, how many were deltas, and their bytes.
+    received: (u64, u64, u64),
     connected_at_failure: usize,
     error: Option<String>,
 }
@@ -411,7 +417,14 @@ async fn measure_in(options: &Options, cp: &mut ControlPlane, outcome: &mut Outc
     );
 
     let join_rate = (options.join_rate > 0.0).then_some(options.join_rate);
-    let fleet = Fleet::start(n, outcome.instances, mode, &channels, options.low_load, join_rate);
+    let fleet = Fleet::start(
+        n,
+        outcome.instances,
+        (mode, !options.whole_tables),
+        &channels,
+        options.low_load,
+        join_rate,
+    );
     let shared = Arc::clone(&fleet.shared);
     let result = run_phases(options, cp, outcome, &shared).await;
     outcome.connected_at_failure = shared.connected.load(Ordering::Relaxed);
@@ -562,6 +575,11 @@ async fn run_phases(
         outcome.probes.push(probe);
     }
     outcome.probe_cores = Some(window.close(cp));
+    outcome.received = (
+        shared.tables.load(Ordering::Relaxed),
+        shared.deltas.load(Ordering::Relaxed),
+        shared.table_bytes.load(Ordering::Relaxed),
+    );
     outcome.peak_kib = Some(cp.usage().hwm_kib);
     Ok(())
 }
@@ -719,18 +737,23 @@ fn render(outcomes: &[Outcome]) -> String {
             );
         }
         if let Some(s) = &o.steady {
+            // With deltas, a client may never get its whole table after the first (empty) one.
+            let whole = if o.table_endpoints > 0 {
+                format!(
+                    "; whole table {} endpoints, {:.1} KiB ({:.1} MiB per version if sent whole to \
+                     every sidecar)",
+                    o.table_endpoints,
+                    o.table_bytes as f64 / 1024.0,
+                    o.table_bytes as f64 * o.n as f64 / (1024.0 * 1024.0)
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
                 "  steady: {:.0} reports/s, {:.1} tables/s received; simulator {:.2} cores, others \
-                 {:.2} cores; table {} endpoints, {:.1} KiB → {:.1} MiB per version fanned out to all \
-                 sidecars",
-                s.reports_per_sec,
-                s.tables_per_sec,
-                s.cores.sim,
-                s.cores.foreign,
-                o.table_endpoints,
-                o.table_bytes as f64 / 1024.0,
-                o.table_bytes as f64 * o.n as f64 / (1024.0 * 1024.0)
+                 {:.2} cores{whole}",
+                s.reports_per_sec, s.tables_per_sec, s.cores.sim, s.cores.foreign,
             );
         }
         if let Some(c) = o.probe_cores {
@@ -738,6 +761,15 @@ fn render(outcomes: &[Outcome]) -> String {
                 out,
                 "  during the probes ({:.0} s): control plane {:.3} cores, simulator {:.2}, others {:.2}",
                 c.secs, c.cp, c.sim, c.foreign
+            );
+        }
+        if o.received.0 > 0 {
+            let _ = writeln!(
+                out,
+                "  received over the run: {} tables ({} of them deltas), {:.1} MiB",
+                o.received.0,
+                o.received.1,
+                o.received.2 as f64 / (1024.0 * 1024.0)
             );
         }
         for (k, p) in o.probes.iter().enumerate() {

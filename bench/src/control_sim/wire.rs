@@ -4,8 +4,9 @@
 //! `RoutingTable` (one `String` per endpoint, 10 000 endpoints × 10 000 sidecars per version at
 //! N = 10 000, which would cost the simulator more CPU than the control plane it measures): the
 //! decoder walks the protobuf wire format in place and keeps the version, the endpoint count and
-//! the weight of the one endpoint the bench watches. The walk is checked against prost's own
-//! encoding in the tests below.
+//! the weight of the one endpoint the bench watches. Deltas (`RoutingTableDelta`) are walked the
+//! same way: their base version, and the watched endpoint's new weight or removal. The walk is
+//! checked against prost's own encoding in the tests below.
 
 use std::sync::Arc;
 
@@ -26,14 +27,18 @@ pub enum Control {
     Other,
 }
 
-/// What the bench keeps of one `RoutingTable`.
+/// What the bench keeps of one `RoutingTable` or `RoutingTableDelta`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TableSummary {
     pub version: u64,
-    /// Endpoints over all services.
+    /// A delta's base version; `None` for a whole table.
+    pub base: Option<u64>,
+    /// Endpoints over all services (a delta: endpoints added or changed).
     pub endpoints: usize,
-    /// The watched endpoint's weight, if the table lists it.
+    /// The watched endpoint's weight, if the table lists it (a delta: if it changed).
     pub watched_weight: Option<f64>,
+    /// A delta removes the watched endpoint (or its service).
+    pub watched_removed: bool,
     /// Encoded size of the `ControlMessage`, bytes.
     pub bytes: usize,
 }
@@ -104,30 +109,40 @@ impl Decoder for SummaryDecoder {
 pub fn summarize(message: &[u8], watched: &Watched) -> Result<Control, &'static str> {
     let mut table = None;
     for field in Fields(message) {
-        if let (1, Value::Bytes(t)) = field? {
-            table = Some(t);
+        match field? {
+            (1, Value::Bytes(t)) => table = Some((t, false)),
+            (3, Value::Bytes(t)) => table = Some((t, true)),
+            _ => {}
         }
     }
-    let Some(table) = table else {
+    let Some((table, delta)) = table else {
         return Ok(Control::Other);
     };
     let mut summary = TableSummary {
         version: 0,
+        base: delta.then_some(0),
         endpoints: 0,
         watched_weight: None,
+        watched_removed: false,
         bytes: message.len(),
     };
     for field in Fields(table) {
-        match field? {
-            (1, Value::Varint(v)) => summary.version = v,
-            (2, Value::Bytes(service)) => scan_service(service, watched, &mut summary)?,
+        match (delta, field?) {
+            (_, (1, Value::Varint(v))) => summary.version = v,
+            (false, (2, Value::Bytes(service))) => scan_service(service, watched, &mut summary)?,
+            // `RoutingTableDelta { base_version = 2; repeated ServiceDelta services = 3;
+            // repeated string removed_services = 4 }`.
+            (true, (2, Value::Varint(v))) => summary.base = Some(v),
+            (true, (3, Value::Bytes(service))) => scan_service(service, watched, &mut summary)?,
+            (true, (4, Value::Bytes(name))) => summary.watched_removed |= name == watched.service.as_bytes(),
             _ => {}
         }
     }
     Ok(Control::Table(summary))
 }
 
-/// `ServiceEndpoints { name = 1; repeated WeightedEndpoint endpoints = 2 }`.
+/// `ServiceEndpoints { name = 1; repeated WeightedEndpoint endpoints = 2 }`, or
+/// `ServiceDelta { name = 1; repeated WeightedEndpoint upserted = 2; repeated string removed = 3 }`.
 fn scan_service(service: &[u8], watched: &Watched, summary: &mut TableSummary) -> Result<(), &'static str> {
     // Fields may come in any order: find the name first (prost writes it first).
     let mut name: &[u8] = &[];
@@ -138,8 +153,13 @@ fn scan_service(service: &[u8], watched: &Watched, summary: &mut TableSummary) -
     }
     let is_watched = name == watched.service.as_bytes();
     for field in Fields(service) {
-        let (2, Value::Bytes(endpoint)) = field? else {
-            continue;
+        let endpoint = match field? {
+            (2, Value::Bytes(endpoint)) => endpoint,
+            (3, Value::Bytes(removed)) => {
+                summary.watched_removed |= is_watched && removed == watched.address.as_bytes();
+                continue;
+            }
+            _ => continue,
         };
         summary.endpoints += 1;
         if !is_watched {
@@ -234,7 +254,8 @@ impl<'a> Fields<'a> {
 mod tests {
     use super::*;
     use cogmesh_proto::v1::{
-        control_message, ControlMessage, RoutingTable, ScalingDecision, ServiceEndpoints, WeightedEndpoint,
+        control_message, ControlMessage, RoutingTable, RoutingTableDelta, ScalingDecision, ServiceDelta,
+        ServiceEndpoints, WeightedEndpoint,
     };
     use prost::Message;
 
@@ -281,11 +302,71 @@ mod tests {
             summarize(&message, &watched()),
             Ok(Control::Table(TableSummary {
                 version: 300_000,
+                base: None,
                 endpoints: 5,
                 watched_weight: Some(0.66),
+                watched_removed: false,
                 bytes: message.len(),
             }))
         );
+    }
+
+    #[test]
+    fn summarizes_a_prost_encoded_delta() {
+        let delta = |services, removed_services| {
+            ControlMessage {
+                kind: Some(control_message::Kind::RoutingTableDelta(RoutingTableDelta {
+                    version: 41,
+                    base_version: 39,
+                    services,
+                    removed_services,
+                })),
+            }
+            .encode_to_vec()
+        };
+        let changed = delta(
+            vec![
+                ServiceDelta {
+                    name: "gateway".into(),
+                    upserted: vec![endpoint("127.1.0.7:4143", 9.0)],
+                    removed: vec![],
+                },
+                ServiceDelta {
+                    name: "reasoning".into(),
+                    upserted: vec![endpoint("127.1.0.6:4143", 1.5), endpoint("127.1.0.7:4143", 0.35)],
+                    removed: vec!["127.1.0.9:4143".into()],
+                },
+            ],
+            vec![],
+        );
+        assert_eq!(
+            summarize(&changed, &watched()),
+            Ok(Control::Table(TableSummary {
+                version: 41,
+                base: Some(39),
+                endpoints: 3,
+                watched_weight: Some(0.35),
+                watched_removed: false,
+                bytes: changed.len(),
+            }))
+        );
+        let removed = delta(
+            vec![ServiceDelta {
+                name: "reasoning".into(),
+                upserted: vec![],
+                removed: vec!["127.1.0.7:4143".into()],
+            }],
+            vec![],
+        );
+        let Ok(Control::Table(s)) = summarize(&removed, &watched()) else {
+            panic!("not a table");
+        };
+        assert_eq!((s.watched_weight, s.watched_removed), (None, true));
+        let service_gone = delta(vec![], vec!["reasoning".into()]);
+        let Ok(Control::Table(s)) = summarize(&service_gone, &watched()) else {
+            panic!("not a table");
+        };
+        assert_eq!((s.base, s.endpoints, s.watched_removed), (Some(39), 0, true));
     }
 
     #[test]
@@ -298,8 +379,10 @@ mod tests {
             summarize(&empty, &watched()),
             Ok(Control::Table(TableSummary {
                 version: 0,
+                base: None,
                 endpoints: 0,
                 watched_weight: None,
+                watched_removed: false,
                 bytes: empty.len(),
             }))
         );

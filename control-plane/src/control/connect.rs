@@ -8,6 +8,12 @@
 //! and every stream sends a reference-counted slice of it ([`Bytes`]), which h2 queues and
 //! writes without copying.
 //!
+//! A sidecar that said `accepts_deltas` in its Hello gets a version as a `RoutingTableDelta`
+//! against the version it last ACKed (only the endpoints that changed: a weight change in a
+//! 1 000-endpoint service is one entry instead of the whole 28 KiB table), built and encoded
+//! once per base version and shared like the full tables. After a NACK, or no answer, the next
+//! table goes whole, so a sidecar's table never depends on a push it did not confirm.
+//!
 //! The first message must be `Hello`; reports and ACK/NACKs are read by one task per stream;
 //! pushes coalesce per sidecar through a `watch` channel (latest wins, no debounce); a version
 //! the sidecar NACKed is skipped, and so is a version that changes nothing it routes to.
@@ -25,6 +31,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use cogmesh_proto::delta;
 use cogmesh_proto::v1::{
     control_message, sidecar_message, ControlMessage, RoutingTable, ScalingDecision, SidecarMessage,
 };
@@ -50,24 +57,42 @@ pub const ANSWER_WAIT_MS: u64 = 5_000;
 /// while most messages (an instance's report, an ACK) are ~100 bytes; the buffer grows for the
 /// few large reports.
 const DECODE_BUFFER_BYTES: usize = 512;
+/// A delta is sent instead of the whole table unless it is larger by more than this. When
+/// everything in a table changed, its delta is the table plus the base version and little more;
+/// sending it anyway keeps one path (apply to the confirmed table) for every push after the
+/// first. A delta that also lists many removals is larger still, and goes whole.
+const DELTA_SLACK_BYTES: usize = 64;
 
 // === EncodedTables ===
 
-/// The encoded gRPC frames of the current version, one per distinct subscription set.
+/// The encoded gRPC frames of the current version: one per distinct subscription set, and one
+/// per (subscription set, base version) a delta was asked for.
 #[derive(Debug, Default)]
 pub struct EncodedTables {
     version: u64,
     views: HashMap<Vec<String>, View>,
+    /// Base version → subscription set → push.
+    deltas: HashMap<u64, HashMap<Vec<String>, Push>>,
 }
 
 /// One subscription set's view of a version.
 #[derive(Clone, Debug)]
 pub struct View {
+    /// The part of the table the subscriber gets.
+    pub table: Arc<RoutingTable>,
     /// The `ControlMessage` in gRPC framing, shared by every stream that sends it.
     pub frame: Bytes,
     /// A hash of the view's services without the version: equal for two versions that differ
     /// only in services this subscriber does not route to.
     pub content: u64,
+}
+
+/// What goes on the wire for one push.
+#[derive(Clone, Debug)]
+pub struct Push {
+    pub frame: Bytes,
+    /// A `RoutingTableDelta` (else a whole `RoutingTable`).
+    pub delta: bool,
 }
 
 impl EncodedTables {
@@ -77,6 +102,7 @@ impl EncodedTables {
         if self.version != table.version {
             self.version = table.version;
             self.views.clear();
+            self.deltas.clear();
         }
         if let Some(v) = self.views.get(subscriptions) {
             return v.clone();
@@ -88,14 +114,55 @@ impl EncodedTables {
         }
         let content = std::hash::Hasher::finish(&hasher);
         let message = ControlMessage {
-            kind: Some(control_message::Kind::RoutingTable(part)),
+            kind: Some(control_message::Kind::RoutingTable(part.clone())),
         };
         let view = View {
+            table: Arc::new(part),
             frame: grpc_frame(&message),
             content,
         };
         self.views.insert(subscriptions.to_vec(), view.clone());
         view
+    }
+
+    /// What to send a subscriber of `subscriptions` that runs `base` to give it `next` (a view
+    /// of the current version): the changes since `base`, or the whole table when that is
+    /// smaller by more than [`DELTA_SLACK_BYTES`]. Built on first use for each base version,
+    /// shared afterwards.
+    pub fn push(&mut self, base: &View, next: &View, subscriptions: &[String]) -> Push {
+        if next.table.version != self.version {
+            // Not the current version's view (cannot happen: views are taken from it): no cache.
+            return delta_or_whole(base, next);
+        }
+        let pushes = self.deltas.entry(base.table.version).or_default();
+        if let Some(p) = pushes.get(subscriptions) {
+            return p.clone();
+        }
+        let push = delta_or_whole(base, next);
+        pushes.insert(subscriptions.to_vec(), push.clone());
+        push
+    }
+}
+
+/// The delta from `base` to `next`, unless the whole table is smaller by more than
+/// [`DELTA_SLACK_BYTES`].
+fn delta_or_whole(base: &View, next: &View) -> Push {
+    let message = ControlMessage {
+        kind: Some(control_message::Kind::RoutingTableDelta(delta::diff(
+            &base.table,
+            &next.table,
+        ))),
+    };
+    if message.encoded_len() + 5 <= next.frame.len() + DELTA_SLACK_BYTES {
+        Push {
+            frame: grpc_frame(&message),
+            delta: true,
+        }
+    } else {
+        Push {
+            frame: next.frame.clone(),
+            delta: false,
+        }
     }
 }
 
@@ -217,10 +284,11 @@ async fn connect(
     subscriptions.sort();
     subscriptions.dedup();
     let own_service = hello.service.clone();
+    let accepts_deltas = hello.accepts_deltas;
     let session = mesh.state().hello(hello);
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let (answered_tx, answered_rx) = watch::channel(0u64);
+    let (answered_tx, answered_rx) = watch::channel(Answer::default());
     tokio::spawn(read_sidecar(
         Arc::clone(&mesh),
         node.clone(),
@@ -231,10 +299,27 @@ async fn connect(
     Ok(push_body(
         mesh,
         node,
-        (own_service, subscriptions),
+        (own_service, subscriptions, accepts_deltas),
         done_rx,
         answered_rx,
     ))
+}
+
+/// The sidecar's answer to the newest version it answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Answer {
+    version: u64,
+    /// ACK (else NACK).
+    accepted: bool,
+}
+
+impl Answer {
+    /// Takes `next` unless it answers an older version than the one already known.
+    fn update(&mut self, next: Answer) {
+        if next.version >= self.version {
+            *self = next;
+        }
+    }
 }
 
 /// What one sidecar's push stream waits on.
@@ -249,9 +334,14 @@ struct Pushes {
     /// [`View::content`] of the last table sent.
     last_content: Option<u64>,
     /// The newest version the sidecar ACKed or NACKed.
-    answered: watch::Receiver<u64>,
-    /// The version sent and not answered yet.
-    in_flight: Option<u64>,
+    answered: watch::Receiver<Answer>,
+    /// The table sent and not answered yet.
+    in_flight: Option<View>,
+    /// Whether the sidecar applies deltas.
+    accepts_deltas: bool,
+    /// The table the sidecar ACKed last, which it runs; `None` when unsure (a NACK, no answer,
+    /// nothing sent yet): the next table then goes whole.
+    confirmed: Option<View>,
     /// When the table in flight went out (for `table_ack_seconds`).
     sent_at: Option<tokio::time::Instant>,
     /// Scaling decisions, of which the sidecar gets those for its own service and the
@@ -271,16 +361,20 @@ impl Pushes {
     /// The next frame to send, or `None` when the stream is over.
     async fn next(&mut self) -> Option<Bytes> {
         if let Some(sent) = self.in_flight.take() {
+            let version = sent.table.version;
             tokio::select! {
                 _ = &mut self.done => return None,
                 _ = self.stopping.wait_for(|s| *s) => return None,
-                _ = self.answered.wait_for(|v| *v >= sent) => {
+                answer = self.answered.wait_for(|a| a.version >= version) => {
+                    let acked = answer.is_ok_and(|a| *a == Answer { version, accepted: true });
+                    self.confirmed = acked.then_some(sent);
                     if let Some(at) = self.sent_at.take() {
                         self.mesh.metrics.table_ack_seconds.observe(at.elapsed().as_secs_f64());
                     }
                 }
                 _ = tokio::time::sleep(std::time::Duration::from_millis(ANSWER_WAIT_MS)) => {
-                    debug!(node = %self.node, version = sent, "no answer to the last table; sending the next anyway");
+                    debug!(node = %self.node, version, "no answer to the last table; sending the next anyway");
+                    self.confirmed = None;
                 }
             }
         }
@@ -332,24 +426,38 @@ impl Pushes {
             // Only the services the sidecar routes to: a client of one service does not get
             // the whole mesh (what makes fan-out grow with the square of the mesh size).
             let view = self.mesh.encoded().view(&table, &self.subscriptions);
-            let mut state = self.mesh.state();
-            if state.was_rejected(&self.node, table.version) {
-                debug!(node = %self.node, version = table.version, "not resending a refused version");
-                continue;
+            {
+                let mut state = self.mesh.state();
+                if state.was_rejected(&self.node, table.version) {
+                    debug!(node = %self.node, version = table.version, "not resending a refused version");
+                    continue;
+                }
+                // Nothing this sidecar routes to changed (another service's members or weights
+                // did): nothing to send. Without this, every join during a connect storm would
+                // resend every client its unchanged table.
+                if self.last_content == Some(view.content) {
+                    state.same_view(&self.node, table.version);
+                    continue;
+                }
+                state.sent(&self.node, table.version);
             }
-            // Nothing this sidecar routes to changed (another service's members or weights
-            // did): nothing to send. Without this, every join during a connect storm would
-            // resend every client its unchanged table.
-            if self.last_content == Some(view.content) {
-                state.same_view(&self.node, table.version);
-                continue;
-            }
-            state.sent(&self.node, table.version);
+            let push = match &self.confirmed {
+                Some(base) if self.accepts_deltas => {
+                    self.mesh.encoded().push(base, &view, &self.subscriptions)
+                }
+                _ => Push {
+                    frame: view.frame.clone(),
+                    delta: false,
+                },
+            };
             self.mesh.metrics.table_pushes.inc();
+            if push.delta {
+                self.mesh.metrics.table_delta_pushes.inc();
+            }
             self.last_content = Some(view.content);
-            self.in_flight = Some(table.version);
+            self.in_flight = Some(view);
             self.sent_at = Some(tokio::time::Instant::now());
-            return Some(view.frame);
+            return Some(push.frame);
         }
     }
 }
@@ -360,9 +468,9 @@ impl Pushes {
 fn push_body(
     mesh: Arc<Mesh>,
     node: String,
-    (own_service, subscriptions): (String, Vec<String>),
+    (own_service, subscriptions, accepts_deltas): (String, Vec<String>, bool),
     done: tokio::sync::oneshot::Receiver<()>,
-    answered: watch::Receiver<u64>,
+    answered: watch::Receiver<Answer>,
 ) -> tonic::body::Body {
     let mut tables = mesh.tables.subscribe();
     tables.mark_changed();
@@ -380,6 +488,8 @@ fn push_body(
         last_content: None,
         answered,
         in_flight: None,
+        accepts_deltas,
+        confirmed: None,
         sent_at: None,
     };
     let frames = futures_util::stream::unfold(pushes, |mut p| async move {
@@ -400,7 +510,7 @@ async fn read_sidecar(
     node: String,
     session: u64,
     mut inbound: Streaming<SidecarMessage>,
-    (done, answered): (tokio::sync::oneshot::Sender<()>, watch::Sender<u64>),
+    (done, answered): (tokio::sync::oneshot::Sender<()>, watch::Sender<Answer>),
 ) {
     loop {
         match inbound.message().await {
@@ -410,14 +520,24 @@ async fn read_sidecar(
                     debug!(%node, version = a.version, "ACK");
                     mesh.state().ack(&node, a.version);
                     mesh.metrics.table_answer("ack");
-                    answered.send_modify(|v| *v = (*v).max(a.version));
+                    answered.send_modify(|v| {
+                        v.update(Answer {
+                            version: a.version,
+                            accepted: true,
+                        })
+                    });
                 }
                 sidecar_message::Kind::Nack(n) => {
                     warn!(%node, version = n.version, error = %n.error, "sidecar refused a routing table");
                     let version = n.version;
                     mesh.state().nack(&node, version, n.error);
                     mesh.metrics.table_answer("nack");
-                    answered.send_modify(|v| *v = (*v).max(version));
+                    answered.send_modify(|v| {
+                        v.update(Answer {
+                            version,
+                            accepted: false,
+                        })
+                    });
                 }
                 sidecar_message::Kind::Hello(_) => {
                     warn!(%node, "ignoring a second Hello on one stream");
@@ -506,5 +626,140 @@ mod tests {
         assert_ne!(next.as_ptr(), a.as_ptr());
         let decoded = ControlMessage::decode(&next[5..]).unwrap();
         assert!(matches!(decoded.kind, Some(control_message::Kind::RoutingTable(t)) if t.version == 4));
+    }
+
+    fn decode(frame: &[u8]) -> control_message::Kind {
+        ControlMessage::decode(&frame[5..]).unwrap().kind.unwrap()
+    }
+
+    #[test]
+    fn a_confirmed_table_gets_the_changes_once_encoded_and_shared() {
+        let mut cache = EncodedTables::default();
+        let subs = vec!["reasoning".to_string()];
+        // Five endpoints: the change of one is smaller than the table.
+        let five = |version| {
+            let mut t = table(version);
+            t.services[1].endpoints = (1..=5)
+                .map(|port| WeightedEndpoint {
+                    address: format!("127.0.0.1:{port}"),
+                    weight: 1.0,
+                })
+                .collect();
+            t
+        };
+        let base = cache.view(&five(3), &subs);
+        let mut changed = five(4);
+        changed.services[1].endpoints[0].weight = 0.5;
+        let next = cache.view(&changed, &subs);
+        let push = cache.push(&base, &next, &subs);
+        assert!(push.delta);
+        let control_message::Kind::RoutingTableDelta(d) = decode(&push.frame) else {
+            panic!("not a delta");
+        };
+        assert_eq!(
+            d,
+            cogmesh_proto::v1::RoutingTableDelta {
+                version: 4,
+                base_version: 3,
+                services: vec![cogmesh_proto::v1::ServiceDelta {
+                    name: "reasoning".into(),
+                    upserted: vec![WeightedEndpoint {
+                        address: "127.0.0.1:1".into(),
+                        weight: 0.5,
+                    }],
+                    removed: vec![],
+                }],
+                removed_services: vec![],
+            }
+        );
+        assert_eq!(delta::apply(&base.table, &d).as_ref(), Ok(&*next.table));
+        let again = cache.push(&base, &next, &subs);
+        assert_eq!(
+            again.frame.as_ptr(),
+            push.frame.as_ptr(),
+            "built once per base version"
+        );
+    }
+
+    #[test]
+    fn a_delta_much_larger_than_the_table_goes_whole() {
+        let mut cache = EncodedTables::default();
+        let many = |version, first_port: u16| RoutingTable {
+            version,
+            services: vec![ServiceEndpoints {
+                name: "reasoning".into(),
+                endpoints: (first_port..first_port + 20)
+                    .map(|port| WeightedEndpoint {
+                        address: format!("127.0.0.1:{port}"),
+                        weight: 1.0,
+                    })
+                    .collect(),
+            }],
+        };
+        // Every endpoint replaced: the delta lists 20 removals besides the 20 new endpoints.
+        let base = cache.view(&many(1, 1000), &[]);
+        let next = cache.view(&many(2, 2000), &[]);
+        let push = cache.push(&base, &next, &[]);
+        assert!(!push.delta);
+        assert_eq!(push.frame.as_ptr(), next.frame.as_ptr());
+        // Everything changed but nothing left: a few bytes more than the table, sent as a delta.
+        let base = cache.view(
+            &RoutingTable {
+                version: 3,
+                services: vec![],
+            },
+            &[],
+        );
+        let next = cache.view(&table(4), &[]);
+        let push = cache.push(&base, &next, &[]);
+        assert!(push.delta);
+        assert!(
+            push.frame.len() > next.frame.len(),
+            "{} vs {}",
+            push.frame.len(),
+            next.frame.len()
+        );
+    }
+
+    #[test]
+    fn the_newest_answer_wins() {
+        let mut a = Answer::default();
+        a.update(Answer {
+            version: 5,
+            accepted: true,
+        });
+        a.update(Answer {
+            version: 4,
+            accepted: false,
+        });
+        assert_eq!(
+            a,
+            Answer {
+                version: 5,
+                accepted: true
+            }
+        );
+        a.update(Answer {
+            version: 5,
+            accepted: false,
+        });
+        assert_eq!(
+            a,
+            Answer {
+                version: 5,
+                accepted: false
+            }
+        );
+        a.update(Answer {
+            version: 6,
+            accepted: true,
+        });
+        assert_eq!(
+            a,
+            Answer {
+                version: 6,
+                accepted: true
+            }
+        );
     }
 }

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub config_reload: Family<ReloadLabels, Counter>,
     /// Routing tables sent to sidecars (one per sidecar per version it needed).
     pub table_pushes: Counter,
+    /// Of those, the ones sent as a delta against the sidecar's table.
+    pub table_delta_pushes: Counter,
     /// Sidecars' answers to tables: `ack` or `nack`.
     pub table_answers: Family<AnswerLabels, Counter>,
     sidecars_out_of_sync: Gauge,
@@ -96,6 +98,12 @@ impl Default for Metrics {
             "Routing tables sent to sidecars",
             table_pushes.clone(),
         );
+        let table_delta_pushes = Counter::default();
+        registry.register(
+            "table_delta_push",
+            "Routing tables sent to sidecars as the changes to the table they run (part of table_push)",
+            table_delta_pushes.clone(),
+        );
         let table_answers = Family::<AnswerLabels, Counter>::default();
         registry.register(
             "table_answer",
@@ -130,6 +138,7 @@ impl Default for Metrics {
             registry,
             config_reload,
             table_pushes,
+            table_delta_pushes,
             table_answers,
             sidecars_out_of_sync,
             sync_lag_versions,

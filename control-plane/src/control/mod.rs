@@ -5,7 +5,8 @@
 //!   `watch` channel: the latest table wins and at most one is in flight (the next goes out
 //!   once the sidecar answered the last), with no fixed debounce.
 //!   A version a sidecar NACKed is never sent to it again. Each version is encoded once and its
-//!   bytes shared by every stream.
+//!   bytes shared by every stream; a sidecar that takes deltas gets only the changes to the
+//!   table it ACKed last (also encoded once per base version).
 //! - `MeshAdmin`: services with endpoints and weights, per-sidecar sync status, table watch.
 //! - gRPC health (`grpc.health.v1`) and reflection (v1), so `grpcurl` works without protos.
 //!

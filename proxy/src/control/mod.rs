@@ -2,6 +2,11 @@
 //! `report_interval`, apply every routing table the control plane pushes (or refuse it with a
 //! NACK that says why), and keep routing when the control plane is gone.
 //!
+//! Tables come whole or, once the sidecar runs one, as a delta against it (`accepts_deltas` in
+//! the Hello): the delta is applied to the last accepted table and the result is checked,
+//! applied, saved and answered exactly like a whole table. A delta that does not fit (another
+//! base version, an endpoint to remove that is not there) is NACKed and the table kept.
+//!
 //! Static stability: every accepted table is written to `state_file` (protobuf, written to a
 //! temporary file and renamed) and applied at start before the control plane is reached; while
 //! it is unreachable the sidecar keeps its table and reconnects with jittered exponential
@@ -200,6 +205,7 @@ pub async fn run(state: Arc<State>, config: ControlConfig) {
         version: env!("CARGO_PKG_VERSION").to_string(),
         table_version: last.as_ref().map_or(0, |t| t.version),
         subscriptions: subscriptions(&state.config.load()),
+        accepts_deltas: true,
     };
     let expiry = Duration::from_millis(config.weight_expiry_ms);
     let mut last_contact = Instant::now();
@@ -288,6 +294,23 @@ async fn session(
         };
         let table = match message.kind {
             Some(control_message::Kind::RoutingTable(table)) => table,
+            Some(control_message::Kind::RoutingTableDelta(delta)) => {
+                let empty = TableMsg::default();
+                match cogmesh_proto::delta::apply(last.as_ref().unwrap_or(&empty), &delta) {
+                    Ok(table) => table,
+                    Err(e) => {
+                        warn!(version = delta.version, "refusing routing table delta: {e}");
+                        let nack = sidecar_message::Kind::Nack(Nack {
+                            version: delta.version,
+                            error: e.to_string(),
+                        });
+                        if tx.send(SidecarMessage { kind: Some(nack) }).await.is_err() {
+                            break Ok(());
+                        }
+                        continue;
+                    }
+                }
+            }
             Some(control_message::Kind::ScalingDecision(d)) => {
                 info!(
                     service = %d.service, from = d.from_replicas, to = d.to_replicas, metric = %d.metric,
