@@ -93,7 +93,8 @@ struct Args {
     /// Sidecars sharing the traffic, each with its own view of the endpoints.
     #[arg(long, default_value_t = 4)]
     sidecars: u32,
-    /// Scenarios to run (a, b80, b100, c).
+    /// Scenarios to run (a, b80, b100, c; r80, r100, ra: the shapes balance-bench runs, best
+    /// with --sidecars 1).
     #[arg(long, value_delimiter = ',', default_value = "a,b80,b100,c")]
     scenarios: Vec<String>,
     /// Strategies to compare (cognitive_w runs only where the scenario has weights).
@@ -129,7 +130,7 @@ fn main() -> Result<()> {
     let all = scenarios(duration_s);
     for key in &args.scenarios {
         if !all.iter().any(|s| &s.key == key) {
-            bail!("unknown scenario {key:?} (a, b80, b100, c)");
+            bail!("unknown scenario {key:?} (a, b80, b100, c, r80, r100, ra)");
         }
     }
 
