@@ -330,8 +330,9 @@ fn render_level(
         out,
         "\n  per endpoint{}: share of requests, 503s (queue full), demand = mean (busy+queued)/slots \
          at the workload; for cogmesh what the proxy held: ORCA load (0 when none or stale; fresh % \
-         of samples), RTT EWMA, in-flight, ejected % of samples, and the mean cognitive cost \
-         rtt × (in-flight + 1) / (1 − min(load, 0.95)) of that view",
+         of samples), RTT EWMA, in-flight, ejected % of samples, and the median cognitive cost \
+         rtt × (in-flight + 1) × load factor of that view (1/(1 − load) up to 7/8, then \
+         8·e^(8·(load − 7/8)))",
         if slow { ", while slow" } else { "" }
     );
     let header = [

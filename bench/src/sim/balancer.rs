@@ -3,8 +3,10 @@
 //! ejection deadline) and the strategies, written as `cogmesh_proxy::balance::EndpointSet::pick`
 //! does them (ejected endpoints included), on top of the proxy's own pure functions
 //! (`balance::cost::*`, `balance::decayed_ewma`). The cognitive cost's load term is the proxy's
-//! `cost::effective_load`: the fresh report, raised to `MAX_LOAD` while the endpoint's requests
-//! in flight are overdue (their mean age above `OVERDUE_FACTOR` × the decayed EWMA).
+//! `cost::effective_load`: the fresh report, or while the endpoint is overdue (silent, holding
+//! requests, for longer than `OVERDUE_ANSWERS` of the answers it should have given) the count of
+//! answers missed, if higher; its rtt term is `cost::expected_rtt_ns` (EWMA, mean age in flight,
+//! what is left of a `Retry-After` back-off).
 //!
 //! The proxy's `Endpoint` reads the wall clock (`tokio::time::Instant`), so it cannot run in
 //! simulated time; this file restates its few lines of bookkeeping with the clock as an
@@ -138,9 +140,9 @@ impl View {
     }
 
     /// `Endpoint::cognitive_cost_at`: the rtt term is [`View::effective_rtt_ns`]; the load term
-    /// is the proxy's `effective_load` of the fresh report (0 without one), the mean in-flight
-    /// age and the decayed EWMA: the report, raised to `MAX_LOAD` while the requests in flight
-    /// are overdue (mean age > `OVERDUE_FACTOR` × EWMA).
+    /// is the proxy's `effective_load` of the fresh report (0 without one), the silence, the
+    /// in-flight count and the stored EWMA: the report, or the answers missed while overdue if
+    /// that is higher.
     fn cognitive_cost(&self, now: u64, weight: f64, stale_ns: u64, keep_in_flight: bool) -> f64 {
         let ewma = self.ewma_now_ns(now);
         let age = self.mean_in_flight_age_ns(now);

@@ -3,7 +3,7 @@
 //!
 //! Time is simulated (nanoseconds from the start of the run) and advances only from event to
 //! event; events at the same instant run in the order they were scheduled, so a run is a pure
-//! function of its inputs. A backend reports `load = min(1, (busy + queued) / capacity)` with
+//! function of its inputs. A backend reports `load = (busy + queued) / capacity` (uncapped) with
 //! every response (after the request leaves it), and the sidecar sees that report only if the
 //! response reaches it: a response that arrives after the timeout is dropped, report and
 //! latency with it, while the backend has still spent the work.

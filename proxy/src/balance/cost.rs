@@ -50,8 +50,10 @@ pub fn cognitive_cost(rtt_ns: f64, in_flight: u64, load: f64, weight: f64) -> f6
 /// An endpoint that holds requests is overdue once it has been silent for as long as this
 /// many answers should have taken: by Little's law an endpoint holding `in_flight` requests
 /// that take `rtt` each answers `in_flight / rtt` of them per unit of time, so a silence of
-/// `rtt / in_flight` is one answer missed. (With the peak-EWMA as `rtt`, which is about the slow
-/// end of the endpoint's latencies, that is a conservative count.)
+/// `rtt / in_flight` is one answer missed. The peak-EWMA as `rtt` is about the slow end of the
+/// endpoint's latencies, so that count is conservative, and half an answer is the threshold: in
+/// `balance-sim` (scenarios a and ra) 1 still let a stalled endpoint that had last reported
+/// itself idle collect requests for about twice as long, and 0.3 was no better than 0.5.
 pub const OVERDUE_ANSWERS: f64 = 0.5;
 
 /// The load the cognitive cost uses: the endpoint's fresh report (0 without one), or, while it
