@@ -147,12 +147,11 @@ impl View {
         let ewma = self.ewma_now_ns(now);
         let age = self.mean_in_flight_age_ns(now);
         let silence = silence_ns(self.in_flight, now, self.answered_ns, self.busy_since_ns);
-        // Judged against the stored estimate (`PeakEwma::stored_ns`), not the decayed one.
         let load = effective_load(
             self.fresh_load(now, stale_ns, keep_in_flight),
             silence,
             self.in_flight,
-            self.ewma_ns,
+            ewma,
         );
         let rtt = expected_rtt_ns(ewma, age, self.backoff_left_ns(now));
         cognitive_cost(rtt, self.in_flight, load, weight)
@@ -422,9 +421,9 @@ mod tests {
     #[test]
     fn a_stalled_endpoint_is_overdue_in_the_cognitive_cost() {
         // The proxy's `a_stalled_endpoint_costs_the_age_of_its_requests`: one request stuck
-        // for 2 s, nothing answered, against the initial 30 ms estimate: 2 s / (0.5 × 30 ms)
-        // = 133 answers missed, so that is its load whatever it last reported, on top of the
-        // 2 s age as the rtt term.
+        // for 2 s, nothing answered, against the initial 30 ms estimate decayed on read to
+        // 24.6 ms: 2 s / (0.5 × 24.6 ms) = 163 answers missed, so that is its load whatever it
+        // last reported, on top of the 2 s age as the rtt term.
         for k in [Strategy::Cognitive, Strategy::CognitiveWeighted] {
             let mut s = Sidecar::new(k, &[1.0, 2.0], false);
             s.observe_load(0, 0, 0.1);
@@ -433,8 +432,8 @@ mod tests {
             let v = &s.views[0];
             assert!((v.ewma_now_ns(now) - 30e6 * (-0.2f64).exp()).abs() < 1.0);
             assert_eq!(v.effective_rtt_ns(now), 2e9);
-            let load = effective_load(Some(0.1), 2e9, 1, 30e6);
-            assert!((load - 133.33).abs() < 0.01);
+            let load = effective_load(Some(0.1), 2e9, 1, v.ewma_now_ns(now));
+            assert!((load - 162.85).abs() < 0.01, "{load}");
             let cost = v.cognitive_cost(now, s.weights[0], s.stale_ns, false);
             assert_eq!(cost, cognitive_cost(2e9, 1, load, s.weights[0]), "{}", k.name());
             // p2c_ewma's cost of the same view is unchanged: age × (in flight + 1).
@@ -443,10 +442,10 @@ mod tests {
     }
 
     #[test]
-    fn overdue_compares_the_silence_with_the_stored_estimate() {
+    fn overdue_compares_the_silence_with_the_decayed_estimate() {
         // Answered in 30 ms at 1 s, reported 0.25 then, one request sent then. Overdue once
-        // silence × in flight > OVERDUE_ANSWERS (0.5) × 30 ms, the estimate as stored (not
-        // decayed on read): after 15 ms.
+        // silence × in flight > OVERDUE_ANSWERS (0.5) × the estimate as read (decayed): after
+        // about 15 ms.
         assert_eq!(cogmesh_proxy::balance::cost::OVERDUE_ANSWERS, 0.5);
         let t0 = SEC;
         let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0], false);
@@ -461,20 +460,21 @@ mod tests {
             assert_eq!(v.mean_in_flight_age_ns(now), age_ns as f64);
             (v.cognitive_cost(now, 1.0, s.stale_ns, false), ewma)
         };
-        // 15 ms: half an answer missed, not more: on time, the report stands, and the rtt
+        // 14.9 ms: under half of the decayed 29.96 ms: on time, the report stands, and the rtt
         // term is the decayed EWMA.
-        let (c, ewma) = cost_at(&s, 15 * MS);
+        let (c, ewma) = cost_at(&s, 14_900_000);
         assert_eq!(c, cognitive_cost(ewma, 1, 0.25, 1.0));
-        // 20 ms: overdue by 20 / 15.
+        // 20 ms: overdue by 20 / (0.5 × 29.94).
         let (c, ewma) = cost_at(&s, 20 * MS);
-        assert_eq!(c, cognitive_cost(ewma, 1, 20e6 / 15e6, 1.0));
+        assert_eq!(c, cognitive_cost(ewma, 1, 20e6 / (0.5 * ewma), 1.0));
         // A second request at 20 ms and 5 ms more: 25 ms of silence with two held.
         s.start(0, t0 + 20 * MS);
         let now = t0 + 25 * MS;
         let v = &s.views[0];
+        let ewma = v.ewma_now_ns(now);
         assert_eq!(
             v.cognitive_cost(now, 1.0, s.stale_ns, false),
-            cognitive_cost(v.ewma_now_ns(now), 2, 25e6 * 2.0 / 15e6, 1.0)
+            cognitive_cost(ewma, 2, 25e6 * 2.0 / (0.5 * ewma), 1.0)
         );
         // Nothing in flight: no silence, never overdue.
         s.finish(0, t0);
@@ -502,7 +502,7 @@ mod tests {
         let now = 100 * MS;
         assert_eq!(
             v.cognitive_cost(now, 1.0, s.stale_ns, false),
-            cognitive_cost(100e6, 1, 100e6 / 15e6, 1.0)
+            cognitive_cost(100e6, 1, 100e6 / (0.5 * v.ewma_now_ns(now)), 1.0)
         );
         // The what-if that keeps reports while requests are in flight feeds the same rule.
         let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0], true);
@@ -510,9 +510,10 @@ mod tests {
         s.start(0, 0);
         let now = 11 * SEC;
         assert_eq!(s.views[0].fresh_load(now, s.stale_ns, true), Some(0.1));
+        let ewma = s.views[0].ewma_now_ns(now);
         assert_eq!(
             s.views[0].cognitive_cost(now, 1.0, s.stale_ns, true),
-            cognitive_cost(11e9, 1, 11e9 / 15e6, 1.0)
+            cognitive_cost(11e9, 1, 11e9 / (0.5 * ewma), 1.0)
         );
     }
 

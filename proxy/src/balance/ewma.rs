@@ -64,11 +64,7 @@ impl PeakEwma {
         self.stored_ns() * (-since / DECAY_SECS).exp()
     }
 
-    /// The estimate as the last sample left it, without the decay on read: the pace the
-    /// endpoint last answered at (what [`crate::balance::cost::effective_load`] judges a
-    /// silence against, so that an endpoint tried again after a long idle spell is not taken
-    /// for overdue because its estimate has decayed toward zero meanwhile).
-    pub fn stored_ns(&self) -> f64 {
+    fn stored_ns(&self) -> f64 {
         f64::from_bits(self.estimate_ns.load(Ordering::Relaxed))
     }
 

@@ -285,7 +285,7 @@ impl Endpoint {
             self.fresh_load_at(now, stale),
             self.silence_ns(now),
             self.in_flight(),
-            self.rtt.stored_ns(),
+            ewma,
         );
         let rtt = cost::expected_rtt_ns(ewma, age, self.backoff_left_ns(now));
         cost::cognitive_cost(rtt, self.in_flight(), load, weight)

@@ -55,10 +55,10 @@ async fn a_stalled_endpoint_costs_the_age_of_its_requests() {
     // EWMA still says about 30 ms, but the request in flight is 2 s old.
     assert!((e.rtt_ewma_ns() - DEFAULT_RTT_MS * 1e6 * (-0.2f64).exp()).abs() < 1.0);
     assert_eq!(e.effective_rtt_ns(), 2e9);
-    // ...and silent for those 2 s while holding it: overdue by 2 s × 1 / (0.5 × 30 ms, the
-    // estimate last stored) = 133, whatever it last reported.
-    let overdue = 2e9 / (cost::OVERDUE_ANSWERS * DEFAULT_RTT_MS * 1e6);
-    assert!((overdue - 133.33).abs() < 0.01);
+    // ...and silent for those 2 s while holding it: overdue by 2 s × 1 / (0.5 × the estimate)
+    // = 163, whatever it last reported.
+    let overdue = 2e9 / (cost::OVERDUE_ANSWERS * e.rtt_ewma_ns());
+    assert!((overdue - 162.85).abs() < 0.01, "{overdue}");
     assert_eq!(
         e.cognitive_cost(1.0, STALE),
         cost::cognitive_cost(2e9, 1, overdue, 1.0)
@@ -69,37 +69,40 @@ async fn a_stalled_endpoint_costs_the_age_of_its_requests() {
 async fn silence_starts_when_the_endpoint_last_answered_or_became_busy() {
     let e = Arc::new(Endpoint::new(addrs(1)[0]));
     e.observe_rtt(Duration::from_millis(40));
-    // Idle for a minute: no silence while nothing is held. (The estimate read decays toward
-    // zero meanwhile; silence is judged against the last one stored, 40 ms.)
-    tokio::time::advance(Duration::from_secs(60)).await;
+    // Idle for a second: no silence while nothing is held.
+    tokio::time::advance(Duration::from_secs(1)).await;
     e.observe_load(0.25);
     let first = InFlight::start(Arc::clone(&e));
-    // Busy since now: the minute before does not count.
+    // Busy since now: the second before does not count.
     let ewma = e.rtt_ewma_ns();
     assert_eq!(
         e.cognitive_cost(1.0, STALE),
         cost::cognitive_cost(ewma, 1, 0.25, 1.0)
     );
-    // 10 ms on, one request held: half an answer of 40 ms missed, not more than
-    // OVERDUE_ANSWERS, so the report stands (the latency term is the request's age).
+    // 10 ms on, one request held: 10 / (0.5 × ~36 ms) = 0.55 answers missed, not more than
+    // 1, so the report stands.
     tokio::time::advance(Duration::from_millis(10)).await;
+    let ewma = e.rtt_ewma_ns();
+    assert!(cost::effective_load(Some(0.25), 10e6, 1, ewma) == 0.25);
     assert_eq!(
         e.cognitive_cost(1.0, STALE),
-        cost::cognitive_cost(10e6, 1, 0.25, 1.0)
+        cost::cognitive_cost(ewma, 1, 0.25, 1.0)
     );
-    // A second request, 10 ms more: two held through 20 ms of silence, 2 × 20 / (0.5 × 40)
-    // = 2 answers missed: overdue by 2. The latency term is their mean age, 15 ms.
+    // A second request, 10 ms more: two held through 20 ms of silence, 2 × 20 / (0.5 × ~36)
+    // = 2.2 answers missed: overdue by that.
     let _second = InFlight::start(Arc::clone(&e));
     tokio::time::advance(Duration::from_millis(10)).await;
+    let ewma = e.rtt_ewma_ns();
+    let overdue = 20e6 * 2.0 / (cost::OVERDUE_ANSWERS * ewma);
+    assert!((overdue - 2.2).abs() < 0.02, "{overdue}");
     assert_eq!(
         e.cognitive_cost(1.0, STALE),
-        cost::cognitive_cost(15e6, 2, 2.0, 1.0)
+        cost::cognitive_cost(ewma, 2, overdue, 1.0)
     );
     // An answer ends the silence: the report stands again.
     drop(first);
     e.observe_rtt(Duration::from_millis(20));
     let ewma = e.rtt_ewma_ns();
-    assert!(ewma > 10e6);
     assert_eq!(
         e.cognitive_cost(1.0, STALE),
         cost::cognitive_cost(ewma, 1, 0.25, 1.0)
