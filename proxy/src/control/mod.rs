@@ -369,7 +369,9 @@ async fn report_loop(state: Arc<State>, tx: mpsc::Sender<SidecarMessage>, interv
                     .insert(key, (picks, failures, latency))
                     .unwrap_or((picks, failures, latency));
                 let quantile = |q| crate::balance::latency::quantile_ms(&l0, &latency, q).unwrap_or(0.0);
-                let load = e.fresh_load(stale).unwrap_or(0.0);
+                // The balancer uses demand past 1 (a queue longer than the capacity); the
+                // report keeps the protocol's [0, 1].
+                let load = e.fresh_load(stale).unwrap_or(0.0).min(1.0);
                 instance.in_flight += e.in_flight();
                 // An inbound sidecar fronts its own app: the app's load is the instance's.
                 if table
