@@ -73,6 +73,8 @@ struct ConfigStatus {
 /// Shared by every stream handler.
 struct Mesh {
     state: Mutex<MeshState>,
+    /// Held through a weight update, so that at most one runs at a time.
+    weighing: Mutex<()>,
     config: Mutex<config::Resolved>,
     config_status: Mutex<ConfigStatus>,
     /// The weight interval in force, in ms (a reload may change it).
@@ -207,7 +209,17 @@ impl Mesh {
     /// Recomputes and publishes a new table if anything changed.
     fn publish(&self, interval_secs: f64) {
         let now = self.now_secs();
-        let table = self.state().recompute(now, interval_secs);
+        let _ = interval_secs;
+        // One update at a time (the ticker and a reload may both call this).
+        let _one = state::lock(&self.weighing);
+        // Inputs under the state lock, the update without it, the new version under it again:
+        // reports, ACKs and pushes wait only for the copy and the comparison.
+        let (inputs, book) = {
+            let mut state = self.state();
+            (state.weight_inputs(), state.book())
+        };
+        let services = state::lock(&book).update(inputs, now);
+        let table = self.state().publish(services);
         if let Some(t) = table {
             info!(
                 version = t.version,
@@ -231,6 +243,7 @@ pub async fn serve(
     let scaling_metrics = control_metrics.scaling.clone();
     let mesh = Arc::new(Mesh {
         state: Mutex::new(MeshState::with_statics(config.resolved.services.clone())),
+        weighing: Mutex::default(),
         weight_interval_ms: std::sync::atomic::AtomicU64::new(config.resolved.weight_interval_ms),
         config: Mutex::new(config.resolved.clone()),
         config_status: Mutex::new(ConfigStatus::default()),

@@ -1,11 +1,11 @@
 //! The control plane's view of the mesh, rebuilt from what sidecars tell it: who is connected,
 //! which instance each one fronts, what they report, which table version each runs and what
 //! each refused. Updated under one mutex by the (few, per-event) gRPC handlers; nothing here is
-//! on a request path.
+//! on a request path. The weights live in a [`WeightBook`] behind a second mutex, so that the
+//! periodic weight update runs without the first.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cogmesh_proto::v1::{
     EndpointStatus, Hello, LoadReport, Rejection, RoutingTable, ServiceEndpoints, ServiceStatus,
@@ -35,12 +35,11 @@ pub struct Sidecar {
 pub struct MeshState {
     pub sidecars: BTreeMap<String, Sidecar>,
     next_session: u64,
-    /// service → endpoint address → weight state.
-    weights: BTreeMap<String, BTreeMap<String, WeightState>>,
-    /// endpoint address → (qps, load) of the last update, for ListServices.
-    last_observed: HashMap<String, Observation>,
-    /// endpoint address → its [`Traffic`] of the last update, for ListServices.
-    last_traffic: HashMap<String, Traffic>,
+    /// The weights and what the last update saw, behind their own lock (see [`WeightBook`]).
+    book: Arc<Mutex<WeightBook>>,
+    /// service → addresses of its connected sidecars; rebuilt after a join or a leave only
+    /// (copying 10 000 addresses every weight tick cost milliseconds under this lock).
+    sidecar_members: Option<Arc<Members>>,
     pub version: u64,
     pub table: Arc<RoutingTable>,
     /// Services known from configuration (static discovery).
@@ -53,6 +52,136 @@ pub struct MeshState {
     window: HashMap<String, Accumulated>,
     window_reports: u64,
     window_reporters: std::collections::HashSet<String>,
+}
+
+/// What weight updates carry from one to the next, and what the last one saw (for
+/// ListServices). Behind its own lock: an update takes its [`WeightInputs`] under the state
+/// lock and runs here without it, so reports, ACKs and pushes are not held up by it (at 10 000
+/// sidecars an update takes milliseconds).
+#[derive(Debug, Default)]
+pub struct WeightBook {
+    /// service → endpoint address → weight state.
+    weights: BTreeMap<String, BTreeMap<String, WeightState>>,
+    /// endpoint address → (qps, load) of the last update, for ListServices.
+    last_observed: HashMap<String, Observation>,
+    /// endpoint address → its [`Traffic`] of the last update, for ListServices.
+    last_traffic: HashMap<String, Traffic>,
+}
+
+/// service → endpoint addresses.
+type Members = BTreeMap<String, Vec<String>>;
+
+/// What one weight update reads (see [`MeshState::weight_inputs`]).
+#[derive(Debug)]
+pub struct WeightInputs {
+    /// Configured and discovered endpoints.
+    listed: Members,
+    /// Connected sidecars' instances.
+    sidecars: Arc<Members>,
+    /// The window's per-endpoint sums.
+    window: HashMap<String, Accumulated>,
+    /// Mean reports per reporter in the window.
+    per_reporter: f64,
+    /// instance address → its own last report of its load.
+    self_load: HashMap<String, f64>,
+}
+
+/// A poisoned lock keeps its data: a panic while holding it would be a bug, and the data is
+/// still the last consistent state.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// === impl WeightBook ===
+
+impl WeightBook {
+    /// One weight update from `inputs`: new weights for every service, rounded as published.
+    pub fn update(&mut self, inputs: WeightInputs, now_secs: f64) -> Vec<ServiceEndpoints> {
+        let WeightInputs {
+            listed,
+            sidecars,
+            window,
+            per_reporter,
+            self_load,
+        } = inputs;
+        self.last_traffic = window
+            .iter()
+            .map(|(a, w)| {
+                let mut t = w.traffic;
+                // Sums over several reports of one sidecar in the window count it once.
+                t.in_flight = (t.in_flight as f64 / per_reporter).round() as u64;
+                t.ejected_by = (f64::from(t.ejected_by) / per_reporter).round() as u32;
+                (a.clone(), t)
+            })
+            .collect();
+        let mut weights = BTreeMap::new();
+        let names: std::collections::BTreeSet<&String> = listed.keys().chain(sidecars.keys()).collect();
+        for service in names {
+            let addrs = || {
+                let listed = listed.get(service).into_iter().flatten();
+                listed.chain(sidecars.get(service).into_iter().flatten())
+            };
+            let traffic = |a: &str| window.get(a).is_some_and(|w| w.qps > 0.0);
+            let previous = self.weights.remove(service);
+            let resting = previous.as_ref().is_some_and(|p| {
+                addrs().count() == p.len()
+                    && !addrs().any(|a| traffic(a))
+                    && weights::at_rest(p, addrs(), now_secs)
+            });
+            let observed: BTreeMap<String, Option<Observation>> = addrs()
+                .filter_map(|a| {
+                    let w = window.get(a);
+                    let q = w.map_or(0.0, |w| w.qps / per_reporter);
+                    let utilization = self_load.get(a).copied().or_else(|| {
+                        w.filter(|w| w.load_n > 0)
+                            .map(|w| w.load_sum / f64::from(w.load_n))
+                    });
+                    let o = (q > 0.0).then(|| Observation {
+                        qps: q,
+                        eps: w.map_or(0.0, |w| w.eps / per_reporter),
+                        utilization: utilization.unwrap_or(0.0),
+                    });
+                    // What `ListServices` shows (and the autoscaler reads): an endpoint nobody
+                    // sent requests to this interval is idle now, not as busy as it last was.
+                    let shown = o.unwrap_or(Observation {
+                        qps: 0.0,
+                        eps: 0.0,
+                        utilization: utilization.unwrap_or(0.0),
+                    });
+                    match self.last_observed.get_mut(a) {
+                        Some(last) => *last = shown,
+                        None => {
+                            self.last_observed.insert(a.clone(), shown);
+                        }
+                    }
+                    // Only what the update reads: nothing when the service is at rest.
+                    (!resting).then(|| (a.clone(), o))
+                })
+                .collect();
+            let next = match previous {
+                // Every endpoint known, settled and without traffic: the update would keep
+                // every weight (see `weights::at_rest`), so skip its cost (at 10 000 sidecars,
+                // the 9 000 instances of services nobody calls).
+                Some(p) if resting => p,
+                previous => weights::update(&previous.unwrap_or_default(), &observed, now_secs),
+            };
+            weights.insert(service.clone(), next);
+        }
+        self.weights = weights;
+        self.weights
+            .iter()
+            .map(|(name, endpoints)| ServiceEndpoints {
+                name: name.clone(),
+                endpoints: endpoints
+                    .iter()
+                    .map(|(address, w)| WeightedEndpoint {
+                        address: address.clone(),
+                        weight: (w.weight * 100.0).round() / 100.0,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
 }
 
 /// Sums over the reports of one weight-update window, for one endpoint.
@@ -93,6 +222,7 @@ impl MeshState {
             self.version = self.version.max(hello.table_version);
         }
         self.next_session += 1;
+        self.sidecar_members = None;
         let session = self.next_session;
         let node = hello.node.clone();
         let previous = self.sidecars.remove(&node);
@@ -118,6 +248,7 @@ impl MeshState {
         match self.sidecars.get_mut(node) {
             Some(s) if s.session == session => {
                 s.connected = false;
+                self.sidecar_members = None;
                 true
             }
             _ => false,
@@ -198,32 +329,56 @@ impl MeshState {
     }
 
     /// Recomputes weights from the reports since the last call and, if the table changed,
-    /// makes a new version. Returns the new table when there is one.
+    /// makes a new version. Returns the new table when there is one. (The control plane runs
+    /// the three steps separately, so that the weight update itself runs outside the lock.)
+    #[cfg(test)]
     pub fn recompute(&mut self, now_secs: f64, interval_secs: f64) -> Option<Arc<RoutingTable>> {
-        // Membership: every connected sidecar fronts one endpoint of its service. Borrowed
-        // where it can be: at 10 000 sidecars this runs every tick under the state lock.
-        let mut members: BTreeMap<&str, Vec<Cow<'_, str>>> = BTreeMap::new();
+        let _ = interval_secs;
+        let inputs = self.weight_inputs();
+        let book = Arc::clone(&self.book);
+        let services = lock(&book).update(inputs, now_secs);
+        self.publish(services)
+    }
+
+    /// Takes what a weight update reads: membership, and the window's reports (which start
+    /// over). Copies about two strings per sidecar; the update itself needs no lock on `self`.
+    pub fn weight_inputs(&mut self) -> WeightInputs {
+        // Membership: the configured and discovered endpoints (few; copied every time), and
+        // every connected sidecar, which fronts one endpoint of its service.
+        let mut listed = Members::new();
+        let mut add =
+            |service: &str, addresses: &mut dyn Iterator<Item = String>| match listed.get_mut(service) {
+                Some(m) => m.extend(addresses),
+                None => {
+                    listed.insert(service.to_string(), addresses.collect());
+                }
+            };
         for s in &self.statics {
-            members
-                .entry(&s.name)
-                .or_default()
-                .extend(s.endpoints.iter().map(|e| Cow::Owned(e.to_string())));
+            add(&s.name, &mut s.endpoints.iter().map(|e| e.to_string()));
         }
         for s in self.discovered.values() {
-            members
-                .entry(&s.service)
-                .or_default()
-                .extend(s.addresses.iter().map(|e| Cow::Owned(e.to_string())));
+            add(&s.service, &mut s.addresses.iter().map(|e| e.to_string()));
         }
-        for s in self.sidecars.values().filter(|s| s.connected) {
-            members
-                .entry(&s.hello.service)
-                .or_default()
-                .push(Cow::Borrowed(&s.hello.instance_address));
-        }
-        // Observations per endpoint, summed over reporters. Rates are rates: when a sidecar
-        // sent k reports in this window, its rates were added k times, so divide by the mean k.
-        let window = std::mem::take(&mut self.window);
+        let sidecars = match &self.sidecar_members {
+            Some(m) => Arc::clone(m),
+            None => {
+                let mut members = Members::new();
+                for s in self.sidecars.values().filter(|s| s.connected) {
+                    let address = s.hello.instance_address.clone();
+                    match members.get_mut(&s.hello.service) {
+                        Some(m) => m.push(address),
+                        None => {
+                            members.insert(s.hello.service.clone(), vec![address]);
+                        }
+                    }
+                }
+                let members = Arc::new(members);
+                self.sidecar_members = Some(Arc::clone(&members));
+                members
+            }
+        };
+        // Rates are rates: when a sidecar sent k reports in this window, its rates were added
+        // k times, so the update divides by the mean k.
         let per_reporter = if self.window_reporters.is_empty() {
             1.0
         } else {
@@ -231,92 +386,23 @@ impl MeshState {
         };
         self.window_reports = 0;
         self.window_reporters.clear();
-        let qps: HashMap<&str, f64> = window
-            .iter()
-            .map(|(a, w)| (a.as_str(), w.qps / per_reporter))
-            .collect();
-        let eps: HashMap<&str, f64> = window
-            .iter()
-            .map(|(a, w)| (a.as_str(), w.eps / per_reporter))
-            .collect();
-        let seen_load: HashMap<&str, (f64, usize)> = window
-            .iter()
-            .map(|(a, w)| (a.as_str(), (w.load_sum, w.load_n as usize)))
-            .collect();
-        self.last_traffic = window
-            .iter()
-            .map(|(a, w)| {
-                let mut t = w.traffic;
-                // Sums over several reports of one sidecar in the window count it once.
-                t.in_flight = (t.in_flight as f64 / per_reporter).round() as u64;
-                t.ejected_by = (f64::from(t.ejected_by) / per_reporter).round() as u32;
-                (a.clone(), t)
-            })
-            .collect();
-        let self_load: HashMap<&str, f64> = self
+        let self_load = self
             .sidecars
             .values()
-            .filter_map(|s| Some((s.hello.instance_address.as_str(), s.self_load?)))
+            .filter_map(|s| Some((s.hello.instance_address.clone(), s.self_load?)))
             .collect();
-        // Reports are per interval; several reports from one sidecar in one interval add up,
-        // so normalize by how many intervals' worth we got is not needed: rates are rates.
-        let _ = interval_secs;
-
-        let mut weights = BTreeMap::new();
-        for (service, addrs) in &members {
-            let observed: BTreeMap<String, Option<Observation>> = addrs
-                .iter()
-                .map(|a| {
-                    let a: &str = a;
-                    let q = qps.get(a).copied().unwrap_or(0.0);
-                    let utilization = self_load
-                        .get(a)
-                        .copied()
-                        .or_else(|| seen_load.get(a).map(|(sum, n)| sum / *n as f64));
-                    let o = (q > 0.0).then(|| Observation {
-                        qps: q,
-                        eps: eps.get(a).copied().unwrap_or(0.0),
-                        utilization: utilization.unwrap_or(0.0),
-                    });
-                    // What `ListServices` shows (and the autoscaler reads): an endpoint nobody
-                    // sent requests to this interval is idle now, not as busy as it last was.
-                    let shown = o.unwrap_or(Observation {
-                        qps: 0.0,
-                        eps: 0.0,
-                        utilization: utilization.unwrap_or(0.0),
-                    });
-                    match self.last_observed.get_mut(a) {
-                        Some(last) => *last = shown,
-                        None => {
-                            self.last_observed.insert(a.to_string(), shown);
-                        }
-                    }
-                    (a.to_string(), o)
-                })
-                .collect();
-            let empty = BTreeMap::new();
-            let previous = self.weights.get(*service).unwrap_or(&empty);
-            weights.insert(
-                service.to_string(),
-                weights::update(previous, &observed, now_secs),
-            );
+        WeightInputs {
+            listed,
+            sidecars,
+            window: std::mem::take(&mut self.window),
+            per_reporter,
+            self_load,
         }
-        self.weights = weights;
+    }
 
-        let services: Vec<ServiceEndpoints> = self
-            .weights
-            .iter()
-            .map(|(name, endpoints)| ServiceEndpoints {
-                name: name.clone(),
-                endpoints: endpoints
-                    .iter()
-                    .map(|(address, w)| WeightedEndpoint {
-                        address: address.clone(),
-                        weight: (w.weight * 100.0).round() / 100.0,
-                    })
-                    .collect(),
-            })
-            .collect();
+    /// Makes a new version of `services` (the output of [`WeightBook::update`]) unless it is
+    /// not worth one (see [`worth_a_version`]).
+    pub fn publish(&mut self, services: Vec<ServiceEndpoints>) -> Option<Arc<RoutingTable>> {
         if self.version > 0 && !worth_a_version(&self.table.services, &services) {
             return None;
         }
@@ -328,7 +414,13 @@ impl MeshState {
         Some(Arc::clone(&self.table))
     }
 
+    /// The weight book, shared with the control plane's weight tick.
+    pub fn book(&self) -> Arc<Mutex<WeightBook>> {
+        Arc::clone(&self.book)
+    }
+
     pub fn services(&self) -> Vec<ServiceStatus> {
+        let book = lock(&self.book);
         let nodes: HashMap<&str, &str> = self
             .sidecars
             .values()
@@ -349,8 +441,8 @@ impl MeshState {
                     .endpoints
                     .iter()
                     .map(|e| {
-                        let o = self.last_observed.get(&e.address);
-                        let t = self.last_traffic.get(&e.address).copied().unwrap_or_default();
+                        let o = book.last_observed.get(&e.address);
+                        let t = book.last_traffic.get(&e.address).copied().unwrap_or_default();
                         EndpointStatus {
                             address: e.address.clone(),
                             weight: e.weight,

@@ -140,6 +140,23 @@ pub fn update(
     next
 }
 
+/// Whether an update of `previous` without traffic to any of `addresses` (the service's
+/// members, the same set as `previous`'s) would keep every weight: each is past slow start and
+/// had no target last time, so it is neither damped towards anything nor ramped, and the
+/// weights were normalized by the update that made them. (Renormalizing again would only move
+/// them by rounding error.) The caller may then keep `previous` as it is.
+pub fn at_rest<'a>(
+    previous: &BTreeMap<String, WeightState>,
+    mut addresses: impl Iterator<Item = &'a String>,
+    now_secs: f64,
+) -> bool {
+    addresses.all(|a| {
+        previous
+            .get(a)
+            .is_some_and(|s| s.last_target.is_none() && now_secs - s.first_seen_secs >= SLOW_START_SECS)
+    })
+}
+
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     (n > 0).then(|| sum / n as f64)
@@ -163,6 +180,26 @@ mod tests {
             first_seen_secs: -1000.0,
             last_target: None,
         }
+    }
+
+    #[test]
+    fn a_service_at_rest_keeps_its_weights() {
+        let prev = BTreeMap::from([("a".to_string(), settled(0.5)), ("b".to_string(), settled(1.5))]);
+        let names: Vec<String> = prev.keys().cloned().collect();
+        let idle: BTreeMap<String, Option<Observation>> = names.iter().map(|n| (n.clone(), None)).collect();
+        assert!(at_rest(&prev, names.iter(), 0.0));
+        assert_eq!(update(&prev, &idle, 0.0), prev);
+        // Not at rest: a member still in slow start, one with a target to confirm, a new one.
+        let mut young = prev.clone();
+        young.get_mut("a").unwrap().first_seen_secs = -10.0;
+        assert!(!at_rest(&young, names.iter(), 0.0));
+        assert_ne!(update(&young, &idle, 0.0), young);
+        let mut pending = prev.clone();
+        pending.get_mut("b").unwrap().last_target = Some(1.5);
+        assert!(!at_rest(&pending, names.iter(), 0.0));
+        assert_ne!(update(&pending, &idle, 0.0), pending);
+        let more = ["a", "b", "c"].map(String::from);
+        assert!(!at_rest(&prev, more.iter(), 0.0));
     }
 
     #[test]
