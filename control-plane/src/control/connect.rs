@@ -113,12 +113,17 @@ impl EncodedTables {
             std::hash::Hash::hash(&service.encode_to_vec(), &mut hasher);
         }
         let content = std::hash::Hasher::finish(&hasher);
+        // Encoded from the message, then taken back out of it: no copy of the table.
         let message = ControlMessage {
-            kind: Some(control_message::Kind::RoutingTable(part.clone())),
+            kind: Some(control_message::Kind::RoutingTable(part)),
+        };
+        let frame = grpc_frame(&message);
+        let Some(control_message::Kind::RoutingTable(part)) = message.kind else {
+            unreachable!("the message was built as a routing table just above")
         };
         let view = View {
             table: Arc::new(part),
-            frame: grpc_frame(&message),
+            frame,
             content,
         };
         self.views.insert(subscriptions.to_vec(), view.clone());
