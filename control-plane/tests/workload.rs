@@ -412,10 +412,11 @@ async fn capacity_and_queue_refuse_the_third_request() {
     assert_eq!(third.headers()["retry-after"], "1");
     assert_eq!(third.headers()["x-served-by"], NAME);
     assert_eq!(third.body().as_ref(), b"queue full");
-    // One busy and one queued of one slot; nothing completed yet.
+    // One busy and one queued of one slot: demand twice the capacity, the slot full; nothing
+    // completed yet.
     assert_eq!(
         third.headers()["endpoint-load-metrics"],
-        "TEXT named_metrics.cognitive_load=1, application_utilization=1, cpu_utilization=1, \
+        "TEXT named_metrics.cognitive_load=2, application_utilization=2, cpu_utilization=1, \
          rps_fractional=0"
     );
     let stats_now = stats(addr).await;

@@ -85,8 +85,8 @@ pub struct EndpointRun {
     pub share: f64,
     /// Share during the window of interest (scenario a: while the slow endpoint is slow).
     pub window_share: Option<f64>,
-    /// Mean of (busy + queued) / slots in the window, as the workload counts it (uncapped; the
-    /// ORCA load it reports is this capped at 1).
+    /// Mean of (busy + queued) / slots in the window, as the workload counts it (the ORCA load
+    /// it reports is the same ratio, at the moment of each response).
     pub demand: Option<f64>,
     /// Mean in the window of the load report the proxy held (0 while it held none, as the
     /// balancer reads it) — cogmesh only.
@@ -99,8 +99,9 @@ pub struct EndpointRun {
     pub in_flight: Option<f64>,
     /// Share of the window's samples in which the endpoint was ejected.
     pub ejected: Option<f64>,
-    /// Mean of the cognitive cost the proxy's view gives, in ms: `rtt_ewma × (in_flight + 1) /
-    /// (1 − min(load, 0.95))` (cogmesh's own [`cognitive_cost`], weight 1), whatever the strategy.
+    /// Median over the window's samples of the cognitive cost the proxy's view gives, in ms:
+    /// `rtt_ewma × (in_flight + 1) × load_factor(load)` (cogmesh's own [`cognitive_cost`],
+    /// weight 1), whatever the strategy.
     pub cost_ms: Option<f64>,
 }
 
@@ -425,6 +426,21 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
+}
+
 /// Per endpoint: counts over the whole run (from the stats before and after), and means over the
 /// ticks inside `window` (seconds since the start).
 pub fn endpoint_runs(
@@ -484,9 +500,15 @@ pub fn endpoint_runs(
                 rtt_ewma_ms: view_mean(&|v| v.rtt_ewma_ms),
                 in_flight: view_mean(&|v| v.in_flight as f64),
                 ejected: view_mean(&|v| if v.ejected { 1.0 } else { 0.0 }),
-                cost_ms: view_mean(&|v| {
-                    cognitive_cost(v.rtt_ewma_ms * 1e6, v.in_flight, v.load.unwrap_or(0.0), 1.0) / 1e6
-                }),
+                // The median: past the knee the cost grows exponentially, and a mean would be
+                // the one worst tick's.
+                cost_ms: has_views
+                    .then(|| {
+                        median(views().map(|v| {
+                            cognitive_cost(v.rtt_ewma_ms * 1e6, v.in_flight, v.load.unwrap_or(0.0), 1.0) / 1e6
+                        }))
+                    })
+                    .flatten(),
             }
         })
         .collect()

@@ -90,6 +90,16 @@ pub fn summarize(samples: &[&Sample]) -> Option<Summary> {
 }
 
 /// Milliseconds with a precision that suits their size.
+/// A cost in ms: as [`ms`] up to a million, then in scientific notation (past the knee the
+/// cognitive cost grows exponentially with the load).
+pub fn cost(v: f64) -> String {
+    if v.is_finite() && v >= 1e6 {
+        format!("{v:.1e}")
+    } else {
+        ms(v)
+    }
+}
+
 pub fn ms(v: f64) -> String {
     if !v.is_finite() {
         "-".into()
@@ -330,8 +340,9 @@ fn render_level(
         out,
         "\n  per endpoint{}: share of requests, 503s (queue full), demand = mean (busy+queued)/slots \
          at the workload; for cogmesh what the proxy held: ORCA load (0 when none or stale; fresh % \
-         of samples), RTT EWMA, in-flight, ejected % of samples, and the mean cognitive cost \
-         rtt × (in-flight + 1) / (1 − min(load, 0.95)) of that view",
+         of samples), RTT EWMA, in-flight, ejected % of samples, and the median cognitive cost \
+         rtt × (in-flight + 1) × load factor of that view (1/(1 − load) up to 7/8, then \
+         8·e^(8·(load − 7/8)))",
         if slow { ", while slow" } else { "" }
     );
     let header = [
@@ -373,7 +384,7 @@ fn render_level(
                 opt(g.rtt_ewma_ms, ms),
                 opt(g.in_flight, |f| format!("{f:.1}")),
                 opt(g.ejected, |e| pct(e, 0)),
-                opt(g.cost_ms, ms),
+                opt(g.cost_ms, cost),
             ]);
         }
     }
@@ -396,6 +407,14 @@ mod tests {
             cpu_us: None,
             groups: Vec::new(),
         }
+    }
+
+    #[test]
+    fn costs_past_a_million_are_in_scientific_notation() {
+        assert_eq!(cost(922.8), "922.8");
+        assert_eq!(cost(618539.0), "618539");
+        assert_eq!(cost(48893763798022506526344606109401088.0), "4.9e34");
+        assert_eq!(cost(f64::INFINITY), "-");
     }
 
     #[test]

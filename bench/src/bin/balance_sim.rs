@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Each backend has `capacity` slots and a FIFO queue, draws service times from the scenario's
-//! distribution, and reports `load = min(1, (busy + queued) / capacity)` with each response.
+//! distribution, and reports `load = (busy + queued) / capacity` (more than 1 while requests
+//! queue) with each response.
 //! Each sidecar (4 by default, each request goes to one at random) balances its share seeing
 //! only what a real sidecar sees: its own in-flight requests per endpoint, the latencies of its
 //! responses, the load reports they carry, and its own timeouts. The scenario's timeout is the
@@ -32,11 +33,16 @@
 //!   run, 1 s response timeout (a timed-out request fails, frees the client and counts as a
 //!   gateway failure; the backend still works on it), Poisson at 70 % of capacity;
 //! - (b) capacities 4:8:16 slots (two backends each) with queues bounded at 4× the slots (a full
-//!   backend answers 503 `Retry-After: 1`, which the sidecar charges as `retry_after_penalty`,
+//!   backend answers 503 `Retry-After: 1`, which the sidecar takes as a back-off of
+//!   `retry_after_penalty` (its latency estimate is at least what is left of it; no EWMA sample),
 //!   as the proxy's forwarder does), Poisson at 80 % and 100 % of capacity; `cognitive_w` adds
 //!   weights proportional to capacity, what the control plane's weights converge to at best;
 //! - (c) on/off Markov-modulated Poisson bursts (130 % of capacity for ~1 s, 35 % for ~2 s) on
 //!   8 equal backends, 0.5 % of the requests 100× as expensive as the rest.
+//! - (r80, r100, ra) the shapes `balance-bench` runs for real, for one proxy (run them with
+//!   `--sidecars 1`): 10 s of workloads with 2, 4 and 8 slots, queues of 64 and exponential
+//!   20 ms service times at 80 % and 100 %; 20 s of eleven 4-slot workloads at 70 %, one at 2 s
+//!   per request from 5 s to 15 s.
 //!
 //! In (a), `round_robin` used to collapse (about 50–57 % success): when an ejected endpoint's
 //! turn went to the next endpoint in index order, that one got twice its share (140 % of its
@@ -46,11 +52,13 @@
 //! before and between its ejections.
 //!
 //! `cognitive` (and `cognitive_w`) cost an endpoint as the proxy does: `max(EWMA, mean age of
-//! the requests in flight) × (in flight + 1) / (1 − load) / weight`, where the load is the
-//! proxy's `cost::effective_load`: the fresh report (0 without one), raised to 0.95 while the
-//! mean age of the requests in flight exceeds `OVERDUE_FACTOR` (2) × the decayed peak-EWMA
-//! estimate — so a stalled endpoint stops looking as idle as its last report said, but only
-//! once its requests are overdue.
+//! the requests in flight, what is left of a back-off) × (in flight + 1) × load_factor(load) /
+//! weight`, where `load_factor` is `1/(1 − load)` up to 7/8 and `8·e^(8·(load − 7/8))` past it,
+//! and the load is the proxy's `cost::effective_load`: the fresh report (0 without one), or,
+//! while the endpoint holds requests and has been silent for longer than `OVERDUE_ANSWERS`
+//! (0.5) of the answers it should have given by Little's law (silence × in flight / stored
+//! EWMA), that count of missed answers — so a stalled endpoint stops looking as idle as its last
+//! report said within a fraction of its usual latency.
 //!
 //! Latency percentiles are over every request as the client saw it, a failed one (timed out or
 //! rejected) counted as the timeout; `ok p99` is over the successful ones only; goodput is
@@ -93,7 +101,8 @@ struct Args {
     /// Sidecars sharing the traffic, each with its own view of the endpoints.
     #[arg(long, default_value_t = 4)]
     sidecars: u32,
-    /// Scenarios to run (a, b80, b100, c).
+    /// Scenarios to run (a, b80, b100, c; r80, r100, ra: the shapes balance-bench runs, best
+    /// with --sidecars 1).
     #[arg(long, value_delimiter = ',', default_value = "a,b80,b100,c")]
     scenarios: Vec<String>,
     /// Strategies to compare (cognitive_w runs only where the scenario has weights).
@@ -129,7 +138,7 @@ fn main() -> Result<()> {
     let all = scenarios(duration_s);
     for key in &args.scenarios {
         if !all.iter().any(|s| &s.key == key) {
-            bail!("unknown scenario {key:?} (a, b80, b100, c)");
+            bail!("unknown scenario {key:?} (a, b80, b100, c, r80, r100, ra)");
         }
     }
 

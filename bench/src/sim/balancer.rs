@@ -3,15 +3,19 @@
 //! ejection deadline) and the strategies, written as `cogmesh_proxy::balance::EndpointSet::pick`
 //! does them (ejected endpoints included), on top of the proxy's own pure functions
 //! (`balance::cost::*`, `balance::decayed_ewma`). The cognitive cost's load term is the proxy's
-//! `cost::effective_load`: the fresh report, raised to `MAX_LOAD` while the endpoint's requests
-//! in flight are overdue (their mean age above `OVERDUE_FACTOR` × the decayed EWMA).
+//! `cost::effective_load`: the fresh report, or while the endpoint is overdue (silent, holding
+//! requests, for longer than `OVERDUE_ANSWERS` of the answers it should have given) the count of
+//! answers missed, if higher; its rtt term is `cost::expected_rtt_ns` (EWMA, mean age in flight,
+//! what is left of a `Retry-After` back-off).
 //!
 //! The proxy's `Endpoint` reads the wall clock (`tokio::time::Instant`), so it cannot run in
 //! simulated time; this file restates its few lines of bookkeeping with the clock as an
 //! argument. Everything that decides — costs, pair draws, EWMA update and its decay on read — is
 //! the proxy's code.
 
-use cogmesh_proxy::balance::cost::{cognitive_cost, effective_load, p2c_ewma_cost, pair, weighted_pair};
+use cogmesh_proxy::balance::cost::{
+    cognitive_cost, effective_load, expected_rtt_ns, p2c_ewma_cost, pair, silence_ns, weighted_pair,
+};
 use cogmesh_proxy::balance::{
     decayed_ewma, DEFAULT_LOAD_STALE_MS, DEFAULT_RTT_MS, GATEWAY_FAILURE_EJECTION_MS,
 };
@@ -65,12 +69,18 @@ struct View {
     in_flight: u64,
     /// Sum of the send times of the requests in flight.
     started_sum_ns: u64,
+    /// When the in-flight count last went from 0 to 1, and when the endpoint last answered
+    /// (`Endpoint::busy_since_ns`, `Endpoint::answered_ns`).
+    busy_since_ns: u64,
+    answered_ns: u64,
     ewma_ns: f64,
     ewma_at_ns: u64,
     load: f64,
     load_at_ns: Option<u64>,
     /// Not a candidate before this time; 0: never ejected (`Endpoint::ejected_until_ns`).
     ejected_until_ns: u64,
+    /// Backed off (`Retry-After`) until this time; 0: never (`Endpoint::backoff_until_ns`).
+    backoff_until_ns: u64,
 }
 
 impl View {
@@ -78,12 +88,15 @@ impl View {
         View {
             in_flight: 0,
             started_sum_ns: 0,
+            busy_since_ns: 0,
+            answered_ns: 0,
             ewma_ns: DEFAULT_RTT_MS * MS as f64,
             // The proxy's estimate is stamped at its epoch, the start of the run here.
             ewma_at_ns: 0,
             load: 0.0,
             load_at_ns: None,
             ejected_until_ns: 0,
+            backoff_until_ns: 0,
         }
     }
 
@@ -111,20 +124,37 @@ impl View {
         (now as f64 - started).max(0.0)
     }
 
-    /// `Endpoint::effective_rtt_ns`: the EWMA, or the mean age of the requests in flight.
+    /// `Endpoint::backoff_left_ns`: what is left of a `Retry-After` back-off, 0 when none.
+    fn backoff_left_ns(&self, now: u64) -> f64 {
+        self.backoff_until_ns.saturating_sub(now) as f64
+    }
+
+    /// `Endpoint::effective_rtt_ns`: the proxy's `expected_rtt_ns` of the EWMA, the mean age of
+    /// the requests in flight and what is left of a back-off.
     fn effective_rtt_ns(&self, now: u64) -> f64 {
-        self.ewma_now_ns(now).max(self.mean_in_flight_age_ns(now))
+        expected_rtt_ns(
+            self.ewma_now_ns(now),
+            self.mean_in_flight_age_ns(now),
+            self.backoff_left_ns(now),
+        )
     }
 
     /// `Endpoint::cognitive_cost_at`: the rtt term is [`View::effective_rtt_ns`]; the load term
-    /// is the proxy's `effective_load` of the fresh report (0 without one), the mean in-flight
-    /// age and the decayed EWMA: the report, raised to `MAX_LOAD` while the requests in flight
-    /// are overdue (mean age > `OVERDUE_FACTOR` × EWMA).
+    /// is the proxy's `effective_load` of the fresh report (0 without one), the silence, the
+    /// in-flight count and the stored EWMA: the report, or the answers missed while overdue if
+    /// that is higher.
     fn cognitive_cost(&self, now: u64, weight: f64, stale_ns: u64, keep_in_flight: bool) -> f64 {
         let ewma = self.ewma_now_ns(now);
         let age = self.mean_in_flight_age_ns(now);
-        let load = effective_load(self.fresh_load(now, stale_ns, keep_in_flight), age, ewma);
-        cognitive_cost(ewma.max(age), self.in_flight, load, weight)
+        let silence = silence_ns(self.in_flight, now, self.answered_ns, self.busy_since_ns);
+        let load = effective_load(
+            self.fresh_load(now, stale_ns, keep_in_flight),
+            silence,
+            self.in_flight,
+            ewma,
+        );
+        let rtt = expected_rtt_ns(ewma, age, self.backoff_left_ns(now));
+        cognitive_cost(rtt, self.in_flight, load, weight)
     }
 
     /// `Endpoint::fresh_load`: fresh while `now − at ≤ stale`, the age counting as 0 while
@@ -273,6 +303,9 @@ impl Sidecar {
     /// `InFlight::start`.
     pub fn start(&mut self, i: usize, now: u64) {
         let v = &mut self.views[i];
+        if v.in_flight == 0 {
+            v.busy_since_ns = now;
+        }
         v.in_flight += 1;
         v.started_sum_ns += now;
     }
@@ -287,10 +320,25 @@ impl Sidecar {
     /// `Endpoint::observe_rtt` (`PeakEwma::observe`: the sample is folded into the stored
     /// estimate, not the read-time decayed one).
     pub fn observe_rtt(&mut self, i: usize, now: u64, sample_ns: u64) {
+        self.views[i].answered_ns = now;
+        self.observe_sample(i, now, sample_ns);
+    }
+
+    /// `PeakEwma::observe` alone (what `Endpoint::observe_gateway_failure` records: a sample,
+    /// not an answer).
+    fn observe_sample(&mut self, i: usize, now: u64, sample_ns: u64) {
         let v = &mut self.views[i];
         let elapsed_secs = secs_since(v.ewma_at_ns, now);
         v.ewma_at_ns = now;
         v.ewma_ns = decayed_ewma(v.ewma_ns, sample_ns as f64, elapsed_secs);
+    }
+
+    /// `Endpoint::back_off`: a 429/503 asked for `backoff_ns` (a later end replaces an
+    /// earlier one, never the reverse).
+    pub fn back_off(&mut self, i: usize, now: u64, backoff_ns: u64) {
+        let v = &mut self.views[i];
+        v.answered_ns = now;
+        v.backoff_until_ns = v.backoff_until_ns.max(now.saturating_add(backoff_ns));
     }
 
     /// `Endpoint::observe_load`.
@@ -310,7 +358,7 @@ impl Sidecar {
     /// report of 1 stamped `now + hold_ns`, so that it stays fresh until `hold_ns` plus the
     /// staleness bound after the failure (a report time in the future counts as age 0).
     pub fn observe_gateway_failure(&mut self, i: usize, now: u64, waited_ns: u64, hold_ns: u64) {
-        self.observe_rtt(i, now, waited_ns);
+        self.observe_sample(i, now, waited_ns);
         let v = &mut self.views[i];
         v.load = 1.0;
         v.load_at_ns = Some(now.saturating_add(hold_ns));
@@ -342,7 +390,6 @@ impl Sidecar {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cogmesh_proxy::balance::cost::MAX_LOAD;
     use cogmesh_proxy::balance::DECAY_SECS;
 
     #[test]
@@ -372,10 +419,11 @@ mod tests {
     const STALE_NS: u64 = DEFAULT_LOAD_STALE_MS * MS;
 
     #[test]
-    fn a_stalled_endpoint_is_overdue_and_saturated_in_the_cognitive_cost() {
+    fn a_stalled_endpoint_is_overdue_in_the_cognitive_cost() {
         // The proxy's `a_stalled_endpoint_costs_the_age_of_its_requests`: one request stuck
-        // for 2 s against the initial 30 ms estimate; overdue, so the load is 0.95 (factor 20)
-        // whatever it last reported, on top of the 2 s age as the rtt term.
+        // for 2 s, nothing answered, against the initial 30 ms estimate decayed on read to
+        // 24.6 ms: 2 s / (0.5 × 24.6 ms) = 163 answers missed, so that is its load whatever it
+        // last reported, on top of the 2 s age as the rtt term.
         for k in [Strategy::Cognitive, Strategy::CognitiveWeighted] {
             let mut s = Sidecar::new(k, &[1.0, 2.0], false);
             s.observe_load(0, 0, 0.1);
@@ -384,18 +432,21 @@ mod tests {
             let v = &s.views[0];
             assert!((v.ewma_now_ns(now) - 30e6 * (-0.2f64).exp()).abs() < 1.0);
             assert_eq!(v.effective_rtt_ns(now), 2e9);
+            let load = effective_load(Some(0.1), 2e9, 1, v.ewma_now_ns(now));
+            assert!((load - 162.85).abs() < 0.01, "{load}");
             let cost = v.cognitive_cost(now, s.weights[0], s.stale_ns, false);
-            assert!((cost - 2e9 * 2.0 * 20.0).abs() < 1.0, "{} {cost}", k.name());
+            assert_eq!(cost, cognitive_cost(2e9, 1, load, s.weights[0]), "{}", k.name());
             // p2c_ewma's cost of the same view is unchanged: age × (in flight + 1).
             assert_eq!(p2c_ewma_cost(v.effective_rtt_ns(now), v.in_flight), 4e9);
         }
     }
 
     #[test]
-    fn overdue_compares_the_mean_age_with_the_decayed_estimate() {
-        // Estimate about 30 ms stamped at 1 s, report 0.25 then, one request sent then. The
-        // threshold is OVERDUE_FACTOR (1) × the estimate *decayed on read*: 30 ms × e^(−Δt/10 s).
-        assert_eq!(cogmesh_proxy::balance::cost::OVERDUE_FACTOR, 1.0);
+    fn overdue_compares_the_silence_with_the_decayed_estimate() {
+        // Answered in 30 ms at 1 s, reported 0.25 then, one request sent then. Overdue once
+        // silence × in flight > OVERDUE_ANSWERS (0.5) × the estimate as read (decayed): after
+        // about 15 ms.
+        assert_eq!(cogmesh_proxy::balance::cost::OVERDUE_ANSWERS, 0.5);
         let t0 = SEC;
         let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0], false);
         s.observe_rtt(0, t0, 30 * MS);
@@ -409,19 +460,25 @@ mod tests {
             assert_eq!(v.mean_in_flight_age_ns(now), age_ns as f64);
             (v.cognitive_cost(now, 1.0, s.stale_ns, false), ewma)
         };
-        // 25 ms: on time, the report stands, and the rtt term is the decayed EWMA.
-        let (c, ewma) = cost_at(&s, 25 * MS);
+        // 14.9 ms: under half of the decayed 29.96 ms: on time, the report stands, and the rtt
+        // term is the decayed EWMA.
+        let (c, ewma) = cost_at(&s, 14_900_000);
         assert_eq!(c, cognitive_cost(ewma, 1, 0.25, 1.0));
-        // 29.92 ms: under the stored 30 ms, but over the decayed 29.91 ms: overdue, and the
-        // rtt term is the age.
-        let (c, _) = cost_at(&s, 29_920_000);
-        assert_eq!(c, cognitive_cost(29.92e6, 1, MAX_LOAD, 1.0));
-        // Just below the decayed threshold (29.90 ms): on time, the rtt term is the estimate.
-        let (c, ewma) = cost_at(&s, 29_900_000);
-        assert_eq!(c, cognitive_cost(ewma, 1, 0.25, 1.0));
-        // Nothing in flight: age 0, never overdue.
+        // 20 ms: overdue by 20 / (0.5 × 29.94).
+        let (c, ewma) = cost_at(&s, 20 * MS);
+        assert_eq!(c, cognitive_cost(ewma, 1, 20e6 / (0.5 * ewma), 1.0));
+        // A second request at 20 ms and 5 ms more: 25 ms of silence with two held.
+        s.start(0, t0 + 20 * MS);
+        let now = t0 + 25 * MS;
+        let v = &s.views[0];
+        let ewma = v.ewma_now_ns(now);
+        assert_eq!(
+            v.cognitive_cost(now, 1.0, s.stale_ns, false),
+            cognitive_cost(ewma, 2, 25e6 * 2.0 / (0.5 * ewma), 1.0)
+        );
+        // Nothing in flight: no silence, never overdue.
         s.finish(0, t0);
-        let now = t0 + 29_920_000;
+        s.finish(0, t0 + 20 * MS);
         let v = &s.views[0];
         assert_eq!(v.mean_in_flight_age_ns(now), 0.0);
         assert_eq!(
@@ -431,13 +488,13 @@ mod tests {
     }
 
     #[test]
-    fn an_overdue_endpoint_without_a_report_counts_as_saturated() {
-        // Never reported (or its report went stale): 0 on time, 0.95 overdue; a report above
-        // the cap (a gateway failure's 1) is kept as it is.
+    fn an_overdue_endpoint_without_a_report_counts_as_overloaded() {
+        // Never reported (or its report went stale): load 0 on time, the answers missed once
+        // overdue (against the initial 30 ms).
         let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0], false);
         s.start(0, 0);
         let v = &s.views[0];
-        let now = 20 * MS;
+        let now = 10 * MS;
         assert_eq!(
             v.cognitive_cost(now, 1.0, s.stale_ns, false),
             cognitive_cost(v.ewma_now_ns(now), 1, 0.0, 1.0)
@@ -445,13 +502,7 @@ mod tests {
         let now = 100 * MS;
         assert_eq!(
             v.cognitive_cost(now, 1.0, s.stale_ns, false),
-            cognitive_cost(100e6, 1, MAX_LOAD, 1.0)
-        );
-        s.observe_load(0, now, 1.0);
-        // Load 1 is capped at 0.95 by the cost: the same value.
-        assert_eq!(
-            s.views[0].cognitive_cost(now, 1.0, s.stale_ns, false),
-            cognitive_cost(100e6, 1, MAX_LOAD, 1.0)
+            cognitive_cost(100e6, 1, 100e6 / (0.5 * v.ewma_now_ns(now)), 1.0)
         );
         // The what-if that keeps reports while requests are in flight feeds the same rule.
         let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0], true);
@@ -459,19 +510,19 @@ mod tests {
         s.start(0, 0);
         let now = 11 * SEC;
         assert_eq!(s.views[0].fresh_load(now, s.stale_ns, true), Some(0.1));
+        let ewma = s.views[0].ewma_now_ns(now);
         assert_eq!(
             s.views[0].cognitive_cost(now, 1.0, s.stale_ns, true),
-            cognitive_cost(11e9, 1, MAX_LOAD, 1.0)
+            cognitive_cost(11e9, 1, 11e9 / (0.5 * ewma), 1.0)
         );
     }
 
     #[test]
     fn cognitive_stops_picking_a_stalled_endpoint_that_last_reported_idle() {
         // Endpoint 0 answered in 30 ms and reported 0.1, then stalls with two requests in
-        // flight; endpoint 1 answers in 50 ms, reports 0.8 and has 4 requests in flight (sent
-        // 10 ms later). While 0's requests are on time it is the cheaper; once they are overdue
-        // (mean age 45 ms > its decayed 29.9 ms) its load term is 0.95 and it loses every draw,
-        // as it would not on its stale 0.1 (45 ms × 3 / 0.9 = 150 ms).
+        // flight; endpoint 1 answers in 50 ms, reports 0.8 and holds 4 requests. While 0 is on
+        // time it is the cheaper; once it is overdue (silent 20 ms holding 2: 2.7 answers of
+        // half its 30 ms missed) it loses every draw, as it would not on its stale 0.1.
         for (k, w0) in [(Strategy::Cognitive, 1.0), (Strategy::CognitiveWeighted, 2.0)] {
             let mut s = Sidecar::new(k, &[w0, 1.0], false);
             let mut rng = Rng::new(5);
@@ -480,21 +531,22 @@ mod tests {
             s.observe_load(0, t0, 0.1);
             s.start(0, t0);
             s.start(0, t0);
-            s.observe_rtt(1, t0, 50 * MS);
             for _ in 0..4 {
-                s.start(1, t0 + 10 * MS);
+                s.start(1, t0);
             }
-            // At 20 ms: 0 costs 29.9 ms (its estimate) × 3 / 0.9 / w0 ≈ 100 ms / w0, 1 costs
-            // 49.9 ms × 5 / 0.2 ≈ 1248 ms.
-            let on_time = t0 + 20 * MS;
+            // At 5 ms: 0 costs about 30 ms × 3 / 0.9 / w0 = 100 ms / w0 (silent 5 ms holding
+            // 2: 0.67 answers missed), 1 costs 50 ms × 5 × 5 = 1250 ms.
+            let on_time = t0 + 5 * MS;
+            s.observe_rtt(1, on_time, 50 * MS);
             s.observe_load(1, on_time, 0.8);
             assert!(
                 (0..20).all(|_| s.pick(on_time, &mut rng) == Some(0)),
                 "{}",
                 k.name()
             );
-            // At 45 ms: 0 costs 45 ms × 3 × 20 / w0 = 2700 ms / w0, 1 about 1246 ms.
-            let overdue = t0 + 45 * MS;
+            // At 20 ms: 0 costs about 30 ms × 3 × 8e^14.3 / w0, 1 about 1250 ms.
+            let overdue = t0 + 20 * MS;
+            s.observe_rtt(1, overdue, 50 * MS);
             s.observe_load(1, overdue, 0.8);
             assert!(
                 (0..20).all(|_| s.pick(overdue, &mut rng) == Some(1)),
@@ -502,7 +554,7 @@ mod tests {
                 k.name()
             );
         }
-        // p2c_ewma is unchanged: 45 ms × 3 = 135 ms against 49.8 ms × 5 = 249 ms: still 0.
+        // p2c_ewma is unchanged: 30 ms × 3 = 90 ms against 50 ms × 5 = 250 ms: still 0.
         let mut s = Sidecar::new(Strategy::P2cEwma, &[1.0, 1.0], false);
         let mut rng = Rng::new(5);
         let t0 = SEC;
@@ -511,9 +563,28 @@ mod tests {
         s.start(0, t0);
         s.observe_rtt(1, t0, 50 * MS);
         for _ in 0..4 {
-            s.start(1, t0 + 10 * MS);
+            s.start(1, t0);
         }
-        assert!((0..20).all(|_| s.pick(t0 + 45 * MS, &mut rng) == Some(0)));
+        assert!((0..20).all(|_| s.pick(t0 + 20 * MS, &mut rng) == Some(0)));
+    }
+
+    #[test]
+    fn a_retry_after_is_a_back_off_not_a_sample() {
+        // `Endpoint::back_off`: the EWMA keeps its value, the rtt term is what is left of the
+        // back-off, and the refusal counts as an answer (no silence).
+        let mut s = Sidecar::new(Strategy::Cognitive, &[1.0, 1.0], false);
+        s.observe_rtt(0, 0, 40 * MS);
+        s.start(0, 0);
+        s.back_off(0, 10 * MS, SEC);
+        assert_eq!(s.views[0].ewma_ns, 40e6);
+        assert_eq!(s.views[0].effective_rtt_ns(310 * MS), 700e6);
+        assert_eq!(s.views[0].answered_ns, 10 * MS);
+        // A shorter one does not cut it short; after it, the EWMA again.
+        s.back_off(0, 20 * MS, 100 * MS);
+        assert_eq!(s.views[0].backoff_until_ns, 1_010 * MS);
+        s.finish(0, 0);
+        let later = 1_010 * MS;
+        assert_eq!(s.views[0].effective_rtt_ns(later), s.views[0].ewma_now_ns(later));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! Time is simulated (nanoseconds from the start of the run) and advances only from event to
 //! event; events at the same instant run in the order they were scheduled, so a run is a pure
-//! function of its inputs. A backend reports `load = min(1, (busy + queued) / capacity)` with
+//! function of its inputs. A backend reports `load = (busy + queued) / capacity` (uncapped) with
 //! every response (after the request leaves it), and the sidecar sees that report only if the
 //! response reaches it: a response that arrives after the timeout is dropped, report and
 //! latency with it, while the backend has still spent the work.
@@ -262,12 +262,12 @@ impl Sim<'_> {
                     None => b.busy -= 1,
                 }
                 let b = &self.backends[backend];
-                let load = ((b.busy as usize + b.queue.len()) as f64 / b.capacity as f64).min(1.0);
+                let load = (b.busy as usize + b.queue.len()) as f64 / b.capacity as f64;
                 self.respond(e.req, now, load, true);
             }
             Kind::Rejected { backend } => {
                 let b = &self.backends[backend as usize];
-                let load = ((b.busy as usize + b.queue.len()) as f64 / b.capacity as f64).min(1.0);
+                let load = (b.busy as usize + b.queue.len()) as f64 / b.capacity as f64;
                 self.respond(e.req, now, load, false);
             }
             Kind::Deadline => {
@@ -300,12 +300,16 @@ impl Sim<'_> {
         let sidecar = &mut self.sidecars[self.requests[req as usize].sidecar as usize];
         let endpoint = p.endpoint as usize;
         let latency = now - p.sent_ns;
-        let sample = if ok {
-            latency
+        if ok {
+            sidecar.observe_rtt(endpoint, now, latency);
         } else {
-            latency.max(retry_after_penalty(RETRY_AFTER_S).as_nanos() as u64)
-        };
-        sidecar.observe_rtt(endpoint, now, sample);
+            // The forwarder's 429/503 with `Retry-After`: a back-off, not a latency sample.
+            sidecar.back_off(
+                endpoint,
+                now,
+                retry_after_penalty(RETRY_AFTER_S).as_nanos() as u64,
+            );
+        }
         sidecar.observe_load(endpoint, now, load);
         sidecar.finish(endpoint, p.sent_ns);
         if ok {

@@ -15,6 +15,9 @@ pub const SEC: u64 = 1_000_000_000;
 pub enum Service {
     /// Log-normal with the given mean and shape σ (of the underlying normal).
     LogNormal { mean_ms: f64, sigma: f64 },
+    /// Exponential with the given mean (what `cogmesh workload --service-time-dist
+    /// exponential` draws).
+    Exponential { mean_ms: f64 },
     /// With probability `p_long` the `long` distribution, else the `short` one: most requests
     /// are cheap, a few are expensive, and nothing on the wire tells them apart.
     Bimodal {
@@ -27,7 +30,7 @@ pub enum Service {
 impl Service {
     pub fn mean_ms(&self) -> f64 {
         match self {
-            Service::LogNormal { mean_ms, .. } => *mean_ms,
+            Service::LogNormal { mean_ms, .. } | Service::Exponential { mean_ms } => *mean_ms,
             Service::Bimodal { p_long, short, long } => {
                 p_long * long.mean_ms() + (1.0 - p_long) * short.mean_ms()
             }
@@ -40,6 +43,7 @@ impl Service {
                 let mu = mean_ms.ln() - sigma * sigma / 2.0;
                 ((mu + sigma * rng.normal()).exp() * MS as f64).max(1.0) as u64
             }
+            Service::Exponential { mean_ms } => (rng.exp(*mean_ms) * MS as f64).max(1.0) as u64,
             Service::Bimodal { p_long, short, long } => {
                 if rng.unit() < *p_long {
                     long.sample_ns(rng)
@@ -53,6 +57,7 @@ impl Service {
     pub fn describe(&self) -> String {
         match self {
             Service::LogNormal { mean_ms, sigma } => format!("log-normal mean {mean_ms} ms σ {sigma}"),
+            Service::Exponential { mean_ms } => format!("exponential mean {mean_ms} ms"),
             Service::Bimodal { p_long, short, long } => format!(
                 "{:.1}% {} + {:.1}% {}",
                 (1.0 - p_long) * 100.0,
@@ -381,5 +386,86 @@ pub fn scenarios(duration_s: u64) -> Vec<Scenario> {
         weighted_variant: false,
     };
 
-    vec![a, hetero(0.8, "80"), hetero(1.0, "100"), c]
+    // (r80, r100, ra) the shapes `balance-bench` runs for real (one proxy: `--sidecars 1`), as
+    // long as a measured run there plus its warm-up: 10 s of workloads of 2, 4 and 8 slots
+    // with queues of 64 and exponential 20 ms service times; 20 s of eleven 4-slot workloads,
+    // one of them at 2 s per request for the middle half. (Not scaled by `duration_s`.)
+    let exponential = Service::Exponential { mean_ms: 20.0 };
+    let real_b = |load: f64, tag: &str| {
+        let backends = [2u32, 4, 8]
+            .iter()
+            .map(|&capacity| BackendSpec {
+                capacity,
+                max_queue: Some(64),
+                slow: None,
+                weight: capacity as f64,
+            })
+            .collect();
+        Scenario {
+            key: format!("r{tag}"),
+            title: format!(
+                "(b as balance-bench runs it) capacities 1:2:4 at {:.0}% load",
+                load * 100.0
+            ),
+            backends,
+            service: exponential.clone(),
+            arrivals: Arrivals::Poisson { load },
+            duration_ns: 10 * SEC,
+            timeout_ns: 15 * SEC,
+            focus: vec![
+                Focus {
+                    label: "→2-slot".into(),
+                    backends: vec![0],
+                    window_ns: None,
+                },
+                Focus {
+                    label: "→8-slot".into(),
+                    backends: vec![2],
+                    window_ns: None,
+                },
+            ],
+            weighted_variant: true,
+        }
+    };
+    let (from_ns, until_ns) = (5 * SEC, 15 * SEC);
+    let ra = Scenario {
+        key: "ra".into(),
+        title: format!(
+            "(a as balance-bench runs it) one of 11 workloads at 2 s per request from {} s to {} s",
+            from_ns / SEC,
+            until_ns / SEC
+        ),
+        backends: (0..11)
+            .map(|i| BackendSpec {
+                capacity: 4,
+                max_queue: Some(64),
+                slow: (i == 0).then_some(Slow {
+                    from_ns,
+                    until_ns,
+                    service_ns: 2 * SEC,
+                }),
+                weight: 1.0,
+            })
+            .collect(),
+        service: exponential.clone(),
+        arrivals: Arrivals::Poisson { load: 0.7 },
+        duration_ns: 20 * SEC,
+        timeout_ns: SEC,
+        focus: vec![Focus {
+            label: "→slow".into(),
+            backends: vec![0],
+            window_ns: Some((from_ns, until_ns)),
+        }],
+        weighted_variant: false,
+    };
+
+    vec![
+        a,
+        hetero(0.8, "80"),
+        hetero(1.0, "100"),
+        c,
+        real_b(0.8, "80"),
+        real_b(1.0, "100"),
+        ra,
+    ]
 }

@@ -134,14 +134,16 @@ pub fn admit(busy: usize, queued: usize, capacity: usize, queue_limit: usize) ->
     }
 }
 
-/// The load an instance reports: the demand on it relative to its capacity, and how busy its
-/// slots are. `None` for an unlimited instance, which has nothing to report.
+/// The load an instance reports: the demand on it relative to its capacity — not capped at 1:
+/// an instance with a queue reports how many times over its slots are asked for, as ORCA's
+/// `application_utilization` may (so that a balancer can tell a long queue from a short one) —
+/// and how busy its slots are. `None` for an unlimited instance, which has nothing to report.
 pub fn load(busy: usize, queued: usize, capacity: usize) -> Option<(f64, f64)> {
     if capacity == 0 {
         return None;
     }
     let capacity = capacity as f64;
-    let cognitive_load = ((busy + queued) as f64 / capacity).min(1.0);
+    let cognitive_load = (busy + queued) as f64 / capacity;
     let cpu_utilization = (busy as f64 / capacity).min(1.0);
     Some((cognitive_load, cpu_utilization))
 }
@@ -158,7 +160,8 @@ pub fn service_time_ms(dist: ServiceTimeDist, mean_ms: f64, u: f64) -> f64 {
 /// One ORCA load report as the workload sends it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LoadReport {
-    /// `min(1, (busy + queued) / capacity)`; also sent as `application_utilization`.
+    /// `(busy + queued) / capacity`, more than 1 while requests queue; also sent as
+    /// `application_utilization`.
     pub cognitive_load: f64,
     /// `busy / capacity`.
     pub cpu_utilization: f64,
@@ -575,10 +578,12 @@ mod tests {
     }
 
     #[test]
-    fn load_counts_the_queue_and_saturates_at_one() {
+    fn load_counts_the_queue_beyond_one() {
         assert_eq!(load(0, 0, 4), Some((0.0, 0.0)));
         assert_eq!(load(2, 0, 4), Some((0.5, 0.5)));
-        assert_eq!(load(4, 2, 4), Some((1.0, 1.0)));
+        assert_eq!(load(4, 0, 4), Some((1.0, 1.0)));
+        // Two waiting for four slots: demand 1.5 times the capacity; the slots are just full.
+        assert_eq!(load(4, 2, 4), Some((1.5, 1.0)));
         assert_eq!(load(1, 1, 4), Some((0.5, 0.25)));
         assert_eq!(load(3, 0, 0), None);
     }
@@ -686,7 +691,8 @@ mod tests {
         assert_eq!(fourth.await.unwrap(), Err(Refusal::QueueFull));
         let stats = sim.stats();
         assert_eq!((stats.busy, stats.queued, stats.rejected), (1, 2, 1));
-        assert_eq!(sim.report().unwrap().cognitive_load, 1.0);
+        // One slot, one busy and two queued: demand three times the capacity.
+        assert_eq!(sim.report().unwrap().cognitive_load, 3.0);
         assert_eq!(sim.report().unwrap().cpu_utilization, 1.0);
 
         first.await.unwrap().unwrap();

@@ -49,6 +49,11 @@ pub struct Endpoint {
     /// Sum of the start times (ns since `epoch`) of the requests in flight: with `in_flight`
     /// it gives their mean age, which bounds the latency of an endpoint that stopped answering.
     in_flight_started_ns: AtomicU64,
+    /// When (ns since `epoch`) the in-flight count last went from 0 to 1, and when the endpoint
+    /// last answered (a response, or a refusal with `Retry-After`): together they say how long
+    /// an endpoint that holds requests has been silent ([`cost::silence_ns`]).
+    busy_since_ns: AtomicU64,
+    answered_ns: AtomicU64,
     picks: AtomicU64,
     /// Responses that were 5xx or failed in the proxy (connect, reset, timeout).
     failures: AtomicU64,
@@ -60,6 +65,9 @@ pub struct Endpoint {
     load_at_ns: AtomicU64,
     /// Not a candidate until this time (ns since `epoch`); 0: never ejected.
     ejected_until_ns: AtomicU64,
+    /// The endpoint asked us (429/503 `Retry-After`) to stay away until this time (ns since
+    /// `epoch`); 0: never. See [`cost::expected_rtt_ns`].
+    backoff_until_ns: AtomicU64,
     /// Consecutive failures and the ejection cycle (see [`crate::outlier`]).
     pub outlier: OutlierState,
     epoch: Instant,
@@ -89,6 +97,8 @@ impl Endpoint {
             authority,
             in_flight: AtomicU64::new(0),
             in_flight_started_ns: AtomicU64::new(0),
+            busy_since_ns: AtomicU64::new(0),
+            answered_ns: AtomicU64::new(0),
             picks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             rtt: PeakEwma::new(),
@@ -96,6 +106,7 @@ impl Endpoint {
             load: AtomicU64::new(0f64.to_bits()),
             load_at_ns: AtomicU64::new(0),
             ejected_until_ns: AtomicU64::new(0),
+            backoff_until_ns: AtomicU64::new(0),
             outlier: OutlierState::default(),
             epoch: Instant::now(),
             http1: Default::default(),
@@ -128,10 +139,29 @@ impl Endpoint {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records an observed response latency.
+    /// Records the latency of a response.
     pub fn observe_rtt(&self, rtt: Duration) {
+        self.answered_ns.store(self.now_ns(), Ordering::Relaxed);
         self.rtt.observe(rtt);
         self.latency.observe(rtt);
+    }
+
+    /// Records a 429/503 that asked for `backoff` (`Retry-After`, see
+    /// [`cost::retry_after_penalty`]): until it has passed, the balancer's latency estimate of
+    /// the endpoint is at least what is left of it. The peak-EWMA is not touched: the refusal
+    /// says nothing about how long a request takes there, and an EWMA sample would weigh on
+    /// the estimate for its whole decay time (~10 s), not for the time asked.
+    pub fn back_off(&self, backoff: Duration) {
+        let now = self.now_ns();
+        self.answered_ns.store(now, Ordering::Relaxed);
+        let until = now.saturating_add(backoff.as_nanos() as u64);
+        self.backoff_until_ns.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// What is left of the back-off at `now`, ns (0 when none).
+    fn backoff_left_ns(&self, now: Instant) -> f64 {
+        let until = self.backoff_until_ns.load(Ordering::Relaxed);
+        until.saturating_sub(self.ns_at(now)) as f64
     }
 
     /// The distribution of observed latencies (for the load reports' p50 / p99).
@@ -201,21 +231,37 @@ impl Endpoint {
     /// answers nothing, so nothing else would refresh its report, and an unloaded-looking
     /// endpoint beside healthy ones that report real load would win every draw.
     pub fn observe_gateway_failure(&self, waited: Duration, hold: Duration) {
-        self.observe_rtt(waited);
+        // A sample of the wait, but not an answer: the endpoint stays silent.
+        self.rtt.observe(waited);
+        self.latency.observe(waited);
         self.load.store(1f64.to_bits(), Ordering::Relaxed);
         let at = self.now_ns().saturating_add(hold.as_nanos() as u64);
         self.load_at_ns.store(at, Ordering::Relaxed);
     }
 
-    /// The latency estimate the balancer uses: the peak-EWMA, or the mean age of the requests
-    /// still in flight when that is larger (an endpoint that stalls answers nothing, so its
-    /// EWMA alone would never rise).
+    /// The latency estimate the balancer uses ([`cost::expected_rtt_ns`]): the peak-EWMA, the
+    /// mean age of the requests still in flight, or what is left of a `Retry-After` back-off,
+    /// whichever is largest.
     pub fn effective_rtt_ns(&self) -> f64 {
         self.effective_rtt_ns_at(Instant::now())
     }
 
     fn effective_rtt_ns_at(&self, now: Instant) -> f64 {
-        self.rtt.estimate_ns_at(now).max(self.mean_in_flight_age_ns(now))
+        cost::expected_rtt_ns(
+            self.rtt.estimate_ns_at(now),
+            self.mean_in_flight_age_ns(now),
+            self.backoff_left_ns(now),
+        )
+    }
+
+    /// How long the endpoint has held requests without answering ([`cost::silence_ns`]).
+    fn silence_ns(&self, now: Instant) -> f64 {
+        cost::silence_ns(
+            self.in_flight(),
+            self.ns_at(now),
+            self.answered_ns.load(Ordering::Relaxed),
+            self.busy_since_ns.load(Ordering::Relaxed),
+        )
     }
 
     /// Mean age of the requests in flight (0 with none).
@@ -235,8 +281,14 @@ impl Endpoint {
     fn cognitive_cost_at(&self, now: Instant, weight: f64, stale: Duration) -> f64 {
         let ewma = self.rtt.estimate_ns_at(now);
         let age = self.mean_in_flight_age_ns(now);
-        let load = cost::effective_load(self.fresh_load_at(now, stale), age, ewma);
-        cost::cognitive_cost(ewma.max(age), self.in_flight(), load, weight)
+        let load = cost::effective_load(
+            self.fresh_load_at(now, stale),
+            self.silence_ns(now),
+            self.in_flight(),
+            ewma,
+        );
+        let rtt = cost::expected_rtt_ns(ewma, age, self.backoff_left_ns(now));
+        cost::cognitive_cost(rtt, self.in_flight(), load, weight)
     }
 
     pub fn p2c_cost(&self) -> f64 {
@@ -273,7 +325,9 @@ impl InFlight {
         endpoint
             .in_flight_started_ns
             .fetch_add(started_ns, Ordering::Relaxed);
-        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        if endpoint.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
+            endpoint.busy_since_ns.store(started_ns, Ordering::Relaxed);
+        }
         endpoint.picks.fetch_add(1, Ordering::Relaxed);
         endpoint.outlier.on_pick();
         InFlight { endpoint, started_ns }

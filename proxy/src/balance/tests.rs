@@ -55,8 +55,78 @@ async fn a_stalled_endpoint_costs_the_age_of_its_requests() {
     // EWMA still says about 30 ms, but the request in flight is 2 s old.
     assert!((e.rtt_ewma_ns() - DEFAULT_RTT_MS * 1e6 * (-0.2f64).exp()).abs() < 1.0);
     assert_eq!(e.effective_rtt_ns(), 2e9);
-    // ...and overdue, so it counts as saturated (1/(1−0.95) = 20) whatever it last reported.
-    assert!((e.cognitive_cost(1.0, STALE) - 2e9 * 2.0 * 20.0).abs() < 1.0);
+    // ...and silent for those 2 s while holding it: overdue by 2 s × 1 / (0.5 × the estimate)
+    // = 163, whatever it last reported.
+    let overdue = 2e9 / (cost::OVERDUE_ANSWERS * e.rtt_ewma_ns());
+    assert!((overdue - 162.85).abs() < 0.01, "{overdue}");
+    assert_eq!(
+        e.cognitive_cost(1.0, STALE),
+        cost::cognitive_cost(2e9, 1, overdue, 1.0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn silence_starts_when_the_endpoint_last_answered_or_became_busy() {
+    let e = Arc::new(Endpoint::new(addrs(1)[0]));
+    e.observe_rtt(Duration::from_millis(40));
+    // Idle for a second: no silence while nothing is held.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    e.observe_load(0.25);
+    let first = InFlight::start(Arc::clone(&e));
+    // Busy since now: the second before does not count.
+    let ewma = e.rtt_ewma_ns();
+    assert_eq!(
+        e.cognitive_cost(1.0, STALE),
+        cost::cognitive_cost(ewma, 1, 0.25, 1.0)
+    );
+    // 10 ms on, one request held: 10 / (0.5 × ~36 ms) = 0.55 answers missed, not more than
+    // 1, so the report stands.
+    tokio::time::advance(Duration::from_millis(10)).await;
+    let ewma = e.rtt_ewma_ns();
+    assert!(cost::effective_load(Some(0.25), 10e6, 1, ewma) == 0.25);
+    assert_eq!(
+        e.cognitive_cost(1.0, STALE),
+        cost::cognitive_cost(ewma, 1, 0.25, 1.0)
+    );
+    // A second request, 10 ms more: two held through 20 ms of silence, 2 × 20 / (0.5 × ~36)
+    // = 2.2 answers missed: overdue by that.
+    let _second = InFlight::start(Arc::clone(&e));
+    tokio::time::advance(Duration::from_millis(10)).await;
+    let ewma = e.rtt_ewma_ns();
+    let overdue = 20e6 * 2.0 / (cost::OVERDUE_ANSWERS * ewma);
+    assert!((overdue - 2.2).abs() < 0.02, "{overdue}");
+    assert_eq!(
+        e.cognitive_cost(1.0, STALE),
+        cost::cognitive_cost(ewma, 2, overdue, 1.0)
+    );
+    // An answer ends the silence: the report stands again.
+    drop(first);
+    e.observe_rtt(Duration::from_millis(20));
+    let ewma = e.rtt_ewma_ns();
+    assert_eq!(
+        e.cognitive_cost(1.0, STALE),
+        cost::cognitive_cost(ewma, 1, 0.25, 1.0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_backs_off_without_touching_the_ewma() {
+    let e = Endpoint::new(addrs(1)[0]);
+    e.observe_rtt(Duration::from_millis(40));
+    e.back_off(cost::retry_after_penalty(1));
+    // The EWMA keeps its 40 ms; the latency estimate is what is left of the second.
+    assert_eq!(e.rtt_ewma_ns(), 40e6);
+    assert_eq!(e.effective_rtt_ns(), 1e9);
+    tokio::time::advance(Duration::from_millis(700)).await;
+    assert!((e.effective_rtt_ns() - 300e6).abs() < 1.0);
+    assert_eq!(e.p2c_cost(), e.effective_rtt_ns());
+    // A shorter back-off does not cut a longer one short.
+    e.back_off(cost::retry_after_penalty(0));
+    assert!((e.effective_rtt_ns() - 300e6).abs() < 1.0);
+    // Once it has passed, the (decayed) EWMA again.
+    tokio::time::advance(Duration::from_millis(300)).await;
+    assert_eq!(e.effective_rtt_ns(), e.rtt_ewma_ns());
+    assert!((e.rtt_ewma_ns() - 40e6 * (-0.1f64).exp()).abs() < 1.0);
 }
 
 #[test]
@@ -104,11 +174,13 @@ async fn cognitive_prefers_the_endpoint_reporting_less_load() {
     for _ in 0..100 {
         assert_eq!(set.pick(None).unwrap().addr.port(), 9001);
     }
-    // The report enters the cost as 1/(1−load); p2c_ewma ignores it.
+    // The report enters the cost as its load factor (past the knee for 0.9); p2c_ewma
+    // ignores it.
     let e = &set.endpoints()[0];
     let rtt = e.effective_rtt_ns();
     assert_eq!(rtt, DEFAULT_RTT_MS * 1e6);
-    assert!((e.cognitive_cost(1.0, STALE) - rtt / (1.0 - 0.9)).abs() < 1e-3);
+    assert_eq!(e.cognitive_cost(1.0, STALE), rtt * cost::load_factor(0.9));
+    assert!((cost::load_factor(0.9) - 8.0 * 0.2f64.exp()).abs() < 1e-9);
     assert_eq!(e.p2c_cost(), rtt);
 }
 

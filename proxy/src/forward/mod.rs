@@ -492,19 +492,30 @@ impl Forward {
         let elapsed = attempt_start.elapsed();
         match outcome {
             Ok(response) => {
-                // An endpoint that asks us to back off is charged a latency penalty, so the
-                // balancer moves traffic away from it for a while.
-                let penalty = matches!(response.status().as_u16(), 429 | 503)
+                // An endpoint that asks us to back off is backed off for the time it asked
+                // (bounded), so the balancer moves traffic away from it for that long. Its
+                // refusal is neither a latency sample nor an outlier's failure: the endpoint is
+                // alive and full, and ejecting it (30 s and more) would take its capacity away
+                // exactly when the service is short of capacity.
+                let backoff = matches!(response.status().as_u16(), 429 | 503)
                     .then(|| response.headers().get(http::header::RETRY_AFTER))
                     .flatten()
                     .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
                     .map(retry_after_penalty);
-                endpoint.observe_rtt(penalty.map_or(elapsed, |p| p.max(elapsed)));
                 let failed = response.status().is_server_error();
                 if failed {
                     endpoint.record_failure();
                 }
-                service.endpoints.observe_outcome(endpoint, failed);
+                match backoff {
+                    Some(backoff) => {
+                        endpoint.back_off(backoff);
+                        endpoint.latency().observe(elapsed);
+                    }
+                    None => {
+                        endpoint.observe_rtt(elapsed);
+                        service.endpoints.observe_outcome(endpoint, failed);
+                    }
+                }
             }
             Err(err) => {
                 let kind = err.kind();

@@ -5,7 +5,9 @@
 //! closes it, a failure ejects it again at once with the next multiplier. The multiplier decays
 //! by one for every `base_ejection_time` the endpoint stays healthy. At most
 //! `max_ejection_percent` of a service's endpoints (at least one) are ejected at a time, and
-//! never the last available one.
+//! never the last available one. A 429/503 with `Retry-After` is no outcome here: the endpoint
+//! is alive and full, and the forwarder backs it off for the time it asked instead
+//! ([`crate::balance::Endpoint::back_off`]).
 //!
 //! The success-rate mode (`success_rate`, off unless configured) is Envoy's too: every
 //! `interval_ms`, the endpoints that served at least `request_volume` requests in the interval
