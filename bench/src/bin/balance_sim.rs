@@ -19,7 +19,9 @@
 //! waited and a load report of 1 for the endpoint, stamped at the end of the ejection time so
 //! that it stays fresh for 10 s + 10 s (`observe_gateway_failure(waited, hold)`), and ejects it
 //! for `GATEWAY_FAILURE_EJECTION_MS` (10 s) unless it is the last endpoint available to that
-//! sidecar. An ejected endpoint loses any P2C draw to one that is not; when the strategy's
+//! sidecar. The P2C strategies draw their pair again while it holds an ejected endpoint (up to
+//! `PAIR_DRAWS` = 4 pairs), so they compare available endpoints only, and an ejected endpoint
+//! loses any draw that still holds it to one that is not; when the strategy's
 //! choice is ejected all the same (`EndpointSet::pick`), round robin advances its counter once
 //! more and takes the first endpoint not ejected from that turn on (so the ejected endpoint's
 //! turn is taken by the next one *instead of* that one's own turn), and the other strategies

@@ -15,6 +15,7 @@
 
 use cogmesh_proxy::balance::cost::{
     cognitive_cost, effective_load, expected_rtt_ns, p2c_ewma_cost, pair, silence_ns, weighted_pair,
+    PAIR_DRAWS,
 };
 use cogmesh_proxy::balance::{
     decayed_ewma, DEFAULT_LOAD_STALE_MS, DEFAULT_RTT_MS, GATEWAY_FAILURE_EJECTION_MS,
@@ -234,19 +235,19 @@ impl Sidecar {
                 i
             }
             Strategy::Cognitive | Strategy::CognitiveWeighted => {
-                let (a, b) = self.draw_two(rng);
+                let (a, b) = self.draw_available_two(now, rng);
                 self.better(a, b, now, |v, w| {
                     v.cognitive_cost(now, w, self.stale_ns, self.keep_load_in_flight)
                 })
             }
             Strategy::P2cEwma => {
-                let (a, b) = self.draw_two(rng);
+                let (a, b) = self.draw_available_two(now, rng);
                 self.better(a, b, now, |v, _| {
                     p2c_ewma_cost(v.effective_rtt_ns(now), v.in_flight)
                 })
             }
             Strategy::LeastRequest => {
-                let (a, b) = self.draw_two(rng);
+                let (a, b) = self.draw_available_two(now, rng);
                 self.better(a, b, now, |v, w| v.in_flight as f64 / w)
             }
         };
@@ -272,6 +273,19 @@ impl Sidecar {
     /// `EndpointSet::available`: endpoints that are candidates at `now`.
     pub fn available(&self, now: u64) -> usize {
         self.views.iter().filter(|v| !v.is_ejected(now)).count()
+    }
+
+    /// `EndpointSet::draw_available_two`: a pair that includes an ejected endpoint is drawn
+    /// again, up to `PAIR_DRAWS` draws in all.
+    fn draw_available_two(&self, now: u64, rng: &mut Rng) -> (usize, usize) {
+        let mut pair = self.draw_two(rng);
+        for _ in 1..PAIR_DRAWS {
+            if !self.views[pair.0].is_ejected(now) && !self.views[pair.1].is_ejected(now) {
+                break;
+            }
+            pair = self.draw_two(rng);
+        }
+        pair
     }
 
     fn draw_two(&self, rng: &mut Rng) -> (usize, usize) {
@@ -753,8 +767,9 @@ mod tests {
     #[test]
     fn a_p2c_fallback_scans_from_a_uniform_start() {
         // Five endpoints, 0 and 1 ejected, nothing observed: every cost is equal, so `better`
-        // takes the candidate not ejected, or the first of the pair. Replay the draws: the
-        // pair, then one uniform start only when the choice is ejected.
+        // takes the candidate not ejected, or the first of the pair. Replay the draws: pairs
+        // until one holds no ejected endpoint (at most PAIR_DRAWS), then one uniform start
+        // only when the choice is ejected.
         let ejected = |j: usize| j < 2;
         for k in [Strategy::Cognitive, Strategy::P2cEwma, Strategy::LeastRequest] {
             let mut s = Sidecar::new(k, &[1.0; 5], false);
@@ -763,8 +778,15 @@ mod tests {
             let mut rng = Rng::new(21);
             let mut replay = rng.clone();
             let mut fell_back_to = [0u32; 5];
-            for t in 1..2_000 {
-                let (a, b) = pair(5, replay.below(5), replay.below(4));
+            let mut picked = [0u32; 5];
+            for t in 1..5_000 {
+                let (mut a, mut b) = pair(5, replay.below(5), replay.below(4));
+                for _ in 1..PAIR_DRAWS {
+                    if !ejected(a) && !ejected(b) {
+                        break;
+                    }
+                    (a, b) = pair(5, replay.below(5), replay.below(4));
+                }
                 let i = if ejected(a) && !ejected(b) { b } else { a };
                 let want = if ejected(i) {
                     let start = replay.below(5);
@@ -775,10 +797,13 @@ mod tests {
                     i
                 };
                 assert_eq!(s.pick(t, &mut rng), Some(want), "{} at {t}", k.name());
+                picked[want] += 1;
             }
             assert_eq!(rng.next_u64(), replay.next_u64(), "{}", k.name());
-            // The pair (0, 1) comes 1 time in 10; its pick lands on 2 from starts 0, 1, 2 and
-            // on 3 or 4 from their own: not always on the ejected endpoints' neighbour.
+            // Four pairs in a row hold an ejected endpoint 0.7⁴ = 24 % of the time, and the
+            // last is (0, 1) one time in seven of those: 3.4 %. That pick lands on 2 from
+            // starts 0, 1, 2 and on 3 or 4 from their own: not always on the ejected endpoints'
+            // neighbour.
             let falls: u32 = fell_back_to.iter().sum();
             assert!(falls > 100, "{} {falls}", k.name());
             assert!(
@@ -786,6 +811,11 @@ mod tests {
                 "{fell_back_to:?}"
             );
             assert!(fell_back_to[2] > falls * 2 / 5, "{fell_back_to:?}");
+            // The available three share the picks about evenly (a third each, ± 3 points).
+            for j in 2..5 {
+                let share = f64::from(picked[j]) / 4_999.0;
+                assert!((share - 1.0 / 3.0).abs() < 0.03, "{} {picked:?}", k.name());
+            }
         }
     }
 
@@ -827,35 +857,36 @@ mod tests {
     }
 
     #[test]
-    fn a_pick_draws_one_more_number_only_when_its_choice_is_ejected() {
-        // The proxy draws the pair before looking at ejections, and the fallback's start only
-        // when the choice is ejected.
+    fn a_pick_draws_again_only_while_its_pair_holds_an_ejected_endpoint() {
+        // The proxy draws a pair, draws again while it holds an ejected endpoint (PAIR_DRAWS
+        // pairs at most), and draws the fallback's start only when the choice is ejected.
         for (k, weights) in [
             (Strategy::Cognitive, [1.0; 3]),
             (Strategy::CognitiveWeighted, [1.0, 2.0, 4.0]),
             (Strategy::P2cEwma, [1.0; 3]),
             (Strategy::LeastRequest, [1.0; 3]),
         ] {
-            // One endpoint ejected: it loses every draw it is in, the choice is never ejected,
-            // two draws per pick, as with nothing ejected.
+            // Nothing ejected: one pair, two numbers per pick.
             let (mut a, mut b) = (Rng::new(11), Rng::new(11));
             let mut s = Sidecar::new(k, &weights, false);
-            let mut t = Sidecar::new(k, &weights, false);
-            t.eject_for(2, 0, EJECT_NS);
             for now in 0..50 {
-                s.pick(now, &mut a);
-                t.pick(now, &mut b);
+                assert!(s.pick(now, &mut a).is_some());
+            }
+            for _ in 0..100 {
+                b.next_u64();
             }
             assert_eq!(a.next_u64(), b.next_u64(), "{}", k.name());
-            // All ejected: every choice is, three draws per pick (the pair and the start).
+            // All ejected: every pair holds one and every choice is ejected: PAIR_DRAWS pairs
+            // and the start, nine numbers per pick.
+            assert_eq!(PAIR_DRAWS, 4);
             let (mut a, mut b) = (Rng::new(11), Rng::new(11));
             for i in 0..3 {
-                t.eject_for(i, 0, EJECT_NS);
+                s.eject_for(i, 0, EJECT_NS);
             }
             for now in 0..50 {
-                assert_eq!(t.pick(now, &mut a), None);
+                assert_eq!(s.pick(now, &mut a), None);
             }
-            for _ in 0..150 {
+            for _ in 0..450 {
                 b.next_u64();
             }
             assert_eq!(a.next_u64(), b.next_u64(), "{}", k.name());

@@ -571,17 +571,17 @@ impl EndpointSet {
                 _ => self.draw_one(),
             },
             BalancerKind::Cognitive => {
-                let (a, b) = self.draw_two();
+                let (a, b) = self.draw_available_two();
                 let now = Instant::now();
                 self.better(a, b, |e, w| e.cognitive_cost_at(now, w, self.stale))
             }
             BalancerKind::P2cEwma => {
-                let (a, b) = self.draw_two();
+                let (a, b) = self.draw_available_two();
                 let now = Instant::now();
                 self.better(a, b, |e, _| e.p2c_cost_at(now))
             }
             BalancerKind::LeastRequest => {
-                let (a, b) = self.draw_two();
+                let (a, b) = self.draw_available_two();
                 self.better(a, b, |e, w| e.in_flight() as f64 / w)
             }
         };
@@ -608,6 +608,24 @@ impl EndpointSet {
         } else {
             cost::weighted_index(&self.prefix, fastrand::f64())
         }
+    }
+
+    /// Two candidates for a P2C comparison, drawn among the endpoints not ejected: a pair that
+    /// includes an ejected endpoint is drawn again, up to [`cost::PAIR_DRAWS`] draws in all
+    /// (after that [`Self::better`] still prefers the one not ejected). Drawing again is a
+    /// uniform (or weighted) draw among the available endpoints, what P2C over Envoy's healthy
+    /// host set does. Keeping such a pair instead handed its other endpoint a win without a
+    /// comparison, so whichever endpoints happened to be drawn with an ejected one took its
+    /// traffic, whatever they cost: with one of four ejected, a third of all picks.
+    fn draw_available_two(&self) -> (usize, usize) {
+        let mut pair = self.draw_two();
+        for _ in 1..cost::PAIR_DRAWS {
+            if !self.endpoints[pair.0].is_ejected() && !self.endpoints[pair.1].is_ejected() {
+                break;
+            }
+            pair = self.draw_two();
+        }
+        pair
     }
 
     fn draw_two(&self) -> (usize, usize) {
