@@ -616,7 +616,7 @@ impl EndpointSet {
     /// uniform (or weighted) draw among the available endpoints, what P2C over Envoy's healthy
     /// host set does. Keeping such a pair instead handed its other endpoint a win without a
     /// comparison, so whichever endpoints happened to be drawn with an ejected one took its
-    /// traffic, whatever they cost: with one of four ejected, a third of all picks.
+    /// traffic, whatever they cost: with one of four ejected, half of all picks.
     fn draw_available_two(&self) -> (usize, usize) {
         let mut pair = self.draw_two();
         for _ in 1..cost::PAIR_DRAWS {
