@@ -42,6 +42,10 @@ pub struct MeshState {
     sidecar_members: Option<Arc<Members>>,
     pub version: u64,
     pub table: Arc<RoutingTable>,
+    /// The services of `table` as the weight update made them: an update that leaves a
+    /// service as it was returns the same `Arc`, so comparing with the table is a pointer
+    /// check for it.
+    published: Vec<Arc<ServiceEndpoints>>,
     /// Services known from configuration (static discovery).
     pub statics: Vec<super::config::StaticService>,
     /// Endpoints from Kubernetes EndpointSlices, by slice name.
@@ -66,6 +70,9 @@ pub struct WeightBook {
     last_observed: HashMap<String, Observation>,
     /// endpoint address → its [`Traffic`] of the last update, for ListServices.
     last_traffic: HashMap<String, Traffic>,
+    /// service → what the last update returned for it (weights rounded as published), given
+    /// back as is while the service is at rest instead of copying every address again.
+    published: HashMap<String, Arc<ServiceEndpoints>>,
 }
 
 /// service → endpoint addresses.
@@ -96,7 +103,8 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl WeightBook {
     /// One weight update from `inputs`: new weights for every service, rounded as published.
-    pub fn update(&mut self, inputs: WeightInputs, now_secs: f64) -> Vec<ServiceEndpoints> {
+    /// A service at rest comes back as the same `Arc` as from the last update.
+    pub fn update(&mut self, inputs: WeightInputs, now_secs: f64) -> Vec<Arc<ServiceEndpoints>> {
         let WeightInputs {
             listed,
             sidecars,
@@ -115,6 +123,8 @@ impl WeightBook {
             })
             .collect();
         let mut weights = BTreeMap::new();
+        let mut published = HashMap::new();
+        let mut services = Vec::new();
         let names: std::collections::BTreeSet<&String> = listed.keys().chain(sidecars.keys()).collect();
         for service in names {
             let addrs = || {
@@ -158,29 +168,43 @@ impl WeightBook {
                     (!resting).then(|| (a.clone(), o))
                 })
                 .collect();
-            let next = match previous {
+            let last = self.published.remove(service);
+            let (next, out) = match (previous, last) {
                 // Every endpoint known, settled and without traffic: the update would keep
                 // every weight (see `weights::at_rest`), so skip its cost (at 10 000 sidecars,
-                // the 9 000 instances of services nobody calls).
-                Some(p) if resting => p,
-                previous => weights::update(&previous.unwrap_or_default(), &observed, now_secs),
+                // the 9 000 instances of services nobody calls), and that of copying them out.
+                (Some(p), Some(last)) if resting => (p, last),
+                (Some(p), None) if resting => {
+                    let out = Arc::new(rounded(service, &p));
+                    (p, out)
+                }
+                (previous, _) => {
+                    let next = weights::update(&previous.unwrap_or_default(), &observed, now_secs);
+                    let out = Arc::new(rounded(service, &next));
+                    (next, out)
+                }
             };
             weights.insert(service.clone(), next);
+            published.insert(service.clone(), Arc::clone(&out));
+            services.push(out);
         }
         self.weights = weights;
-        self.weights
+        self.published = published;
+        services
+    }
+}
+
+/// A service's weights as the routing table carries them (rounded to hundredths).
+fn rounded(name: &str, weights: &BTreeMap<String, WeightState>) -> ServiceEndpoints {
+    ServiceEndpoints {
+        name: name.to_string(),
+        endpoints: weights
             .iter()
-            .map(|(name, endpoints)| ServiceEndpoints {
-                name: name.clone(),
-                endpoints: endpoints
-                    .iter()
-                    .map(|(address, w)| WeightedEndpoint {
-                        address: address.clone(),
-                        weight: (w.weight * 100.0).round() / 100.0,
-                    })
-                    .collect(),
+            .map(|(address, w)| WeightedEndpoint {
+                address: address.clone(),
+                weight: (w.weight * 100.0).round() / 100.0,
             })
-            .collect()
+            .collect(),
     }
 }
 
@@ -402,15 +426,16 @@ impl MeshState {
 
     /// Makes a new version of `services` (the output of [`WeightBook::update`]) unless it is
     /// not worth one (see [`worth_a_version`]).
-    pub fn publish(&mut self, services: Vec<ServiceEndpoints>) -> Option<Arc<RoutingTable>> {
-        if self.version > 0 && !worth_a_version(&self.table.services, &services) {
+    pub fn publish(&mut self, services: Vec<Arc<ServiceEndpoints>>) -> Option<Arc<RoutingTable>> {
+        if self.version > 0 && !worth_a_version(&self.published, &services) {
             return None;
         }
         self.version += 1;
         self.table = Arc::new(RoutingTable {
             version: self.version,
-            services,
+            services: services.iter().map(|s| (**s).clone()).collect(),
         });
+        self.published = services;
         Some(Arc::clone(&self.table))
     }
 
@@ -484,19 +509,26 @@ impl MeshState {
 pub const PUBLISH_DEADBAND: f64 = 0.05;
 
 /// Whether `next` differs from the published `current` enough for a new version: another set
-/// of services or endpoints, or a weight that moved past [`PUBLISH_DEADBAND`].
-fn worth_a_version(current: &[ServiceEndpoints], next: &[ServiceEndpoints]) -> bool {
+/// of services or endpoints, or a weight that moved past [`PUBLISH_DEADBAND`]. A service that
+/// is the very one published is not compared entry by entry.
+fn worth_a_version(current: &[Arc<ServiceEndpoints>], next: &[Arc<ServiceEndpoints>]) -> bool {
     if current.len() != next.len() {
         return true;
     }
-    current.iter().zip(next).any(|(c, n)| {
-        c.name != n.name
-            || c.endpoints.len() != n.endpoints.len()
-            || c.endpoints.iter().zip(&n.endpoints).any(|(a, b)| {
-                a.address != b.address
-                    || (b.weight - a.weight).abs() > PUBLISH_DEADBAND * a.weight.abs().max(0.01)
-            })
-    })
+    current
+        .iter()
+        .zip(next)
+        .any(|(c, n)| !Arc::ptr_eq(c, n) && differs(c, n))
+}
+
+/// Whether `n` is another service, endpoint set, or set of weights (past the deadband) than `c`.
+fn differs(c: &ServiceEndpoints, n: &ServiceEndpoints) -> bool {
+    c.name != n.name
+        || c.endpoints.len() != n.endpoints.len()
+        || c.endpoints.iter().zip(&n.endpoints).any(|(a, b)| {
+            a.address != b.address
+                || (b.weight - a.weight).abs() > PUBLISH_DEADBAND * a.weight.abs().max(0.01)
+        })
 }
 
 #[cfg(test)]
@@ -533,7 +565,7 @@ mod tests {
     #[test]
     fn small_weight_moves_wait_for_a_bigger_one_or_a_membership_change() {
         let svc = |weights: &[(&str, f64)]| {
-            vec![ServiceEndpoints {
+            vec![Arc::new(ServiceEndpoints {
                 name: "r".into(),
                 endpoints: weights
                     .iter()
@@ -542,7 +574,7 @@ mod tests {
                         weight: *w,
                     })
                     .collect(),
-            }]
+            })]
         };
         let current = svc(&[("a", 1.0), ("b", 0.5)]);
         assert!(!worth_a_version(&current, &svc(&[("a", 1.04), ("b", 0.48)])));
@@ -550,6 +582,37 @@ mod tests {
         assert!(worth_a_version(&current, &svc(&[("a", 1.0)])));
         assert!(worth_a_version(&current, &svc(&[("a", 1.0), ("c", 0.5)])));
         assert!(worth_a_version(&current, &[]));
+        // The very services published: no version, whatever they hold.
+        assert!(!worth_a_version(&current, &current.clone()));
+    }
+
+    #[test]
+    fn a_service_at_rest_comes_back_as_published() {
+        let mut m = MeshState::default();
+        m.hello(hello("a", "r", "127.0.0.1:7001"));
+        let book = m.book();
+        let first = lock(&book).update(m.weight_inputs(), 0.0);
+        assert_eq!(
+            *first[0],
+            ServiceEndpoints {
+                name: "r".into(),
+                endpoints: vec![WeightedEndpoint {
+                    address: "127.0.0.1:7001".into(),
+                    weight: 1.0,
+                }],
+            }
+        );
+        assert_eq!(m.publish(first.clone()).map(|t| t.version), Some(1));
+        // Past slow start and nobody reports on it: the same service, not a copy, and no version.
+        let rested = lock(&book).update(m.weight_inputs(), 100.0);
+        assert!(Arc::ptr_eq(&first[0], &rested[0]));
+        assert!(m.publish(rested).is_none());
+        // A member joins: a new service, and a version with both.
+        m.hello(hello("b", "r", "127.0.0.1:7002"));
+        let joined = lock(&book).update(m.weight_inputs(), 101.0);
+        assert!(!Arc::ptr_eq(&first[0], &joined[0]));
+        let t = m.publish(joined).expect("a member joined");
+        assert_eq!((t.version, t.services[0].endpoints.len()), (2, 2));
     }
 
     #[test]
