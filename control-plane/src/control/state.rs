@@ -73,6 +73,11 @@ pub struct WeightBook {
     /// service → what the last update returned for it (weights rounded as published), given
     /// back as is while the service is at rest instead of copying every address again.
     published: HashMap<String, Arc<ServiceEndpoints>>,
+    /// service → the membership (sidecars, listed endpoints) it was at rest with at the last
+    /// update. With the same members and still no traffic it is at rest now too (its weights
+    /// were kept and time only moved on), so `weights::at_rest` — a lookup per endpoint, 9 000
+    /// for the instances of a service nobody calls — is not run again.
+    rested: HashMap<String, (Arc<Members>, Vec<String>)>,
 }
 
 /// service → endpoint addresses.
@@ -124,6 +129,7 @@ impl WeightBook {
             .collect();
         let mut weights = BTreeMap::new();
         let mut published = HashMap::new();
+        let mut rested = HashMap::new();
         let mut services = Vec::new();
         let names: std::collections::BTreeSet<&String> = listed.keys().chain(sidecars.keys()).collect();
         for service in names {
@@ -133,11 +139,19 @@ impl WeightBook {
             };
             let traffic = |a: &str| window.get(a).is_some_and(|w| w.qps > 0.0);
             let previous = self.weights.remove(service);
+            let listed_here = listed.get(service).map_or(&[][..], Vec::as_slice);
+            let rested_before = self
+                .rested
+                .get(service)
+                .is_some_and(|(m, l)| Arc::ptr_eq(m, &sidecars) && l.as_slice() == listed_here);
             let resting = previous.as_ref().is_some_and(|p| {
-                addrs().count() == p.len()
-                    && !addrs().any(|a| traffic(a))
-                    && weights::at_rest(p, addrs(), now_secs)
+                !addrs().any(|a| traffic(a))
+                    && (rested_before
+                        || (addrs().count() == p.len() && weights::at_rest(p, addrs(), now_secs)))
             });
+            if resting {
+                rested.insert(service.clone(), (Arc::clone(&sidecars), listed_here.to_vec()));
+            }
             let observed: BTreeMap<String, Option<Observation>> = addrs()
                 .filter_map(|a| {
                     let w = window.get(a);
@@ -190,6 +204,7 @@ impl WeightBook {
         }
         self.weights = weights;
         self.published = published;
+        self.rested = rested;
         services
     }
 }
@@ -607,12 +622,44 @@ mod tests {
         let rested = lock(&book).update(m.weight_inputs(), 100.0);
         assert!(Arc::ptr_eq(&first[0], &rested[0]));
         assert!(m.publish(rested).is_none());
-        // A member joins: a new service, and a version with both.
+        // Still at rest with the same members (known from the last update, not checked again).
+        let again = lock(&book).update(m.weight_inputs(), 100.5);
+        assert!(Arc::ptr_eq(&first[0], &again[0]));
+        // Traffic to it: weighed again, even with the same members.
+        let session = m.hello(hello("client", "gw", "127.0.0.1:7000"));
+        let calls = lock(&book).update(m.weight_inputs(), 100.6);
+        assert!(Arc::ptr_eq(&first[0], &calls[1]), "gw is new, r still at rest");
+        m.report(
+            "client",
+            LoadReport {
+                unix_ms: 0,
+                instance: None,
+                endpoints: vec![EndpointLoad {
+                    service: "r".into(),
+                    address: "127.0.0.1:7001".into(),
+                    load: Some(Load {
+                        reasoning_throughput_rps: 10.0,
+                        cognitive_load: 0.5,
+                        ..Default::default()
+                    }),
+                    ejected: false,
+                }],
+            },
+        );
+        let busy = lock(&book).update(m.weight_inputs(), 100.7);
+        assert!(!Arc::ptr_eq(&first[0], &busy[1]));
+        assert_eq!(busy[1].endpoints[0].weight, 1.0);
+        assert_eq!(m.publish(busy).map(|t| t.version), Some(2), "gw joined");
+        // A member joins (and the client leaves): a new service, and a version with it.
+        assert!(m.disconnect("client", session));
         m.hello(hello("b", "r", "127.0.0.1:7002"));
         let joined = lock(&book).update(m.weight_inputs(), 101.0);
         assert!(!Arc::ptr_eq(&first[0], &joined[0]));
         let t = m.publish(joined).expect("a member joined");
-        assert_eq!((t.version, t.services[0].endpoints.len()), (2, 2));
+        assert_eq!(
+            (t.version, t.services.len(), t.services[0].endpoints.len()),
+            (3, 1, 2)
+        );
     }
 
     #[test]
