@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cogmesh_proto::v1::{sidecar_message, Ack, EndpointLoad, Hello, Load, LoadReport, SidecarMessage};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
@@ -112,6 +112,10 @@ pub struct Shared {
     /// Of `tables`, the deltas.
     pub deltas: AtomicU64,
     pub table_bytes: AtomicU64,
+    /// Wakes the watched sidecar to move its report schedule (see [`Shared::rephase_watched`]).
+    rephase: Notify,
+    /// Moves so far; seeds the next offset.
+    rephased: AtomicU64,
     /// The largest whole table received: bytes and endpoints.
     pub last_table_bytes: AtomicU64,
     pub last_table_endpoints: AtomicU64,
@@ -203,6 +207,17 @@ impl Shared {
     /// next report on.
     pub fn set_load(&self, instance: usize, load: f64) {
         store_f64(&self.loads[instance], load);
+    }
+
+    /// Moves the watched sidecar's report schedule: its next report goes out at a point spread
+    /// over the next second, another one at every call. The control plane's weight ticks run
+    /// at a fixed rate and reports every 1 s, so without this the wait from a report to the
+    /// next tick would be the same for every probe of a run (whatever the phase between the
+    /// two happened to be) instead of sampling the whole tick interval, as the changes of
+    /// many sidecars with their own phases do.
+    pub fn rephase_watched(&self) {
+        self.rephased.fetch_add(1, Ordering::Relaxed);
+        self.rephase.notify_one();
     }
 
     pub fn t0_ns(&self) -> Option<u64> {
@@ -401,6 +416,8 @@ impl Fleet {
             tables: AtomicU64::new(0),
             deltas: AtomicU64::new(0),
             table_bytes: AtomicU64::new(0),
+            rephase: Notify::new(),
+            rephased: AtomicU64::new(0),
             last_table_bytes: AtomicU64::new(0),
             last_table_endpoints: AtomicU64::new(0),
             reports: AtomicU64::new(0),
@@ -485,6 +502,12 @@ impl Sidecar {
         let (mut version, mut weight) = (0u64, f64::NAN);
         loop {
             tokio::select! {
+                _ = shared.rephase.notified(), if watched => {
+                    let k = shared.rephased.load(Ordering::Relaxed);
+                    let offset = Duration::from_nanos(splitmix(k.wrapping_add(1 << 32)) % 1_000_000_000);
+                    tick = tokio::time::interval_at(Instant::now() + offset, Duration::from_secs(1));
+                    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                }
                 _ = tick.tick() => {
                     let report = shared.report(self.idx);
                     if watched {

@@ -16,7 +16,10 @@
 //! 4. **probes** — `--probes` load changes of one instance (`reasoning-0`), alternating
 //!    0.3 → 0.95 (its weight drops) and back (it rises). T0 is when that instance's sidecar sends
 //!    its first report with the new load (clients report the new load for it from their next
-//!    report on too); for every client (the sidecars that route to `reasoning`; instances
+//!    report on too); that report goes out at a point spread over the next second, another for
+//!    every probe (its report schedule is moved), since with the control plane's fixed-rate
+//!    weight tick and a fixed 1 s report period the wait for the next tick would otherwise be
+//!    the same in every probe of a run; for every client (the sidecars that route to `reasoning`; instances
 //!    subscribe only to their own service and never see it), the arrival is when it receives
 //!    its first table in which that endpoint's weight moved past ±15 % of the weight before the
 //!    change. Latency = arrival − T0 per client; p50 / p99 / max are over all clients of all
@@ -536,6 +539,7 @@ async fn run_phases(
         let v0 = shared.max_version();
         shared.arm(low, high);
         shared.set_load(0, if down { options.high_load } else { options.low_load });
+        shared.rephase_watched();
         wait_for(cp, shared, secs(options.probe_timeout_secs), |s| {
             s.t0_ns().is_some() && s.arrived() == s.clients()
         })
