@@ -23,14 +23,15 @@
 //! swung by ±20 % between two runs here), which hides a cost of a few per cent. So the bench
 //! also runs **side by side** (`--paired-rounds`, 0 to skip): two proxies at once, one with
 //! tracing off and one at 1 %, each under its own closed loop of the same shape, for the same
-//! seconds, both pinned to the same core (`taskset`, CPU 0; the load generators and nginx run
-//! on the others). Whatever else the machine does then hits both alike, and since the two
-//! proxies get equal shares of that core, the ratio of their throughputs is the ratio of what a
-//! request costs each — as long as the core is what limits them, which the table shows (the
-//! two proxies' CPU together, in cores: near 1 when it is). An `off` beside `off` pair in every
-//! round measures how far two identical proxies drift apart that way, the method's own noise.
-//! The verdict uses the median of the 1 % pairs' ratios. The sink counts the export
-//! requests and bytes it got; the proxy's `trace_span_total` shows exported and dropped spans.
+//! seconds, both pinned to the same core (`taskset`, CPU 0; the load generators and nginx are
+//! not pinned, so the scheduler keeps them mostly on the others). Whatever else the machine
+//! does then hits both alike, and since the two proxies get equal shares of that core, the
+//! ratio of their throughputs is the ratio of what a request costs each — as long as the core
+//! is what limits them, which the table shows (the two proxies' CPU together, in cores: near 1
+//! when it is). An `off` beside `off` pair in every round measures how far two identical
+//! proxies drift apart that way, the method's own noise. The verdict uses the median of the
+//! 1 % pairs' ratios. The sink counts the export requests and bytes it got; the proxy's
+//! `trace_span_total` shows exported and dropped spans.
 //! Ports are picked at run time on 127.0.0.1, every load run is bounded, and every process
 //! started is stopped, also on error and Ctrl-C.
 
