@@ -21,6 +21,7 @@ use anyhow::{Context, Result};
 use cogmesh_bench::load::Oha;
 use cogmesh_bench::peers::Proto;
 use cogmesh_bench::procs;
+use cogmesh_bench::report::median;
 use cogmesh_proxy::balance::cost::cognitive_cost;
 use serde::Serialize;
 use serde_json::Value;
@@ -426,21 +427,6 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
-/// The middle value (the mean of the two middle ones for an even count).
-fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    Some(if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    })
-}
-
 /// Per endpoint: counts over the whole run (from the stats before and after), and means over the
 /// ticks inside `window` (seconds since the start).
 pub fn endpoint_runs(
@@ -504,9 +490,18 @@ pub fn endpoint_runs(
                 // the one worst tick's.
                 cost_ms: has_views
                     .then(|| {
-                        median(views().map(|v| {
-                            cognitive_cost(v.rtt_ewma_ms * 1e6, v.in_flight, v.load.unwrap_or(0.0), 1.0) / 1e6
-                        }))
+                        median(
+                            views()
+                                .map(|v| {
+                                    cognitive_cost(
+                                        v.rtt_ewma_ms * 1e6,
+                                        v.in_flight,
+                                        v.load.unwrap_or(0.0),
+                                        1.0,
+                                    ) / 1e6
+                                })
+                                .collect(),
+                        )
                     })
                     .flatten(),
             }

@@ -16,19 +16,7 @@ pub const DISTURBED_CORES: f64 = 0.10;
 /// throughput"): an open-loop run at a fixed rate delivers what it offers, give or take noise.
 pub const EQUAL_THROUGHPUT: f64 = 0.01;
 
-pub fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.retain(|v| v.is_finite());
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    Some(if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    })
-}
+pub use cogmesh_bench::report::median;
 
 /// Medians over the successful runs of one strategy at one level.
 #[derive(Debug, Clone)]

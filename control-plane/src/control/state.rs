@@ -187,9 +187,8 @@ impl WeightBook {
                 // Every endpoint known, settled and without traffic: the update would keep
                 // every weight (see `weights::at_rest`), so skip its cost (at 10 000 sidecars,
                 // the 9 000 instances of services nobody calls), and that of copying them out.
-                (Some(p), Some(last)) if resting => (p, last),
-                (Some(p), None) if resting => {
-                    let out = Arc::new(rounded(service, &p));
+                (Some(p), last) if resting => {
+                    let out = last.unwrap_or_else(|| Arc::new(rounded(service, &p)));
                     (p, out)
                 }
                 (previous, _) => {

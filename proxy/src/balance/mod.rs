@@ -254,10 +254,11 @@ impl Endpoint {
         )
     }
 
-    /// How long the endpoint has held requests without answering ([`cost::silence_ns`]).
-    fn silence_ns(&self, now: Instant) -> f64 {
+    /// How long the endpoint, holding `in_flight` requests, has gone without answering
+    /// ([`cost::silence_ns`]).
+    fn silence_ns(&self, now: Instant, in_flight: u64) -> f64 {
         cost::silence_ns(
-            self.in_flight(),
+            in_flight,
             self.ns_at(now),
             self.answered_ns.load(Ordering::Relaxed),
             self.busy_since_ns.load(Ordering::Relaxed),
@@ -281,14 +282,16 @@ impl Endpoint {
     fn cognitive_cost_at(&self, now: Instant, weight: f64, stale: Duration) -> f64 {
         let ewma = self.rtt.estimate_ns_at(now);
         let age = self.mean_in_flight_age_ns(now);
+        // Read once: the silence, the overdue count and the queue term see the same count.
+        let in_flight = self.in_flight();
         let load = cost::effective_load(
             self.fresh_load_at(now, stale),
-            self.silence_ns(now),
-            self.in_flight(),
+            self.silence_ns(now, in_flight),
+            in_flight,
             ewma,
         );
         let rtt = cost::expected_rtt_ns(ewma, age, self.backoff_left_ns(now));
-        cost::cognitive_cost(rtt, self.in_flight(), load, weight)
+        cost::cognitive_cost(rtt, in_flight, load, weight)
     }
 
     pub fn p2c_cost(&self) -> f64 {
