@@ -613,7 +613,16 @@ async fn read_sidecar(
     loop {
         match inbound.message().await {
             Ok(Some(SidecarMessage { kind: Some(kind) })) => match kind {
-                sidecar_message::Kind::LoadReport(r) => mesh.state().report(&node, r),
+                sidecar_message::Kind::LoadReport(r) => {
+                    let Some(shifted) = mesh.state().instance_report(&node, &r) else {
+                        continue;
+                    };
+                    if shifted {
+                        mesh.shifted.store(true, std::sync::atomic::Ordering::SeqCst);
+                        mesh.shift.notify_one();
+                    }
+                    super::state::lock(&mesh.window).add(&node, r);
+                }
                 sidecar_message::Kind::Ack(a) => {
                     debug!(%node, version = a.version, "ACK");
                     mesh.state().ack(&node, a.version);

@@ -79,6 +79,12 @@ struct Mesh {
     config_status: Mutex<ConfigStatus>,
     /// The weight interval in force, in ms (a reload may change it).
     weight_interval_ms: std::sync::atomic::AtomicU64,
+    /// Set (and notified) when an instance reports a load [`state::LOAD_SHIFT`] away from its
+    /// last one; cleared by the next update, which reads every instance's load.
+    shifted: std::sync::atomic::AtomicBool,
+    shift: tokio::sync::Notify,
+    /// The state's open window of reports (see [`state::OpenWindow`]).
+    window: Arc<Mutex<state::OpenWindow>>,
     tables: watch::Sender<Arc<RoutingTable>>,
     metrics: metrics::Metrics,
     /// The current version's encoded frames, shared by every push stream.
@@ -192,7 +198,7 @@ impl Mesh {
                 }
                 *self.config.lock().unwrap_or_else(|p| p.into_inner()) = next;
                 drop(status);
-                self.publish(0.0);
+                self.publish(state::Window::Reuse);
             }
             Err(e) => {
                 status.refused += 1;
@@ -207,16 +213,15 @@ impl Mesh {
     }
 
     /// Recomputes and publishes a new table if anything changed.
-    fn publish(&self, interval_secs: f64) {
+    fn publish(&self, window: state::Window) {
         let now = self.now_secs();
-        let _ = interval_secs;
         // One update at a time (the ticker and a reload may both call this).
         let _one = state::lock(&self.weighing);
         // Inputs under the state lock, the update without it, the new version under it again:
         // reports, ACKs and pushes wait only for the copy and the comparison.
         let (inputs, book) = {
             let mut state = self.state();
-            (state.weight_inputs(), state.book())
+            (state.weight_inputs(window), state.book())
         };
         let services = state::lock(&book).update(inputs, now);
         let table = self.state().publish(services);
@@ -241,10 +246,14 @@ pub async fn serve(
     let (stopping, _) = watch::channel(false);
     let control_metrics = metrics::Metrics::with_security(&config.security.metrics);
     let scaling_metrics = control_metrics.scaling.clone();
+    let state = MeshState::with_statics(config.resolved.services.clone());
     let mesh = Arc::new(Mesh {
-        state: Mutex::new(MeshState::with_statics(config.resolved.services.clone())),
+        window: state.open_window(),
+        state: Mutex::new(state),
         weighing: Mutex::default(),
         weight_interval_ms: std::sync::atomic::AtomicU64::new(config.resolved.weight_interval_ms),
+        shifted: std::sync::atomic::AtomicBool::new(false),
+        shift: tokio::sync::Notify::new(),
         config: Mutex::new(config.resolved.clone()),
         config_status: Mutex::new(ConfigStatus::default()),
         tables,
@@ -262,7 +271,7 @@ pub async fn serve(
         access: Arc::clone(&config.security.access),
         authority: config.security.authority.clone(),
     });
-    mesh.publish(0.0);
+    mesh.publish(state::Window::Reuse);
     let (leadership, election) = match config.resolved.leader_election.clone() {
         None => (leader::Leadership::sole(), None),
         Some(election) => {
@@ -300,8 +309,8 @@ pub async fn serve(
     };
 
     // Weight ticks at a fixed rate: sleeping an interval after each update would stretch the
-    // period by the update's own time (at 10 000 sidecars, 100 ms ticks came 130–145 ms apart),
-    // and a load change waits for the next tick.
+    // period by the update's own time (at 10 000 sidecars, 100 ms ticks came 130–145 ms apart).
+    // An instance whose own load shifts does not wait for the tick (see `state::Window`).
     let ticker = {
         let mesh = Arc::clone(&mesh);
         tokio::spawn(async move {
@@ -320,9 +329,24 @@ pub async fn serve(
             };
             let mut current = period(&mesh);
             let mut ticks = every(current);
+            // At most one early update between two ticks: a fleet whose loads all swing
+            // costs at most twice the updates of a quiet one, and waits for the tick.
+            let mut early = true;
             loop {
-                ticks.tick().await;
-                mesh.publish(current.as_secs_f64());
+                tokio::select! {
+                    _ = ticks.tick() => {
+                        mesh.shifted.store(false, std::sync::atomic::Ordering::SeqCst);
+                        mesh.publish(state::Window::Close);
+                        early = true;
+                    }
+                    _ = mesh.shift.notified(), if early => {
+                        // A shift the last tick already read leaves a stale wake-up behind.
+                        if mesh.shifted.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            mesh.publish(state::Window::Reuse);
+                            early = false;
+                        }
+                    }
+                }
                 // A reload may have changed the interval.
                 if period(&mesh) != current {
                     current = period(&mesh);

@@ -33,7 +33,10 @@ pub struct Sidecar {
 
 #[derive(Debug, Default)]
 pub struct MeshState {
-    pub sidecars: BTreeMap<String, Sidecar>,
+    /// node → sidecar. Hashed, not sorted: every report, push and ACK looks its sidecar up
+    /// under the state lock, and a sorted map of 10 000 nodes cost ~14 cache-missing string
+    /// compares per lookup.
+    pub sidecars: HashMap<String, Sidecar>,
     next_session: u64,
     /// The weights and what the last update saw, behind their own lock (see [`WeightBook`]).
     book: Arc<Mutex<WeightBook>>,
@@ -52,10 +55,60 @@ pub struct MeshState {
     pub discovered: BTreeMap<String, super::kubernetes::SliceEndpoints>,
     /// Set when a sidecar says Hello with a table from before this process started.
     pub existing_mesh: bool,
-    /// Per-endpoint sums of the reports since the last weight update.
-    window: HashMap<String, Accumulated>,
-    window_reports: u64,
-    window_reporters: std::collections::HashSet<String>,
+    /// The reports since the last weight update, behind their own lock (see [`OpenWindow`]).
+    window: Arc<Mutex<OpenWindow>>,
+}
+
+/// Per-endpoint sums of the reports since the last weight update. Behind its own lock, not the
+/// state lock: a client's report on 1 000 endpoints takes a few hundred µs to fold in, and
+/// the pushes and ACKs of a fan-out to 10 000 sidecars would queue behind it on the state lock.
+#[derive(Debug, Default)]
+pub struct OpenWindow {
+    sums: HashMap<String, Accumulated>,
+    reports: u64,
+    reporters: std::collections::HashSet<String>,
+}
+
+impl OpenWindow {
+    /// Folds `report`, from `node`, into the per-endpoint sums at once, so memory stays
+    /// proportional to the number of endpoints, not to sidecars × endpoints × reports.
+    pub fn add(&mut self, node: &str, report: LoadReport) {
+        self.reports += 1;
+        if !self.reporters.contains(node) {
+            self.reporters.insert(node.to_string());
+        }
+        for e in report.endpoints {
+            let Some(l) = e.load else { continue };
+            let acc = match self.sums.get_mut(&e.address) {
+                Some(a) => a,
+                None => self.sums.entry(e.address).or_default(),
+            };
+            acc.qps += l.reasoning_throughput_rps;
+            acc.eps += l.errors_per_second;
+            acc.load_sum += l.cognitive_load;
+            acc.load_n += 1;
+            let t = &mut acc.traffic;
+            t.p50_ms = t.p50_ms.max(l.latency_p50_ms);
+            t.p99_ms = t.p99_ms.max(l.latency_p99_ms);
+            t.in_flight += l.in_flight;
+            t.ejected_by += u32::from(e.ejected);
+        }
+    }
+
+    /// The sums and the mean reports per reporter (see [`WeightInputs`]); the window starts
+    /// over.
+    fn close(&mut self) -> (HashMap<String, Accumulated>, f64) {
+        // Rates are rates: when a sidecar sent k reports in this window, its rates were added
+        // k times, so the update divides by the mean k.
+        let per_reporter = if self.reporters.is_empty() {
+            1.0
+        } else {
+            (self.reports as f64 / self.reporters.len() as f64).max(1.0)
+        };
+        self.reports = 0;
+        self.reporters.clear();
+        (std::mem::take(&mut self.sums), per_reporter)
+    }
 }
 
 /// What weight updates carry from one to the next, and what the last one saw (for
@@ -78,6 +131,24 @@ pub struct WeightBook {
     /// were kept and time only moved on), so `weights::at_rest` — a lookup per endpoint, 9 000
     /// for the instances of a service nobody calls — is not run again.
     rested: HashMap<String, (Arc<Members>, Vec<String>)>,
+    /// The last closed window's per-endpoint sums and its mean reports per reporter.
+    window: HashMap<String, Accumulated>,
+    per_reporter: f64,
+}
+
+/// An instance's own report that moves its load by this much or more makes the control plane
+/// update weights at once instead of at the next tick (see [`Window::Reuse`]).
+pub const LOAD_SHIFT: f64 = 0.1;
+
+/// Which reports a weight update reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Window {
+    /// The reports since the last closed window, which this update closes: the weight tick.
+    Close,
+    /// The last closed window's reports again, with the instances' loads as they are now: an
+    /// update between ticks (an instance's load shifted, a reload) that leaves the open window
+    /// to fill up. Rates summed over part of a window would make every weight jitter.
+    Reuse,
 }
 
 /// service → endpoint addresses.
@@ -94,6 +165,9 @@ pub struct WeightInputs {
     window: HashMap<String, Accumulated>,
     /// Mean reports per reporter in the window.
     per_reporter: f64,
+    /// Whether `window` closes a weight interval (else it is empty and the update reuses the
+    /// last closed one: see [`Window`]).
+    closes: bool,
     /// instance address → its own last report of its load.
     self_load: HashMap<String, f64>,
 }
@@ -115,8 +189,16 @@ impl WeightBook {
             sidecars,
             window,
             per_reporter,
+            closes,
             self_load,
         } = inputs;
+        // An early update sees the traffic of the last closed window again, with the loads
+        // instances report now; the window is kept for the next one.
+        if closes {
+            self.window = window;
+            self.per_reporter = per_reporter;
+        }
+        let (window, per_reporter) = (&self.window, self.per_reporter.max(1.0));
         self.last_traffic = window
             .iter()
             .map(|(a, w)| {
@@ -293,35 +375,34 @@ impl MeshState {
         }
     }
 
-    /// Folds a report into the window's per-endpoint sums at once, so memory stays
-    /// proportional to the number of endpoints, not to sidecars × endpoints × reports.
-    pub fn report(&mut self, node: &str, report: LoadReport) {
-        let Some(s) = self.sidecars.get_mut(node) else {
-            return;
-        };
+    /// Takes the instance's own load from `report`; returns `None` for an unknown node (the
+    /// report is then ignored), else whether the load moved by [`LOAD_SHIFT`] or more (the
+    /// control plane then updates weights without waiting for the next tick). The report's
+    /// endpoints go to [`OpenWindow::add`], under the window's lock.
+    pub fn instance_report(&mut self, node: &str, report: &LoadReport) -> Option<bool> {
+        let s = self.sidecars.get_mut(node)?;
+        let mut shifted = false;
         if let Some(i) = &report.instance {
-            s.self_load = Some(i.cognitive_load);
+            let load = i.cognitive_load;
+            shifted = s.self_load.is_some_and(|was| (load - was).abs() >= LOAD_SHIFT);
+            s.self_load = Some(load);
         }
-        self.window_reports += 1;
-        if !self.window_reporters.contains(node) {
-            self.window_reporters.insert(node.to_string());
-        }
-        for e in report.endpoints {
-            let Some(l) = e.load else { continue };
-            let acc = match self.window.get_mut(&e.address) {
-                Some(a) => a,
-                None => self.window.entry(e.address).or_default(),
-            };
-            acc.qps += l.reasoning_throughput_rps;
-            acc.eps += l.errors_per_second;
-            acc.load_sum += l.cognitive_load;
-            acc.load_n += 1;
-            let t = &mut acc.traffic;
-            t.p50_ms = t.p50_ms.max(l.latency_p50_ms);
-            t.p99_ms = t.p99_ms.max(l.latency_p99_ms);
-            t.in_flight += l.in_flight;
-            t.ejected_by += u32::from(e.ejected);
-        }
+        Some(shifted)
+    }
+
+    /// The reports since the last weight update, shared with the streams' readers.
+    pub fn open_window(&self) -> Arc<Mutex<OpenWindow>> {
+        Arc::clone(&self.window)
+    }
+
+    /// [`Self::instance_report`], then the endpoints into the open window.
+    #[cfg(test)]
+    pub fn report(&mut self, node: &str, report: LoadReport) -> bool {
+        let Some(shifted) = self.instance_report(node, &report) else {
+            return false;
+        };
+        lock(&self.window).add(node, report);
+        shifted
     }
 
     /// `version` went out to `node`.
@@ -370,17 +451,17 @@ impl MeshState {
     /// makes a new version. Returns the new table when there is one. (The control plane runs
     /// the three steps separately, so that the weight update itself runs outside the lock.)
     #[cfg(test)]
-    pub fn recompute(&mut self, now_secs: f64, interval_secs: f64) -> Option<Arc<RoutingTable>> {
-        let _ = interval_secs;
-        let inputs = self.weight_inputs();
+    pub fn recompute(&mut self, now_secs: f64, window: Window) -> Option<Arc<RoutingTable>> {
+        let inputs = self.weight_inputs(window);
         let book = Arc::clone(&self.book);
         let services = lock(&book).update(inputs, now_secs);
         self.publish(services)
     }
 
-    /// Takes what a weight update reads: membership, and the window's reports (which start
-    /// over). Copies about two strings per sidecar; the update itself needs no lock on `self`.
-    pub fn weight_inputs(&mut self) -> WeightInputs {
+    /// Takes what a weight update reads: membership, the instances' own loads and, when
+    /// `window` closes it, the window's reports (which start over). Copies about two strings
+    /// per sidecar; the update itself needs no lock on `self`.
+    pub fn weight_inputs(&mut self, window: Window) -> WeightInputs {
         // Membership: the configured and discovered endpoints (few; copied every time), and
         // every connected sidecar, which fronts one endpoint of its service.
         let mut listed = Members::new();
@@ -415,15 +496,12 @@ impl MeshState {
                 members
             }
         };
-        // Rates are rates: when a sidecar sent k reports in this window, its rates were added
-        // k times, so the update divides by the mean k.
-        let per_reporter = if self.window_reporters.is_empty() {
-            1.0
+        let closes = window == Window::Close;
+        let (window, per_reporter) = if closes {
+            lock(&self.window).close()
         } else {
-            (self.window_reports as f64 / self.window_reporters.len() as f64).max(1.0)
+            (HashMap::new(), 1.0)
         };
-        self.window_reports = 0;
-        self.window_reporters.clear();
         let self_load = self
             .sidecars
             .values()
@@ -432,8 +510,9 @@ impl MeshState {
         WeightInputs {
             listed,
             sidecars,
-            window: std::mem::take(&mut self.window),
+            window,
             per_reporter,
+            closes,
             self_load,
         }
     }
@@ -460,22 +539,19 @@ impl MeshState {
 
     pub fn services(&self) -> Vec<ServiceStatus> {
         let book = lock(&self.book);
-        let nodes: HashMap<&str, &str> = self
-            .sidecars
-            .values()
-            .filter(|s| s.connected)
-            .map(|s| (s.hello.instance_address.as_str(), s.hello.node.as_str()))
-            .collect();
+        // One pass over the sidecars for every service (this runs under the state lock).
+        let mut nodes: HashMap<&str, &str> = HashMap::new();
+        let mut replicas: HashMap<&str, u32> = HashMap::new();
+        for s in self.sidecars.values().filter(|s| s.connected) {
+            nodes.insert(&s.hello.instance_address, &s.hello.node);
+            *replicas.entry(&s.hello.service).or_default() += 1;
+        }
         self.table
             .services
             .iter()
             .map(|s| ServiceStatus {
                 name: s.name.clone(),
-                replicas: self
-                    .sidecars
-                    .values()
-                    .filter(|c| c.connected && c.hello.service == s.name)
-                    .count() as u32,
+                replicas: replicas.get(s.name.as_str()).copied().unwrap_or(0),
                 endpoints: s
                     .endpoints
                     .iter()
@@ -500,9 +576,12 @@ impl MeshState {
             .collect()
     }
 
+    /// Every sidecar's sync state, by node name.
     pub fn sync_status(&self) -> Vec<SidecarStatus> {
-        self.sidecars
-            .values()
+        let mut sidecars: Vec<&Sidecar> = self.sidecars.values().collect();
+        sidecars.sort_unstable_by(|a, b| a.hello.node.cmp(&b.hello.node));
+        sidecars
+            .into_iter()
             .map(|s| SidecarStatus {
                 node: s.hello.node.clone(),
                 service: s.hello.service.clone(),
@@ -563,16 +642,16 @@ mod tests {
     fn membership_makes_versions_and_unchanged_tables_do_not() {
         let mut m = MeshState::default();
         m.hello(hello("a", "reasoning", "127.0.0.1:7001"));
-        let t1 = m.recompute(100.0, 1.0).expect("first table");
+        let t1 = m.recompute(100.0, Window::Close).expect("first table");
         assert_eq!(t1.version, 1);
         assert_eq!(t1.services[0].endpoints.len(), 1);
-        assert!(m.recompute(101.0, 1.0).is_none(), "nothing changed");
+        assert!(m.recompute(101.0, Window::Close).is_none(), "nothing changed");
         let s = m.hello(hello("b", "reasoning", "127.0.0.1:7002"));
-        let t2 = m.recompute(102.0, 1.0).expect("a member joined");
+        let t2 = m.recompute(102.0, Window::Close).expect("a member joined");
         assert_eq!(t2.version, 2);
         assert_eq!(t2.services[0].endpoints.len(), 2);
         assert!(m.disconnect("b", s));
-        let t3 = m.recompute(103.0, 1.0).unwrap();
+        let t3 = m.recompute(103.0, Window::Close).unwrap();
         assert_eq!(t3.services[0].endpoints.len(), 1);
     }
 
@@ -605,7 +684,7 @@ mod tests {
         let mut m = MeshState::default();
         m.hello(hello("a", "r", "127.0.0.1:7001"));
         let book = m.book();
-        let first = lock(&book).update(m.weight_inputs(), 0.0);
+        let first = lock(&book).update(m.weight_inputs(Window::Close), 0.0);
         assert_eq!(
             *first[0],
             ServiceEndpoints {
@@ -618,15 +697,15 @@ mod tests {
         );
         assert_eq!(m.publish(first.clone()).map(|t| t.version), Some(1));
         // Past slow start and nobody reports on it: the same service, not a copy, and no version.
-        let rested = lock(&book).update(m.weight_inputs(), 100.0);
+        let rested = lock(&book).update(m.weight_inputs(Window::Close), 100.0);
         assert!(Arc::ptr_eq(&first[0], &rested[0]));
         assert!(m.publish(rested).is_none());
         // Still at rest with the same members (known from the last update, not checked again).
-        let again = lock(&book).update(m.weight_inputs(), 100.5);
+        let again = lock(&book).update(m.weight_inputs(Window::Close), 100.5);
         assert!(Arc::ptr_eq(&first[0], &again[0]));
         // Traffic to it: weighed again, even with the same members.
         let session = m.hello(hello("client", "gw", "127.0.0.1:7000"));
-        let calls = lock(&book).update(m.weight_inputs(), 100.6);
+        let calls = lock(&book).update(m.weight_inputs(Window::Close), 100.6);
         assert!(Arc::ptr_eq(&first[0], &calls[1]), "gw is new, r still at rest");
         m.report(
             "client",
@@ -645,14 +724,14 @@ mod tests {
                 }],
             },
         );
-        let busy = lock(&book).update(m.weight_inputs(), 100.7);
+        let busy = lock(&book).update(m.weight_inputs(Window::Close), 100.7);
         assert!(!Arc::ptr_eq(&first[0], &busy[1]));
         assert_eq!(busy[1].endpoints[0].weight, 1.0);
         assert_eq!(m.publish(busy).map(|t| t.version), Some(2), "gw joined");
         // A member joins (and the client leaves): a new service, and a version with it.
         assert!(m.disconnect("client", session));
         m.hello(hello("b", "r", "127.0.0.1:7002"));
-        let joined = lock(&book).update(m.weight_inputs(), 101.0);
+        let joined = lock(&book).update(m.weight_inputs(Window::Close), 101.0);
         assert!(!Arc::ptr_eq(&first[0], &joined[0]));
         let t = m.publish(joined).expect("a member joined");
         assert_eq!(
@@ -668,7 +747,7 @@ mod tests {
         m.hello(hello("b", "r", "127.0.0.1:7002"));
         m.hello(hello("client", "gw", "127.0.0.1:7000"));
         // Settle slow start.
-        m.recompute(0.0, 1.0);
+        m.recompute(0.0, Window::Close);
         let load = |rps: f64, cl: f64| Load {
             reasoning_throughput_rps: rps,
             cognitive_load: cl,
@@ -696,7 +775,7 @@ mod tests {
                     ],
                 },
             );
-            m.recompute(100.0 * t as f64, 1.0);
+            m.recompute(100.0 * t as f64, Window::Close);
         }
         let r = m.table.services.iter().find(|s| s.name == "r").unwrap();
         assert!(r.endpoints[1].weight > r.endpoints[0].weight, "{r:?}");
@@ -714,5 +793,79 @@ mod tests {
         assert!(m.was_rejected("client", 3));
         m.hello(hello("client", "gw", "127.0.0.1:7000"));
         assert!(m.was_rejected("client", 3), "forgotten after reconnect");
+    }
+
+    /// An instance's own load that shifts by `LOAD_SHIFT` is flagged, and an update between
+    /// ticks (`Window::Reuse`) weighs it against the traffic of the last closed window while
+    /// the reports of the open one wait for the tick.
+    #[test]
+    fn a_load_shift_is_weighed_at_once_against_the_last_closed_window() {
+        let mut m = MeshState::default();
+        m.hello(hello("a", "r", "127.0.0.1:7001"));
+        m.hello(hello("b", "r", "127.0.0.1:7002"));
+        m.hello(hello("client", "gw", "127.0.0.1:7000"));
+        let own = |load: f64| LoadReport {
+            instance: Some(Load {
+                cognitive_load: load,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let traffic = |rps: f64| LoadReport {
+            endpoints: ["127.0.0.1:7001", "127.0.0.1:7002"]
+                .into_iter()
+                .map(|address| EndpointLoad {
+                    service: "r".into(),
+                    address: address.into(),
+                    load: Some(Load {
+                        reasoning_throughput_rps: rps,
+                        ..Default::default()
+                    }),
+                    ejected: false,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert!(!m.report("a", own(0.3)), "a first report is no shift");
+        assert!(!m.report("b", own(0.3)));
+        assert!(!m.report("a", own(0.39)), "0.09 is below LOAD_SHIFT");
+        assert!(!m.report("a", own(0.3)));
+        assert!(!m.report("nobody", own(0.9)), "unknown nodes are ignored");
+        m.recompute(0.0, Window::Close);
+        // Past slow start, one closed window with equal traffic and equal loads.
+        m.report("client", traffic(50.0));
+        m.recompute(100.0, Window::Close);
+        let weight = |m: &MeshState, address: &str| {
+            let r = m.table.services.iter().find(|s| s.name == "r").unwrap();
+            r.endpoints.iter().find(|e| e.address == address).unwrap().weight
+        };
+        assert_eq!(
+            (weight(&m, "127.0.0.1:7001"), weight(&m, "127.0.0.1:7002")),
+            (1.0, 1.0)
+        );
+        let version = m.version;
+
+        // a's load triples; a client's report opens the next window.
+        assert!(m.report("a", own(0.9)));
+        m.report("client", traffic(5.0));
+        let early = m
+            .recompute(100.05, Window::Reuse)
+            .expect("the shift makes a version");
+        assert_eq!(early.version, version + 1);
+        // The closed window's equal traffic, a at 0.9 and b at 0.3: raw weights 1 : 3, so
+        // targets 0.5 and 1.5, and each weight moves halfway: 0.75 and 1.25.
+        assert_eq!(
+            (weight(&m, "127.0.0.1:7001"), weight(&m, "127.0.0.1:7002")),
+            (0.75, 1.25)
+        );
+        // The open window (a's report and the client's second one) was left to the tick.
+        assert_eq!(lock(&m.window).reports, 2);
+        m.recompute(100.1, Window::Close)
+            .expect("the tick confirms the targets");
+        assert_eq!(lock(&m.window).reports, 0);
+        assert_eq!(
+            (weight(&m, "127.0.0.1:7001"), weight(&m, "127.0.0.1:7002")),
+            (0.5, 1.5)
+        );
     }
 }
