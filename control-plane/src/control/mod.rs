@@ -330,7 +330,9 @@ pub async fn serve(
             let mut current = period(&mesh);
             let mut ticks = every(current);
             // At most one early update between two ticks: a fleet whose loads all swing
-            // costs at most twice the updates of a quiet one, and waits for the tick.
+            // costs at most twice the updates of a quiet one, and waits for the tick. An early
+            // update restarts the interval, so the next version does not go out while this
+            // one's fan-out still runs (at 10 000 sidecars that takes ~100 ms).
             let mut early = true;
             loop {
                 tokio::select! {
@@ -343,6 +345,7 @@ pub async fn serve(
                         // A shift the last tick already read leaves a stale wake-up behind.
                         if mesh.shifted.swap(false, std::sync::atomic::Ordering::SeqCst) {
                             mesh.publish(state::Window::Reuse);
+                            ticks.reset();
                             early = false;
                         }
                     }
