@@ -24,9 +24,12 @@
 //!    its first table in which that endpoint's weight moved past ±15 % of the weight before the
 //!    change. Latency = arrival − T0 per client; p50 / p99 / max are over all clients of all
 //!    probes; "missed" counts clients that did not get it within `--probe-timeout-secs`. This
-//!    covers the wait for the next weight tick (uniform in 0..`--weight-interval-ms`), the
-//!    recompute and the fan-out; it does not include the sidecar's own report period (up to
-//!    1 s between a load change and the report that carries it).
+//!    covers the recompute and the fan-out. The instance's own report moves its load by more
+//!    than the control plane's load shift (0.1), so the control plane updates weights on that
+//!    report instead of at the next weight tick; a change seen only in clients' reports would
+//!    wait for the tick too (uniform in 0..`--weight-interval-ms`). It does not include the
+//!    sidecar's own report period (up to 1 s between a load change and the report that
+//!    carries it).
 //!
 //! Peak RSS is `VmHWM` over the whole run, connect storm included. A watchdog kills the control
 //! plane if its RSS passes `--max-rss-mib`; the run of that N then fails with that reason.
