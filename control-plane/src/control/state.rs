@@ -27,8 +27,8 @@ pub struct Sidecar {
     /// versions changed only services it does not route to).
     pub same_as_sent: u64,
     pub rejected: Vec<Rejection>,
-    /// The instance's own last report of its cognitive load.
-    pub self_load: Option<f64>,
+    /// The instance's own last report of its cognitive load (see [`InstanceLoad`]).
+    pub self_load: Arc<InstanceLoad>,
 }
 
 #[derive(Debug, Default)]
@@ -42,7 +42,8 @@ pub struct MeshState {
     book: Arc<Mutex<WeightBook>>,
     /// service → addresses of its connected sidecars; rebuilt after a join or a leave only
     /// (copying 10 000 addresses every weight tick cost milliseconds under this lock).
-    sidecar_members: Option<Arc<Members>>,
+    /// With it, their instances' loads by address.
+    sidecar_members: Option<(Arc<Members>, Arc<InstanceLoads>)>,
     pub version: u64,
     pub table: Arc<RoutingTable>,
     /// The services of `table` as the weight update made them: an update that leaves a
@@ -169,7 +170,36 @@ pub struct WeightInputs {
     /// last closed one: see [`Window`]).
     closes: bool,
     /// instance address → its own last report of its load.
-    self_load: HashMap<String, f64>,
+    self_load: Arc<InstanceLoads>,
+}
+
+/// An instance's own last report of its cognitive load, shared by its sidecar's entry and the
+/// weight update (which reads it without copying every instance's load at every tick).
+#[derive(Debug)]
+pub struct InstanceLoad(std::sync::atomic::AtomicU64);
+
+/// instance address → its load, for the connected sidecars.
+pub type InstanceLoads = HashMap<String, Arc<InstanceLoad>>;
+
+impl InstanceLoad {
+    /// No report yet.
+    const NONE: u64 = u64::MAX;
+
+    fn none() -> Arc<Self> {
+        Arc::new(InstanceLoad(std::sync::atomic::AtomicU64::new(Self::NONE)))
+    }
+
+    pub fn get(&self) -> Option<f64> {
+        let bits = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        (bits != Self::NONE).then(|| f64::from_bits(bits))
+    }
+
+    /// Stores `load` (a NaN is no load) and returns the one it replaces.
+    fn set(&self, load: f64) -> Option<f64> {
+        let bits = if load.is_nan() { Self::NONE } else { load.to_bits() };
+        let was = self.0.swap(bits, std::sync::atomic::Ordering::Relaxed);
+        (was != Self::NONE).then(|| f64::from_bits(was))
+    }
 }
 
 /// A poisoned lock keeps its data: a panic while holding it would be a bug, and the data is
@@ -234,11 +264,16 @@ impl WeightBook {
             if resting {
                 rested.insert(service.clone(), (Arc::clone(&sidecars), listed_here.to_vec()));
             }
+            // A service still at rest with the same members: what `ListServices` shows for it
+            // was written when it came to rest (no traffic; the loads it shows are read when
+            // listed), so its endpoints are not visited at all.
+            let visit = !(resting && rested_before);
             let observed: BTreeMap<String, Option<Observation>> = addrs()
+                .take_while(|_| visit)
                 .filter_map(|a| {
                     let w = window.get(a);
                     let q = w.map_or(0.0, |w| w.qps / per_reporter);
-                    let utilization = self_load.get(a).copied().or_else(|| {
+                    let utilization = self_load.get(a).and_then(|l| l.get()).or_else(|| {
                         w.filter(|w| w.load_n > 0)
                             .map(|w| w.load_sum / f64::from(w.load_n))
                     });
@@ -357,7 +392,7 @@ impl MeshState {
                 same_as_sent: 0,
                 // A NACKed version is never sent to that sidecar again, across reconnects.
                 rejected: previous.map(|p| p.rejected).unwrap_or_default(),
-                self_load: None,
+                self_load: InstanceLoad::none(),
             },
         );
         session
@@ -384,8 +419,8 @@ impl MeshState {
         let mut shifted = false;
         if let Some(i) = &report.instance {
             let load = i.cognitive_load;
-            shifted = s.self_load.is_some_and(|was| (load - was).abs() >= LOAD_SHIFT);
-            s.self_load = Some(load);
+            let was = s.self_load.set(load);
+            shifted = was.is_some_and(|was| (load - was).abs() >= LOAD_SHIFT);
         }
         Some(shifted)
     }
@@ -459,8 +494,8 @@ impl MeshState {
     }
 
     /// Takes what a weight update reads: membership, the instances' own loads and, when
-    /// `window` closes it, the window's reports (which start over). Copies about two strings
-    /// per sidecar; the update itself needs no lock on `self`.
+    /// `window` closes it, the window's reports (which start over). Copies nothing per
+    /// sidecar unless one joined or left; the update itself needs no lock on `self`.
     pub fn weight_inputs(&mut self, window: Window) -> WeightInputs {
         // Membership: the configured and discovered endpoints (few; copied every time), and
         // every connected sidecar, which fronts one endpoint of its service.
@@ -478,12 +513,14 @@ impl MeshState {
         for s in self.discovered.values() {
             add(&s.service, &mut s.addresses.iter().map(|e| e.to_string()));
         }
-        let sidecars = match &self.sidecar_members {
-            Some(m) => Arc::clone(m),
+        let (sidecars, self_load) = match &self.sidecar_members {
+            Some((m, l)) => (Arc::clone(m), Arc::clone(l)),
             None => {
                 let mut members = Members::new();
+                let mut loads = InstanceLoads::new();
                 for s in self.sidecars.values().filter(|s| s.connected) {
                     let address = s.hello.instance_address.clone();
+                    loads.insert(address.clone(), Arc::clone(&s.self_load));
                     match members.get_mut(&s.hello.service) {
                         Some(m) => m.push(address),
                         None => {
@@ -491,9 +528,9 @@ impl MeshState {
                         }
                     }
                 }
-                let members = Arc::new(members);
-                self.sidecar_members = Some(Arc::clone(&members));
-                members
+                let (members, loads) = (Arc::new(members), Arc::new(loads));
+                self.sidecar_members = Some((Arc::clone(&members), Arc::clone(&loads)));
+                (members, loads)
             }
         };
         let closes = window == Window::Close;
@@ -502,11 +539,6 @@ impl MeshState {
         } else {
             (HashMap::new(), 1.0)
         };
-        let self_load = self
-            .sidecars
-            .values()
-            .filter_map(|s| Some((s.hello.instance_address.clone(), s.self_load?)))
-            .collect();
         WeightInputs {
             listed,
             sidecars,
@@ -540,10 +572,11 @@ impl MeshState {
     pub fn services(&self) -> Vec<ServiceStatus> {
         let book = lock(&self.book);
         // One pass over the sidecars for every service (this runs under the state lock).
-        let mut nodes: HashMap<&str, &str> = HashMap::new();
+        // instance address → (node, the instance's own load as it reports it now).
+        let mut nodes: HashMap<&str, (&str, Option<f64>)> = HashMap::new();
         let mut replicas: HashMap<&str, u32> = HashMap::new();
         for s in self.sidecars.values().filter(|s| s.connected) {
-            nodes.insert(&s.hello.instance_address, &s.hello.node);
+            nodes.insert(&s.hello.instance_address, (&s.hello.node, s.self_load.get()));
             *replicas.entry(&s.hello.service).or_default() += 1;
         }
         self.table
@@ -558,11 +591,12 @@ impl MeshState {
                     .map(|e| {
                         let o = book.last_observed.get(&e.address);
                         let t = book.last_traffic.get(&e.address).copied().unwrap_or_default();
+                        let (node, load) = nodes.get(e.address.as_str()).copied().unwrap_or(("", None));
                         EndpointStatus {
                             address: e.address.clone(),
                             weight: e.weight,
-                            node: nodes.get(e.address.as_str()).unwrap_or(&"").to_string(),
-                            cognitive_load: o.map_or(0.0, |o| o.utilization),
+                            node: node.to_string(),
+                            cognitive_load: load.or(o.map(|o| o.utilization)).unwrap_or(0.0),
                             qps: o.map_or(0.0, |o| o.qps),
                             errors_per_second: o.map_or(0.0, |o| o.eps),
                             latency_p50_ms: t.p50_ms,
