@@ -327,6 +327,14 @@ pub async fn serve(
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 every
             };
+            // On a blocking thread: an update takes milliseconds at 10 000 sidecars, and on a
+            // runtime worker it would hold up the pushes of a fan-out that much.
+            let update = |window: state::Window| {
+                let mesh = Arc::clone(&mesh);
+                async move {
+                    let _ = tokio::task::spawn_blocking(move || mesh.publish(window)).await;
+                }
+            };
             let mut current = period(&mesh);
             let mut ticks = every(current);
             // At most one early update between two ticks: a fleet whose loads all swing
@@ -338,13 +346,13 @@ pub async fn serve(
                 tokio::select! {
                     _ = ticks.tick() => {
                         mesh.shifted.store(false, std::sync::atomic::Ordering::SeqCst);
-                        mesh.publish(state::Window::Close);
+                        update(state::Window::Close).await;
                         early = true;
                     }
                     _ = mesh.shift.notified(), if early => {
                         // A shift the last tick already read leaves a stale wake-up behind.
                         if mesh.shifted.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                            mesh.publish(state::Window::Reuse);
+                            update(state::Window::Reuse).await;
                             ticks.reset();
                             early = false;
                         }
@@ -496,7 +504,8 @@ fn spawn_scaling(
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            let services = mesh.state().services();
+            let view = mesh.state().services_view();
+            let services = view.services();
             let unix_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
@@ -575,7 +584,10 @@ impl MeshAdmin for AdminService {
         _: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
         Ok(Response::new(ListServicesResponse {
-            services: self.mesh.state().services(),
+            services: {
+                let view = self.mesh.state().services_view();
+                view.services()
+            },
         }))
     }
 
