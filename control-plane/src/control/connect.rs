@@ -618,8 +618,7 @@ async fn read_sidecar(
                         continue;
                     };
                     if shifted {
-                        mesh.shifted.store(true, std::sync::atomic::Ordering::SeqCst);
-                        mesh.shift.notify_one();
+                        mesh.shift.signal();
                     }
                     super::state::lock(&mesh.window).add(&node, r);
                 }

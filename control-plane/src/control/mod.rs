@@ -79,10 +79,8 @@ struct Mesh {
     config_status: Mutex<ConfigStatus>,
     /// The weight interval in force, in ms (a reload may change it).
     weight_interval_ms: std::sync::atomic::AtomicU64,
-    /// Set (and notified) when an instance reports a load [`state::LOAD_SHIFT`] away from its
-    /// last one; cleared by the next update, which reads every instance's load.
-    shifted: std::sync::atomic::AtomicBool,
-    shift: tokio::sync::Notify,
+    /// An instance reported a load [`state::LOAD_SHIFT`] away from its last one.
+    shift: LoadShift,
     /// The state's open window of reports (see [`state::OpenWindow`]).
     window: Arc<Mutex<state::OpenWindow>>,
     tables: watch::Sender<Arc<RoutingTable>>,
@@ -96,6 +94,27 @@ struct Mesh {
     scaler: Arc<crate::scaling::Scaler>,
     access: Arc<crate::security::access::Access>,
     authority: Option<Arc<crate::security::certify::Authority>>,
+}
+
+/// A pending load shift (set by a stream's reader, taken by the weight ticker), and the wake-up
+/// that goes with it. The next update, early or on the tick, reads every instance's load, so
+/// it takes the shift whichever it is.
+#[derive(Debug, Default)]
+struct LoadShift {
+    pending: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl LoadShift {
+    fn signal(&self) {
+        self.pending.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Whether a shift was pending; none is afterwards.
+    fn take(&self) -> bool {
+        self.pending.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// How long open streams may take to end after a shutdown signal.
@@ -252,8 +271,7 @@ pub async fn serve(
         state: Mutex::new(state),
         weighing: Mutex::default(),
         weight_interval_ms: std::sync::atomic::AtomicU64::new(config.resolved.weight_interval_ms),
-        shifted: std::sync::atomic::AtomicBool::new(false),
-        shift: tokio::sync::Notify::new(),
+        shift: LoadShift::default(),
         config: Mutex::new(config.resolved.clone()),
         config_status: Mutex::new(ConfigStatus::default()),
         tables,
@@ -345,13 +363,13 @@ pub async fn serve(
             loop {
                 tokio::select! {
                     _ = ticks.tick() => {
-                        mesh.shifted.store(false, std::sync::atomic::Ordering::SeqCst);
+                        mesh.shift.take();
                         update(state::Window::Close).await;
                         early = true;
                     }
-                    _ = mesh.shift.notified(), if early => {
+                    _ = mesh.shift.wake.notified(), if early => {
                         // A shift the last tick already read leaves a stale wake-up behind.
-                        if mesh.shifted.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        if mesh.shift.take() {
                             update(state::Window::Reuse).await;
                             ticks.reset();
                             early = false;

@@ -218,8 +218,8 @@ pub struct WeightInputs {
     /// Whether `window` closes a weight interval (else it is empty and the update reuses the
     /// last closed one: see [`Window`]).
     closes: bool,
-    /// instance address → its own last report of its load.
-    self_load: Arc<Instances>,
+    /// instance address → its sidecar and its own last report of its load.
+    instances: Arc<Instances>,
 }
 
 /// An instance's own last report of its cognitive load, shared by its sidecar's entry and the
@@ -275,7 +275,7 @@ impl WeightBook {
             window,
             per_reporter,
             closes,
-            self_load,
+            instances,
         } = inputs;
         // An early update sees the traffic of the last closed window again, with the loads
         // instances report now; the window is kept for the next one.
@@ -323,37 +323,41 @@ impl WeightBook {
             // was written when it came to rest (no traffic; the loads it shows are read when
             // listed), so its endpoints are not visited at all.
             let visit = !(resting && rested_before);
-            let observed: BTreeMap<String, Option<Observation>> = addrs()
-                .take_while(|_| visit)
-                .filter_map(|a| {
-                    let w = window.get(a);
-                    let q = w.map_or(0.0, |w| w.qps / per_reporter);
-                    let utilization = self_load.get(a).and_then(|i| i.load.get()).or_else(|| {
-                        w.filter(|w| w.load_n > 0)
-                            .map(|w| w.load_sum / f64::from(w.load_n))
-                    });
-                    let o = (q > 0.0).then(|| Observation {
-                        qps: q,
-                        eps: w.map_or(0.0, |w| w.eps / per_reporter),
-                        utilization: utilization.unwrap_or(0.0),
-                    });
-                    // What `ListServices` shows (and the autoscaler reads): an endpoint nobody
-                    // sent requests to this interval is idle now, not as busy as it last was.
-                    let shown = o.unwrap_or(Observation {
-                        qps: 0.0,
-                        eps: 0.0,
-                        utilization: utilization.unwrap_or(0.0),
-                    });
-                    match self.last_observed.get_mut(a) {
-                        Some(last) => *last = shown,
-                        None => {
-                            self.last_observed.insert(a.clone(), shown);
+            let observed: BTreeMap<String, Option<Observation>> = if !visit {
+                BTreeMap::new()
+            } else {
+                addrs()
+                    .filter_map(|a| {
+                        let w = window.get(a);
+                        let q = w.map_or(0.0, |w| w.qps / per_reporter);
+                        let utilization = instances.get(a).and_then(|i| i.load.get()).or_else(|| {
+                            w.filter(|w| w.load_n > 0)
+                                .map(|w| w.load_sum / f64::from(w.load_n))
+                        });
+                        let o = (q > 0.0).then(|| Observation {
+                            qps: q,
+                            eps: w.map_or(0.0, |w| w.eps / per_reporter),
+                            utilization: utilization.unwrap_or(0.0),
+                        });
+                        // What `ListServices` shows (and the autoscaler reads): an endpoint
+                        // nobody sent requests to this interval is idle now, not as busy as it
+                        // last was.
+                        let shown = o.unwrap_or(Observation {
+                            qps: 0.0,
+                            eps: 0.0,
+                            utilization: utilization.unwrap_or(0.0),
+                        });
+                        match self.last_observed.get_mut(a) {
+                            Some(last) => *last = shown,
+                            None => {
+                                self.last_observed.insert(a.clone(), shown);
+                            }
                         }
-                    }
-                    // Only what the update reads: nothing when the service is at rest.
-                    (!resting).then(|| (a.clone(), o))
-                })
-                .collect();
+                        // Only what the update reads: nothing when the service is at rest.
+                        (!resting).then(|| (a.clone(), o))
+                    })
+                    .collect()
+            };
             let last = self.published.remove(service);
             let (next, out) = match (previous, last) {
                 // Every endpoint known, settled and without traffic: the update would keep
@@ -568,7 +572,7 @@ impl MeshState {
         for s in self.discovered.values() {
             add(&s.service, &mut s.addresses.iter().map(|e| e.to_string()));
         }
-        let (sidecars, self_load) = self.members();
+        let (sidecars, instances) = self.members();
         let closes = window == Window::Close;
         let (window, per_reporter) = if closes {
             lock(&self.window).close()
@@ -581,7 +585,7 @@ impl MeshState {
             window,
             per_reporter,
             closes,
-            self_load,
+            instances,
         }
     }
 
@@ -808,12 +812,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn reports_move_weights_and_nacks_are_remembered_across_reconnects() {
+    /// Instances a (127.0.0.1:7001) and b (:7002) of `r`, and a client of it in `gw`.
+    fn two_instances_and_a_client() -> MeshState {
         let mut m = MeshState::default();
         m.hello(hello("a", "r", "127.0.0.1:7001"));
         m.hello(hello("b", "r", "127.0.0.1:7002"));
         m.hello(hello("client", "gw", "127.0.0.1:7000"));
+        m
+    }
+
+    #[test]
+    fn reports_move_weights_and_nacks_are_remembered_across_reconnects() {
+        let mut m = two_instances_and_a_client();
         // Settle slow start.
         m.recompute(0.0, Window::Close);
         let load = |rps: f64, cl: f64| Load {
@@ -868,10 +878,7 @@ mod tests {
     /// the reports of the open one wait for the tick.
     #[test]
     fn a_load_shift_is_weighed_at_once_against_the_last_closed_window() {
-        let mut m = MeshState::default();
-        m.hello(hello("a", "r", "127.0.0.1:7001"));
-        m.hello(hello("b", "r", "127.0.0.1:7002"));
-        m.hello(hello("client", "gw", "127.0.0.1:7000"));
+        let mut m = two_instances_and_a_client();
         let own = |load: f64| LoadReport {
             instance: Some(Load {
                 cognitive_load: load,
