@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 const TEST_PORTS: std::ops::Range<u32> = 12_000..32_000;
 
 /// A loopback address with a port that was free a moment ago. Ports are handed out in turn from
-/// [`TEST_PORTS`], starting at a point that differs per process, so two tests of one run never
-/// get the same port and a test never races another process for it.
+/// [`TEST_PORTS`], starting at a point that differs per process. Each port handed out is also
+/// reserved across processes until this process exits: nextest runs every test in its own
+/// process, and without the reservation two tests could pick the same free port in the moment
+/// before the first one's proxy binds it (seen once: "Address already in use" at startup).
 pub fn free_addr() -> SocketAddr {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -32,11 +34,35 @@ pub fn free_addr() -> SocketAddr {
     );
     for _ in 0..span {
         let port = TEST_PORTS.start + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let Some(reservation) = reserve_port(port) else {
+            continue;
+        };
         if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            held_reservations().push(reservation);
             return l.local_addr().expect("local addr");
         }
     }
     panic!("no free loopback port in {TEST_PORTS:?}");
+}
+
+/// An exclusive lock on a per-port file under the temp dir, or `None` when another live process
+/// holds it. The kernel drops the lock when the holder exits, however it exits.
+fn reserve_port(port: u32) -> Option<std::fs::File> {
+    let dir = std::env::temp_dir().join("cogmesh-test-ports");
+    std::fs::create_dir_all(&dir).ok()?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))
+        .ok()?;
+    file.try_lock().ok()?;
+    Some(file)
+}
+
+fn held_reservations() -> std::sync::MutexGuard<'static, Vec<std::fs::File>> {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn seed_nanos() -> u32 {

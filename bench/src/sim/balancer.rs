@@ -14,8 +14,8 @@
 //! the proxy's code.
 
 use cogmesh_proxy::balance::cost::{
-    cognitive_cost, effective_load, expected_rtt_ns, p2c_ewma_cost, pair, silence_ns, weighted_pair,
-    PAIR_DRAWS,
+    cheaper_candidate, cognitive_cost, effective_load, expected_rtt_ns, p2c_ewma_cost, pair, silence_ns,
+    weighted_index, weighted_pair, COGNITIVE_CHOICES, GATEWAY_FAILURE_LOAD, PAIR_DRAWS,
 };
 use cogmesh_proxy::balance::{
     decayed_ewma, DEFAULT_LOAD_STALE_MS, DEFAULT_RTT_MS, GATEWAY_FAILURE_EJECTION_MS,
@@ -236,9 +236,18 @@ impl Sidecar {
             }
             Strategy::Cognitive | Strategy::CognitiveWeighted => {
                 let (a, b) = self.draw_available_two(now, rng);
-                self.better(a, b, now, |v, w| {
-                    v.cognitive_cost(now, w, self.stale_ns, self.keep_load_in_flight)
-                })
+                let cost = |v: &View, w| v.cognitive_cost(now, w, self.stale_ns, self.keep_load_in_flight);
+                let mut best = self.better(a, b, now, cost);
+                let mut best_cost = cost(&self.views[best], self.weights[best]);
+                for _ in 2..COGNITIVE_CHOICES {
+                    let c = self.draw_one(rng);
+                    let c_cost = cost(&self.views[c], self.weights[c]);
+                    let (ec, eb) = (self.views[c].is_ejected(now), self.views[best].is_ejected(now));
+                    if cheaper_candidate(ec, c_cost, eb, best_cost) {
+                        (best, best_cost) = (c, c_cost);
+                    }
+                }
+                best
             }
             Strategy::P2cEwma => {
                 let (a, b) = self.draw_available_two(now, rng);
@@ -286,6 +295,15 @@ impl Sidecar {
             pair = self.draw_two(rng);
         }
         pair
+    }
+
+    /// `EndpointSet::draw_one`: a uniform or weighted index.
+    fn draw_one(&self, rng: &mut Rng) -> usize {
+        if self.uniform {
+            rng.below(self.views.len())
+        } else {
+            weighted_index(&self.prefix, rng.unit())
+        }
     }
 
     fn draw_two(&self, rng: &mut Rng) -> (usize, usize) {
@@ -374,7 +392,7 @@ impl Sidecar {
     pub fn observe_gateway_failure(&mut self, i: usize, now: u64, waited_ns: u64, hold_ns: u64) {
         self.observe_sample(i, now, waited_ns);
         let v = &mut self.views[i];
-        v.load = 1.0;
+        v.load = GATEWAY_FAILURE_LOAD;
         v.load_at_ns = Some(now.saturating_add(hold_ns));
     }
 
@@ -610,7 +628,10 @@ mod tests {
         s.gateway_failure(0, now, 1_000_000_000);
         // The wait is a peak: it replaces the estimate at once.
         assert_eq!(s.views[0].ewma_now_ns(now), 1e9);
-        assert_eq!(s.views[0].fresh_load(now, s.stale_ns, false), Some(1.0));
+        assert_eq!(
+            s.views[0].fresh_load(now, s.stale_ns, false),
+            Some(GATEWAY_FAILURE_LOAD)
+        );
         // The full-load report is stamped at the end of the ejection.
         assert_eq!(s.views[0].load_at_ns, Some(now + EJECT_NS));
         assert_eq!(s.available(now), 2);
@@ -622,7 +643,11 @@ mod tests {
         // (`age > stale` is stale): up to `now + 20 s` included, not a nanosecond later.
         let held_until = now + EJECT_NS + STALE_NS;
         for t in [now + 1, now + EJECT_NS, now + EJECT_NS + 1, held_until] {
-            assert_eq!(s.views[0].fresh_load(t, s.stale_ns, false), Some(1.0), "{t}");
+            assert_eq!(
+                s.views[0].fresh_load(t, s.stale_ns, false),
+                Some(GATEWAY_FAILURE_LOAD),
+                "{t}"
+            );
         }
         assert_eq!(s.views[0].fresh_load(held_until + 1, s.stale_ns, false), None);
         // A report the endpoint sends later (a response) replaces the held one, stamped then.
@@ -669,7 +694,10 @@ mod tests {
         // the ejection, with the ejection time as the hold).
         assert_eq!(s.views[1].load_at_ns, Some(20 + EJECT_NS));
         let held_until = 20 + EJECT_NS + STALE_NS;
-        assert_eq!(s.views[1].fresh_load(held_until, s.stale_ns, false), Some(1.0));
+        assert_eq!(
+            s.views[1].fresh_load(held_until, s.stale_ns, false),
+            Some(GATEWAY_FAILURE_LOAD)
+        );
         assert_eq!(s.views[1].fresh_load(held_until + 1, s.stale_ns, false), None);
         // Endpoint 0 fails again (a request sent before its ejection): it is already out and
         // only 1 is available, so its ejection is not renewed.
@@ -787,7 +815,17 @@ mod tests {
                     }
                     (a, b) = pair(5, replay.below(5), replay.below(4));
                 }
-                let i = if ejected(a) && !ejected(b) { b } else { a };
+                let mut i = if ejected(a) && !ejected(b) { b } else { a };
+                if matches!(k, Strategy::Cognitive) {
+                    // Further single draws; with equal costs only an available one replaces
+                    // an ejected choice.
+                    for _ in 2..COGNITIVE_CHOICES {
+                        let c = replay.below(5);
+                        if cheaper_candidate(ejected(c), 0.0, ejected(i), 0.0) {
+                            i = c;
+                        }
+                    }
+                }
                 let want = if ejected(i) {
                     let start = replay.below(5);
                     let j = (0..5).map(|d| (start + d) % 5).find(|&j| !ejected(j)).unwrap();
@@ -803,7 +841,11 @@ mod tests {
             // Four pairs in a row hold an ejected endpoint 0.7⁴ = 24 % of the time, and the
             // last is (0, 1) one time in seven of those: 3.4 %. That pick lands on 2 from
             // starts 0, 1, 2 and on 3 or 4 from their own: not always on the ejected endpoints'
-            // neighbour.
+            // neighbour. (Cognitive falls back only when its three further draws are ejected
+            // too, 0.2 % of picks: too few to count here.)
+            if matches!(k, Strategy::Cognitive) {
+                continue;
+            }
             let falls: u32 = fell_back_to.iter().sum();
             assert!(falls > 100, "{} {falls}", k.name());
             assert!(
@@ -866,18 +908,23 @@ mod tests {
             (Strategy::P2cEwma, [1.0; 3]),
             (Strategy::LeastRequest, [1.0; 3]),
         ] {
-            // Nothing ejected: one pair, two numbers per pick.
+            // Cognitive draws COGNITIVE_CHOICES − 2 more single candidates, one number each.
+            let more = match k {
+                Strategy::Cognitive | Strategy::CognitiveWeighted => COGNITIVE_CHOICES - 2,
+                _ => 0,
+            };
+            // Nothing ejected: one pair, two numbers per pick (and the further draws).
             let (mut a, mut b) = (Rng::new(11), Rng::new(11));
             let mut s = Sidecar::new(k, &weights, false);
             for now in 0..50 {
                 assert!(s.pick(now, &mut a).is_some());
             }
-            for _ in 0..100 {
+            for _ in 0..50 * (2 + more) {
                 b.next_u64();
             }
             assert_eq!(a.next_u64(), b.next_u64(), "{}", k.name());
-            // All ejected: every pair holds one and every choice is ejected: PAIR_DRAWS pairs
-            // and the start, nine numbers per pick.
+            // All ejected: every pair holds one and every choice is ejected: PAIR_DRAWS pairs,
+            // the further draws and the start, nine numbers per pick (twelve for cognitive).
             assert_eq!(PAIR_DRAWS, 4);
             let (mut a, mut b) = (Rng::new(11), Rng::new(11));
             for i in 0..3 {
@@ -886,7 +933,7 @@ mod tests {
             for now in 0..50 {
                 assert_eq!(s.pick(now, &mut a), None);
             }
-            for _ in 0..450 {
+            for _ in 0..50 * (9 + more) {
                 b.next_u64();
             }
             assert_eq!(a.next_u64(), b.next_u64(), "{}", k.name());

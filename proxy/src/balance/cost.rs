@@ -11,6 +11,12 @@ pub const KNEE_LOAD: f64 = 0.875;
 /// Loads above this are treated as this: a report of demand / capacity may exceed 1, but the
 /// cost must stay finite (the factor at 50 is about 1e171).
 pub const MAX_LOAD: f64 = 50.0;
+/// The load an endpoint is held at after a gateway failure (it timed out or refused the
+/// connection): [`MAX_LOAD`], as loaded as a report can make it. A load of 1 (full, no queue)
+/// was not enough: in `balance-sim` scenario (a), healthy endpoints that reported queues
+/// (loads 1.25–1.75) while one backend was out cost more than the dead one held at 1, and each
+/// sidecar sent it a few more requests, all lost, as soon as its ejection ended.
+pub const GATEWAY_FAILURE_LOAD: f64 = MAX_LOAD;
 /// A `Retry-After` shorter than this still backs off this long.
 pub const MIN_RETRY_PENALTY_MS: u64 = 100;
 /// A `Retry-After` longer than this backs off only this long.
@@ -98,6 +104,37 @@ pub fn expected_rtt_ns(ewma_ns: f64, mean_age_ns: f64, backoff_left_ns: f64) -> 
 /// Linkerd's peak-EWMA load: latency × (in-flight + 1).
 pub fn p2c_ewma_cost(rtt_ns: f64, in_flight: u64) -> f64 {
     rtt_ns * (in_flight as f64 + 1.0)
+}
+
+/// How many candidates a `cognitive` pick compares: the weighted pair of P2C
+/// ([`weighted_pair`]), then this many less two further weighted draws
+/// ([`weighted_index`], with replacement), each against the cheapest so far
+/// ([`cheaper_candidate`]). Two would be plain P2C, as `p2c_ewma` and `least_request` keep.
+///
+/// Why five: with two, scenario (a) of `balance-sim` (eleven backends, one slowed to 2 s) put
+/// cognitive's p99.9 level with `p2c_ewma`'s (602 vs 598 ms, seed 1), since a pair of two
+/// queued endpoints leaves nothing better to choose, whatever the costs say. More candidates
+/// let the cost find an endpoint with a free slot more often. In `balance-sim --scenarios a,ra`
+/// over seeds 1–5, five beat three, four, six and eight: p99.9 in (ra) fell below `p2c_ewma`'s
+/// on all five seeds and in (a) on four of five. More draws also mean more sidecars that agree
+/// on the same cheapest endpoint between two reports (herding), which six and eight began to
+/// show. A pick costs a few more atomic reads: still far below 1 µs at 1 000 endpoints (see
+/// `bench/benches/pick.rs`).
+pub const COGNITIVE_CHOICES: usize = 5;
+
+/// Whether a further candidate replaces the cheapest so far: one not ejected replaces an
+/// ejected one; otherwise a strictly lower cost wins, so on a tie the earlier draw stays.
+pub fn cheaper_candidate(
+    candidate_ejected: bool,
+    candidate_cost: f64,
+    best_ejected: bool,
+    best_cost: f64,
+) -> bool {
+    match (candidate_ejected, best_ejected) {
+        (false, true) => true,
+        (true, false) => false,
+        _ => candidate_cost < best_cost,
+    }
 }
 
 /// How many pairs a P2C pick draws at most while the pair it drew includes an ejected endpoint

@@ -5,7 +5,8 @@
 //! them without a lock, and a routing-table swap that keeps an endpoint keeps its statistics
 //! (see [`EndpointSet::rebuild`]). The decisions themselves are the pure functions of [`cost`].
 //!
-//! Strategies (per service): `cognitive` (default: weighted P2C over [`cost::cognitive_cost`]),
+//! Strategies (per service): `cognitive` (default: the cheapest by [`cost::cognitive_cost`] of
+//! [`cost::COGNITIVE_CHOICES`] weighted draws, the first two a P2C pair),
 //! `p2c_ewma` (Linkerd), `least_request` (Envoy, two choices), `round_robin`, and `ring_hash`
 //! (affinity on a header or cookie). Ejected endpoints are never picked.
 
@@ -223,18 +224,21 @@ impl Endpoint {
     }
 
     /// What a gateway failure (timeout, refused connection) tells the balancer: the endpoint
-    /// took at least `waited` and is as loaded as it gets. Whether to eject it as well is the
-    /// caller's decision, which knows whether other endpoints are left.
+    /// took at least `waited` and is as loaded as it gets ([`cost::GATEWAY_FAILURE_LOAD`]).
+    /// Whether to eject it as well is the caller's decision, which knows whether other
+    /// endpoints are left.
     ///
-    /// The full-load report stays in force for `hold` (the ejection) and then for the usual
-    /// staleness bound, so the endpoint does not come back from ejection looking idle: it
-    /// answers nothing, so nothing else would refresh its report, and an unloaded-looking
-    /// endpoint beside healthy ones that report real load would win every draw.
+    /// That load stays in force for `hold` (the ejection) and then for the usual staleness
+    /// bound, so the endpoint does not come back from ejection looking idle: it answers
+    /// nothing, so nothing else would refresh its report, and an unloaded-looking endpoint
+    /// beside healthy ones that report real load would win every draw. Only endpoints that
+    /// failed too cost as much; the others, however long their queues, win against it.
     pub fn observe_gateway_failure(&self, waited: Duration, hold: Duration) {
         // A sample of the wait, but not an answer: the endpoint stays silent.
         self.rtt.observe(waited);
         self.latency.observe(waited);
-        self.load.store(1f64.to_bits(), Ordering::Relaxed);
+        self.load
+            .store(cost::GATEWAY_FAILURE_LOAD.to_bits(), Ordering::Relaxed);
         let at = self.now_ns().saturating_add(hold.as_nanos() as u64);
         self.load_at_ns.store(at, Ordering::Relaxed);
     }
@@ -576,7 +580,18 @@ impl EndpointSet {
             BalancerKind::Cognitive => {
                 let (a, b) = self.draw_available_two();
                 let now = Instant::now();
-                self.better(a, b, |e, w| e.cognitive_cost_at(now, w, self.stale))
+                let cost = |e: &Endpoint, w| e.cognitive_cost_at(now, w, self.stale);
+                let mut best = self.better(a, b, cost);
+                let mut best_cost = cost(&self.endpoints[best], self.weights[best]);
+                for _ in 2..cost::COGNITIVE_CHOICES {
+                    let c = self.draw_one();
+                    let c_cost = cost(&self.endpoints[c], self.weights[c]);
+                    let (ec, eb) = (self.endpoints[c].is_ejected(), self.endpoints[best].is_ejected());
+                    if cost::cheaper_candidate(ec, c_cost, eb, best_cost) {
+                        (best, best_cost) = (c, c_cost);
+                    }
+                }
+                best
             }
             BalancerKind::P2cEwma => {
                 let (a, b) = self.draw_available_two();

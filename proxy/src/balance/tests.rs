@@ -184,6 +184,36 @@ async fn cognitive_prefers_the_endpoint_reporting_less_load() {
     assert_eq!(e.p2c_cost(), rtt);
 }
 
+/// One idle endpoint among ten that report queues: plain P2C finds it only when it is one of
+/// the pair (one pick in five); cognitive compares [`cost::COGNITIVE_CHOICES`] draws and finds it
+/// in about 42 % of picks (1 − 0.8 × 0.9³ for a pair and three more draws). 2 000 picks put the
+/// count far from either side of the 33 % line (one standard deviation is about 1 %).
+#[tokio::test(start_paused = true)]
+async fn cognitive_compares_more_than_two_candidates() {
+    assert_eq!(cost::COGNITIVE_CHOICES, 5);
+    let set = EndpointSet::uniform(&addrs(10), BalancerKind::Cognitive);
+    for (i, e) in set.endpoints().iter().enumerate() {
+        e.observe_load(if i == 3 { 0.0 } else { 1.5 });
+    }
+    let picks = 2_000;
+    let idle = (0..picks)
+        .filter(|_| set.pick(None).unwrap().addr.port() == 9003)
+        .count();
+    assert!(idle * 3 > picks, "the idle endpoint won {idle} of {picks} picks");
+}
+
+#[test]
+fn cheaper_candidate_prefers_available_then_strictly_cheaper() {
+    // Available beats ejected, whatever the costs.
+    assert!(cost::cheaper_candidate(false, 9.0, true, 1.0));
+    assert!(!cost::cheaper_candidate(true, 1.0, false, 9.0));
+    // Otherwise the strictly lower cost; a tie keeps the earlier draw.
+    assert!(cost::cheaper_candidate(false, 1.0, false, 2.0));
+    assert!(!cost::cheaper_candidate(false, 2.0, false, 2.0));
+    assert!(!cost::cheaper_candidate(false, 3.0, false, 2.0));
+    assert!(cost::cheaper_candidate(true, 1.0, true, 2.0));
+}
+
 #[test]
 fn ejected_endpoints_are_never_picked() {
     for kind in [
@@ -290,7 +320,7 @@ async fn ejection_for_a_while_ends_by_itself() {
     let e = &set.endpoints()[0];
     let ejection = Duration::from_millis(GATEWAY_FAILURE_EJECTION_MS);
     e.observe_gateway_failure(Duration::from_secs(1), ejection);
-    assert_eq!(e.fresh_load(STALE), Some(1.0));
+    assert_eq!(e.fresh_load(STALE), Some(cost::GATEWAY_FAILURE_LOAD));
     e.eject_for(ejection);
     assert_eq!(set.available(), 1);
     for _ in 0..50 {
@@ -299,9 +329,16 @@ async fn ejection_for_a_while_ends_by_itself() {
     tokio::time::advance(ejection).await;
     assert!(!e.is_ejected());
     assert_eq!(set.available(), 2);
-    // The full-load report outlives the ejection by the staleness bound.
+    // Back from ejection it still counts as loaded as it gets: a healthy endpoint reporting a
+    // queue three quarters as long as its slots (load 1.75) wins every draw. (Held at load 1,
+    // the failed endpoint cost 8 s here, the queued one 263 s.)
+    set.endpoints()[1].observe_load(1.75);
+    for _ in 0..50 {
+        assert_eq!(set.pick(None).unwrap().addr.port(), 9001);
+    }
+    // The report outlives the ejection by the staleness bound.
     tokio::time::advance(STALE).await;
-    assert_eq!(e.fresh_load(STALE), Some(1.0));
+    assert_eq!(e.fresh_load(STALE), Some(cost::GATEWAY_FAILURE_LOAD));
     tokio::time::advance(Duration::from_millis(1)).await;
     assert_eq!(e.fresh_load(STALE), None);
 }
