@@ -125,6 +125,11 @@ struct Args {
     #[arg(long)]
     shutdown_delay_ms: Option<u64>,
 
+    /// Send every request through the full request path, none through the HTTP/1.1 relay
+    /// (`http1_relay: false`). Overrides the file.
+    #[arg(long)]
+    no_http1_relay: bool,
+
     /// Priority admission: requests in flight through this instance before low and sheddable
     /// ones are shed and the rest queue (`admission.max_concurrency`). Overrides the file.
     #[arg(long)]
@@ -184,6 +189,7 @@ fn main() -> ExitCode {
             args.http2_streams_per_connection,
         );
         let (shutdown_delay, max_concurrency) = (args.shutdown_delay_ms, args.max_concurrency);
+        let no_relay = args.no_http1_relay;
         let control = config.control.clone();
         let identity = args.identity.is_some().then(|| config.identity.clone()).flatten();
         let observe = observe_overrides(&args);
@@ -208,6 +214,9 @@ fn main() -> ExitCode {
                 }
                 if let Some(ms) = shutdown_delay {
                     c.shutdown_delay_ms = ms;
+                }
+                if no_relay {
+                    c.http1_relay = false;
                 }
                 if let Some(n) = max_concurrency {
                     set_max_concurrency(c, n);
@@ -321,6 +330,9 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     }
     if let Some(n) = args.max_concurrency {
         set_max_concurrency(&mut config, n);
+    }
+    if args.no_http1_relay {
+        config.http1_relay = false;
     }
     if let (false, Some(service)) = (args.control.is_empty(), &args.service) {
         config.control = Some(ControlConfig {

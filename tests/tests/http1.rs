@@ -203,3 +203,102 @@ fn malformed_request_gets_400_and_the_connection_is_closed() {
     let (status, _) = cogmesh_e2e::http_get(proxy.listen, "/").unwrap();
     assert_eq!(status, 200);
 }
+
+/// Reads one HTTP/1.1 response off `r` (content-length or chunked): status, lower-cased head
+/// text and body.
+fn read_response(r: &mut impl std::io::BufRead) -> (u16, String, Vec<u8>) {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "connection closed in a head: {head}"
+        );
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line.to_ascii_lowercase());
+    }
+    let status: u16 = head[9..12].parse().unwrap();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::trim))
+            .map(str::to_string)
+    };
+    let mut body = Vec::new();
+    if let Some(n) = header("content-length") {
+        body.resize(n.parse().unwrap(), 0);
+        r.read_exact(&mut body).unwrap();
+    } else if header("transfer-encoding").as_deref() == Some("chunked") {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    (status, head, body)
+}
+
+/// Plain requests go through the relay (the fast lane) and the others through the full path,
+/// on one keep-alive connection: four requests written at once — a GET answered with a length,
+/// a POST with a length echoed back chunked, a chunked POST (the relay hands the connection
+/// over here, with the bytes it had read) and a last GET with `Connection: close` — come back
+/// complete and in order, and the connection closes after the last one. With the relay off
+/// (`--no-http1-relay`) the same bytes give the same answers.
+#[test]
+fn relayed_and_handed_over_requests_share_one_connection() {
+    let upstream = start_workload("w");
+    for extra in [&[][..], &["--no-http1-relay"][..]] {
+        let proxy = Proxy::quick(&[upstream.addr], extra);
+        let mut s = TcpStream::connect(proxy.listen).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let requests = concat!(
+            "GET /bytes?n=5000 HTTP/1.1\r\nHost: web\r\n\r\n",
+            "POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 11\r\n\r\nhello relay",
+            "POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhyper\r\n0\r\n\r\n",
+            "GET /sleep?ms=1 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+        );
+        s.write_all(requests.as_bytes()).unwrap();
+        let mut r = std::io::BufReader::new(s);
+        let (status, head, body) = read_response(&mut r);
+        assert_eq!((status, body), (200, pattern(5000)), "{extra:?} {head}");
+        assert!(head.contains("x-served-by: w"), "{head}");
+        let (status, head, body) = read_response(&mut r);
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"hello relay"[..]),
+            "{extra:?} {head}"
+        );
+        let (status, head, body) = read_response(&mut r);
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"hyper"[..]),
+            "{extra:?} {head}"
+        );
+        let (status, head, body) = read_response(&mut r);
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"slept 1 ms"[..]),
+            "{extra:?} {head}"
+        );
+        assert!(head.contains("connection: close"), "{head}");
+        let mut rest = Vec::new();
+        assert_eq!(
+            r.read_to_end(&mut rest).unwrap(),
+            0,
+            "nothing after the last response"
+        );
+        let m = proxy.metrics();
+        assert_eq!(
+            metric_value(&m, r#"request_total{direction="outbound",service="upstream"}"#),
+            Some(4.0),
+            "{m}"
+        );
+    }
+}

@@ -264,12 +264,20 @@ listeners:
         ),
         3.0
     );
+    // The client sidecar keeps its connections to the server's address open between requests
+    // (its per-worker pools), so the two IPv4 requests may share one: two or three captured
+    // connections, every one of them HTTP to the service.
+    let captured = counter(
+        &server,
+        r#"transparent_connection_total{direction="inbound",destination="service"}"#,
+    );
+    assert!((2.0..=3.0).contains(&captured), "{server}");
     assert_eq!(
         counter(
             &server,
-            r#"transparent_connection_total{direction="inbound",destination="service"}"#
+            r#"protocol_detect_total{direction="inbound",result="http1"}"#
         ),
-        3.0,
+        captured,
         "{server}"
     );
 

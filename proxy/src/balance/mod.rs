@@ -74,6 +74,8 @@ pub struct Endpoint {
     epoch: Instant,
     /// Idle HTTP/1.1 connections to this endpoint.
     pub http1: crate::forward::Http1Pool,
+    /// Idle connections of the HTTP/1.1 relay (see [`crate::forward::relay`]).
+    pub relay: crate::forward::RelayPool,
 }
 
 /// What `/config` and the metrics show of an endpoint.
@@ -111,6 +113,7 @@ impl Endpoint {
             outlier: OutlierState::default(),
             epoch: Instant::now(),
             http1: Default::default(),
+            relay: Default::default(),
         }
     }
 

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use prost::Message;
 
 pub const LOAD_HEADER: HeaderName = HeaderName::from_static("endpoint-load-metrics");
@@ -64,16 +64,24 @@ pub enum ReportError {
 
 /// The report in `headers`, if any: `Ok(None)` when there is none.
 pub fn from_headers(headers: &HeaderMap) -> Result<Option<LoadReport>, ReportError> {
-    let mut values = headers.get_all(LOAD_HEADER).iter();
+    from_values(headers.get_all(LOAD_HEADER).iter().map(HeaderValue::as_bytes))
+}
+
+/// The report in the values of the response header [`LOAD_HEADER`], however the head was
+/// parsed: none, one, or (refused) more than one.
+pub fn from_values<'a>(
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<LoadReport>, ReportError> {
     let Some(first) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
         return Err(ReportError::SeveralForms);
     }
-    let text = first
-        .to_str()
-        .map_err(|_| ReportError::Malformed("header"))?
+    let text = std::str::from_utf8(first)
+        .ok()
+        .filter(|t| t.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)))
+        .ok_or(ReportError::Malformed("header"))?
         .trim();
     let (form, body) = text.split_once(' ').unwrap_or((text, ""));
     let body = body.trim();

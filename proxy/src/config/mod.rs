@@ -56,6 +56,10 @@ pub struct ProxyConfig {
     pub admin_mutations: bool,
     #[serde(default = "default_header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
+    /// Serve plain HTTP/1.1 requests on the relay, the fast lane (see
+    /// `cogmesh_proxy::forward::relay`); `false` sends every request through the full path.
+    #[serde(default = "default_true")]
+    pub http1_relay: bool,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     #[serde(default = "default_pool_idle_timeout_ms")]
@@ -412,6 +416,10 @@ pub struct RouteMatch {
 fn default_admin() -> SocketAddr {
     DEFAULT_ADMIN_ADDR.parse().expect("constant address parses")
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_workers() -> usize {
     1
 }
@@ -506,6 +514,7 @@ impl ProxyConfig {
             shutdown_delay_ms: 0,
             admin_mutations: false,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            http1_relay: true,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             pool_idle_timeout_ms: DEFAULT_POOL_IDLE_TIMEOUT_MS,
             http2_streams_per_connection: DEFAULT_HTTP2_STREAMS_PER_CONNECTION,

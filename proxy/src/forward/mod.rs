@@ -15,6 +15,7 @@ mod body;
 mod headers;
 mod idle;
 mod pool;
+pub mod relay;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -36,6 +37,7 @@ use tracing::{debug, warn};
 pub use self::body::{Held, ProxyBody, TrailerReports};
 pub use self::pool::Http1Pool;
 use self::pool::{Lease, PoolSettings};
+pub use self::relay::RelayPool;
 use crate::balance::cost::retry_after_penalty;
 use crate::balance::{orca, Endpoint, InFlight};
 use crate::compress::{self, CodedBody};
@@ -93,6 +95,11 @@ impl Upstreams {
             http2,
             streams_per_connection: config.http2_streams_per_connection.max(1),
         }
+    }
+
+    /// How long connecting to an endpoint may take.
+    pub fn connect_timeout(&self) -> Duration {
+        self.http1.connect_timeout
     }
 
     /// How long an HTTP/1.1 connection may stay idle.
@@ -492,39 +499,18 @@ impl Forward {
         let elapsed = attempt_start.elapsed();
         match outcome {
             Ok(response) => {
-                // An endpoint that asks us to back off is backed off for the time it asked
-                // (bounded), so the balancer moves traffic away from it for that long. Its
-                // refusal is neither a latency sample nor an outlier's failure: the endpoint is
-                // alive and full, and ejecting it (30 s and more) would take its capacity away
-                // exactly when the service is short of capacity.
-                let backoff = matches!(response.status().as_u16(), 429 | 503)
-                    .then(|| response.headers().get(http::header::RETRY_AFTER))
-                    .flatten()
-                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                    .map(retry_after_penalty);
-                let failed = response.status().is_server_error();
-                if failed {
-                    endpoint.record_failure();
-                }
-                match backoff {
-                    Some(backoff) => {
-                        endpoint.back_off(backoff);
-                        endpoint.latency().observe(elapsed);
-                    }
-                    None => {
-                        endpoint.observe_rtt(elapsed);
-                        service.endpoints.observe_outcome(endpoint, failed);
-                    }
-                }
+                let retry_after = response.headers().get(http::header::RETRY_AFTER);
+                observe_answer(
+                    service,
+                    endpoint,
+                    response.status().as_u16(),
+                    retry_after.map(HeaderValue::as_bytes),
+                    elapsed,
+                );
             }
             Err(err) => {
-                let kind = err.kind();
-                endpoint.record_failure();
-                if matches!(kind, ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnect) {
-                    service.endpoints.gateway_failure(endpoint, elapsed);
-                }
-                service.endpoints.observe_outcome(endpoint, true);
-                warn!(service = %service.name, error = kind.label(), "{err}");
+                observe_failure(service, endpoint, err.kind(), elapsed);
+                warn!(service = %service.name, error = err.kind().label(), "{err}");
             }
         }
     }
@@ -645,19 +631,7 @@ impl Forward {
         // After a protocol switch the connection belongs to the spliced streams.
         let lease = lease.filter(|_| !switched);
 
-        match orca::from_headers(response.headers()) {
-            Ok(None) => {}
-            Ok(Some(report)) => {
-                if let Some(load) = report.load() {
-                    endpoint.observe_load(load);
-                }
-                metrics.load_reports_accepted.inc();
-            }
-            Err(e) => {
-                debug!(endpoint = %endpoint.addr, "ignoring load report: {e}");
-                metrics.load_reports_rejected.inc();
-            }
-        }
+        record_load_report(&endpoint, metrics, orca::from_headers(response.headers()));
         if !service.forward_load_reports {
             response.headers_mut().remove(orca::LOAD_HEADER);
         }
@@ -696,6 +670,73 @@ impl hyper::service::Service<Request<Incoming>> for Forward {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(req).await) })
+    }
+}
+
+/// What an answer of `endpoint` (its status and `Retry-After`, `elapsed` after the request
+/// went out) tells the balancer and the outlier detector.
+///
+/// An endpoint that asks us to back off is backed off for the time it asked (bounded), so the
+/// balancer moves traffic away from it for that long. Its refusal is neither a latency sample
+/// nor an outlier's failure: the endpoint is alive and full, and ejecting it (30 s and more)
+/// would take its capacity away exactly when the service is short of capacity.
+fn observe_answer(
+    service: &crate::route::Service,
+    endpoint: &Endpoint,
+    status: u16,
+    retry_after: Option<&[u8]>,
+    elapsed: Duration,
+) {
+    let backoff = matches!(status, 429 | 503)
+        .then_some(retry_after)
+        .flatten()
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
+        .map(retry_after_penalty);
+    let failed = (500..600).contains(&status);
+    if failed {
+        endpoint.record_failure();
+    }
+    match backoff {
+        Some(backoff) => {
+            endpoint.back_off(backoff);
+            endpoint.latency().observe(elapsed);
+        }
+        None => {
+            endpoint.observe_rtt(elapsed);
+            service.endpoints.observe_outcome(endpoint, failed);
+        }
+    }
+}
+
+/// What a failed attempt (no answer: `kind`, after `elapsed`) tells the balancer and the
+/// outlier detector; a gateway failure also holds the endpoint at full load and ejects it.
+fn observe_failure(service: &crate::route::Service, endpoint: &Endpoint, kind: ErrorKind, elapsed: Duration) {
+    endpoint.record_failure();
+    if matches!(kind, ErrorKind::UpstreamTimeout | ErrorKind::UpstreamConnect) {
+        service.endpoints.gateway_failure(endpoint, elapsed);
+    }
+    service.endpoints.observe_outcome(endpoint, true);
+}
+
+/// What a response's load report tells the balancer, counted as accepted or rejected (a
+/// malformed report is ignored, never a failed request).
+fn record_load_report(
+    endpoint: &Endpoint,
+    metrics: &ServiceMetrics,
+    report: Result<Option<orca::LoadReport>, orca::ReportError>,
+) {
+    match report {
+        Ok(None) => {}
+        Ok(Some(report)) => {
+            if let Some(load) = report.load() {
+                endpoint.observe_load(load);
+            }
+            metrics.load_reports_accepted.inc();
+        }
+        Err(e) => {
+            debug!(endpoint = %endpoint.addr, "ignoring load report: {e}");
+            metrics.load_reports_rejected.inc();
+        }
     }
 }
 

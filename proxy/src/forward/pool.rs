@@ -223,6 +223,13 @@ async fn connect(
     timeout: Duration,
     permit: ConnectionPermit,
 ) -> Result<SendRequest<UpstreamBody>, ProxyError> {
+    let stream = connect_tcp(addr, timeout).await?;
+    handshake(addr, stream, permit).await
+}
+
+/// A TCP connection to an endpoint within `timeout`, with `TCP_NODELAY`; a failure is
+/// `upstream_connect` with its cause.
+pub(super) async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
     let failed = |cause: String| ProxyError::UpstreamConnect {
         endpoint: addr,
         cause,
@@ -238,7 +245,7 @@ async fn connect(
         }
     };
     let _ = stream.set_nodelay(true);
-    handshake(addr, stream, permit).await
+    Ok(stream)
 }
 
 /// Opens a TLS connection (see [`crate::tls::client`]) for HTTP/1.1.

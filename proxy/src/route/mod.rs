@@ -297,6 +297,12 @@ impl RoutingTable {
     /// Like [`RoutingTable::route`], with the matched route's rate limiter, priority and
     /// response policy.
     pub fn route_match<B>(&self, listener: usize, req: &Request<B>) -> RouteMatch<'_> {
+        self.route_match_by(listener, &ParsedRequest(req))
+    }
+
+    /// [`Self::route_match`] over what a request head says, however it was parsed (the
+    /// HTTP/1.1 relay matches on the raw head, without building a `Request`).
+    pub fn route_match_by(&self, listener: usize, req: &impl RouteInput) -> RouteMatch<'_> {
         match self.matched_route(req) {
             Some(r) => RouteMatch {
                 service: Some(r.service),
@@ -319,8 +325,11 @@ impl RoutingTable {
         }
     }
 
-    fn matched_route<B>(&self, req: &Request<B>) -> Option<&Route> {
-        let host = request_host(req);
+    fn matched_route(&self, req: &impl RouteInput) -> Option<&Route> {
+        if self.routes.is_empty() {
+            return None;
+        }
+        let host = req.host().map(strip_port);
         for r in &self.routes {
             if let Some(h) = &r.host {
                 match host {
@@ -329,15 +338,20 @@ impl RoutingTable {
                 }
             }
             if let Some(p) = &r.path_prefix {
-                if !req.uri().path().starts_with(p.as_str()) {
+                if !req.path().starts_with(p.as_str()) {
                     continue;
                 }
             }
-            if r.headers.iter().all(|(k, v)| req.headers().get(k) == Some(v)) {
+            if r.headers.iter().all(|(k, v)| req.header(k) == Some(v.as_bytes())) {
                 return Some(r);
             }
         }
         None
+    }
+
+    /// Whether some route matches on request headers (the relay then looks them up).
+    pub fn routes_on_headers(&self) -> bool {
+        self.routes.iter().any(|r| !r.headers.is_empty())
     }
 
     pub fn snapshot(&self) -> TableSnapshot {
@@ -429,16 +443,39 @@ fn route_policy(
 
 /// The request's host without port: from the URI (HTTP/2 `:authority`, absolute-form) or the
 /// `Host` header.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    let raw = match req.uri().host() {
-        Some(h) => h,
-        None => req.headers().get(http::header::HOST)?.to_str().ok()?,
-    };
-    // Strip a port, but not from a bracketed IPv6 literal.
-    Some(match raw.rfind(':') {
+/// What route matching reads of a request: the host it names (the URI's, else `Host`, port
+/// included), its path, and the first value of a header.
+pub trait RouteInput {
+    fn host(&self) -> Option<&str>;
+    fn path(&self) -> &str;
+    fn header(&self, name: &HeaderName) -> Option<&[u8]>;
+}
+
+struct ParsedRequest<'a, B>(&'a Request<B>);
+
+impl<B> RouteInput for ParsedRequest<'_, B> {
+    fn host(&self) -> Option<&str> {
+        match self.0.uri().host() {
+            Some(h) => Some(h),
+            None => self.0.headers().get(http::header::HOST)?.to_str().ok(),
+        }
+    }
+
+    fn path(&self) -> &str {
+        self.0.uri().path()
+    }
+
+    fn header(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.0.headers().get(name).map(HeaderValue::as_bytes)
+    }
+}
+
+/// A host without its port, but a bracketed IPv6 literal whole.
+fn strip_port(raw: &str) -> &str {
+    match raw.rfind(':') {
         Some(i) if !raw.ends_with(']') && !raw[..i].contains(':') => &raw[..i],
         _ => raw,
-    })
+    }
 }
 
 #[derive(Serialize)]

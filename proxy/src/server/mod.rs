@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::ProxyConfig;
-use crate::forward::{Forward, Shared, Upstreams};
+use crate::forward::{relay, Forward, Shared, Upstreams};
 use crate::hardening::GuardedIo;
 use crate::metrics::Metrics;
 use crate::route::{EndpointOverrides, RoutingTable, SharedTable};
@@ -342,6 +342,7 @@ async fn sweep_idle(state: Arc<State>, idle_timeout: Duration, mut stop: watch::
         for service in &table.services {
             for endpoint in service.endpoints.endpoints() {
                 endpoint.http1.sweep();
+                endpoint.relay.sweep();
             }
         }
     }
@@ -418,8 +419,26 @@ async fn accept_loop(
             continue;
         }
         let (shared, refused, bytes) = (Arc::clone(&shared), refused.clone(), bytes.clone());
-        let serve_http = move |stream, pinned| async move {
+        let stop = stop.clone();
+        let relay_on = state.config.load().http1_relay;
+        let serve_http = move |stream, pinned: Option<Arc<str>>| async move {
             let stream = crate::metrics::CountedIo::new(stream, bytes);
+            let stream = if relay_on && relay::enabled(&shared) {
+                let lane = relay::Lane {
+                    shared: Arc::clone(&shared),
+                    listener: index,
+                    client_ip: peer.ip().to_string(),
+                    pinned: pinned.clone(),
+                    stop,
+                    header_read_timeout,
+                };
+                match relay::serve(stream, lane).await {
+                    relay::Ended::Closed => return,
+                    relay::Ended::Handoff(io, read) => relay::Prefixed::new(io, read),
+                }
+            } else {
+                relay::Prefixed::new(stream, bytes::BytesMut::new())
+            };
             let stream = GuardedIo::new(stream, &shared.limits, header_read_timeout, refused);
             let service = Forward::new(Arc::clone(&shared), index, peer, None).pinned_to(pinned);
             serve(&builder, watcher, stream, service, peer).await;
