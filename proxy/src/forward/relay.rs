@@ -19,15 +19,17 @@
 //! (which the full path answers with 400 or 431) — and every route or service with something
 //! the relay does not do: a rate limit, admission control, authorization, security headers, a
 //! cache or compression policy, retries, a request or stream-idle timeout, ring-hash affinity,
-//! TLS or HTTP/2 upstream, tracing or the access log. It also covers what the relay cannot decide
-//! alone: an open circuit breaker, no endpoint to pick, no connection slot left.
+//! TLS or HTTP/2 upstream, and the access log. It also covers a `max_connections` limit reached
+//! with no idle connection to borrow, which the full path may still serve from its own pool.
 //!
 //! What the relay does do, it does as the full path does: the same balancer pick, in-flight
 //! count, breaker permit, `max_connections` slot per upstream connection, response timeout,
 //! ORCA load reports (read, counted, stripped unless forwarded), what an answer or a failure
-//! tells the balancer and the outlier detector, the same metrics, and the same error responses
-//! (502 / 504 with the cause in the body and `x-cogmesh-error`). A pooled upstream connection
-//! found closed when the request goes out is replaced by a fresh one, as hyper's pool does.
+//! tells the balancer and the outlier detector, the same metrics, the same spans (the trace
+//! headers of the next hop, a SERVER and a CLIENT span when sampled), and the same error
+//! responses (503 `overloaded` / `no_endpoints`, 502, 504, with the cause in the body and
+//! `x-cogmesh-error`). A pooled upstream connection found closed when the request goes out is
+//! replaced by a fresh one, as hyper's pool does.
 
 use std::fmt::Write as _;
 use std::io;
@@ -82,10 +84,10 @@ pub enum Ended<IO> {
     Handoff(IO, BytesMut),
 }
 
-/// Whether the relay may serve this listener's connections at all: not while spans or the
-/// access log are on, which need the full path's view of every request.
+/// Whether the relay may serve this listener's connections at all: not while the access log is
+/// on, which needs the full path's view of every request. (Spans it records itself.)
 pub fn enabled(shared: &Shared) -> bool {
-    shared.observe.tracer.is_none() && shared.observe.access_log.is_none()
+    shared.observe.access_log.is_none()
 }
 
 /// Serves the connection's plain requests until it closes or a request needs the full path.
@@ -144,6 +146,89 @@ struct Head {
     head_method: bool,
     /// The client asked to close after this exchange.
     close: bool,
+    /// With tracing on: what the request's spans need.
+    trace: Option<Trace>,
+}
+
+/// What the spans of a relayed request need of its head.
+struct Trace {
+    /// Its trace headers (`traceparent`, `tracestate`, B3), which the next hop gets as the
+    /// tracer rewrites them.
+    incoming: http::HeaderMap,
+    method: http::Method,
+    path: String,
+    route: Option<Arc<str>>,
+}
+
+/// The spans of a relayed request: the SERVER span and the CLIENT span of its one attempt.
+struct Traced {
+    tracer: Arc<crate::otel::Tracer>,
+    server: crate::otel::ServerSpan,
+    client: Option<crate::otel::ClientSpan>,
+    trace: Trace,
+    table: Arc<RoutingTable>,
+    listener: usize,
+    service: usize,
+}
+
+impl Traced {
+    /// Starts the spans and writes the next hop's trace headers into `out`.
+    fn start(
+        tracer: &Arc<crate::otel::Tracer>,
+        mut trace: Trace,
+        started: Instant,
+        (table, listener, service): (&Arc<RoutingTable>, usize, usize),
+        out: &mut Vec<u8>,
+    ) -> Traced {
+        let server = tracer.server_span(&trace.incoming, started);
+        let client = tracer.start_client(&server, &trace.method, &mut trace.incoming);
+        for (name, value) in &trace.incoming {
+            put_header(out, name.as_str(), value.as_bytes());
+        }
+        Traced {
+            tracer: Arc::clone(tracer),
+            server,
+            client,
+            trace,
+            table: Arc::clone(table),
+            listener,
+            service,
+        }
+    }
+
+    /// Ends both spans: the answer's status, or the proxy's error.
+    fn finish(self, status: u16, error: Option<&'static str>, endpoint: Option<SocketAddr>) {
+        let service = self.table.services[self.service].name.as_str();
+        if let Some(client) = self.client {
+            let outcome = crate::otel::ClientOutcome {
+                service,
+                endpoint,
+                status: error.is_none().then_some(status),
+                error,
+            };
+            self.tracer.end_client(&self.server, client, &outcome);
+        }
+        let listener = &self.table.listeners[self.listener];
+        let outcome = crate::otel::ServerOutcome {
+            method: &self.trace.method,
+            path: &self.trace.path,
+            listener: &listener.name,
+            direction: listener.direction.as_str(),
+            route: self.trace.route.as_deref(),
+            service: Some(service),
+            status,
+            error,
+        };
+        self.tracer.end_server(self.server, &outcome);
+    }
+}
+
+/// The headers trace context travels in.
+fn is_trace_header(name: &str) -> bool {
+    ["traceparent", "tracestate", "b3"]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+        || name.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("x-b3-"))
 }
 
 enum Inspected {
@@ -192,6 +277,18 @@ where
         }
     };
     let start = Instant::now();
+    let mut head = head;
+    let mut traced = match (head.trace.take(), &lane.shared.observe.tracer) {
+        (Some(trace), Some(tracer)) => Some(Traced::start(
+            tracer,
+            trace,
+            start,
+            (&table, lane.listener, head.service),
+            &mut work.out,
+        )),
+        _ => None,
+    };
+    work.out.extend_from_slice(b"\r\n");
     let service = &table.services[head.service];
     let metrics = &table.listeners[lane.listener].metrics[head.service];
     let mut permit = match service.breaker.try_request() {
@@ -203,7 +300,7 @@ where
                 service: service_name,
                 threshold,
             };
-            return fail(io, buf, &head, metrics, service, None, start, err).await;
+            return fail(io, buf, &head, metrics, service, None, start, err, &mut traced).await;
         }
     };
     let Some(endpoint) = service.endpoints.pick(None) else {
@@ -211,7 +308,7 @@ where
         let err = ProxyError::NoEndpoints {
             service: service.name.clone(),
         };
-        return fail(io, buf, &head, metrics, service, None, start, err).await;
+        return fail(io, buf, &head, metrics, service, None, start, err, &mut traced).await;
     };
     let endpoint = Arc::clone(endpoint);
     let (mut upstream, mut pooled) = match endpoint.relay.take() {
@@ -225,7 +322,18 @@ where
                     match connect(endpoint.addr, lane.shared.upstreams.connect_timeout(), slot).await {
                         Ok(u) => (u, false),
                         Err(err) => {
-                            return fail(io, buf, &head, metrics, service, Some(&endpoint), start, err).await
+                            return fail(
+                                io,
+                                buf,
+                                &head,
+                                metrics,
+                                service,
+                                Some(&endpoint),
+                                start,
+                                err,
+                                &mut traced,
+                            )
+                            .await
                         }
                     }
                 }
@@ -253,13 +361,35 @@ where
                 (upstream, pooled) = match replacement(&endpoint, service, lane).await {
                     Ok(next) => next,
                     Err(err) => {
-                        return fail(io, buf, &head, metrics, service, Some(&endpoint), start, err).await
+                        return fail(
+                            io,
+                            buf,
+                            &head,
+                            metrics,
+                            service,
+                            Some(&endpoint),
+                            start,
+                            err,
+                            &mut traced,
+                        )
+                        .await
                     }
                 };
                 continue;
             }
             let err = reset(endpoint.addr, &e);
-            return fail(io, buf, &head, metrics, service, Some(&endpoint), start, err).await;
+            return fail(
+                io,
+                buf,
+                &head,
+                metrics,
+                service,
+                Some(&endpoint),
+                start,
+                err,
+                &mut traced,
+            )
+            .await;
         }
         if !whole {
             buf.advance(head.len + buffered);
@@ -269,7 +399,18 @@ where
                 Err(CopyError::Source(_)) => return Next::Drop,
                 Err(CopyError::Sink(e)) => {
                     let err = reset(endpoint.addr, &e);
-                    return fail(io, buf, &head, metrics, service, Some(&endpoint), start, err).await;
+                    return fail(
+                        io,
+                        buf,
+                        &head,
+                        metrics,
+                        service,
+                        Some(&endpoint),
+                        start,
+                        err,
+                        &mut traced,
+                    )
+                    .await;
                 }
             }
         }
@@ -283,7 +424,18 @@ where
                         endpoint: endpoint.addr,
                         after,
                     };
-                    return fail(io, buf, &head, metrics, service, Some(&endpoint), start, err).await;
+                    return fail(
+                        io,
+                        buf,
+                        &head,
+                        metrics,
+                        service,
+                        Some(&endpoint),
+                        start,
+                        err,
+                        &mut traced,
+                    )
+                    .await;
                 }
             },
         };
@@ -294,7 +446,18 @@ where
                 (upstream, pooled) = match replacement(&endpoint, service, lane).await {
                     Ok(next) => next,
                     Err(err) => {
-                        return fail(io, buf, &head, metrics, service, Some(&endpoint), start, err).await
+                        return fail(
+                            io,
+                            buf,
+                            &head,
+                            metrics,
+                            service,
+                            Some(&endpoint),
+                            start,
+                            err,
+                            &mut traced,
+                        )
+                        .await
                     }
                 };
                 sent_at = Instant::now();
@@ -304,7 +467,18 @@ where
                     endpoint: endpoint.addr,
                     cause: e.to_string(),
                 };
-                return fail(io, buf, &head, metrics, service, Some(&endpoint), start, err).await;
+                return fail(
+                    io,
+                    buf,
+                    &head,
+                    metrics,
+                    service,
+                    Some(&endpoint),
+                    start,
+                    err,
+                    &mut traced,
+                )
+                .await;
             }
         }
     };
@@ -320,6 +494,9 @@ where
         metrics.latency.observe(start.elapsed());
         metrics.response(answer.code);
         super::record_load_report(&endpoint, metrics, reported);
+        if let Some(t) = traced.take() {
+            t.finish(answer.code, None, Some(endpoint.addr));
+        }
         observe_answer(
             service,
             &endpoint,
@@ -490,15 +667,16 @@ fn inspect(
             let matched = table.route_match_by(lane.listener, &raw);
             let plain = matched.rate_limit.is_none() && matched.policy.is_none() && matched.access.is_none();
             match matched.service {
-                Some(s) if plain => s,
+                Some(s) if plain => (s, matched.route.cloned()),
                 _ => return Inspected::Handoff,
             }
         }
         Some(name) => match table.services.iter().position(|s| *s.name == **name) {
-            Some(s) => s,
+            Some(s) => (s, None),
             None => return Inspected::Handoff,
         },
     };
+    let (service, route) = service;
     let routes = &table.listeners[lane.listener];
     let s = &table.services[service];
     let relayable = routes.rate_limit.is_none()
@@ -519,8 +697,20 @@ fn inspect(
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut forwarded_for = None;
+    let tracing = lane.shared.observe.tracer.is_some();
+    let mut incoming = http::HeaderMap::new();
     for h in req.headers.iter() {
         let name = h.name;
+        if tracing && is_trace_header(name) {
+            let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_bytes(h.value),
+            ) else {
+                return Inspected::Handoff;
+            };
+            incoming.append(n, v);
+            continue;
+        }
         if is_hop_by_hop(name)
             && !(name.eq_ignore_ascii_case("te") && h.value.eq_ignore_ascii_case(b"trailers"))
         {
@@ -541,8 +731,21 @@ fn inspect(
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(lane.client_ip.as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n\r\n");
+    // The blank line comes after the trace headers (see `exchange`).
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
     let idempotent = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
+    let trace = match tracing {
+        false => None,
+        true => Some(Trace {
+            incoming,
+            method: match http::Method::from_bytes(method.as_bytes()) {
+                Ok(m) => m,
+                Err(_) => return Inspected::Handoff,
+            },
+            path: path.split('?').next().unwrap_or(path).to_owned(),
+            route,
+        }),
+    };
     Inspected::Relay(Head {
         len,
         body: body.unwrap_or(0),
@@ -550,6 +753,7 @@ fn inspect(
         idempotent,
         head_method: method == "HEAD",
         close,
+        trace,
     })
 }
 
@@ -895,11 +1099,19 @@ async fn fail<IO>(
     endpoint: Option<&Arc<Endpoint>>,
     start: Instant,
     err: ProxyError,
+    traced: &mut Option<Traced>,
 ) -> Next
 where
     IO: AsyncWrite + Unpin,
 {
     let kind = err.kind();
+    if let Some(t) = traced.take() {
+        t.finish(
+            kind.status().as_u16(),
+            Some(kind.label()),
+            endpoint.map(|e| e.addr),
+        );
+    }
     if let Some(endpoint) = endpoint {
         observe_failure(service, endpoint, kind, start.elapsed());
     }
@@ -1260,6 +1472,23 @@ mod tests {
         assert_eq!(ends(&[b"5\r\nhelloX"]), Err(()));
         assert_eq!(ends(&[b"\r\n"]), Err(()));
         assert_eq!(ends(&[b"ffffffffffffffff\r\n"]), Err(()));
+    }
+
+    #[test]
+    fn trace_context_headers_are_recognised_in_any_case() {
+        for name in [
+            "traceparent",
+            "TraceState",
+            "b3",
+            "X-B3-TraceId",
+            "x-b3-sampled",
+            "x-b3-flags",
+        ] {
+            assert!(is_trace_header(name), "{name}");
+        }
+        for name in ["x-b3", "x-b", "b33", "trace", "x-request-id"] {
+            assert!(!is_trace_header(name), "{name}");
+        }
     }
 
     #[test]
