@@ -291,6 +291,12 @@ where
     work.out.extend_from_slice(b"\r\n");
     let service = &table.services[head.service];
     let metrics = &table.listeners[lane.listener].metrics[head.service];
+    let at = At {
+        head: &head,
+        metrics,
+        service,
+        start,
+    };
     let mut permit = match service.breaker.try_request() {
         Ok(permit) => permit,
         Err(threshold) => {
@@ -300,7 +306,7 @@ where
                 service: service_name,
                 threshold,
             };
-            return fail(io, buf, &head, metrics, service, None, start, err, &mut traced).await;
+            return fail(io, buf, &at, None, err, &mut traced).await;
         }
     };
     let Some(endpoint) = service.endpoints.pick(None) else {
@@ -308,7 +314,7 @@ where
         let err = ProxyError::NoEndpoints {
             service: service.name.clone(),
         };
-        return fail(io, buf, &head, metrics, service, None, start, err, &mut traced).await;
+        return fail(io, buf, &at, None, err, &mut traced).await;
     };
     let endpoint = Arc::clone(endpoint);
     let (mut upstream, mut pooled) = match endpoint.relay.take() {
@@ -321,20 +327,7 @@ where
                     metrics.requests.inc();
                     match connect(endpoint.addr, lane.shared.upstreams.connect_timeout(), slot).await {
                         Ok(u) => (u, false),
-                        Err(err) => {
-                            return fail(
-                                io,
-                                buf,
-                                &head,
-                                metrics,
-                                service,
-                                Some(&endpoint),
-                                start,
-                                err,
-                                &mut traced,
-                            )
-                            .await
-                        }
+                        Err(err) => return fail(io, buf, &at, Some(&endpoint), err, &mut traced).await,
                     }
                 }
                 None => match endpoint.relay.borrow() {
@@ -360,36 +353,12 @@ where
                 stale += 1;
                 (upstream, pooled) = match replacement(&endpoint, service, lane).await {
                     Ok(next) => next,
-                    Err(err) => {
-                        return fail(
-                            io,
-                            buf,
-                            &head,
-                            metrics,
-                            service,
-                            Some(&endpoint),
-                            start,
-                            err,
-                            &mut traced,
-                        )
-                        .await
-                    }
+                    Err(err) => return fail(io, buf, &at, Some(&endpoint), err, &mut traced).await,
                 };
                 continue;
             }
             let err = reset(endpoint.addr, &e);
-            return fail(
-                io,
-                buf,
-                &head,
-                metrics,
-                service,
-                Some(&endpoint),
-                start,
-                err,
-                &mut traced,
-            )
-            .await;
+            return fail(io, buf, &at, Some(&endpoint), err, &mut traced).await;
         }
         if !whole {
             buf.advance(head.len + buffered);
@@ -399,18 +368,7 @@ where
                 Err(CopyError::Source(_)) => return Next::Drop,
                 Err(CopyError::Sink(e)) => {
                     let err = reset(endpoint.addr, &e);
-                    return fail(
-                        io,
-                        buf,
-                        &head,
-                        metrics,
-                        service,
-                        Some(&endpoint),
-                        start,
-                        err,
-                        &mut traced,
-                    )
-                    .await;
+                    return fail(io, buf, &at, Some(&endpoint), err, &mut traced).await;
                 }
             }
         }
@@ -424,18 +382,7 @@ where
                         endpoint: endpoint.addr,
                         after,
                     };
-                    return fail(
-                        io,
-                        buf,
-                        &head,
-                        metrics,
-                        service,
-                        Some(&endpoint),
-                        start,
-                        err,
-                        &mut traced,
-                    )
-                    .await;
+                    return fail(io, buf, &at, Some(&endpoint), err, &mut traced).await;
                 }
             },
         };
@@ -445,20 +392,7 @@ where
                 stale += 1;
                 (upstream, pooled) = match replacement(&endpoint, service, lane).await {
                     Ok(next) => next,
-                    Err(err) => {
-                        return fail(
-                            io,
-                            buf,
-                            &head,
-                            metrics,
-                            service,
-                            Some(&endpoint),
-                            start,
-                            err,
-                            &mut traced,
-                        )
-                        .await
-                    }
+                    Err(err) => return fail(io, buf, &at, Some(&endpoint), err, &mut traced).await,
                 };
                 sent_at = Instant::now();
             }
@@ -467,18 +401,7 @@ where
                     endpoint: endpoint.addr,
                     cause: e.to_string(),
                 };
-                return fail(
-                    io,
-                    buf,
-                    &head,
-                    metrics,
-                    service,
-                    Some(&endpoint),
-                    start,
-                    err,
-                    &mut traced,
-                )
-                .await;
+                return fail(io, buf, &at, Some(&endpoint), err, &mut traced).await;
             }
         }
     };
@@ -1086,24 +1009,35 @@ where
     Ok(())
 }
 
+/// Where an exchange is: its request, its service and metrics, and when it began.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    head: &'a Head,
+    metrics: &'a ServiceMetrics,
+    service: &'a crate::route::Service,
+    start: Instant,
+}
+
 /// Answers a request the relay failed itself, as the full path does: counted, told to the
 /// balancer (when an endpoint was involved), logged, and a plain-text response naming the
 /// cause. The connection stays open when the whole request had been read.
-#[allow(clippy::too_many_arguments)]
 async fn fail<IO>(
     io: &mut IO,
     buf: &mut BytesMut,
-    head: &Head,
-    metrics: &ServiceMetrics,
-    service: &crate::route::Service,
+    at: &At<'_>,
     endpoint: Option<&Arc<Endpoint>>,
-    start: Instant,
     err: ProxyError,
     traced: &mut Option<Traced>,
 ) -> Next
 where
     IO: AsyncWrite + Unpin,
 {
+    let At {
+        head,
+        metrics,
+        service,
+        start,
+    } = *at;
     let kind = err.kind();
     if let Some(t) = traced.take() {
         t.finish(
