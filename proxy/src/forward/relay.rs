@@ -146,8 +146,8 @@ struct Head {
     head_method: bool,
     /// The client asked to close after this exchange.
     close: bool,
-    /// With tracing on: what the request's spans need.
-    trace: Option<Trace>,
+    /// With tracing on: what the request's spans need (boxed: most requests have none).
+    trace: Option<Box<Trace>>,
 }
 
 /// What the spans of a relayed request need of its head.
@@ -155,7 +155,9 @@ struct Trace {
     /// Its trace headers (`traceparent`, `tracestate`, B3), which the next hop gets as the
     /// tracer rewrites them.
     incoming: http::HeaderMap,
+    server: crate::otel::ServerSpan,
     method: http::Method,
+    /// The path and route, kept only when the span is recorded.
     path: String,
     route: Option<Arc<str>>,
 }
@@ -163,9 +165,8 @@ struct Trace {
 /// The spans of a relayed request: the SERVER span and the CLIENT span of its one attempt.
 struct Traced {
     tracer: Arc<crate::otel::Tracer>,
-    server: crate::otel::ServerSpan,
     client: Option<crate::otel::ClientSpan>,
-    trace: Trace,
+    trace: Box<Trace>,
     table: Arc<RoutingTable>,
     listener: usize,
     service: usize,
@@ -175,19 +176,16 @@ impl Traced {
     /// Starts the spans and writes the next hop's trace headers into `out`.
     fn start(
         tracer: &Arc<crate::otel::Tracer>,
-        mut trace: Trace,
-        started: Instant,
+        mut trace: Box<Trace>,
         (table, listener, service): (&Arc<RoutingTable>, usize, usize),
         out: &mut Vec<u8>,
     ) -> Traced {
-        let server = tracer.server_span(&trace.incoming, started);
-        let client = tracer.start_client(&server, &trace.method, &mut trace.incoming);
+        let client = tracer.start_client(&trace.server, &trace.method, &mut trace.incoming);
         for (name, value) in &trace.incoming {
             put_header(out, name.as_str(), value.as_bytes());
         }
         Traced {
             tracer: Arc::clone(tracer),
-            server,
             client,
             trace,
             table: Arc::clone(table),
@@ -206,7 +204,7 @@ impl Traced {
                 status: error.is_none().then_some(status),
                 error,
             };
-            self.tracer.end_client(&self.server, client, &outcome);
+            self.tracer.end_client(&self.trace.server, client, &outcome);
         }
         let listener = &self.table.listeners[self.listener];
         let outcome = crate::otel::ServerOutcome {
@@ -219,7 +217,7 @@ impl Traced {
             status,
             error,
         };
-        self.tracer.end_server(self.server, &outcome);
+        self.tracer.end_server(self.trace.server, &outcome);
     }
 }
 
@@ -282,7 +280,6 @@ where
         (Some(trace), Some(tracer)) => Some(Traced::start(
             tracer,
             trace,
-            start,
             (&table, lane.listener, head.service),
             &mut work.out,
         )),
@@ -657,17 +654,25 @@ fn inspect(
     // The blank line comes after the trace headers (see `exchange`).
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
     let idempotent = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
-    let trace = match tracing {
-        false => None,
-        true => Some(Trace {
-            incoming,
-            method: match http::Method::from_bytes(method.as_bytes()) {
-                Ok(m) => m,
-                Err(_) => return Inspected::Handoff,
-            },
-            path: path.split('?').next().unwrap_or(path).to_owned(),
-            route,
-        }),
+    let trace = match &lane.shared.observe.tracer {
+        None => None,
+        Some(tracer) => {
+            let Ok(method) = http::Method::from_bytes(method.as_bytes()) else {
+                return Inspected::Handoff;
+            };
+            let server = tracer.server_span(&incoming, Instant::now());
+            let sampled = server.is_sampled();
+            Some(Box::new(Trace {
+                incoming,
+                server,
+                method,
+                path: match sampled {
+                    true => path.split('?').next().unwrap_or(path).to_owned(),
+                    false => String::new(),
+                },
+                route: route.filter(|_| sampled),
+            }))
+        }
     };
     Inspected::Relay(Head {
         len,
