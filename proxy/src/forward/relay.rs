@@ -99,6 +99,7 @@ where
     let mut work = Work {
         out: Vec::with_capacity(1024),
         rbuf: BytesMut::with_capacity(READ_CHUNK),
+        trace_headers: http::HeaderMap::new(),
     };
     // The first head must arrive within the header-read timeout of the connection's start;
     // later ones within it of their first byte.
@@ -122,6 +123,9 @@ struct Work {
     out: Vec<u8>,
     /// What the upstream sent.
     rbuf: BytesMut,
+    /// With tracing on, the request's trace headers, then the next hop's (kept for its
+    /// capacity).
+    trace_headers: http::HeaderMap,
 }
 
 enum Next {
@@ -152,9 +156,6 @@ struct Head {
 
 /// What the spans of a relayed request need of its head.
 struct Trace {
-    /// Its trace headers (`traceparent`, `tracestate`, B3), which the next hop gets as the
-    /// tracer rewrites them.
-    incoming: http::HeaderMap,
     server: crate::otel::ServerSpan,
     method: http::Method,
     /// The path and route, kept only when the span is recorded.
@@ -176,12 +177,14 @@ impl Traced {
     /// Starts the spans and writes the next hop's trace headers into `out`.
     fn start(
         tracer: &Arc<crate::otel::Tracer>,
-        mut trace: Box<Trace>,
+        trace: Box<Trace>,
         (table, listener, service): (&Arc<RoutingTable>, usize, usize),
+        headers: &mut http::HeaderMap,
         out: &mut Vec<u8>,
     ) -> Traced {
-        let client = tracer.start_client(&trace.server, &trace.method, &mut trace.incoming);
-        for (name, value) in &trace.incoming {
+        // The request's trace headers, as the tracer rewrites them for the next hop.
+        let client = tracer.start_client(&trace.server, &trace.method, headers);
+        for (name, value) in &*headers {
             put_header(out, name.as_str(), value.as_bytes());
         }
         Traced {
@@ -253,7 +256,14 @@ where
             // The table in force when the head is complete (a reload may swap it while the
             // connection waits for its next request).
             let table = lane.shared.table.load_full();
-            match inspect(buf, &table, lane, max_headers, &mut work.out) {
+            match inspect(
+                buf,
+                &table,
+                lane,
+                max_headers,
+                &mut work.trace_headers,
+                &mut work.out,
+            ) {
                 // Over the head limit: the full path answers 431.
                 Inspected::Relay(head) if head.len > max_head => return Next::Handoff,
                 Inspected::Relay(head) => break (head, table),
@@ -281,6 +291,7 @@ where
             tracer,
             trace,
             (&table, lane.listener, head.service),
+            &mut work.trace_headers,
             &mut work.out,
         )),
         _ => None,
@@ -522,6 +533,7 @@ fn inspect(
     table: &RoutingTable,
     lane: &Lane,
     max_headers: usize,
+    incoming: &mut http::HeaderMap,
     out: &mut Vec<u8>,
 ) -> Inspected {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -618,7 +630,9 @@ fn inspect(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut forwarded_for = None;
     let tracing = lane.shared.observe.tracer.is_some();
-    let mut incoming = http::HeaderMap::new();
+    if tracing {
+        incoming.clear();
+    }
     for h in req.headers.iter() {
         let name = h.name;
         if tracing && is_trace_header(name) {
@@ -660,10 +674,9 @@ fn inspect(
             let Ok(method) = http::Method::from_bytes(method.as_bytes()) else {
                 return Inspected::Handoff;
             };
-            let server = tracer.server_span(&incoming, Instant::now());
+            let server = tracer.server_span(incoming, Instant::now());
             let sampled = server.is_sampled();
             Some(Box::new(Trace {
-                incoming,
                 server,
                 method,
                 path: match sampled {
