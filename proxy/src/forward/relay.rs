@@ -157,8 +157,8 @@ struct Head {
 /// What the spans of a relayed request need of its head.
 struct Trace {
     server: crate::otel::ServerSpan,
+    client: Option<crate::otel::ClientSpan>,
     method: http::Method,
-    /// The path and route, kept only when the span is recorded.
     path: String,
     route: Option<Arc<str>>,
 }
@@ -166,7 +166,6 @@ struct Trace {
 /// The spans of a relayed request: the SERVER span and the CLIENT span of its one attempt.
 struct Traced {
     tracer: Arc<crate::otel::Tracer>,
-    client: Option<crate::otel::ClientSpan>,
     trace: Box<Trace>,
     table: Arc<RoutingTable>,
     listener: usize,
@@ -174,22 +173,14 @@ struct Traced {
 }
 
 impl Traced {
-    /// Starts the spans and writes the next hop's trace headers into `out`.
+    /// The spans of a recorded request, to be ended with its outcome.
     fn start(
         tracer: &Arc<crate::otel::Tracer>,
         trace: Box<Trace>,
         (table, listener, service): (&Arc<RoutingTable>, usize, usize),
-        headers: &mut http::HeaderMap,
-        out: &mut Vec<u8>,
     ) -> Traced {
-        // The request's trace headers, as the tracer rewrites them for the next hop.
-        let client = tracer.start_client(&trace.server, &trace.method, headers);
-        for (name, value) in &*headers {
-            put_header(out, name.as_str(), value.as_bytes());
-        }
         Traced {
             tracer: Arc::clone(tracer),
-            client,
             trace,
             table: Arc::clone(table),
             listener,
@@ -200,7 +191,7 @@ impl Traced {
     /// Ends both spans: the answer's status, or the proxy's error.
     fn finish(self, status: u16, error: Option<&'static str>, endpoint: Option<SocketAddr>) {
         let service = self.table.services[self.service].name.as_str();
-        if let Some(client) = self.client {
+        if let Some(client) = self.trace.client {
             let outcome = crate::otel::ClientOutcome {
                 service,
                 endpoint,
@@ -291,8 +282,6 @@ where
             tracer,
             trace,
             (&table, lane.listener, head.service),
-            &mut work.trace_headers,
-            &mut work.out,
         )),
         _ => None,
     };
@@ -675,16 +664,21 @@ fn inspect(
                 return Inspected::Handoff;
             };
             let server = tracer.server_span(incoming, Instant::now());
-            let sampled = server.is_sampled();
-            Some(Box::new(Trace {
-                server,
-                method,
-                path: match sampled {
-                    true => path.split('?').next().unwrap_or(path).to_owned(),
-                    false => String::new(),
-                },
-                route: route.filter(|_| sampled),
-            }))
+            // The request's trace headers, as the tracer rewrites them for the next hop.
+            let client = tracer.start_client(&server, &method, incoming);
+            for (name, value) in &*incoming {
+                put_header(out, name.as_str(), value.as_bytes());
+            }
+            // An unsampled request is done with tracing once its headers are written.
+            server.is_sampled().then(|| {
+                Box::new(Trace {
+                    server,
+                    client,
+                    method,
+                    path: path.split('?').next().unwrap_or(path).to_owned(),
+                    route,
+                })
+            })
         }
     };
     Inspected::Relay(Head {
