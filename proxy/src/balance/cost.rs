@@ -118,8 +118,8 @@ pub fn p2c_ewma_cost(rtt_ns: f64, in_flight: u64) -> f64 {
 /// over seeds 1–5, five beat three, four, six and eight: p99.9 in (ra) fell below `p2c_ewma`'s
 /// on all five seeds and in (a) on four of five. More draws also mean more sidecars that agree
 /// on the same cheapest endpoint between two reports (herding), which six and eight began to
-/// show. A pick costs a few more atomic reads: still far below 1 µs at 1 000 endpoints (see
-/// `bench/benches/pick.rs`).
+/// show. Three more costs to compute make a pick about 0.3 µs slower: 612 ns at 1 000 endpoints
+/// against 290 ns with the pair, still under the 1 µs target (`bench/benches/pick.rs`).
 pub const COGNITIVE_CHOICES: usize = 5;
 
 /// Whether a further candidate replaces the cheapest so far: one not ejected replaces an
