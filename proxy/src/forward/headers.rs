@@ -26,7 +26,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 /// The hop-by-hop headers of RFC 9110 §7.6.1 (and the legacy `Proxy-Connection`), in the
 /// order of the bits [`strip_hop_by_hop`] uses for them.
-const HOP_BY_HOP: [HeaderName; 6] = [
+pub(super) const HOP_BY_HOP: [HeaderName; 6] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,

@@ -298,9 +298,8 @@ where
         Ok(permit) => permit,
         Err(threshold) => {
             metrics.requests.inc();
-            let service_name = service.name.clone();
             let err = ProxyError::Overloaded {
-                service: service_name,
+                service: service.name.clone(),
                 threshold,
             };
             return fail(io, buf, &at, None, err, &mut traced).await;
@@ -695,16 +694,9 @@ fn inspect(
 /// The hop-by-hop headers of RFC 9110 §7.6.1 and the legacy `Proxy-Connection` (as
 /// [`super::headers::strip_hop_by_hop`] removes them).
 fn is_hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "upgrade",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
+    super::headers::HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
 }
 
 /// A header value as text, if it is printable ASCII (what `HeaderValue::to_str` accepts).
