@@ -53,6 +53,13 @@ fi
 export COGMESH_PYTHON="$REPO/.venv/bin/python"
 export COGMESH_GRPCURL="$REPO/.venv/bin/grpcurl"
 
+# A server a test starts on a port that another process took in the meantime is started again
+# on fresh ports (tests/src/lib.rs, start_on_fresh_ports); each such clash, with who held the
+# port, is logged here and printed at the end.
+CLASHES="${TMPDIR:-/tmp}/cogmesh-test-ports/clashes.log"
+rm -f "$CLASHES"
+trap '[ -s "$CLASHES" ] && { echo "test.sh: port clashes (servers restarted on fresh ports):"; cat "$CLASHES"; }; true' EXIT
+
 # The end-to-end tests start the real binaries from target/debug.
 cargo build --workspace --bins
 cargo test --workspace -- --test-threads "${COGMESH_TEST_THREADS:-4}"

@@ -169,20 +169,11 @@ impl Drop for Proc {
 
 /// Waits until something accepts TCP connections on `addr`.
 pub fn wait_tcp(addr: SocketAddr, proc: &mut Proc) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(
-            proc.is_running(),
-            "{} exited before listening on {addr}",
-            proc.name
-        );
-        assert!(
-            Instant::now() < deadline,
-            "{} did not listen on {addr} within 20 s",
-            proc.name
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    assert!(
+        accepts_tcp(addr, proc),
+        "{} exited before listening on {addr}",
+        proc.name
+    );
 }
 
 /// A minimal blocking HTTP/1.1 GET (for admin endpoints): status and body.
@@ -234,16 +225,88 @@ pub fn start_workload(name: &str) -> Workload {
 
 /// A workload with extra flags, e.g. `&["--capacity", "2", "--service-time-dist", "fixed"]`.
 pub fn start_workload_with(name: &str, extra: &[&str]) -> Workload {
-    let addr = free_addr();
-    let mut proc = Proc::spawn(
+    let ([addr], proc) = start_on_fresh_ports(
         &format!("workload {name}"),
-        Command::new(bin("cogmesh"))
-            .args(["workload", "--listen", &addr.to_string(), "--name", name])
-            .args(extra)
-            .env("COGMESH_LOG", "warn"),
+        |[addr]| {
+            let mut cmd = Command::new(bin("cogmesh"));
+            cmd.args(["workload", "--listen", &addr.to_string(), "--name", name])
+                .args(extra)
+                .env("COGMESH_LOG", "warn");
+            cmd
+        },
+        |[addr], proc| accepts_tcp(*addr, proc),
     );
-    wait_tcp(addr, &mut proc);
     Workload { addr, proc }
+}
+
+/// Starts a server on `N` fresh loopback ports: `make` builds its command for them and `ready`
+/// waits until it serves (false: it exited first). Ports are reserved only among the test
+/// processes, so another process can still take one between [`free_addr`] and the server's
+/// bind. When the server exits before it is ready and one of its ports is now held by someone
+/// else, this starts it again on fresh ports (at most three tries in all) and appends who held
+/// the port to `$TMPDIR/cogmesh-test-ports/clashes.log`, which scripts/test.sh prints. Any other
+/// early exit fails the test at once.
+pub fn start_on_fresh_ports<const N: usize>(
+    name: &str,
+    mut make: impl FnMut([SocketAddr; N]) -> Command,
+    mut ready: impl FnMut(&[SocketAddr; N], &mut Proc) -> bool,
+) -> ([SocketAddr; N], Proc) {
+    const TRIES: usize = 3;
+    for attempt in 1..=TRIES {
+        let addrs: [SocketAddr; N] = std::array::from_fn(|_| free_addr());
+        let mut proc = Proc::spawn(name, &mut make(addrs));
+        if ready(&addrs, &mut proc) {
+            return (addrs, proc);
+        }
+        let status = proc.wait_exit(Duration::from_secs(5));
+        let taken: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| TcpListener::bind(a).is_err())
+            .collect();
+        assert!(
+            !taken.is_empty() && attempt < TRIES,
+            "{name} exited before becoming ready ({status:?}); ports taken by others: {taken:?}"
+        );
+        record_port_clash(name, &taken);
+    }
+    unreachable!("the last try either returns or fails the assertion above")
+}
+
+/// Appends the holders of `taken` (as `ss` sees them) to the clash log.
+fn record_port_clash(name: &str, taken: &[SocketAddr]) {
+    let mut line = format!("{name}: ports {taken:?} were taken;");
+    for a in taken {
+        let filter = format!("sport = :{}", a.port());
+        if let Ok(out) = Command::new("ss").args(["-Htanp", &filter]).output() {
+            line.push(' ');
+            line.push_str(String::from_utf8_lossy(&out.stdout).trim());
+        }
+    }
+    let path = std::env::temp_dir()
+        .join("cogmesh-test-ports")
+        .join("clashes.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// Waits (at most 20 s) until something accepts TCP connections on `addr`; false if `proc`
+/// exits first.
+fn accepts_tcp(addr: SocketAddr, proc: &mut Proc) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if !proc.is_running() {
+            return false;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not listen on {addr} within 20 s",
+            proc.name
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    true
 }
 
 /// A running `cogmesh-proxy`.
@@ -256,41 +319,42 @@ pub struct Proxy {
 impl Proxy {
     /// Quick mode in front of `upstreams`, with extra flags.
     pub fn quick(upstreams: &[SocketAddr], extra: &[&str]) -> Proxy {
-        let listen = free_addr();
-        let admin = free_addr();
-        let mut cmd = Command::new(bin("cogmesh-proxy"));
-        cmd.args(["--listen", &listen.to_string(), "--admin", &admin.to_string()]);
-        for u in upstreams {
-            cmd.args(["--upstream", &u.to_string()]);
-        }
-        cmd.args(extra).env("COGMESH_LOG", "warn");
-        Self::start(listen, admin, cmd)
+        Self::start(|listen, admin| {
+            let mut cmd = Command::new(bin("cogmesh-proxy"));
+            cmd.args(["--listen", &listen.to_string(), "--admin", &admin.to_string()]);
+            for u in upstreams {
+                cmd.args(["--upstream", &u.to_string()]);
+            }
+            cmd.args(extra).env("COGMESH_LOG", "warn");
+            cmd
+        })
     }
 
     /// Full mode: `yaml` is written to a temp file; `{listen}` and `{admin}` in it are replaced
     /// by fresh loopback addresses.
     pub fn with_config(yaml: &str) -> Proxy {
-        let (listen, admin, cmd) = Self::config_command(yaml);
-        Self::start(listen, admin, cmd)
+        Self::start(|listen, admin| Self::config_command(yaml, listen, admin))
     }
 
     /// Like [`Proxy::with_config`], with the proxy's log (warnings and errors) written to the
     /// returned file, for tests that check what it says.
     pub fn with_config_logged(yaml: &str) -> (Proxy, PathBuf) {
-        let (listen, admin, mut cmd) = Self::config_command(yaml);
-        let log = std::env::temp_dir().join(format!(
-            "cogmesh-proxy-{}-{}.log",
-            std::process::id(),
-            listen.port()
-        ));
-        let file = std::fs::File::create(&log).expect("create the proxy log");
-        cmd.stderr(file.try_clone().expect("log handle")).stdout(file);
-        (Self::start(listen, admin, cmd), log)
+        let mut log = PathBuf::new();
+        let proxy = Self::start(|listen, admin| {
+            let mut cmd = Self::config_command(yaml, listen, admin);
+            log = std::env::temp_dir().join(format!(
+                "cogmesh-proxy-{}-{}.log",
+                std::process::id(),
+                listen.port()
+            ));
+            let file = std::fs::File::create(&log).expect("create the proxy log");
+            cmd.stderr(file.try_clone().expect("log handle")).stdout(file);
+            cmd
+        });
+        (proxy, log)
     }
 
-    fn config_command(yaml: &str) -> (SocketAddr, SocketAddr, Command) {
-        let listen = free_addr();
-        let admin = free_addr();
+    fn config_command(yaml: &str, listen: SocketAddr, admin: SocketAddr) -> Command {
         let text = yaml
             .replace("{listen}", &listen.to_string())
             .replace("{admin}", &admin.to_string());
@@ -302,20 +366,29 @@ impl Proxy {
         std::fs::write(&path, text).expect("write config");
         let mut cmd = Command::new(bin("cogmesh-proxy"));
         cmd.arg("--config").arg(&path).env("COGMESH_LOG", "warn");
-        (listen, admin, cmd)
+        cmd
     }
 
-    fn start(listen: SocketAddr, admin: SocketAddr, mut cmd: Command) -> Proxy {
-        let mut proc = Proc::spawn("cogmesh-proxy", &mut cmd);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok((200, _)) = http_get(admin, "/ready") {
-                break;
-            }
-            assert!(proc.is_running(), "cogmesh-proxy exited before becoming ready");
-            assert!(Instant::now() < deadline, "cogmesh-proxy not ready within 20 s");
-            std::thread::sleep(Duration::from_millis(25));
-        }
+    /// Starts the proxy `make` builds for a fresh listen and admin address and waits (at most
+    /// 20 s) until its admin server says it is ready.
+    fn start(mut make: impl FnMut(SocketAddr, SocketAddr) -> Command) -> Proxy {
+        let ([listen, admin], proc) = start_on_fresh_ports(
+            "cogmesh-proxy",
+            |[listen, admin]| make(listen, admin),
+            |[_, admin], proc| {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    if let Ok((200, _)) = http_get(*admin, "/ready") {
+                        return true;
+                    }
+                    if !proc.is_running() {
+                        return false;
+                    }
+                    assert!(Instant::now() < deadline, "cogmesh-proxy not ready within 20 s");
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+            },
+        );
         Proxy { listen, admin, proc }
     }
 
@@ -394,15 +467,17 @@ pub struct ControlPlane {
 }
 
 pub fn start_control(extra: &[&str]) -> ControlPlane {
-    let addr = free_addr();
-    let mut proc = Proc::spawn(
+    let ([addr], proc) = start_on_fresh_ports(
         "cogmesh control",
-        Command::new(bin("cogmesh"))
-            .args(["control", "--listen", &addr.to_string()])
-            .args(extra)
-            .env("COGMESH_LOG", "warn"),
+        |[addr]| {
+            let mut cmd = Command::new(bin("cogmesh"));
+            cmd.args(["control", "--listen", &addr.to_string()])
+                .args(extra)
+                .env("COGMESH_LOG", "warn");
+            cmd
+        },
+        |[addr], proc| accepts_tcp(*addr, proc),
     );
-    wait_tcp(addr, &mut proc);
     ControlPlane { addr, proc }
 }
 
