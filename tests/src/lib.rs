@@ -608,3 +608,94 @@ pub fn metric_families(exposition: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// A real upstream (hyper) answering every request `ok`, that counts the connections it
+/// accepted and those still open (see [`counting_upstream`]).
+pub struct CountingUpstream {
+    pub addr: SocketAddr,
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Starts a [`CountingUpstream`] on a loopback port, in the calling test's runtime: HTTP/1.1
+/// keep-alive, or h2c (prior knowledge) with `http2`. Each request is answered after `delay`;
+/// with `lifetime`, each connection is dropped that long after it was accepted (as an upstream
+/// with a short keep-alive timeout does; no GOAWAY, the TCP connection just closes).
+pub async fn counting_upstream(http2: bool, delay: Duration, lifetime: Option<Duration>) -> CountingUpstream {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
+    let (a, o) = (accepted.clone(), open.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            o.fetch_add(1, Ordering::SeqCst);
+            let o = o.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |_req: http::Request<hyper::body::Incoming>| async move {
+                        tokio::time::sleep(delay).await;
+                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"ok"));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let conn = async {
+                    if http2 {
+                        let builder =
+                            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                        let _ = builder.serve_connection(io, svc).await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
+                };
+                match lifetime {
+                    Some(l) => {
+                        let _ = tokio::time::timeout(l, conn).await;
+                    }
+                    None => conn.await,
+                }
+                o.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    CountingUpstream { addr, accepted, open }
+}
+
+impl CountingUpstream {
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A proxy whose one service `up` is this upstream, its pool closing connections that
+    /// stayed idle for `idle_ms`.
+    pub fn proxy_with_idle_timeout(&self, idle_ms: u64) -> Proxy {
+        Proxy::with_config(&format!(
+            r#"
+admin: "{{admin}}"
+pool_idle_timeout_ms: {idle_ms}
+listeners:
+  - {{ name: outbound, address: "{{listen}}", default_service: up }}
+services:
+  - {{ name: up, endpoints: ["{}"] }}
+"#,
+            self.addr
+        ))
+    }
+
+    /// Waits (up to 10 s) until no connection to this upstream is open.
+    pub fn wait_until_all_closed(&self) {
+        let open = self.open.clone();
+        eventually(
+            "every upstream connection is closed",
+            Duration::from_secs(10),
+            || (open.load(std::sync::atomic::Ordering::SeqCst) == 0).then_some(()),
+        );
+    }
+}

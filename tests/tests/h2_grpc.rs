@@ -6,7 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cogmesh_e2e::{free_addr, python, repo_root, run_with_timeout, start_workload, wait_tcp, Proc, Proxy};
+use cogmesh_e2e::{
+    counting_upstream, free_addr, python, repo_root, run_with_timeout, start_workload, wait_tcp, Proc, Proxy,
+};
 use cogmesh_proto::v1::workload_client::WorkloadClient;
 use cogmesh_proto::v1::InferRequest;
 use http_body_util::{BodyExt, Empty};
@@ -175,39 +177,6 @@ async fn grpc_tonic_client_to_python_server() {
     exercise_tonic(&proxy, "python-workload").await;
 }
 
-/// A real h2c server (hyper) that counts the connections it accepts and answers every request
-/// after 300 ms, so concurrent requests overlap.
-async fn counting_h2_server() -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = std::sync::Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                break;
-            };
-            seen.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                        Bytes::from_static(b"ok"),
-                    )))
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, count)
-}
-
 async fn concurrent_h2(proxy: &Proxy, n: usize) {
     let client = Client::builder(TokioExecutor::new())
         .http2_only(true)
@@ -226,18 +195,46 @@ async fn concurrent_h2(proxy: &Proxy, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_upstream_connection_opens_per_stream_limit() {
-    use std::sync::atomic::Ordering;
+    // Requests answered after 300 ms, so concurrent ones overlap.
+    let delay = Duration::from_millis(300);
     // Default limit (100 streams per connection): 30 concurrent streams share one connection.
-    let (addr, count) = counting_h2_server().await;
-    let proxy = Proxy::quick(&[addr], &[]);
+    let upstream = counting_upstream(true, delay, None).await;
+    let proxy = Proxy::quick(&[upstream.addr], &[]);
     concurrent_h2(&proxy, 30).await;
-    assert_eq!(count.load(Ordering::SeqCst), 1);
+    assert_eq!(upstream.accepted(), 1);
 
     // 10 streams per connection: 30 concurrent streams need more than one connection, and never
     // more than the cap of 8.
-    let (addr, count) = counting_h2_server().await;
-    let proxy = Proxy::quick(&[addr], &["--http2-streams-per-connection", "10"]);
+    let upstream = counting_upstream(true, delay, None).await;
+    let proxy = Proxy::quick(&[upstream.addr], &["--http2-streams-per-connection", "10"]);
     concurrent_h2(&proxy, 30).await;
-    let n = count.load(Ordering::SeqCst);
+    let n = upstream.accepted();
     assert!((2..=8).contains(&n), "{n} upstream connections");
+}
+
+/// An HTTP/2 connection the upstream closed is replaced by the next request, which succeeds;
+/// the streams that arrive together while it opens share the one new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_h2_connection_the_upstream_closed_is_replaced() {
+    let upstream = counting_upstream(true, Duration::from_millis(20), Some(Duration::from_millis(150))).await;
+    let proxy = Proxy::quick(&[upstream.addr], &[]);
+    for round in 1..=4 {
+        concurrent_h2(&proxy, 5).await;
+        assert_eq!(upstream.accepted(), round, "connections after round {round}");
+        // Past the upstream's connection lifetime: the pooled connection is closed by now.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+}
+
+/// An HTTP/2 connection unused for the pool's idle timeout is closed; the next request opens
+/// another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_h2_connections_close_after_the_idle_timeout() {
+    let upstream = counting_upstream(true, Duration::ZERO, None).await;
+    let proxy = upstream.proxy_with_idle_timeout(300);
+    concurrent_h2(&proxy, 3).await;
+    assert_eq!(upstream.accepted(), 1);
+    upstream.wait_until_all_closed();
+    concurrent_h2(&proxy, 3).await;
+    assert_eq!(upstream.accepted(), 2);
 }

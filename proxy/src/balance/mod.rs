@@ -76,6 +76,8 @@ pub struct Endpoint {
     pub http1: crate::forward::Http1Pool,
     /// Idle connections of the HTTP/1.1 relay (see [`crate::forward::relay`]).
     pub relay: crate::forward::RelayPool,
+    /// HTTP/2 connections to this endpoint when it is plain text (see `crate::forward::http2`).
+    pub http2: crate::forward::Http2Conns,
 }
 
 /// What `/config` and the metrics show of an endpoint.
@@ -114,6 +116,7 @@ impl Endpoint {
             epoch: Instant::now(),
             http1: Default::default(),
             relay: Default::default(),
+            http2: Default::default(),
         }
     }
 

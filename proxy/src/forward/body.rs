@@ -7,21 +7,27 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
 use prometheus_client::metrics::counter::Counter;
 
+use super::http2::H2Body;
 use super::idle::IdleTimer;
 use super::pool::Lease;
 use crate::balance::{orca, InFlight};
 use crate::compress::{BoxError, CodedBody};
+
+/// A response body as an upstream sends it: through hyper (HTTP/1.1, HTTP/2 over TLS) or from
+/// a plain-text HTTP/2 connection of [`super::http2`].
+pub type UpstreamIncoming = Either<Incoming, H2Body>;
 
 pub enum ProxyBody {
     /// Keeps the endpoint's in-flight count until the body ends or is dropped, and gives the
     /// HTTP/1.1 connection back to the pool once the body has ended (dropping it half-way
     /// closes the connection instead).
     Upstream {
-        body: Incoming,
+        body: UpstreamIncoming,
         in_flight: Option<InFlight>,
         reports: Option<TrailerReports>,
         lease: Option<Lease>,
@@ -52,7 +58,7 @@ pub struct TrailerReports {
 
 impl ProxyBody {
     pub fn upstream(
-        body: Incoming,
+        body: UpstreamIncoming,
         in_flight: InFlight,
         reports: Option<TrailerReports>,
         mut lease: Option<Lease>,

@@ -13,6 +13,7 @@
 
 mod body;
 mod headers;
+mod http2;
 mod idle;
 mod pool;
 pub mod relay;
@@ -28,13 +29,12 @@ use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_TYPE, HOST};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-pub use self::body::{Held, ProxyBody, TrailerReports};
+pub use self::body::{Held, ProxyBody, TrailerReports, UpstreamIncoming};
+pub use self::http2::Http2Conns;
 pub use self::pool::Http1Pool;
 use self::pool::{Lease, PoolSettings};
 pub use self::relay::RelayPool;
@@ -54,15 +54,14 @@ pub type UpstreamBody = Either<Incoming, CodedBody>;
 /// The upstream connections, shared by every listener and worker thread.
 ///
 /// HTTP/1: idle keep-alive connections per endpoint (see [`pool`]), closed after the idle
-/// timeout. HTTP/2: each client keeps one multiplexed connection per endpoint, and there are
-/// [`MAX_HTTP2_CONNECTIONS`] clients, each with its own pool: a request goes on connection
+/// timeout. HTTP/2: up to [`MAX_HTTP2_CONNECTIONS`] multiplexed connections per endpoint (see
+/// [`http2`]; with TLS, [`crate::tls::client`]): a request goes on connection
 /// `in_flight / http2_streams_per_connection` of its endpoint, so an endpoint gets another
 /// connection for every `http2_streams_per_connection` concurrent streams instead of queueing
 /// behind one connection's stream limit.
 #[derive(Clone)]
 pub struct Upstreams {
     http1: PoolSettings,
-    http2: Arc<[Client<HttpConnector, UpstreamBody>]>,
     streams_per_connection: u64,
 }
 
@@ -71,28 +70,11 @@ pub const MAX_HTTP2_CONNECTIONS: usize = 8;
 
 impl Upstreams {
     pub fn new(config: &ProxyConfig) -> Self {
-        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
-        let idle = Duration::from_millis(config.pool_idle_timeout_ms);
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        // The idle timeout only runs with a timer.
-        let http2 = (0..MAX_HTTP2_CONNECTIONS)
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .http2_only(true)
-                    .pool_idle_timeout(idle)
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .build(connector.clone())
-            })
-            .collect();
         Upstreams {
             http1: PoolSettings {
-                connect_timeout,
-                idle_timeout: idle,
+                connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+                idle_timeout: Duration::from_millis(config.pool_idle_timeout_ms),
             },
-            http2,
             streams_per_connection: config.http2_streams_per_connection.max(1),
         }
     }
@@ -107,10 +89,10 @@ impl Upstreams {
         self.http1.idle_timeout
     }
 
-    /// The HTTP/2 client for the next stream to an endpoint with `in_flight` streams open.
-    fn http2_for(&self, in_flight: u64) -> &Client<HttpConnector, UpstreamBody> {
-        let i = (in_flight / self.streams_per_connection) as usize;
-        &self.http2[i.min(self.http2.len() - 1)]
+    /// Which of an endpoint's HTTP/2 connections the next stream goes on, with `in_flight`
+    /// streams open to it.
+    fn http2_index(&self, in_flight: u64) -> usize {
+        ((in_flight / self.streams_per_connection) as usize).min(MAX_HTTP2_CONNECTIONS - 1)
     }
 
     /// Sends a request that is ready for the hop and waits for the response headers.
@@ -121,7 +103,7 @@ impl Upstreams {
         mut req: Request<UpstreamBody>,
         origination: &Origination,
         breaker: &Arc<crate::breaker::Breaker>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+    ) -> Result<(Response<UpstreamIncoming>, Option<Lease>), ProxyError> {
         let tls = match origination {
             Origination::Plaintext => None,
             Origination::Tls(client) => Some(client.as_ref()),
@@ -140,8 +122,13 @@ impl Upstreams {
                 .build()
                 .expect("scheme, authority and path are valid");
             *req.uri_mut() = uri;
+            let index = self.http2_index(open);
             let response = match tls {
-                None => self.http2_for(open).request(req).await,
+                None => {
+                    let timeout = self.http1.connect_timeout;
+                    let response = http2::send(&endpoint.http2, index, endpoint.addr, timeout, req).await?;
+                    return Ok((response.map(Either::Right), None));
+                }
                 Some(client) => {
                     client
                         .http2_for(open, self.streams_per_connection)
@@ -150,7 +137,7 @@ impl Upstreams {
                 }
             };
             return match response {
-                Ok(r) => Ok((r, None)),
+                Ok(r) => Ok((r.map(Either::Left), None)),
                 Err(e) => Err(ProxyError::from_client(endpoint.addr, &e)),
             };
         }
@@ -161,7 +148,7 @@ impl Upstreams {
             req.headers_mut().insert(HOST, host);
         }
         let (response, lease) = pool::send(endpoint, req, self.http1, tls, breaker).await?;
-        Ok((response, Some(lease)))
+        Ok((response.map(Either::Left), Some(lease)))
     }
 }
 

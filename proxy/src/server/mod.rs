@@ -363,6 +363,7 @@ async fn sweep_idle(state: Arc<State>, idle_timeout: Duration, mut stop: watch::
             for endpoint in service.endpoints.endpoints() {
                 endpoint.http1.sweep();
                 endpoint.relay.sweep();
+                endpoint.http2.sweep(idle_timeout);
             }
         }
     }

@@ -1,0 +1,360 @@
+//! HTTP/2 to plain-text endpoints, on the `h2` crate directly.
+//!
+//! hyper's pooled client puts three task hops on every HTTP/2 exchange: the request goes
+//! through a channel to the connection's dispatch task, which spawns one task to wait for the
+//! response and another to send the request body, and the response comes back through a
+//! oneshot. Here the request's own task opens the stream on a shared connection handle and
+//! waits for the response itself; the connection task only moves frames. A request body is sent
+//! from the request's task too until the response headers arrive, and only a body still
+//! streaming after that (client or bidi streaming) gets a task of its own.
+//!
+//! Each endpoint keeps up to [`super::MAX_HTTP2_CONNECTIONS`] connections in
+//! [`Http2Conns`]; the caller says which one (by its open streams, see
+//! [`super::Upstreams`]). A connection is opened once, by the first request that needs it, and
+//! the requests that arrive while it connects wait for the same attempt. A connection the peer
+//! closed (or sent GOAWAY on) is replaced on the next request; one unused for the pool's idle
+//! timeout is dropped by [`Http2Conns::sweep`] and closes once its streams end.
+//!
+//! Settings are hyper's client defaults: 2 MiB stream and 5 MiB connection windows, 16 KiB
+//! frames, a 1 MiB send buffer, 16 KiB of response headers, no server push.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::{FutureExt, Shared};
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{RecvStream, SendStream};
+use http::header::CONTENT_LENGTH;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::pool::connect_tcp;
+use super::UpstreamBody;
+use crate::compress::BoxError;
+use crate::error::{error_chain, ProxyError};
+
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_FRAME: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+const MAX_RESPONSE_HEADERS: u32 = 16 * 1024;
+/// Streams opened before the server's SETTINGS say how many it takes (RFC 9113 §6.5.2 asks
+/// servers for at least 100).
+const INITIAL_MAX_STREAMS: usize = 100;
+
+/// A connection being opened: every request that needs it waits on the same attempt.
+type Connecting = Shared<Pin<Box<dyn Future<Output = Result<SendRequest<Bytes>, String>> + Send>>>;
+
+struct Slot {
+    connection: Connecting,
+    /// Which opening this is, so a request only replaces the connection it found broken.
+    generation: u64,
+    last_used: Instant,
+}
+
+/// The HTTP/2 connections of one endpoint (see the module docs).
+#[derive(Default)]
+pub struct Http2Conns {
+    slots: Mutex<Vec<Option<Slot>>>,
+    generations: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Http2Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let open = slots.iter().filter(|s| s.is_some()).count();
+        f.debug_struct("Http2Conns").field("connections", &open).finish()
+    }
+}
+
+impl Http2Conns {
+    /// Connection `index` to `addr`, opened (or reopened, when `broken` names the opening
+    /// found unusable) as needed.
+    fn connection(
+        &self,
+        index: usize,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        broken: Option<u64>,
+    ) -> (Connecting, u64) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.len() <= index {
+            slots.resize_with(index + 1, || None);
+        }
+        let slot = &mut slots[index];
+        let usable = match slot {
+            Some(s) => Some(s.generation) != broken && !matches!(s.connection.peek(), Some(Err(_))),
+            None => false,
+        };
+        if !usable {
+            let generation = self
+                .generations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let connecting: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(open(addr, connect_timeout));
+            *slot = Some(Slot {
+                connection: connecting.shared(),
+                generation,
+                last_used: Instant::now(),
+            });
+        }
+        let s = slot.as_mut().expect("the slot was filled above");
+        s.last_used = Instant::now();
+        (s.connection.clone(), s.generation)
+    }
+
+    /// Drops the connections no request used for `idle_timeout`; each closes once its last
+    /// stream ends.
+    pub fn sweep(&self, idle_timeout: Duration) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in slots.iter_mut() {
+            if slot
+                .as_ref()
+                .is_some_and(|s| s.last_used.elapsed() >= idle_timeout)
+            {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// Opens a connection: TCP within the connect timeout, then the HTTP/2 preface and SETTINGS.
+/// The connection is driven by a task on the current worker until it closes.
+async fn open(addr: SocketAddr, connect_timeout: Duration) -> Result<SendRequest<Bytes>, String> {
+    let stream = connect_tcp(addr, connect_timeout).await.map_err(|e| match e {
+        ProxyError::UpstreamConnect { cause, .. } => cause,
+        other => other.to_string(),
+    })?;
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_header_list_size(MAX_RESPONSE_HEADERS)
+        .initial_max_send_streams(INITIAL_MAX_STREAMS)
+        .enable_push(false)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake failed: {}", error_chain(&e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(endpoint = %addr, "HTTP/2 upstream connection ended: {}", error_chain(&e));
+        }
+    });
+    Ok(send)
+}
+
+/// Sends `req` (its URI absolute, for `:scheme` and `:authority`) on connection `index` of
+/// `conns` and waits for the response headers.
+pub async fn send(
+    conns: &Http2Conns,
+    index: usize,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    req: Request<UpstreamBody>,
+) -> Result<Response<H2Body>, ProxyError> {
+    // Hop-by-hop headers, which HTTP/2 forbids, are gone already (`strip_hop_by_hop`).
+    let (parts, body) = req.into_parts();
+    let reset = |e: h2::Error| ProxyError::UpstreamReset {
+        endpoint: addr,
+        cause: error_chain(&e),
+    };
+    // A connection found closed before the request went out is replaced once.
+    let mut broken = None;
+    let mut sender = loop {
+        let (connecting, generation) = conns.connection(index, addr, connect_timeout, broken);
+        let sender = connecting.await.map_err(|cause| ProxyError::UpstreamConnect {
+            endpoint: addr,
+            cause,
+        })?;
+        match sender.ready().await {
+            Ok(ready) => break ready,
+            Err(e) if broken.is_none() => {
+                debug!(endpoint = %addr, "HTTP/2 connection unusable, opening another: {}", error_chain(&e));
+                broken = Some(generation);
+            }
+            Err(e) => return Err(reset(e)),
+        }
+    };
+    let end_of_stream = body.is_end_stream();
+    let (response, stream) = sender
+        .send_request(Request::from_parts(parts, ()), end_of_stream)
+        .map_err(reset)?;
+    let response = if end_of_stream {
+        response.await
+    } else {
+        respond_while_sending(response, Box::pin(pipe(body, stream))).await
+    };
+    Ok(H2Body::of(response.map_err(reset)?))
+}
+
+type Pipe = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Waits for the response while sending the request body; a body still streaming when the
+/// response arrives goes on in a task of its own.
+async fn respond_while_sending(
+    mut response: ResponseFuture,
+    mut pipe: Pipe,
+) -> Result<Response<RecvStream>, h2::Error> {
+    let mut sent = false;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = Pin::new(&mut response).poll(cx) {
+            return Poll::Ready(r);
+        }
+        if !sent && pipe.as_mut().poll(cx).is_ready() {
+            sent = true;
+        }
+        Poll::Pending
+    })
+    .await
+    .inspect(|_| {
+        if !sent {
+            tokio::spawn(pipe);
+        }
+    })
+}
+
+/// Sends a request body on its stream: data as the peer's flow control allows, then trailers
+/// or the end of the stream. A body that fails resets the stream; a stream the peer reset
+/// stops the copy.
+async fn pipe(mut body: UpstreamBody, mut stream: SendStream<Bytes>) {
+    loop {
+        let frame = std::future::poll_fn(|cx| {
+            if let Poll::Ready(reason) = stream.poll_reset(cx) {
+                return Poll::Ready(Err(reason.map(|r| format!("upstream reset the stream: {r}"))));
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Ok)
+        })
+        .await;
+        let frame = match frame {
+            Err(why) => {
+                debug!(
+                    "request body not sent: {}",
+                    why.unwrap_or_else(|e| error_chain(&e))
+                );
+                return;
+            }
+            Ok(None) => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Ok(Some(Err(e))) => {
+                debug!("request body failed: {}", error_chain(&*e));
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                let last = body.is_end_stream();
+                if send_data(&mut stream, data, last).await.is_err() || last {
+                    return;
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            let _ = stream.send_trailers(trailers);
+            return;
+        }
+    }
+}
+
+/// Sends `data` as the stream's send window allows.
+async fn send_data(stream: &mut SendStream<Bytes>, mut data: Bytes, last: bool) -> Result<(), h2::Error> {
+    if data.is_empty() {
+        return stream.send_data(data, last);
+    }
+    while !data.is_empty() {
+        stream.reserve_capacity(data.len());
+        // Capacity left from an earlier grant is used without waiting: `poll_capacity` only
+        // wakes on a change.
+        let granted = match stream.capacity() {
+            0 => match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(granted) => granted?,
+                None => return Err(h2::Error::from(h2::Reason::CANCEL)),
+            },
+            left => left,
+        };
+        if granted == 0 {
+            continue;
+        }
+        let part = data.split_to(granted.min(data.len()));
+        stream.send_data(part, last && data.is_empty())?;
+    }
+    Ok(())
+}
+
+/// A response body from an HTTP/2 endpoint: data (its flow-control window released as it is
+/// passed on), then trailers.
+pub struct H2Body {
+    recv: RecvStream,
+    data_ended: bool,
+    /// What remains of a `content-length`, for the size hint.
+    remaining: Option<u64>,
+}
+
+impl H2Body {
+    /// The body of `response`, its `content-length` (when valid) kept for the size hint.
+    fn of(response: Response<RecvStream>) -> Response<H2Body> {
+        let remaining = response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        response.map(|recv| H2Body {
+            recv,
+            data_ended: false,
+            remaining,
+        })
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if !this.data_ended {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(r) = &mut this.remaining {
+                        *r = r.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => this.data_ended = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) if !self.data_ended => SizeHint::with_exact(n),
+            _ if self.recv.is_end_stream() => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
