@@ -617,11 +617,23 @@ pub struct CountingUpstream {
     pub open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// How a [`counting_upstream`] ends each connection.
+#[derive(Clone, Copy, Debug)]
+pub enum ConnectionEnd {
+    /// Kept until the client closes it.
+    Never,
+    /// Dropped this long after it was accepted, as by an upstream with a short keep-alive
+    /// timeout: no GOAWAY, the TCP connection just closes.
+    Dropped(Duration),
+    /// Shut down gracefully this long after it was accepted: HTTP/2 GOAWAY (HTTP/1.1: closed
+    /// after the request in progress), the requests in progress still answered.
+    GracefulAfter(Duration),
+}
+
 /// Starts a [`CountingUpstream`] on a loopback port, in the calling test's runtime: HTTP/1.1
 /// keep-alive, or h2c (prior knowledge) with `http2`. Each request is answered after `delay`;
-/// with `lifetime`, each connection is dropped that long after it was accepted (as an upstream
-/// with a short keep-alive timeout does; no GOAWAY, the TCP connection just closes).
-pub async fn counting_upstream(http2: bool, delay: Duration, lifetime: Option<Duration>) -> CountingUpstream {
+/// each connection ends as `end` says.
+pub async fn counting_upstream(http2: bool, delay: Duration, end: ConnectionEnd) -> CountingUpstream {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -643,28 +655,43 @@ pub async fn counting_upstream(http2: bool, delay: Duration, lifetime: Option<Du
                     },
                 );
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let conn = async {
-                    if http2 {
-                        let builder =
-                            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-                        let _ = builder.serve_connection(io, svc).await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, svc)
-                            .await;
-                    }
-                };
-                match lifetime {
-                    Some(l) => {
-                        let _ = tokio::time::timeout(l, conn).await;
-                    }
-                    None => conn.await,
+                if http2 {
+                    let builder =
+                        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    serve_until(builder.serve_connection(io, svc), end).await;
+                } else {
+                    serve_until(
+                        hyper::server::conn::http1::Builder::new().serve_connection(io, svc),
+                        end,
+                    )
+                    .await;
                 }
                 o.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
     CountingUpstream { addr, accepted, open }
+}
+
+/// Serves one server connection until it ends as `end` says.
+async fn serve_until<C: hyper_util::server::graceful::GracefulConnection>(conn: C, end: ConnectionEnd) {
+    let mut conn = std::pin::pin!(conn);
+    match end {
+        ConnectionEnd::Never => {
+            let _ = conn.await;
+        }
+        ConnectionEnd::Dropped(after) => {
+            let _ = tokio::time::timeout(after, conn).await;
+        }
+        ConnectionEnd::GracefulAfter(after) => {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep(after) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 impl CountingUpstream {

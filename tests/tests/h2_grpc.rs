@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cogmesh_e2e::{
-    counting_upstream, free_addr, python, repo_root, run_with_timeout, start_workload, wait_tcp, Proc, Proxy,
+    counting_upstream, free_addr, python, repo_root, run_with_timeout, start_workload, wait_tcp,
+    ConnectionEnd, Proc, Proxy,
 };
 use cogmesh_proto::v1::workload_client::WorkloadClient;
 use cogmesh_proto::v1::InferRequest;
@@ -198,14 +199,14 @@ async fn another_upstream_connection_opens_per_stream_limit() {
     // Requests answered after 300 ms, so concurrent ones overlap.
     let delay = Duration::from_millis(300);
     // Default limit (100 streams per connection): 30 concurrent streams share one connection.
-    let upstream = counting_upstream(true, delay, None).await;
+    let upstream = counting_upstream(true, delay, ConnectionEnd::Never).await;
     let proxy = Proxy::quick(&[upstream.addr], &[]);
     concurrent_h2(&proxy, 30).await;
     assert_eq!(upstream.accepted(), 1);
 
     // 10 streams per connection: 30 concurrent streams need more than one connection, and never
     // more than the cap of 8.
-    let upstream = counting_upstream(true, delay, None).await;
+    let upstream = counting_upstream(true, delay, ConnectionEnd::Never).await;
     let proxy = Proxy::quick(&[upstream.addr], &["--http2-streams-per-connection", "10"]);
     concurrent_h2(&proxy, 30).await;
     let n = upstream.accepted();
@@ -216,7 +217,12 @@ async fn another_upstream_connection_opens_per_stream_limit() {
 /// the streams that arrive together while it opens share the one new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_h2_connection_the_upstream_closed_is_replaced() {
-    let upstream = counting_upstream(true, Duration::from_millis(20), Some(Duration::from_millis(150))).await;
+    let upstream = counting_upstream(
+        true,
+        Duration::from_millis(20),
+        ConnectionEnd::Dropped(Duration::from_millis(150)),
+    )
+    .await;
     let proxy = Proxy::quick(&[upstream.addr], &[]);
     for round in 1..=4 {
         concurrent_h2(&proxy, 5).await;
@@ -230,11 +236,37 @@ async fn an_upstream_h2_connection_the_upstream_closed_is_replaced() {
 /// another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_upstream_h2_connections_close_after_the_idle_timeout() {
-    let upstream = counting_upstream(true, Duration::ZERO, None).await;
+    let upstream = counting_upstream(true, Duration::ZERO, ConnectionEnd::Never).await;
     let proxy = upstream.proxy_with_idle_timeout(300);
     concurrent_h2(&proxy, 3).await;
     assert_eq!(upstream.accepted(), 1);
     upstream.wait_until_all_closed();
     concurrent_h2(&proxy, 3).await;
     assert_eq!(upstream.accepted(), 2);
+}
+
+/// An HTTP/2 connection on which the upstream sent GOAWAY takes no new streams: a request that
+/// comes after it goes on a new connection and succeeds, and the request already in flight on
+/// the old one is still answered there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_h2_connection_that_sent_goaway_is_replaced() {
+    // Answers after 1.5 s; GOAWAY 300 ms after a connection opens.
+    let end = ConnectionEnd::GracefulAfter(Duration::from_millis(300));
+    let upstream = counting_upstream(true, Duration::from_millis(1500), end).await;
+    let proxy = Proxy::quick(&[upstream.addr], &[]);
+    let in_flight = concurrent_h2(&proxy, 1);
+    let after_goaway = async {
+        // Well after the first connection's GOAWAY, well before its answer.
+        while upstream.accepted() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        concurrent_h2(&proxy, 1).await;
+    };
+    tokio::join!(in_flight, after_goaway);
+    assert_eq!(
+        upstream.accepted(),
+        2,
+        "the request after GOAWAY opened a new connection"
+    );
 }

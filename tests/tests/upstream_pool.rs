@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cogmesh_e2e::{counting_upstream, http_get, metric_value, Proxy};
+use cogmesh_e2e::{counting_upstream, http_get, metric_value, ConnectionEnd, Proxy};
 
 /// A GET on a new client connection (`Connection: close`, which the proxy does not forward).
 async fn get(addr: SocketAddr) -> (u16, String) {
@@ -18,7 +18,7 @@ async fn get(addr: SocketAddr) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_reused_and_each_worker_opens_its_own() {
-    let server = counting_upstream(false, Duration::ZERO, None).await;
+    let server = counting_upstream(false, Duration::ZERO, ConnectionEnd::Never).await;
     let proxy = Proxy::quick(&[server.addr], &["--workers", "2"]);
     for _ in 0..40 {
         assert_eq!(get(proxy.listen).await, (200, "ok".to_string()));
@@ -33,7 +33,7 @@ async fn connections_are_reused_and_each_worker_opens_its_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_at_max_connections_borrows_the_other_workers_idle_connection() {
-    let server = counting_upstream(false, Duration::ZERO, None).await;
+    let server = counting_upstream(false, Duration::ZERO, ConnectionEnd::Never).await;
     let proxy = Proxy::with_config(&format!(
         r#"
 admin: "{{admin}}"
@@ -56,7 +56,7 @@ services:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_close_after_the_idle_timeout() {
-    let server = counting_upstream(false, Duration::ZERO, None).await;
+    let server = counting_upstream(false, Duration::ZERO, ConnectionEnd::Never).await;
     let proxy = server.proxy_with_idle_timeout(300);
     for _ in 0..5 {
         assert_eq!(get(proxy.listen).await.0, 200);
@@ -70,7 +70,12 @@ async fn idle_connections_close_after_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_the_upstream_closed_is_replaced() {
-    let server = counting_upstream(false, Duration::ZERO, Some(Duration::from_millis(150))).await;
+    let server = counting_upstream(
+        false,
+        Duration::ZERO,
+        ConnectionEnd::Dropped(Duration::from_millis(150)),
+    )
+    .await;
     let proxy = Proxy::quick(&[server.addr], &[]);
     for round in 1..=4 {
         assert_eq!(get(proxy.listen).await, (200, "ok".to_string()), "round {round}");
