@@ -203,7 +203,7 @@ async fn respond_while_sending(
     mut pipe: Pipe,
 ) -> Result<Response<RecvStream>, h2::Error> {
     let mut sent = false;
-    std::future::poll_fn(|cx| {
+    let response = std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = Pin::new(&mut response).poll(cx) {
             return Poll::Ready(r);
         }
@@ -212,12 +212,11 @@ async fn respond_while_sending(
         }
         Poll::Pending
     })
-    .await
-    .inspect(|_| {
-        if !sent {
-            tokio::spawn(pipe);
-        }
-    })
+    .await;
+    if response.is_ok() && !sent {
+        tokio::spawn(pipe);
+    }
+    response
 }
 
 /// Sends a request body on its stream: data as the peer's flow control allows, then trailers
