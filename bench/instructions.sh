@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
-# Instructions per proxied request, counted by callgrind: a figure that stays the same however
-# busy the machine is, unlike the wall-clock benchmarks, so a change on the request path can be
-# weighed on a shared machine.
+# Instructions per proxied request, counted by callgrind, for cogmesh-proxy and its peers side by
+# side: a figure that stays the same however busy the machine is, unlike the wall-clock
+# benchmarks, so a change on the request path can be weighed on a shared machine, and the work
+# each proxy does per request compared where wall-clock runs disagree by ±20 %.
 #
 #   bench/setup.sh && cargo build --release -p cogmesh-proxy
-#   bench/instructions.sh                        # the proxy as it starts by default
+#   bench/instructions.sh                        # cogmesh as it starts by default, HAProxy, nginx
 #   bench/instructions.sh --otlp-endpoint http://127.0.0.1:9 --otlp-protocol http \
 #       --trace-sampling-ratio 0.01              # any extra cogmesh-proxy flags
+#   PROXIES=cogmesh PROTOCOLS=h2c bench/instructions.sh   # a subset
 #
-# One nginx upstream (1 KiB body) and one cogmesh-proxy worker in front of it under
-# `valgrind --tool=callgrind`; oha sends 1000 and then, in a second run, 5000 HTTP/1.1 requests
-# over 4 connections. The difference of the two totals over 4000 is the cost of one request,
-# start-up and shutdown cancelled out. Ports are picked at run time on 127.0.0.1; everything
-# started is stopped on exit. Spans sent to an address nobody listens on are counted as failed
-# exports, which still includes building and encoding them.
+# One nginx upstream (1 KiB body, an HTTP/1.1 and an h2c listener) and, in turn, each proxy with
+# one worker in front of it under `valgrind --tool=callgrind`; oha sends 1000 and then, in a
+# second run of a fresh proxy, 5000 requests over 4 connections. The difference of the two totals
+# over 4000 is the cost of one request, start-up and shutdown cancelled out. Each proxy speaks to
+# the upstream as in proxy-bench: HTTP/1.1 in → HTTP/1.1 out; h2c in → h2c out for cogmesh and
+# HAProxy, h2c in → HTTP/1.1 out for nginx (its proxy module speaks HTTP/1.x only). Ports are
+# picked at run time on 127.0.0.1; everything started is stopped on exit. Spans sent to an address
+# nobody listens on are counted as failed exports, which still includes building and encoding them.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${COGMESH_BIN:-$REPO/target/release/cogmesh-proxy}"
 OHA="$REPO/.tools/bin/oha"
+PROXIES="${PROXIES:-cogmesh,haproxy,nginx}"
+PROTOCOLS="${PROTOCOLS:-h1,h2c}"
 for tool in valgrind nginx curl python3 "$OHA" "$BIN"; do
     command -v "$tool" >/dev/null || { echo "instructions.sh: $tool is missing (bench/setup.sh, cargo build --release)" >&2; exit 1; }
 done
+if [[ ",$PROXIES," == *,haproxy,* ]] && ! command -v haproxy >/dev/null; then
+    echo "instructions.sh: haproxy is missing (bench/setup.sh)" >&2
+    exit 1
+fi
 
 WORK="$(mktemp -d)"
 PIDS=()
@@ -34,42 +44,105 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-UPSTREAM=$(free_port)
-head -c 1024 /dev/zero | tr '\0' 'x' > "$WORK/body"
-cat > "$WORK/nginx.conf" <<EOF
+# nginx takes h2c as a listen parameter before 1.25.1 and as a directive from then on.
+NGINX_VERSION=$(nginx -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
+h2c_listen() {
+    if [ "$(printf '%s\n1.25.1\n' "$NGINX_VERSION" | sort -V | head -1)" = "1.25.1" ]; then
+        echo "listen 127.0.0.1:$1; http2 on;"
+    else
+        echo "listen 127.0.0.1:$1 http2;"
+    fi
+}
+nginx_preamble() {
+    cat <<EOF
 worker_processes 1;
 daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx.err;
+master_process off;
+pid $WORK/$1.pid;
+error_log $WORK/$1.err;
 events { worker_connections 1024; }
 http {
   access_log off;
+  keepalive_requests 10000000;
   client_body_temp_path $WORK;
   proxy_temp_path $WORK;
   fastcgi_temp_path $WORK;
   uwsgi_temp_path $WORK;
   scgi_temp_path $WORK;
-  server { listen 127.0.0.1:$UPSTREAM; location / { root $WORK; try_files /body =404; } }
-}
 EOF
-nginx -c "$WORK/nginx.conf" &
+}
+
+UP_H1=$(free_port)
+UP_H2C=$(free_port)
+head -c 1024 /dev/zero | tr '\0' 'x' > "$WORK/body"
+{
+    nginx_preamble upstream
+    echo "  server { listen 127.0.0.1:$UP_H1; location / { root $WORK; try_files /body =404; } }"
+    echo "  server { $(h2c_listen "$UP_H2C") location / { root $WORK; try_files /body =404; } }"
+    echo "}"
+} > "$WORK/upstream.conf"
+nginx -c "$WORK/upstream.conf" &
 PIDS+=($!)
 
-# Total instructions of one proxy run serving $1 requests.
+# The command line of proxy $1 for protocol $2 listening on port $3 (admin on $4, cogmesh only).
+proxy_command() {
+    local up=$UP_H1
+    [ "$2" = h2c ] && [ "$1" != nginx ] && up=$UP_H2C
+    case "$1" in
+    cogmesh)
+        echo "$BIN --listen 127.0.0.1:$3 --upstream 127.0.0.1:$up --admin 127.0.0.1:$4 --workers 1 ${EXTRA[*]}"
+        ;;
+    haproxy)
+        local h2=""
+        [ "$2" = h2c ] && h2=" proto h2"
+        cat > "$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend bench
+    bind 127.0.0.1:$3$h2
+    default_backend upstream
+backend upstream
+    server up1 127.0.0.1:$up$h2
+EOF
+        echo "haproxy -db -f $WORK/haproxy.cfg"
+        ;;
+    nginx)
+        local listen="listen 127.0.0.1:$3;"
+        [ "$2" = h2c ] && listen=$(h2c_listen "$3")
+        {
+            nginx_preamble proxy
+            echo "  upstream backend { server 127.0.0.1:$up; keepalive 16; }"
+            echo "  server { $listen location / { proxy_pass http://backend; proxy_http_version 1.1;"
+            echo "    proxy_set_header Connection \"\"; } }"
+            echo "}"
+        } > "$WORK/proxy.conf"
+        echo "nginx -c $WORK/proxy.conf"
+        ;;
+    esac
+}
+
+# Total instructions of proxy $1 serving $3 requests of protocol $2.
 count() {
-    local listen admin out="$WORK/callgrind.$1"
+    local listen admin out="$WORK/callgrind.$1.$2.$3" client=()
     listen=$(free_port)
     admin=$(free_port)
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$BIN" --listen "127.0.0.1:$listen" \
-        --upstream "127.0.0.1:$UPSTREAM" --admin "127.0.0.1:$admin" --workers 1 "${EXTRA[@]}" \
-        >"$WORK/proxy.$1.log" 2>&1 &
+    [ "$2" = h2c ] && client=(--http2)
+    # shellcheck disable=SC2046 # the command line is split on purpose
+    valgrind --tool=callgrind --callgrind-out-file="$out" $(proxy_command "$1" "$2" "$listen" "$admin") \
+        >"$WORK/proxy.$1.$2.$3.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     for _ in $(seq 300); do
-        curl -sf -o /dev/null "http://127.0.0.1:$admin/ready" && break
+        curl -s -o /dev/null "${client[@]/--http2/--http2-prior-knowledge}" "http://127.0.0.1:$listen/" && break
         sleep 0.2
     done
-    "$OHA" --no-tui -n "$1" -c 4 "http://127.0.0.1:$listen/" >/dev/null
+    "$OHA" --no-tui -n "$3" -c 4 "${client[@]}" "http://127.0.0.1:$listen/" >/dev/null
     sleep 0.5
     kill -TERM "$pid"
     wait "$pid" || true
@@ -77,6 +150,21 @@ count() {
 }
 
 EXTRA=("$@")
-small=$(count 1000)
-large=$(count 5000)
-echo "cogmesh-proxy ${EXTRA[*]:-(defaults)}: $(( (large - small) / 4000 )) instructions per request (callgrind totals $small for 1000 requests, $large for 5000)"
+echo "Instructions per request (callgrind; totals of 5000 and 1000 requests subtracted, over 4000)"
+echo "cogmesh-proxy flags: ${EXTRA[*]:-(defaults)}; nginx $NGINX_VERSION; $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)"
+printf '%-6s %-9s %14s %14s\n' proto proxy instructions "cogmesh÷peer"
+for proto in ${PROTOCOLS//,/ }; do
+    mine=""
+    for proxy in ${PROXIES//,/ }; do
+        small=$(count "$proxy" "$proto" 1000)
+        large=$(count "$proxy" "$proto" 5000)
+        per=$(( (large - small) / 4000 ))
+        ratio=""
+        if [ "$proxy" = cogmesh ]; then
+            mine=$per
+        elif [ -n "$mine" ]; then
+            ratio=$(python3 -c "print(f'{$mine / $per:.2f}')")
+        fi
+        printf '%-6s %-9s %14s %14s\n' "$proto" "$proxy" "$per" "$ratio"
+    done
+done

@@ -401,6 +401,24 @@ impl Proxy {
         assert_eq!(status, 200);
         body
     }
+
+    /// Streams in flight to the only endpoint of the first service, as `/config` shows them.
+    pub fn endpoint_in_flight(&self) -> u64 {
+        let (_, body) = http_get(self.admin, "/config").expect("read /config");
+        let config: serde_json::Value = serde_json::from_str(&body).expect("/config is JSON");
+        config["routing_table"]["services"][0]["endpoints"][0]["in_flight"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no in_flight in {config}"))
+    }
+
+    /// Waits (up to 15 s) for the proxy to exit after draining and checks it exited 0.
+    pub fn assert_drains_and_exits_0(&mut self) {
+        let status = self
+            .proc
+            .wait_exit(Duration::from_secs(15))
+            .expect("proxy exits after draining");
+        assert_eq!(status.code(), Some(0));
+    }
 }
 
 /// The value of the sample whose line starts with `prefix` (name and labels), if present.

@@ -1,13 +1,14 @@
 //! HTTP/2 cleartext (prior knowledge) and gRPC through the proxy: 100 concurrent h2c streams;
 //! unary, server-, client- and bidi-streaming calls with a tonic client, and with Python grpcio
-//! as client and as server; non-OK `grpc-status` with its message passed through.
+//! as client and as server; non-OK `grpc-status` with its message passed through; upstream
+//! connections replaced and closed; a client's reset and a drain with streams in flight.
 
 use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
 use cogmesh_e2e::{
-    counting_upstream, free_addr, python, repo_root, run_with_timeout, start_workload, wait_tcp,
+    counting_upstream, eventually, free_addr, python, repo_root, run_with_timeout, start_workload, wait_tcp,
     ConnectionEnd, Proc, Proxy,
 };
 use cogmesh_proto::v1::workload_client::WorkloadClient;
@@ -269,4 +270,64 @@ async fn an_upstream_h2_connection_that_sent_goaway_is_replaced() {
         2,
         "the request after GOAWAY opened a new connection"
     );
+}
+
+fn h2c_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<Bytes>>()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_completes_in_flight_h2_streams_then_exits_0() {
+    let upstream = start_workload("w1");
+    let mut proxy = Proxy::quick(&[upstream.addr], &["--workers", "2"]);
+    let client = h2c_client();
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let (client, url) = (client.clone(), proxy.url("/sleep?ms=1500"));
+            tokio::spawn(async move {
+                let resp = client.get(url.parse().unwrap()).await.expect("h2c request");
+                let status = resp.status();
+                (status, resp.into_body().collect().await.unwrap().to_bytes())
+            })
+        })
+        .collect();
+    eventually("six streams in flight", Duration::from_secs(20), || {
+        (proxy.endpoint_in_flight() == 6).then_some(())
+    });
+    proxy.proc.signal("TERM");
+    for c in calls {
+        let (status, body) = c.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body, "slept 1500 ms");
+    }
+    proxy.assert_drains_and_exits_0();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_the_client_resets_cancels_its_upstream_request() {
+    let upstream = start_workload("w1");
+    // No response timeout: only the reset can end the request early.
+    let proxy = Proxy::quick(&[upstream.addr], &["--response-timeout-ms", "0"]);
+    let client = h2c_client();
+    let url = proxy.url("/sleep?ms=60000");
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.get(url.parse().unwrap()).await.map(|r| r.status()) }
+    });
+    eventually("the stream in flight", Duration::from_secs(20), || {
+        (proxy.endpoint_in_flight() == 1).then_some(())
+    });
+    // Dropping the response future resets the stream (RST_STREAM, CANCEL).
+    call.abort();
+    // The upstream would answer after a minute; the proxy gives the request up at once.
+    eventually("the request given up", Duration::from_secs(20), || {
+        (proxy.endpoint_in_flight() == 0).then_some(())
+    });
+    let resp = client
+        .get(proxy.url("/").parse().unwrap())
+        .await
+        .expect("h2c request");
+    assert_eq!(resp.status(), 200, "the connection still serves");
 }

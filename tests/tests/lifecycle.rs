@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cogmesh_e2e::{http_get, start_workload, Proxy};
+use cogmesh_e2e::{eventually, http_get, start_workload, Proxy};
 
 #[test]
 fn admin_endpoints() {
@@ -38,30 +38,16 @@ async fn sigterm_completes_in_flight_requests_then_exits_0() {
         }));
     }
     // Wait until the proxy reports all six in flight (polling, no fixed sleep).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, body) = http_get(proxy.admin, "/config").unwrap();
-        let config: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if config["routing_table"]["services"][0]["endpoints"][0]["in_flight"] == 6 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "requests never in flight: {config}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("six requests in flight", Duration::from_secs(20), || {
+        (proxy.endpoint_in_flight() == 6).then_some(())
+    });
     proxy.proc.signal("TERM");
     for c in calls {
         let (status, body) = c.await.unwrap().expect("in-flight request completes");
         assert_eq!(status, 200);
         assert_eq!(body, "slept 1500 ms");
     }
-    let status = proxy
-        .proc
-        .wait_exit(Duration::from_secs(15))
-        .expect("proxy exits after draining");
-    assert_eq!(status.code(), Some(0));
+    proxy.assert_drains_and_exits_0();
 }
 
 #[test]
@@ -71,7 +57,7 @@ fn with_a_shutdown_delay_new_requests_are_served_after_sigterm_while_not_ready()
     assert_eq!(http_get(proxy.admin, "/ready").unwrap().0, 200);
     proxy.proc.signal("TERM");
     // Readiness fails at once, so Kubernetes takes the pod out of its Services...
-    cogmesh_e2e::eventually("/ready to fail", Duration::from_secs(5), || {
+    eventually("/ready to fail", Duration::from_secs(5), || {
         (http_get(proxy.admin, "/ready").map(|r| r.0).ok() == Some(503)).then_some(())
     });
     // ...while clients that still send to it (a new connection each) are served.

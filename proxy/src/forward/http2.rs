@@ -189,7 +189,8 @@ pub async fn send(
     let response = if end_of_stream {
         response.await
     } else {
-        respond_while_sending(response, Box::pin(pipe(body, stream))).await
+        let copy = pipe(body, stream, h2::Reason::CANCEL);
+        respond_while_sending(response, Box::pin(copy)).await
     };
     Ok(H2Body::of(response.map_err(reset)?))
 }
@@ -219,24 +220,26 @@ async fn respond_while_sending(
     response
 }
 
-/// Sends a request body on its stream: data as the peer's flow control allows, then trailers
-/// or the end of the stream. A body that fails resets the stream; a stream the peer reset
+/// Sends a body on its stream: data as the peer's flow control allows, then trailers or the end
+/// of the stream. A body that fails resets the stream with `failed`; a stream the peer reset
 /// stops the copy.
-async fn pipe(mut body: UpstreamBody, mut stream: SendStream<Bytes>) {
+pub(super) async fn pipe<B>(body: B, mut stream: SendStream<Bytes>, failed: h2::Reason)
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
     loop {
         let frame = std::future::poll_fn(|cx| {
             if let Poll::Ready(reason) = stream.poll_reset(cx) {
-                return Poll::Ready(Err(reason.map(|r| format!("upstream reset the stream: {r}"))));
+                return Poll::Ready(Err(reason.map(|r| format!("the peer reset the stream: {r}"))));
             }
-            Pin::new(&mut body).poll_frame(cx).map(Ok)
+            body.as_mut().poll_frame(cx).map(Ok)
         })
         .await;
         let frame = match frame {
             Err(why) => {
-                debug!(
-                    "request body not sent: {}",
-                    why.unwrap_or_else(|e| error_chain(&e))
-                );
+                debug!("body not sent: {}", why.unwrap_or_else(|e| error_chain(&e)));
                 return;
             }
             Ok(None) => {
@@ -244,8 +247,8 @@ async fn pipe(mut body: UpstreamBody, mut stream: SendStream<Bytes>) {
                 return;
             }
             Ok(Some(Err(e))) => {
-                debug!("request body failed: {}", error_chain(&*e));
-                stream.send_reset(h2::Reason::CANCEL);
+                debug!("body failed: {}", error_chain(&*e.into()));
+                stream.send_reset(failed);
                 return;
             }
             Ok(Some(Ok(frame))) => frame,
@@ -292,8 +295,9 @@ async fn send_data(stream: &mut SendStream<Bytes>, mut data: Bytes, last: bool) 
     Ok(())
 }
 
-/// A response body from an HTTP/2 endpoint: data (its flow-control window released as it is
-/// passed on), then trailers.
+/// A body received on HTTP/2, a response from an endpoint or a request from a client (see
+/// [`super::h2_lane`]): data (its flow-control window released as it is passed on), then
+/// trailers.
 pub struct H2Body {
     recv: RecvStream,
     data_ended: bool,
@@ -304,16 +308,29 @@ pub struct H2Body {
 impl H2Body {
     /// The body of `response`, its `content-length` (when valid) kept for the size hint.
     fn of(response: Response<RecvStream>) -> Response<H2Body> {
-        let remaining = response
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let remaining = content_length(response.headers());
         response.map(|recv| H2Body {
             recv,
             data_ended: false,
             remaining,
         })
     }
+
+    /// The body of a client's request, as [`H2Body::of`] does for a response.
+    pub(super) fn request(req: Request<RecvStream>) -> Request<H2Body> {
+        let remaining = content_length(req.headers());
+        req.map(|recv| H2Body {
+            recv,
+            data_ended: false,
+            remaining,
+        })
+    }
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
 }
 
 impl Body for H2Body {

@@ -12,6 +12,7 @@
 //! [`crate::cache`] and [`crate::compress`]). Routes without one pay a single `None` check.
 
 mod body;
+pub mod h2_lane;
 mod headers;
 mod http2;
 mod idle;
@@ -48,8 +49,11 @@ use crate::metrics::ServiceMetrics;
 use crate::route::{Origination, RoutePolicy, RoutingTable, SharedTable};
 use crate::tls::PeerIdentity;
 
+/// A client's request body: through hyper's server, or on the HTTP/2 lane ([`h2_lane`]).
+pub type DownstreamBody = Either<Incoming, http2::H2Body>;
+
 /// A request body on its way upstream: the client's, or the client's decompressed.
-pub type UpstreamBody = Either<Incoming, CodedBody>;
+pub type UpstreamBody = Either<DownstreamBody, CodedBody>;
 
 /// The upstream connections, shared by every listener and worker thread.
 ///
@@ -207,7 +211,7 @@ impl Forward {
         self
     }
 
-    async fn forward(self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(self, req: Request<DownstreamBody>) -> Response<ProxyBody> {
         let start = Instant::now();
         let Some(begun) = self.shared.observe.begin(&req, start) else {
             return self.route_and_send(req, start, None).await;
@@ -227,7 +231,7 @@ impl Forward {
 
     async fn route_and_send(
         &self,
-        req: Request<Incoming>,
+        req: Request<DownstreamBody>,
         start: Instant,
         begun: Option<&crate::observe::Begun>,
     ) -> Response<ProxyBody> {
@@ -331,7 +335,7 @@ impl Forward {
         policy: &RoutePolicy,
         table: &RoutingTable,
         index: usize,
-        req: Request<Incoming>,
+        req: Request<DownstreamBody>,
         retry_any_method: bool,
         span: Option<&crate::otel::ServerSpan>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -656,7 +660,7 @@ impl hyper::service::Service<Request<Incoming>> for Forward {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { Ok(this.forward(req).await) })
+        Box::pin(async move { Ok(this.forward(req.map(Either::Left)).await) })
     }
 }
 

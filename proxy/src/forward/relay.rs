@@ -1337,6 +1337,11 @@ impl<IO> Prefixed<IO> {
     pub fn new(inner: IO, prefix: BytesMut) -> Self {
         Prefixed { prefix, inner }
     }
+
+    /// What is still to be read before the connection's own bytes.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::ProxyConfig;
-use crate::forward::{relay, Forward, Shared, Upstreams};
+use crate::forward::{h2_lane, relay, Forward, Shared, Upstreams};
 use crate::hardening::GuardedIo;
 use crate::metrics::Metrics;
 use crate::route::{EndpointOverrides, RoutingTable, SharedTable};
@@ -427,13 +427,19 @@ async fn accept_loop(
         open.inc();
         if let Some(acceptor) = acceptor.clone() {
             let (shared, limits, refused) = (Arc::clone(&shared), limits.clone(), refused.clone());
-            let bytes = bytes.clone();
+            let (bytes, stop) = (bytes.clone(), stop.clone());
             tokio::spawn(async move {
                 if let Some((stream, identity)) = acceptor.accept(stream, peer).await {
+                    let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
                     let stream = crate::metrics::CountedIo::new(stream, bytes);
-                    let stream = GuardedIo::new(stream, &limits, header_read_timeout, refused);
                     let service = Forward::new(shared, index, peer, Some(identity));
-                    serve(&builder, watcher, stream, service, peer).await;
+                    if http2 {
+                        h2_lane::serve(stream, service, &limits, header_read_timeout, stop).await;
+                        drop(watcher);
+                    } else {
+                        let stream = GuardedIo::new(stream, &limits, header_read_timeout, refused);
+                        serve(&builder, watcher, stream, service, peer).await;
+                    }
                 }
                 open.dec();
             });
@@ -444,25 +450,35 @@ async fn accept_loop(
         let relay_on = state.config.load().http1_relay;
         let serve_http = move |stream, pinned: Option<Arc<str>>| async move {
             let stream = crate::metrics::CountedIo::new(stream, bytes);
-            let stream = if relay_on && relay::enabled(&shared) {
+            let (io, read) = if relay_on && relay::enabled(&shared) {
                 let lane = relay::Lane {
                     shared: Arc::clone(&shared),
                     listener: index,
                     client_ip: peer.ip().to_string(),
                     pinned: pinned.clone(),
-                    stop,
+                    stop: stop.clone(),
                     header_read_timeout,
                 };
                 match relay::serve(stream, lane).await {
                     relay::Ended::Closed => return,
-                    relay::Ended::Handoff(io, read) => relay::Prefixed::new(io, read),
+                    relay::Ended::Handoff(io, read) => (io, read),
                 }
             } else {
-                relay::Prefixed::new(stream, bytes::BytesMut::new())
+                match h2_lane::sniff(stream, header_read_timeout).await {
+                    Some(started) => started,
+                    None => return,
+                }
             };
+            let forward = Forward::new(Arc::clone(&shared), index, peer, None).pinned_to(pinned);
+            let stream = relay::Prefixed::new(io, read);
+            if stream.prefix().starts_with(h2_lane::PREFACE_START) {
+                h2_lane::serve(stream, forward, &shared.limits, header_read_timeout, stop).await;
+                // The drain waits for this connection until here.
+                drop(watcher);
+                return;
+            }
             let stream = GuardedIo::new(stream, &shared.limits, header_read_timeout, refused);
-            let service = Forward::new(Arc::clone(&shared), index, peer, None).pinned_to(pinned);
-            serve(&builder, watcher, stream, service, peer).await;
+            serve(&builder, watcher, stream, forward, peer).await;
         };
         match &capture {
             None => tokio::spawn(async move {
