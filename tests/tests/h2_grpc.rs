@@ -179,6 +179,29 @@ async fn grpc_tonic_client_to_python_server() {
     exercise_tonic(&proxy, "python-workload").await;
 }
 
+/// With the relay off, the first bytes of a connection still tell HTTP/2 from HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_http1_relay_h2c_and_http1_are_both_served() {
+    let upstream = start_workload("w1");
+    let proxy = Proxy::quick(&[upstream.addr], &["--no-http1-relay"]);
+    let resp = h2c_client()
+        .get(proxy.url("/headers").parse().unwrap())
+        .await
+        .expect("h2c request");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+    let listen = proxy.listen;
+    let (status, body) = tokio::task::spawn_blocking(move || cogmesh_e2e::http_get(listen, "/headers"))
+        .await
+        .unwrap()
+        .expect("HTTP/1.1 request");
+    assert_eq!(status, 200);
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["version"], "HTTP/1.1", "{seen}");
+}
+
 async fn concurrent_h2(proxy: &Proxy, n: usize) {
     let client = Client::builder(TokioExecutor::new())
         .http2_only(true)
