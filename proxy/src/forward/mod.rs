@@ -309,10 +309,10 @@ impl Forward {
                 self.exchange(&table, index, req.map(Either::Left), any_method, span)
                     .await
             }
-            Some(policy) => {
-                self.with_policy(policy, &table, index, req, any_method, span)
-                    .await
-            }
+            // Boxed: with the cache and compression this future is larger than the plain
+            // exchange's, and inline it would make every request's future as large (and copied
+            // whole when the future is queued).
+            Some(policy) => Box::pin(self.with_policy(policy, &table, index, req, any_method, span)).await,
         };
         let mut response = match result {
             Ok(response) => {

@@ -287,7 +287,9 @@ impl<'a> Attempts<'a> {
         let (body, replay_body) = if body.is_end_stream() {
             (body, ReplayBody::Empty)
         } else {
-            match replay::read_ahead(body, config.replay_buffer_bytes).await {
+            // Boxed, so the futures of requests that never buffer stay small (a request's
+            // future is copied whole when it is queued).
+            match Box::pin(replay::read_ahead(body, config.replay_buffer_bytes)).await {
                 ReadAhead::Complete(buffered) => (buffered.body(), ReplayBody::Buffered(buffered)),
                 ReadAhead::TooLarge(body) => (body, ReplayBody::TooLarge),
             }
