@@ -44,9 +44,11 @@ use crate::hardening::LimitsConfig;
 /// How the preface an HTTP/2 client starts with begins (RFC 9113 §3.4): enough to tell.
 pub const PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
-/// Reads the start of a connection the relay does not serve, until it shows whether it is
-/// HTTP/2's preface: the connection and what was read, or `None` when the client closed it or
-/// sent nothing within `timeout`.
+/// Reads the start of a connection the relay does not serve (TLS, or the relay off), until it
+/// shows whether it is HTTP/2's preface: the connection and what was read, or `None` when the
+/// client closed it or sent nothing within `timeout`. Nothing is written before: an HTTP/2
+/// server's SETTINGS sent at once, to a TLS client that then closes without a word (`openssl
+/// s_client`), made the client die of a broken pipe with its output lost.
 pub async fn sniff<IO>(mut io: IO, timeout: Duration) -> Option<(IO, BytesMut)>
 where
     IO: AsyncRead + Unpin,

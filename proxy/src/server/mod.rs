@@ -430,10 +430,16 @@ async fn accept_loop(
             let (bytes, stop) = (bytes.clone(), stop.clone());
             tokio::spawn(async move {
                 if let Some((stream, identity)) = acceptor.accept(stream, peer).await {
-                    let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
                     let stream = crate::metrics::CountedIo::new(stream, bytes);
                     let service = Forward::new(shared, index, peer, Some(identity));
-                    if http2 {
+                    // As on plain text: nothing is sent before the client's first bytes (an
+                    // HTTP/2 server's SETTINGS would be), and they decide the server.
+                    let Some((io, read)) = h2_lane::sniff(stream, header_read_timeout).await else {
+                        open.dec();
+                        return;
+                    };
+                    let stream = relay::Prefixed::new(io, read);
+                    if stream.prefix().starts_with(h2_lane::PREFACE_START) {
                         h2_lane::serve(stream, service, &limits, header_read_timeout, stop).await;
                         drop(watcher);
                     } else {
