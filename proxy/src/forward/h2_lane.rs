@@ -14,10 +14,9 @@
 //! Settings and limits are the listener's, as hyper's server applies them
 //! ([`crate::hardening::LimitsConfig`]): concurrent streams, windows, header list size,
 //! pending-accept and local-error reset streams. As hyper's server does, a client's reset stops
-//! its stream's exchange (the upstream request is cancelled), connection-specific response
-//! headers are dropped, a response body of known length gets a `content-length`, and a
-//! failing response body resets its stream (`INTERNAL_ERROR`). On drain the connection sends
-//! GOAWAY and closes once its streams have ended.
+//! its stream's exchange (the upstream request is cancelled), a response body of known length
+//! gets a `content-length`, and a failing response body resets its stream (`INTERNAL_ERROR`).
+//! On drain the connection sends GOAWAY and closes once its streams have ended.
 
 use std::future::Future;
 use std::pin::pin;
@@ -37,7 +36,7 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use super::http2::{pipe, H2Body};
-use super::{headers, Forward};
+use super::Forward;
 use crate::error::error_chain;
 use crate::hardening::LimitsConfig;
 
@@ -164,10 +163,9 @@ async fn exchange(forward: Forward, req: Request<RecvStream>, mut respond: SendR
     })
     .await;
     let Some(response) = response else { return };
+    // Connection-specific fields, which HTTP/2 forbids, are gone already: the request path
+    // removes the upstream's (`strip_hop_by_hop`) and makes none of its own.
     let (mut parts, body) = response.into_parts();
-    // HTTP/2 forbids connection-specific fields; the request path removed the upstream's, and
-    // this keeps any other from failing the stream.
-    headers::strip_hop_by_hop(&mut parts.headers, false);
     if let Some(len) = body.size_hint().exact() {
         if !parts.headers.contains_key(CONTENT_LENGTH) {
             parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));

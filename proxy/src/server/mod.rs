@@ -384,9 +384,6 @@ async fn accept_loop(
     let (accepted_total, bytes) = state.metrics.tcp(config.direction.as_str(), &config.name);
     let limits = state.config.load().limits.clone();
     let header_read_timeout = Duration::from_millis(state.config.load().header_read_timeout_ms);
-    let refused = state
-        .metrics
-        .requests_refused(config.direction.as_str(), &config.name);
     let acceptor = match (&config.tls, &state.listener_identities[index]) {
         (Some(t), Some(store)) => Some(Arc::new(crate::tls::server::ListenerAcceptor::new(
             t,
@@ -401,6 +398,15 @@ async fn accept_loop(
         upstreams,
         limits: limits.clone(),
         observe: state.observe.clone(),
+    });
+    let servers = Arc::new(Servers {
+        hyper: builder,
+        limits: limits.clone(),
+        header_read_timeout,
+        refused: state
+            .metrics
+            .requests_refused(config.direction.as_str(), &config.name),
+        stop: stop.clone(),
     });
     let capture =
         crate::transparent::Capture::for_listener(&state.config.load(), index, &state.metrics.transparent);
@@ -421,38 +427,27 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         accepted_total.inc();
-        let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let open = open.clone();
         open.inc();
+        let (shared, servers, bytes) = (Arc::clone(&shared), Arc::clone(&servers), bytes.clone());
         if let Some(acceptor) = acceptor.clone() {
-            let (shared, limits, refused) = (Arc::clone(&shared), limits.clone(), refused.clone());
-            let (bytes, stop) = (bytes.clone(), stop.clone());
             tokio::spawn(async move {
                 if let Some((stream, identity)) = acceptor.accept(stream, peer).await {
                     let stream = crate::metrics::CountedIo::new(stream, bytes);
-                    let service = Forward::new(shared, index, peer, Some(identity));
                     // As on plain text: nothing is sent before the client's first bytes (an
                     // HTTP/2 server's SETTINGS would be), and they decide the server.
-                    let Some((io, read)) = h2_lane::sniff(stream, header_read_timeout).await else {
-                        open.dec();
-                        return;
-                    };
-                    let stream = relay::Prefixed::new(io, read);
-                    if stream.prefix().starts_with(h2_lane::PREFACE_START) {
-                        h2_lane::serve(stream, service, &limits, header_read_timeout, stop).await;
-                        drop(watcher);
-                    } else {
-                        let stream = GuardedIo::new(stream, &limits, header_read_timeout, refused);
-                        serve(&builder, watcher, stream, service, peer).await;
+                    if let Some((io, read)) = h2_lane::sniff(stream, servers.header_read_timeout).await {
+                        let service = Forward::new(shared, index, peer, Some(identity));
+                        servers
+                            .serve(relay::Prefixed::new(io, read), service, watcher, peer)
+                            .await;
                     }
                 }
                 open.dec();
             });
             continue;
         }
-        let (shared, refused, bytes) = (Arc::clone(&shared), refused.clone(), bytes.clone());
-        let stop = stop.clone();
         let relay_on = state.config.load().http1_relay;
         let serve_http = move |stream, pinned: Option<Arc<str>>| async move {
             let stream = crate::metrics::CountedIo::new(stream, bytes);
@@ -462,29 +457,23 @@ async fn accept_loop(
                     listener: index,
                     client_ip: peer.ip().to_string(),
                     pinned: pinned.clone(),
-                    stop: stop.clone(),
-                    header_read_timeout,
+                    stop: servers.stop.clone(),
+                    header_read_timeout: servers.header_read_timeout,
                 };
                 match relay::serve(stream, lane).await {
                     relay::Ended::Closed => return,
                     relay::Ended::Handoff(io, read) => (io, read),
                 }
             } else {
-                match h2_lane::sniff(stream, header_read_timeout).await {
+                match h2_lane::sniff(stream, servers.header_read_timeout).await {
                     Some(started) => started,
                     None => return,
                 }
             };
-            let forward = Forward::new(Arc::clone(&shared), index, peer, None).pinned_to(pinned);
-            let stream = relay::Prefixed::new(io, read);
-            if stream.prefix().starts_with(h2_lane::PREFACE_START) {
-                h2_lane::serve(stream, forward, &shared.limits, header_read_timeout, stop).await;
-                // The drain waits for this connection until here.
-                drop(watcher);
-                return;
-            }
-            let stream = GuardedIo::new(stream, &shared.limits, header_read_timeout, refused);
-            serve(&builder, watcher, stream, forward, peer).await;
+            let service = Forward::new(Arc::clone(&shared), index, peer, None).pinned_to(pinned);
+            servers
+                .serve(relay::Prefixed::new(io, read), service, watcher, peer)
+                .await;
         };
         match &capture {
             None => tokio::spawn(async move {
@@ -502,18 +491,49 @@ async fn accept_loop(
     }
 }
 
-/// Serves one accepted connection (plaintext or TLS) until it ends or the drain closes it.
-async fn serve<IO>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-    io: IO,
-    service: Forward,
-    peer: SocketAddr,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(conn).await {
-        debug!(%peer, "connection ended with an error: {e}");
+/// What serving a connection of a listener takes once its first bytes are read; one per
+/// listener, shared by its connections.
+struct Servers {
+    /// hyper's server: HTTP/1.1 the relay did not serve (and any HTTP/2 not recognised as such).
+    hyper: Arc<auto::Builder<TokioExecutor>>,
+    limits: crate::hardening::LimitsConfig,
+    header_read_timeout: Duration,
+    /// Requests refused as smuggling attempts (see [`GuardedIo`]).
+    refused: prometheus_client::metrics::counter::Counter,
+    /// Set when the proxy drains.
+    stop: watch::Receiver<bool>,
+}
+
+impl Servers {
+    /// Serves one accepted connection (plaintext or TLS) whose first bytes `stream` holds, until
+    /// it ends or the drain closes it: on the HTTP/2 lane when they are HTTP/2's preface, on
+    /// hyper's server otherwise. `watcher` keeps the drain waiting until then.
+    async fn serve<IO>(
+        &self,
+        stream: relay::Prefixed<IO>,
+        service: Forward,
+        watcher: hyper_util::server::graceful::Watcher,
+        peer: SocketAddr,
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        if stream.prefix().starts_with(h2_lane::PREFACE_START) {
+            let stop = self.stop.clone();
+            h2_lane::serve(stream, service, &self.limits, self.header_read_timeout, stop).await;
+            drop(watcher);
+            return;
+        }
+        let stream = GuardedIo::new(
+            stream,
+            &self.limits,
+            self.header_read_timeout,
+            self.refused.clone(),
+        );
+        let conn = self
+            .hyper
+            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+        if let Err(e) = watcher.watch(conn).await {
+            debug!(%peer, "connection ended with an error: {e}");
+        }
     }
 }
