@@ -20,6 +20,7 @@ pub mod control;
 pub mod error;
 pub mod forward;
 pub mod hardening;
+pub mod hpack;
 pub mod identity;
 pub mod init;
 pub mod metrics;
