@@ -1,10 +1,4 @@
-//! HPACK (RFC 7541), the header compression of HTTP/2: the first piece of cogmesh's own HTTP/2
-//! codec, not yet on the request path.
-//!
-//! Why cogmesh would have its own: callgrind puts about half of an h2c request's instructions
-//! in the `h2` crate, both connections of an exchange, HPACK a good part of it (see
-//! `bench/README.md`). The HTTP/1.1 relay shows the way: parse in place, no per-field
-//! allocation, nothing done that forwarding does not need.
+//! HPACK (RFC 7541), the header compression of HTTP/2.
 //!
 //! - [`Decoder`] decodes a header block field by field into a callback, names and values
 //!   borrowed from the block, the dynamic table or a buffer it reuses (Huffman-coded strings).
