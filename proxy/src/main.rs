@@ -130,6 +130,11 @@ struct Args {
     #[arg(long)]
     no_http1_relay: bool,
 
+    /// Serve HTTP/2 clients on the `h2` crate (the lane) instead of cogmesh's own HTTP/2 codec
+    /// (`own_http2_codec: false`). Overrides the file.
+    #[arg(long)]
+    no_own_http2_codec: bool,
+
     /// Priority admission: requests in flight through this instance before low and sheddable
     /// ones are shed and the rest queue (`admission.max_concurrency`). Overrides the file.
     #[arg(long)]
@@ -190,6 +195,7 @@ fn main() -> ExitCode {
         );
         let (shutdown_delay, max_concurrency) = (args.shutdown_delay_ms, args.max_concurrency);
         let no_relay = args.no_http1_relay;
+        let no_own_codec = args.no_own_http2_codec;
         let control = config.control.clone();
         let identity = args.identity.is_some().then(|| config.identity.clone()).flatten();
         let observe = observe_overrides(&args);
@@ -217,6 +223,9 @@ fn main() -> ExitCode {
                 }
                 if no_relay {
                     c.http1_relay = false;
+                }
+                if no_own_codec {
+                    c.own_http2_codec = false;
                 }
                 if let Some(n) = max_concurrency {
                     set_max_concurrency(c, n);
@@ -333,6 +342,9 @@ fn load(args: &Args) -> Result<ProxyConfig, cogmesh_proxy::config::ConfigError> 
     }
     if args.no_http1_relay {
         config.http1_relay = false;
+    }
+    if args.no_own_http2_codec {
+        config.own_http2_codec = false;
     }
     if let (false, Some(service)) = (args.control.is_empty(), &args.service) {
         config.control = Some(ControlConfig {

@@ -1,5 +1,5 @@
-//! cogmesh's own HTTP/2 codec, built piece by piece; not yet on the request path, which still
-//! runs on the `h2` crate.
+//! cogmesh's own HTTP/2 codec: it serves HTTP/2 clients ([`crate::forward::h2_server`]); the
+//! connections to upstreams still run on the `h2` crate.
 //!
 //! Why: callgrind puts about half of an h2c request's instructions in the `h2` crate, on the
 //! two connections of an exchange, and HPACK is a good part of it (`bench/README.md`). The
@@ -10,7 +10,8 @@
 //! - [`hpack`]: header compression, decoder and encoder.
 //! - [`frame`]: frames read in place and checked against RFC 9113 §6, and written.
 //!
-//! Still to come: the connection (streams, flow control, settings, limits) on top of these.
+//! The connection on top of them (streams, flow control, settings, limits) is
+//! [`crate::forward::h2_server`].
 
 pub mod frame;
 pub mod hpack;

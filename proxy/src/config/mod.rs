@@ -60,6 +60,10 @@ pub struct ProxyConfig {
     /// `cogmesh_proxy::forward::relay`); `false` sends every request through the full path.
     #[serde(default = "default_true")]
     pub http1_relay: bool,
+    /// Serve HTTP/2 clients on cogmesh's own HTTP/2 codec (see
+    /// `cogmesh_proxy::forward::h2_server`); `false` serves them on the `h2` crate (the lane).
+    #[serde(default = "default_true")]
+    pub own_http2_codec: bool,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     #[serde(default = "default_pool_idle_timeout_ms")]
@@ -515,6 +519,7 @@ impl ProxyConfig {
             admin_mutations: false,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             http1_relay: true,
+            own_http2_codec: true,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             pool_idle_timeout_ms: DEFAULT_POOL_IDLE_TIMEOUT_MS,
             http2_streams_per_connection: DEFAULT_HTTP2_STREAMS_PER_CONNECTION,

@@ -1,6 +1,7 @@
 //! The HTTP/2 lane: an HTTP/2 client connection (plain text with prior knowledge, or TLS with
 //! ALPN `h2`) served on the `h2` crate directly, every stream of it driven by the connection's
-//! own task.
+//! own task. Used with `own_http2_codec: false` (`--no-own-http2-codec`); by default HTTP/2
+//! clients are served on cogmesh's own codec ([`super::h2_server`]).
 //!
 //! hyper's server spawns a task per stream: the connection task decodes the request and hands
 //! it over, the stream's task runs the request path and hands the response back for the
@@ -200,7 +201,7 @@ thread_local! {
 }
 
 /// The current time as an HTTP date, formatted once a second per worker.
-fn now_http_date() -> HeaderValue {
+pub(super) fn now_http_date() -> HeaderValue {
     let now = std::time::SystemTime::now();
     let second = now
         .duration_since(std::time::UNIX_EPOCH)

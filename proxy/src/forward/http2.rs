@@ -296,13 +296,49 @@ async fn send_data(stream: &mut SendStream<Bytes>, mut data: Bytes, last: bool) 
 }
 
 /// A body received on HTTP/2, a response from an endpoint or a request from a client (see
-/// [`super::h2_lane`]): data (its flow-control window released as it is passed on), then
-/// trailers.
+/// [`super::h2_lane`] and [`super::h2_server`]): data (its flow-control window released as it
+/// is passed on), then trailers.
 pub struct H2Body {
-    recv: RecvStream,
+    recv: Recv,
     data_ended: bool,
     /// What remains of a `content-length`, for the size hint.
     remaining: Option<u64>,
+}
+
+/// Where an [`H2Body`] comes from: a stream of the `h2` crate, or of cogmesh's own server
+/// connection.
+enum Recv {
+    Crate(RecvStream),
+    Own(super::h2_server::Inbound),
+}
+
+impl Recv {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        match self {
+            Recv::Crate(recv) => {
+                let data = ready!(recv.poll_data(cx));
+                if let Some(Ok(data)) = &data {
+                    let _ = recv.flow_control().release_capacity(data.len());
+                }
+                Poll::Ready(data.map(|d| d.map_err(BoxError::from)))
+            }
+            Recv::Own(own) => own.poll_data(cx),
+        }
+    }
+
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<http::HeaderMap>, BoxError>> {
+        match self {
+            Recv::Crate(recv) => recv.poll_trailers(cx).map_err(BoxError::from),
+            Recv::Own(own) => own.poll_trailers(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Recv::Crate(recv) => recv.is_end_stream(),
+            Recv::Own(own) => own.is_end_stream(),
+        }
+    }
 }
 
 impl H2Body {
@@ -310,7 +346,7 @@ impl H2Body {
     fn of(response: Response<RecvStream>) -> Response<H2Body> {
         let remaining = content_length(response.headers());
         response.map(|recv| H2Body {
-            recv,
+            recv: Recv::Crate(recv),
             data_ended: false,
             remaining,
         })
@@ -320,14 +356,23 @@ impl H2Body {
     pub(super) fn request(req: Request<RecvStream>) -> Request<H2Body> {
         let remaining = content_length(req.headers());
         req.map(|recv| H2Body {
-            recv,
+            recv: Recv::Crate(recv),
             data_ended: false,
             remaining,
         })
     }
+
+    /// The body of a request on cogmesh's own server connection.
+    pub(super) fn own(inbound: super::h2_server::Inbound, headers: &http::HeaderMap) -> H2Body {
+        H2Body {
+            recv: Recv::Own(inbound),
+            data_ended: false,
+            remaining: content_length(headers),
+        }
+    }
 }
 
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+pub(super) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok())
@@ -345,20 +390,19 @@ impl Body for H2Body {
         if !this.data_ended {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
                     if let Some(r) = &mut this.remaining {
                         *r = r.saturating_sub(data.len() as u64);
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => this.data_ended = true,
             }
         }
         match ready!(this.recv.poll_trailers(cx)) {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
+            Err(e) => Poll::Ready(Some(Err(e))),
         }
     }
 

@@ -13,6 +13,7 @@
 
 mod body;
 pub mod h2_lane;
+pub mod h2_server;
 mod headers;
 mod http2;
 mod idle;

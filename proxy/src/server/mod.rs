@@ -407,6 +407,7 @@ async fn accept_loop(
             .metrics
             .requests_refused(config.direction.as_str(), &config.name),
         stop: stop.clone(),
+        own_http2_codec: state.config.load().own_http2_codec,
     });
     let capture =
         crate::transparent::Capture::for_listener(&state.config.load(), index, &state.metrics.transparent);
@@ -502,6 +503,8 @@ struct Servers {
     refused: prometheus_client::metrics::counter::Counter,
     /// Set when the proxy drains.
     stop: watch::Receiver<bool>,
+    /// HTTP/2 clients go to [`crate::forward::h2_server`] rather than the lane on `h2`.
+    own_http2_codec: bool,
 }
 
 impl Servers {
@@ -519,7 +522,18 @@ impl Servers {
     {
         if stream.prefix().starts_with(h2_lane::PREFACE_START) {
             let stop = self.stop.clone();
-            h2_lane::serve(stream, service, &self.limits, self.header_read_timeout, stop).await;
+            if self.own_http2_codec {
+                crate::forward::h2_server::serve(
+                    stream,
+                    service,
+                    &self.limits,
+                    self.header_read_timeout,
+                    stop,
+                )
+                .await;
+            } else {
+                h2_lane::serve(stream, service, &self.limits, self.header_read_timeout, stop).await;
+            }
             drop(watcher);
             return;
         }
