@@ -16,6 +16,10 @@ const SERVERS: [&str; 2] = ["own_http2_codec: true", "own_http2_codec: false"];
 /// A proxy with `server` in front of a workload spoken to over HTTP/1.1 (whose header limits
 /// are larger than the proxy's, so that the proxy's are the ones tested).
 fn proxy(server: &str, upstream: std::net::SocketAddr) -> Proxy {
+    proxy_to(server, "http1", upstream)
+}
+
+fn proxy_to(server: &str, protocol: &str, upstream: std::net::SocketAddr) -> Proxy {
     Proxy::with_config(&format!(
         r#"
 admin: "{{admin}}"
@@ -23,7 +27,7 @@ admin: "{{admin}}"
 listeners:
   - {{ name: edge, address: "{{listen}}", default_service: web }}
 services:
-  - {{ name: web, protocol: http1, endpoints: ["{upstream}"] }}
+  - {{ name: web, protocol: {protocol}, endpoints: ["{upstream}"] }}
 "#
     ))
 }
@@ -61,6 +65,17 @@ fn settings_ping_and_flow_control_both_ways() {
         });
         assert_eq!(got, want, "{server}");
     }
+}
+
+/// The same through the upstream side's HTTP/2 client (h2c to the workload): its windows,
+/// both ways, and its WINDOW_UPDATEs.
+#[test]
+fn bodies_cross_the_upstream_h2_connection_under_flow_control() {
+    let upstream = start_workload("h2-protocol");
+    let proxy = proxy_to(SERVERS[0], "http2", upstream.addr);
+    let got = peer(&proxy, "basics", 0);
+    assert_eq!(got["get"], json!([200, 100_000]), "{got}");
+    assert_eq!(got["post"], json!([200, true]), "{got}");
 }
 
 #[test]

@@ -85,6 +85,19 @@ fn connection_error(code: ErrorCode, reason: &'static str) -> FrameError {
     }
 }
 
+/// What is left of a connection's receive `window` after a DATA frame of `flow_len`, or the
+/// connection's FLOW_CONTROL_ERROR when the frame did not fit in it.
+pub fn take_window(window: i64, flow_len: u32) -> Result<i64, FrameError> {
+    let left = window - i64::from(flow_len);
+    if left < 0 {
+        return Err(connection_error(
+            ErrorCode::FLOW_CONTROL_ERROR,
+            "DATA past the connection window",
+        ));
+    }
+    Ok(left)
+}
+
 /// A stream's priority as HEADERS or PRIORITY carry it; RFC 9113 deprecates the scheme, so it
 /// is only checked, not acted on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -400,6 +413,74 @@ fn settings(payload: &[u8]) -> Result<Settings, FrameError> {
     Ok(s)
 }
 
+/// Joins a header block's fragments: HEADERS, then CONTINUATIONs on the same stream until
+/// END_HEADERS, nothing else in between (RFC 9113 §6.10).
+#[derive(Debug, Default)]
+pub struct BlockAssembly {
+    /// The stream, its END_STREAM, and the fragments so far.
+    pending: Option<(u32, bool, Vec<u8>)>,
+}
+
+/// A complete header block: its stream, whether it ends the stream, and the block.
+pub type HeaderBlock<'a> = (u32, bool, std::borrow::Cow<'a, [u8]>);
+
+impl BlockAssembly {
+    /// Takes every frame in order: a header block once complete (`None` for other frames and
+    /// while one is incomplete), or the error of a block interrupted or longer than
+    /// `max_len`.
+    pub fn feed<'a>(
+        &mut self,
+        frame: &Frame<'a>,
+        max_len: usize,
+    ) -> Result<Option<HeaderBlock<'a>>, FrameError> {
+        match *frame {
+            Frame::Headers {
+                stream,
+                end_stream,
+                end_headers,
+                fragment,
+                ..
+            } if self.pending.is_none() => {
+                if end_headers {
+                    return Ok(Some((stream, end_stream, std::borrow::Cow::Borrowed(fragment))));
+                }
+                self.pending = Some((stream, end_stream, fragment.to_vec()));
+                Ok(None)
+            }
+            Frame::Continuation {
+                stream,
+                end_headers,
+                fragment,
+            } => match self.pending.take() {
+                Some((id, end_stream, mut block)) if id == stream => {
+                    block.extend_from_slice(fragment);
+                    if block.len() > max_len {
+                        return Err(FrameError {
+                            code: ErrorCode::ENHANCE_YOUR_CALM,
+                            stream: None,
+                            reason: "a header block longer than the limit",
+                        });
+                    }
+                    if end_headers {
+                        return Ok(Some((id, end_stream, std::borrow::Cow::Owned(block))));
+                    }
+                    self.pending = Some((id, end_stream, block));
+                    Ok(None)
+                }
+                _ => Err(connection_error(
+                    ErrorCode::PROTOCOL_ERROR,
+                    "CONTINUATION without its HEADERS",
+                )),
+            },
+            _ if self.pending.is_some() => Err(connection_error(
+                ErrorCode::PROTOCOL_ERROR,
+                "a header block interrupted",
+            )),
+            _ => Ok(None),
+        }
+    }
+}
+
 // === writing ===
 
 /// Appends a frame header.
@@ -431,6 +512,31 @@ pub fn put_headers(out: &mut Vec<u8>, stream: u32, block: &[u8], end_stream: boo
         put_head(out, chunk.len(), CONTINUATION, flags, stream);
         out.extend_from_slice(chunk);
     }
+}
+
+/// Appends a header block that `encode` writes straight into `out`, as HEADERS (and, past
+/// `max_frame_size`, CONTINUATIONs): no copy of the block when it fits one frame.
+pub fn put_headers_with(
+    out: &mut Vec<u8>,
+    stream: u32,
+    end_stream: bool,
+    max_frame_size: u32,
+    encode: impl FnOnce(&mut Vec<u8>),
+) {
+    let head = out.len();
+    out.extend_from_slice(&[0; HEAD_LEN]);
+    encode(out);
+    let len = out.len() - head - HEAD_LEN;
+    if len > max_frame_size as usize {
+        let block = out.split_off(head + HEAD_LEN);
+        out.truncate(head);
+        put_headers(out, stream, &block, end_stream, max_frame_size);
+        return;
+    }
+    let flags = END_HEADERS | if end_stream { END_STREAM } else { 0 };
+    let mut fields = Vec::with_capacity(HEAD_LEN);
+    put_head(&mut fields, len, HEADERS, flags, stream);
+    out[head..head + HEAD_LEN].copy_from_slice(&fields);
 }
 
 /// Appends SETTINGS with these (identifier, value) pairs.

@@ -15,3 +15,29 @@
 
 pub mod frame;
 pub mod hpack;
+
+/// A map of a connection's streams by identifier. Identifiers are distinct small integers a
+/// connection hands out in order, so they are their own hash (SipHash, the default, cost more
+/// than the rest of a lookup).
+pub type StreamMap<V> = std::collections::HashMap<u32, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// The hasher of [`StreamMap`]: a stream identifier as it is.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // Spread over the high bits too, which hashbrown uses for its control bytes.
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id);
+    }
+}

@@ -20,7 +20,7 @@
 //! of known length gets `content-length` and a missing `Date` is added; a failing response
 //! body resets its stream (INTERNAL_ERROR); on drain, GOAWAY and the streams in flight finish.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -42,7 +42,7 @@ use super::body::ProxyBody;
 use super::http2::H2Body;
 use super::Forward;
 use crate::codec::frame::{self, ErrorCode, Frame, FrameError};
-use crate::codec::hpack;
+use crate::codec::{hpack, StreamMap};
 use crate::compress::BoxError;
 use crate::hardening::LimitsConfig;
 
@@ -182,12 +182,12 @@ struct Connection<IO> {
     settled: bool,
     decoder: hpack::Decoder,
     encoder: hpack::Encoder,
-    streams: HashMap<u32, Stream>,
+    streams: StreamMap<Stream>,
     exchanges: FuturesUnordered<Exchange>,
     /// The highest stream the client opened.
     last_stream: u32,
-    /// A header block split over CONTINUATIONs: its stream, END_STREAM, the fragments so far.
-    continuing: Option<(u32, bool, Vec<u8>)>,
+    /// A header block split over CONTINUATIONs.
+    blocks: frame::BlockAssembly,
     /// The client's SETTINGS.
     peer_max_frame: u32,
     peer_initial_window: i64,
@@ -248,10 +248,10 @@ where
             settled: false,
             decoder: hpack::Decoder::new(hpack::DEFAULT_TABLE_SIZE),
             encoder: hpack::Encoder::default(),
-            streams: HashMap::new(),
+            streams: StreamMap::default(),
             exchanges: FuturesUnordered::new(),
             last_stream: 0,
-            continuing: None,
+            blocks: frame::BlockAssembly::default(),
             peer_max_frame: frame::DEFAULT_MAX_FRAME_SIZE,
             peer_initial_window: DEFAULT_WINDOW,
             send_window: DEFAULT_WINDOW,
@@ -359,49 +359,16 @@ where
         if !self.settled && !matches!(frame, Frame::Settings { ack: false, .. }) {
             return Err(protocol("the client's first frame is not SETTINGS"));
         }
-        if let Some((stream, ..)) = self.continuing {
-            if !matches!(frame, Frame::Continuation { stream: s, .. } if s == stream) {
-                return Err(protocol("a header block interrupted"));
-            }
+        // A block is bounded like the list it decodes to (plus HPACK's overhead).
+        let max_block = self.max_header_list * 2 + MAX_FRAME as usize;
+        if let Some((stream, end_stream, block)) = self.blocks.feed(&frame, max_block)? {
+            return self.on_header_block(stream, end_stream, &block);
         }
         match frame {
             Frame::Settings { ack: true, .. } => {}
             Frame::Settings { ack: false, settings } => self.on_settings(settings)?,
-            Frame::Headers {
-                stream,
-                end_stream,
-                end_headers,
-                fragment,
-                ..
-            } => {
-                if end_headers {
-                    self.on_header_block(stream, end_stream, fragment)?;
-                } else {
-                    self.continuing = Some((stream, end_stream, fragment.to_vec()));
-                }
-            }
-            Frame::Continuation {
-                end_headers,
-                fragment,
-                ..
-            } => {
-                let (stream, end_stream, mut block) =
-                    self.continuing.take().ok_or(protocol("CONTINUATION alone"))?;
-                block.extend_from_slice(fragment);
-                // A block is bounded like the list it decodes to (plus HPACK's overhead).
-                if block.len() > self.max_header_list * 2 + MAX_FRAME as usize {
-                    return Err(FrameError {
-                        code: ErrorCode::ENHANCE_YOUR_CALM,
-                        stream: None,
-                        reason: "a header block larger than the header list limit",
-                    });
-                }
-                if end_headers {
-                    self.on_header_block(stream, end_stream, &block)?;
-                } else {
-                    self.continuing = Some((stream, end_stream, block));
-                }
-            }
+            // Taken by the assembly above.
+            Frame::Headers { .. } | Frame::Continuation { .. } => {}
             Frame::Data {
                 stream,
                 end_stream,
@@ -495,14 +462,7 @@ where
     }
 
     fn on_data(&mut self, id: u32, end_stream: bool, data: Bytes, flow_len: u32) -> Result<(), FrameError> {
-        self.recv_window -= i64::from(flow_len);
-        if self.recv_window < 0 {
-            return Err(FrameError {
-                code: ErrorCode::FLOW_CONTROL_ERROR,
-                stream: None,
-                reason: "DATA past the connection window",
-            });
-        }
+        self.recv_window = frame::take_window(self.recv_window, flow_len)?;
         self.idle_check(id)?;
         // Padding is given back at once; data too when nobody will read it.
         let padding = flow_len - data.len() as u32;
@@ -668,11 +628,12 @@ where
             parts.headers.insert(DATE, super::h2_lane::now_http_date());
         }
         let end = body.is_end_stream();
-        let mut block = Vec::with_capacity(256);
-        self.encoder.begin(&mut block);
-        self.encoder.status(parts.status.as_u16(), &mut block);
-        encode_fields(&self.encoder, &parts.headers, &mut block);
-        frame::put_headers(&mut self.write, id, &block, end, self.peer_max_frame);
+        let encoder = &mut self.encoder;
+        frame::put_headers_with(&mut self.write, id, end, self.peer_max_frame, |block| {
+            encoder.begin(block);
+            encoder.status(parts.status.as_u16(), block);
+            encode_fields(encoder, &parts.headers, block);
+        });
         if end {
             stream.sent_end = true;
             self.close_if_done(id);
@@ -733,10 +694,17 @@ where
                         }
                         Err(frame) => {
                             if let Ok(trailers) = frame.into_trailers() {
-                                let mut block = Vec::with_capacity(64);
-                                self.encoder.begin(&mut block);
-                                encode_fields(&self.encoder, &trailers, &mut block);
-                                frame::put_headers(&mut self.write, id, &block, true, self.peer_max_frame);
+                                let encoder = &mut self.encoder;
+                                frame::put_headers_with(
+                                    &mut self.write,
+                                    id,
+                                    true,
+                                    self.peer_max_frame,
+                                    |block| {
+                                        encoder.begin(block);
+                                        encode_fields(encoder, &trailers, block);
+                                    },
+                                );
                                 stream.sent_end = true;
                                 done.push(id);
                                 progress = true;
@@ -844,10 +812,11 @@ where
 
     /// Answers a new stream without the request path (its header list too large).
     fn answer_at_once(&mut self, id: u32, status: StatusCode) {
-        let mut block = Vec::with_capacity(16);
-        self.encoder.begin(&mut block);
-        self.encoder.status(status.as_u16(), &mut block);
-        frame::put_headers(&mut self.write, id, &block, true, self.peer_max_frame);
+        let encoder = &mut self.encoder;
+        frame::put_headers_with(&mut self.write, id, true, self.peer_max_frame, |block| {
+            encoder.begin(block);
+            encoder.status(status.as_u16(), block);
+        });
         let _ = self.count_local_reset();
     }
 

@@ -1,12 +1,5 @@
-//! HTTP/2 to plain-text endpoints, on the `h2` crate directly.
-//!
-//! hyper's pooled client puts three task hops on every HTTP/2 exchange: the request goes
-//! through a channel to the connection's dispatch task, which spawns one task to wait for the
-//! response and another to send the request body, and the response comes back through a
-//! oneshot. Here the request's own task opens the stream on a shared connection handle and
-//! waits for the response itself; the connection task only moves frames. A request body is sent
-//! from the request's task too until the response headers arrive, and only a body still
-//! streaming after that (client or bidi streaming) gets a task of its own.
+//! HTTP/2 to plain-text endpoints, on cogmesh's own client connection
+//! ([`super::h2_client`]).
 //!
 //! Each endpoint keeps up to [`super::MAX_HTTP2_CONNECTIONS`] connections in
 //! [`Http2Conns`]; the caller says which one (by its open streams, see
@@ -16,7 +9,11 @@
 //! timeout is dropped by [`Http2Conns::sweep`] and closes once its streams end.
 //!
 //! Settings are hyper's client defaults: 2 MiB stream and 5 MiB connection windows, 16 KiB
-//! frames, a 1 MiB send buffer, 16 KiB of response headers, no server push.
+//! frames, 16 KiB of response headers, no server push.
+//!
+//! Also here: [`H2Body`], a body received on HTTP/2 (a response from an endpoint, or a request
+//! from a client), and [`pipe`], which sends a body on a stream of the `h2` crate (for the
+//! lane, [`super::h2_lane`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,7 +24,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::{FutureExt, Shared};
-use h2::client::{ResponseFuture, SendRequest};
 use h2::{RecvStream, SendStream};
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
@@ -35,22 +31,14 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::h2_client;
 use super::pool::connect_tcp;
 use super::UpstreamBody;
 use crate::compress::BoxError;
 use crate::error::{error_chain, ProxyError};
 
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
-const MAX_FRAME: u32 = 16 * 1024;
-const MAX_SEND_BUFFER: usize = 1024 * 1024;
-const MAX_RESPONSE_HEADERS: u32 = 16 * 1024;
-/// Streams opened before the server's SETTINGS say how many it takes (RFC 9113 §6.5.2 asks
-/// servers for at least 100).
-const INITIAL_MAX_STREAMS: usize = 100;
-
 /// A connection being opened: every request that needs it waits on the same attempt.
-type Connecting = Shared<Pin<Box<dyn Future<Output = Result<SendRequest<Bytes>, String>> + Send>>>;
+type Connecting = Shared<Pin<Box<dyn Future<Output = Result<h2_client::Handle, String>> + Send>>>;
 
 struct Slot {
     connection: Connecting,
@@ -124,30 +112,15 @@ impl Http2Conns {
     }
 }
 
-/// Opens a connection: TCP within the connect timeout, then the HTTP/2 preface and SETTINGS.
-/// The connection is driven by a task on the current worker until it closes.
-async fn open(addr: SocketAddr, connect_timeout: Duration) -> Result<SendRequest<Bytes>, String> {
+/// Opens a connection: TCP within the connect timeout, then the HTTP/2 preface and SETTINGS;
+/// the connection's task runs on the current worker until it closes.
+async fn open(addr: SocketAddr, connect_timeout: Duration) -> Result<h2_client::Handle, String> {
     let stream = connect_tcp(addr, connect_timeout).await.map_err(|e| match e {
         ProxyError::UpstreamConnect { cause, .. } => cause,
         other => other.to_string(),
     })?;
-    let (send, connection) = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_send_buffer_size(MAX_SEND_BUFFER)
-        .max_header_list_size(MAX_RESPONSE_HEADERS)
-        .initial_max_send_streams(INITIAL_MAX_STREAMS)
-        .enable_push(false)
-        .handshake::<_, Bytes>(stream)
-        .await
-        .map_err(|e| format!("HTTP/2 handshake failed: {}", error_chain(&e)))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            debug!(endpoint = %addr, "HTTP/2 upstream connection ended: {}", error_chain(&e));
-        }
-    });
-    Ok(send)
+    let _ = stream.set_nodelay(true);
+    Ok(h2_client::start(stream, addr))
 }
 
 /// Sends `req` (its URI absolute, for `:scheme` and `:authority`) on connection `index` of
@@ -160,64 +133,21 @@ pub async fn send(
     req: Request<UpstreamBody>,
 ) -> Result<Response<H2Body>, ProxyError> {
     // Hop-by-hop headers, which HTTP/2 forbids, are gone already (`strip_hop_by_hop`).
-    let (parts, body) = req.into_parts();
-    let reset = |e: h2::Error| ProxyError::UpstreamReset {
-        endpoint: addr,
-        cause: error_chain(&e),
-    };
-    // A connection found closed before the request went out is replaced once.
+    // A connection found unusable before the request went out is replaced once.
     let mut broken = None;
-    let mut sender = loop {
+    let connection = loop {
         let (connecting, generation) = conns.connection(index, addr, connect_timeout, broken);
-        let sender = connecting.await.map_err(|cause| ProxyError::UpstreamConnect {
+        let connection = connecting.await.map_err(|cause| ProxyError::UpstreamConnect {
             endpoint: addr,
             cause,
         })?;
-        match sender.ready().await {
-            Ok(ready) => break ready,
-            Err(e) if broken.is_none() => {
-                debug!(endpoint = %addr, "HTTP/2 connection unusable, opening another: {}", error_chain(&e));
-                broken = Some(generation);
-            }
-            Err(e) => return Err(reset(e)),
+        if connection.usable() || broken.is_some() {
+            break connection;
         }
+        debug!(endpoint = %addr, "HTTP/2 connection unusable, opening another");
+        broken = Some(generation);
     };
-    let end_of_stream = body.is_end_stream();
-    let (response, stream) = sender
-        .send_request(Request::from_parts(parts, ()), end_of_stream)
-        .map_err(reset)?;
-    let response = if end_of_stream {
-        response.await
-    } else {
-        let copy = pipe(body, stream, h2::Reason::CANCEL);
-        respond_while_sending(response, Box::pin(copy)).await
-    };
-    Ok(H2Body::of(response.map_err(reset)?))
-}
-
-type Pipe = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Waits for the response while sending the request body; a body still streaming when the
-/// response arrives goes on in a task of its own.
-async fn respond_while_sending(
-    mut response: ResponseFuture,
-    mut pipe: Pipe,
-) -> Result<Response<RecvStream>, h2::Error> {
-    let mut sent = false;
-    let response = std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = Pin::new(&mut response).poll(cx) {
-            return Poll::Ready(r);
-        }
-        if !sent && pipe.as_mut().poll(cx).is_ready() {
-            sent = true;
-        }
-        Poll::Pending
-    })
-    .await;
-    if response.is_ok() && !sent {
-        tokio::spawn(pipe);
-    }
-    response
+    connection.send(addr, req).await
 }
 
 /// Sends a body on its stream: data as the peer's flow control allows, then trailers or the end
@@ -310,6 +240,7 @@ pub struct H2Body {
 enum Recv {
     Crate(RecvStream),
     Own(super::h2_server::Inbound),
+    Upstream(h2_client::UpstreamRecv),
 }
 
 impl Recv {
@@ -323,6 +254,7 @@ impl Recv {
                 Poll::Ready(data.map(|d| d.map_err(BoxError::from)))
             }
             Recv::Own(own) => own.poll_data(cx),
+            Recv::Upstream(up) => up.poll_data(cx),
         }
     }
 
@@ -330,6 +262,7 @@ impl Recv {
         match self {
             Recv::Crate(recv) => recv.poll_trailers(cx).map_err(BoxError::from),
             Recv::Own(own) => own.poll_trailers(cx),
+            Recv::Upstream(up) => up.poll_trailers(),
         }
     }
 
@@ -337,22 +270,24 @@ impl Recv {
         match self {
             Recv::Crate(recv) => recv.is_end_stream(),
             Recv::Own(own) => own.is_end_stream(),
+            Recv::Upstream(up) => up.is_end_stream(),
         }
     }
 }
 
 impl H2Body {
-    /// The body of `response`, its `content-length` (when valid) kept for the size hint.
-    fn of(response: Response<RecvStream>) -> Response<H2Body> {
-        let remaining = content_length(response.headers());
-        response.map(|recv| H2Body {
-            recv: Recv::Crate(recv),
+    /// The body of a response on cogmesh's own client connection; `remaining` is its
+    /// `content-length`, for the size hint.
+    pub(super) fn upstream(recv: h2_client::UpstreamRecv, remaining: Option<u64>) -> H2Body {
+        H2Body {
+            recv: Recv::Upstream(recv),
             data_ended: false,
             remaining,
-        })
+        }
     }
 
-    /// The body of a client's request, as [`H2Body::of`] does for a response.
+    /// The body of a client's request on the lane, its `content-length` (when valid) kept for
+    /// the size hint.
     pub(super) fn request(req: Request<RecvStream>) -> Request<H2Body> {
         let remaining = content_length(req.headers());
         req.map(|recv| H2Body {

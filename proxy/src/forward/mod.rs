@@ -12,6 +12,7 @@
 //! [`crate::cache`] and [`crate::compress`]). Routes without one pay a single `None` check.
 
 mod body;
+mod h2_client;
 pub mod h2_lane;
 pub mod h2_server;
 mod headers;

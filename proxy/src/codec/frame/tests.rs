@@ -291,9 +291,16 @@ fn a_large_header_block_is_split_into_continuations() {
         ]
     );
     assert_eq!(fragments, block);
+    // Written straight into the output, the same frames.
+    let mut direct = Vec::new();
+    put_headers_with(&mut direct, 1, true, MAX, |b| b.extend_from_slice(&block));
+    assert_eq!(direct, out);
     // A small one is one HEADERS.
     out.clear();
     put_headers(&mut out, 3, b"\x82", false, MAX);
+    let mut direct = vec![0xaa];
+    put_headers_with(&mut direct, 3, false, MAX, |b| b.push(0x82));
+    assert_eq!(direct[1..], out[..]);
     let headers = Frame::Headers {
         stream: 3,
         end_stream: false,
@@ -324,4 +331,69 @@ fn arbitrary_bytes_never_panic() {
         }
         let _ = parse(&buf, MAX);
     }
+}
+
+#[test]
+fn header_blocks_are_joined_and_not_interrupted() {
+    let headers = |end_headers| Frame::Headers {
+        stream: 1,
+        end_stream: true,
+        end_headers,
+        priority: None,
+        fragment: b"ab",
+    };
+    let continuation = |stream, end_headers, fragment| Frame::Continuation {
+        stream,
+        end_headers,
+        fragment,
+    };
+    let mut blocks = BlockAssembly::default();
+    // Whole in one HEADERS: borrowed as it is.
+    let (stream, end, block) = blocks.feed(&headers(true), 100).unwrap().unwrap();
+    assert_eq!((stream, end, &*block), (1, true, &b"ab"[..]));
+    // Over three frames.
+    assert_eq!(blocks.feed(&headers(false), 100), Ok(None));
+    assert_eq!(blocks.feed(&continuation(1, false, b"cd"), 100), Ok(None));
+    let (_, _, block) = blocks.feed(&continuation(1, true, b"ef"), 100).unwrap().unwrap();
+    assert_eq!(&*block, b"abcdef");
+    // Other frames pass when no block is open.
+    assert_eq!(
+        blocks.feed(
+            &Frame::Ping {
+                ack: false,
+                payload: [0; 8]
+            },
+            100
+        ),
+        Ok(None)
+    );
+    // Interrupted by another frame, or by a CONTINUATION of another stream.
+    let protocol = connection(ErrorCode::PROTOCOL_ERROR);
+    blocks.feed(&headers(false), 100).unwrap();
+    assert!(protocol(
+        blocks
+            .feed(
+                &Frame::Ping {
+                    ack: false,
+                    payload: [0; 8]
+                },
+                100
+            )
+            .unwrap_err()
+    ));
+    let mut blocks = BlockAssembly::default();
+    blocks.feed(&headers(false), 100).unwrap();
+    assert!(protocol(
+        blocks.feed(&continuation(3, true, b"x"), 100).unwrap_err()
+    ));
+    // A CONTINUATION with no HEADERS before it.
+    let mut blocks = BlockAssembly::default();
+    assert!(protocol(
+        blocks.feed(&continuation(1, true, b"x"), 100).unwrap_err()
+    ));
+    // Longer than the limit.
+    let mut blocks = BlockAssembly::default();
+    blocks.feed(&headers(false), 3).unwrap();
+    let calm = connection(ErrorCode::ENHANCE_YOUR_CALM);
+    assert!(calm(blocks.feed(&continuation(1, false, b"cd"), 3).unwrap_err()));
 }

@@ -3,8 +3,9 @@
 //!
 //! The code is canonical: codes of one length are consecutive and follow the symbols' order,
 //! and each length's first code follows from the previous length's last. So the table below
-//! needs only each symbol's code length, and decoding compares the bits read so far against
-//! the first code of their length.
+//! needs only each symbol's code length. Decoding walks the code's tree four bits at a time: a
+//! table built once gives, for each node and each four bits, the node they lead to and the
+//! symbol completed on the way (codes are at least 5 bits long, so never two).
 
 /// The length in bits of the code of each symbol: the 256 octets, then EOS (RFC 7541 Appendix B).
 const CODE_BITS: [u8; 257] = [
@@ -101,35 +102,117 @@ pub enum HuffmanError {
     Padding,
 }
 
+/// One step of decoding: the node four bits lead to, and the symbol completed on the way.
+#[derive(Clone, Copy)]
+struct Step {
+    next: u16,
+    symbol: u16,
+}
+
+const NO_SYMBOL: u16 = u16::MAX;
+const INVALID: u16 = u16::MAX - 1;
+
+struct Walk {
+    steps: Vec<[Step; 16]>,
+    /// Nodes a string may end at: on EOS's path (all ones), at most 7 bits deep.
+    accepting: Vec<bool>,
+}
+
+/// The code's tree, as children of each node: another node, or a symbol (a leaf).
+#[derive(Clone, Copy)]
+enum Child {
+    Missing,
+    Node(u16),
+    Leaf(u16),
+}
+
+fn walk() -> &'static Walk {
+    static WALK: std::sync::OnceLock<Walk> = std::sync::OnceLock::new();
+    WALK.get_or_init(|| {
+        let table = &CANONICAL;
+        let mut tree: Vec<[Child; 2]> = vec![[Child::Missing; 2]];
+        for len in SHORTEST..=LONGEST {
+            for rank in 0..table.count[len] {
+                let symbol = table.symbols[usize::from(table.start[len] + rank)];
+                let code = table.first[len] + u32::from(rank);
+                let mut node = 0usize;
+                for depth in (0..len).rev() {
+                    let bit = ((code >> depth) & 1) as usize;
+                    if depth == 0 {
+                        tree[node][bit] = Child::Leaf(symbol);
+                        break;
+                    }
+                    node = match tree[node][bit] {
+                        Child::Node(next) => usize::from(next),
+                        _ => {
+                            tree.push([Child::Missing; 2]);
+                            let next = tree.len() - 1;
+                            tree[node][bit] = Child::Node(next as u16);
+                            next
+                        }
+                    };
+                }
+            }
+        }
+        let mut accepting = vec![false; tree.len()];
+        let mut node = 0usize;
+        accepting[0] = true;
+        for _ in 0..7 {
+            match tree[node][1] {
+                Child::Node(next) => {
+                    node = usize::from(next);
+                    accepting[node] = true;
+                }
+                _ => break,
+            }
+        }
+        let steps = (0..tree.len())
+            .map(|start| {
+                std::array::from_fn(|bits| {
+                    let mut node = start;
+                    let mut symbol = NO_SYMBOL;
+                    for shift in (0..4).rev() {
+                        match tree[node][(bits >> shift) & 1] {
+                            Child::Node(next) => node = usize::from(next),
+                            Child::Leaf(EOS) | Child::Missing => {
+                                symbol = INVALID;
+                                break;
+                            }
+                            Child::Leaf(s) => {
+                                symbol = s;
+                                node = 0;
+                            }
+                        }
+                    }
+                    Step {
+                        next: node as u16,
+                        symbol,
+                    }
+                })
+            })
+            .collect();
+        Walk { steps, accepting }
+    })
+}
+
 /// Appends the decoding of `coded` to `out`.
 pub fn decode(coded: &[u8], out: &mut Vec<u8>) -> Result<(), HuffmanError> {
-    let table = &CANONICAL;
-    let mut code = 0u32;
-    let mut len = 0usize;
+    let walk = walk();
+    let mut node = 0usize;
+    out.reserve(coded.len() * 8 / 5);
     for &byte in coded {
-        for shift in (0..8).rev() {
-            code = (code << 1) | u32::from((byte >> shift) & 1);
-            len += 1;
-            if len < SHORTEST {
-                continue;
+        for bits in [byte >> 4, byte & 0x0f] {
+            let step = walk.steps[node][usize::from(bits)];
+            match step.symbol {
+                NO_SYMBOL => {}
+                INVALID => return Err(HuffmanError::Eos),
+                symbol => out.push(symbol as u8),
             }
-            let offset = code.wrapping_sub(table.first[len]);
-            if offset < u32::from(table.count[len]) {
-                let symbol = table.symbols[usize::from(table.start[len]) + offset as usize];
-                if symbol == EOS {
-                    return Err(HuffmanError::Eos);
-                }
-                out.push(symbol as u8);
-                code = 0;
-                len = 0;
-            } else if len == LONGEST {
-                // Every 30-bit pattern past the last code is EOS's prefix or unassigned.
-                return Err(HuffmanError::Eos);
-            }
+            node = usize::from(step.next);
         }
     }
     // What is left must be the most significant bits of EOS (all ones), at most 7 of them.
-    if len > 7 || code != (1u32 << len) - 1 {
+    if !walk.accepting[node] {
         return Err(HuffmanError::Padding);
     }
     Ok(())

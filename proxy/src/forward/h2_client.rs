@@ -1,0 +1,736 @@
+//! cogmesh's own HTTP/2 client connection to an endpoint, on its own codec ([`crate::codec`]):
+//! the upstream side of an h2c exchange without the `h2` crate.
+//!
+//! A connection is shared by every worker ([`super::http2::Http2Conns`]), so its state is
+//! behind one lock: the frames waiting to be written, the streams (a response head, data and
+//! trailers received, windows), the peer's settings. Requests encode their HEADERS and DATA
+//! into it from their own tasks; one task per connection, on the worker that opened it, writes
+//! what is queued, reads the endpoint's frames, decodes response heads (the HPACK decoder is
+//! that task's alone) and wakes whoever waits. A stream ends when its response body (or, before
+//! the response, its request) is dropped: unfinished, it is reset with CANCEL.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use http::header::HeaderValue;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Body;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::UpstreamBody;
+use crate::codec::frame::{self, ErrorCode, Frame, FrameError};
+use crate::codec::{hpack, StreamMap};
+use crate::compress::BoxError;
+use crate::error::{error_chain, ProxyError};
+
+/// What a connection asks of the endpoint: hyper's client defaults, as before.
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+pub const MAX_RESPONSE_HEADERS: usize = 16 * 1024;
+/// Streams opened before the server's SETTINGS say how many it takes.
+const INITIAL_MAX_STREAMS: usize = 100;
+const DEFAULT_WINDOW: i64 = 65_535;
+const READ_CHUNK: usize = 16 * 1024;
+
+struct ClientStream {
+    /// The response head once it came, or why it will not.
+    head: Option<Result<Response<()>, String>>,
+    /// The head came (or failed): later header blocks are trailers.
+    head_seen: bool,
+    head_waiter: Option<Waker>,
+    data: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    /// END_STREAM came from the endpoint.
+    ended: bool,
+    failed: Option<String>,
+    reader: Option<Waker>,
+    /// Read and not yet given back; what the endpoint may still send.
+    unreported: u32,
+    recv_window: i64,
+    /// What this end may still send, and who waits for more.
+    send_window: i64,
+    sender: Option<Waker>,
+    /// This end's side ended (END_STREAM sent).
+    sent_end: bool,
+}
+
+struct State {
+    /// Frames to write, queued by requests and by the connection task.
+    out: Vec<u8>,
+    encoder: hpack::Encoder,
+    next_stream: u32,
+    streams: StreamMap<ClientStream>,
+    peer_max_frame: u32,
+    peer_initial_window: i64,
+    peer_max_streams: usize,
+    send_window: i64,
+    unreported: u32,
+    /// Why the connection is no longer usable: closed, failed, or GOAWAY.
+    unusable: Option<String>,
+    /// No [`Handle`] is left: no new stream will come.
+    released: bool,
+    task: Option<Waker>,
+}
+
+impl State {
+    fn wake_task(&mut self) {
+        if let Some(task) = &self.task {
+            task.wake_by_ref();
+        }
+    }
+}
+
+/// A connection to one endpoint; clones share it. When the last is dropped (the pool let the
+/// connection go), the connection closes once its streams have ended.
+#[derive(Clone)]
+pub struct Handle(Arc<Token>);
+
+struct Token(Arc<Mutex<State>>);
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0);
+        state.released = true;
+        state.wake_task();
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Connects (the TCP connection given), sends the preface and SETTINGS, and starts the
+/// connection's task on the current worker.
+pub fn start(io: TcpStream, addr: SocketAddr) -> Handle {
+    let mut out = Vec::with_capacity(READ_CHUNK);
+    out.extend_from_slice(frame::PREFACE);
+    use frame::setting::*;
+    frame::put_settings(
+        &mut out,
+        &[
+            (ENABLE_PUSH, 0),
+            (INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            (MAX_HEADER_LIST_SIZE, MAX_RESPONSE_HEADERS as u32),
+        ],
+    );
+    frame::put_window_update(&mut out, 0, CONNECTION_WINDOW - DEFAULT_WINDOW as u32);
+    let state = State {
+        out,
+        encoder: hpack::Encoder::default(),
+        next_stream: 1,
+        streams: StreamMap::default(),
+        peer_max_frame: frame::DEFAULT_MAX_FRAME_SIZE,
+        peer_initial_window: DEFAULT_WINDOW,
+        peer_max_streams: INITIAL_MAX_STREAMS,
+        send_window: DEFAULT_WINDOW,
+        unreported: 0,
+        unusable: None,
+        released: false,
+        task: None,
+    };
+    let shared = Arc::new(Mutex::new(state));
+    let handle = Handle(Arc::new(Token(Arc::clone(&shared))));
+    tokio::spawn(async move {
+        let mut conn = Connection {
+            io,
+            shared,
+            decoder: hpack::Decoder::new(hpack::DEFAULT_TABLE_SIZE),
+            read: BytesMut::with_capacity(READ_CHUNK),
+            write: Vec::new(),
+            written: 0,
+            blocks: frame::BlockAssembly::default(),
+            recv_window: i64::from(CONNECTION_WINDOW),
+        };
+        let why = std::future::poll_fn(|cx| conn.poll(cx)).await;
+        debug!(endpoint = %addr, "HTTP/2 upstream connection ended: {why}");
+        conn.fail_all(&why);
+    });
+    handle
+}
+
+impl Handle {
+    /// Whether a new stream may go on this connection.
+    pub fn usable(&self) -> bool {
+        let state = lock(&self.0 .0);
+        state.unusable.is_none() && state.streams.len() < state.peer_max_streams
+    }
+
+    /// Sends `req` (its URI absolute) and waits for the response head; the request body is
+    /// sent meanwhile, and what is left of it after the head arrives goes on in a task.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<super::http2::H2Body>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let end = body.is_end_stream();
+        let id = {
+            let mut state = lock(&self.0 .0);
+            if let Some(why) = &state.unusable {
+                return Err(ProxyError::UpstreamReset {
+                    endpoint: addr,
+                    cause: why.clone(),
+                });
+            }
+            let id = state.next_stream;
+            state.next_stream += 2;
+            let authority = parts.uri.authority().map_or("", |a| a.as_str());
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let scheme = parts.uri.scheme_str().unwrap_or("http");
+            let max_frame = state.peer_max_frame;
+            let State { out, encoder, .. } = &mut *state;
+            frame::put_headers_with(out, id, end, max_frame, |block| {
+                encoder.begin(block);
+                for (name, value) in [
+                    (":method", parts.method.as_str()),
+                    (":scheme", scheme),
+                    (":authority", authority),
+                    (":path", path),
+                ] {
+                    encoder.field(name.as_bytes(), value.as_bytes(), false, block);
+                }
+                for (name, value) in &parts.headers {
+                    encoder.field(
+                        name.as_str().as_bytes(),
+                        value.as_bytes(),
+                        value.is_sensitive(),
+                        block,
+                    );
+                }
+            });
+            let send_window = state.peer_initial_window;
+            state.streams.insert(
+                id,
+                ClientStream {
+                    head: None,
+                    head_seen: false,
+                    head_waiter: None,
+                    data: VecDeque::new(),
+                    trailers: None,
+                    ended: false,
+                    failed: None,
+                    reader: None,
+                    unreported: 0,
+                    recv_window: i64::from(STREAM_WINDOW),
+                    send_window,
+                    sender: None,
+                    sent_end: end,
+                },
+            );
+            state.wake_task();
+            id
+        };
+        let mut stream = StreamGuard {
+            shared: Arc::clone(&self.0 .0),
+            id,
+        };
+        let head = if end {
+            std::future::poll_fn(|cx| stream.poll_head(cx)).await
+        } else {
+            let mut pipe = Box::pin(send_body(Arc::clone(&self.0 .0), id, body));
+            let mut sent = false;
+            let head = std::future::poll_fn(|cx| {
+                if let Poll::Ready(head) = stream.poll_head(cx) {
+                    return Poll::Ready(head);
+                }
+                if !sent && pipe.as_mut().poll(cx).is_ready() {
+                    sent = true;
+                }
+                Poll::Pending
+            })
+            .await;
+            if head.is_ok() && !sent {
+                tokio::spawn(pipe);
+            }
+            head
+        };
+        let head = head.map_err(|cause| ProxyError::UpstreamReset {
+            endpoint: addr,
+            cause,
+        })?;
+        let remaining = super::http2::content_length(head.headers());
+        Ok(head.map(|()| super::http2::H2Body::upstream(UpstreamRecv(stream), remaining)))
+    }
+}
+
+/// A stream, until its response body is done with: dropped unfinished, it is reset.
+struct StreamGuard {
+    shared: Arc<Mutex<State>>,
+    id: u32,
+}
+
+impl StreamGuard {
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, String>> {
+        let mut state = lock(&self.shared);
+        let Some(stream) = state.streams.get_mut(&self.id) else {
+            return Poll::Ready(Err("the stream is gone".into()));
+        };
+        match stream.head.take() {
+            Some(head) => Poll::Ready(head),
+            None => {
+                stream.head_waiter = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut state = lock(&self.shared);
+        let Some(stream) = state.streams.remove(&self.id) else {
+            return;
+        };
+        // Data received and not read is given back to the connection window.
+        let unread: usize = stream.data.iter().map(Bytes::len).sum();
+        state.unreported += unread as u32 + stream.unreported;
+        if !(stream.ended && stream.sent_end) && stream.failed.is_none() && state.unusable.is_none() {
+            frame::put_rst_stream(&mut state.out, self.id, ErrorCode::CANCEL);
+        }
+        if let Some(sender) = stream.sender {
+            sender.wake();
+        }
+        state.wake_task();
+    }
+}
+
+/// Sends a request body on stream `id` as the windows allow, then trailers or END_STREAM. A
+/// body that fails resets the stream (CANCEL).
+async fn send_body(shared: Arc<Mutex<State>>, id: u32, body: UpstreamBody) {
+    let mut body = std::pin::pin!(body);
+    loop {
+        let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        let frame = match frame {
+            None => {
+                let mut state = lock(&shared);
+                if let Some(stream) = state.streams.get_mut(&id) {
+                    stream.sent_end = true;
+                    frame::put_data_head(&mut state.out, id, 0, true);
+                    state.wake_task();
+                }
+                return;
+            }
+            Some(Err(e)) => {
+                debug!("request body failed: {}", error_chain(&*e));
+                let mut wake = Vec::new();
+                let mut state = lock(&shared);
+                if let Some(stream) = state.streams.get_mut(&id) {
+                    // The endpoint answers a reset with nothing: the stream fails here.
+                    fail(stream, "the request body failed", &mut wake);
+                    frame::put_rst_stream(&mut state.out, id, ErrorCode::CANCEL);
+                    state.wake_task();
+                }
+                drop(state);
+                wake.into_iter().for_each(Waker::wake);
+                return;
+            }
+            Some(Ok(frame)) => frame,
+        };
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let mut state = lock(&shared);
+                    if let Some(stream) = state.streams.get_mut(&id) {
+                        stream.sent_end = true;
+                        let max_frame = state.peer_max_frame;
+                        let State { out, encoder, .. } = &mut *state;
+                        frame::put_headers_with(out, id, true, max_frame, |block| {
+                            encoder.begin(block);
+                            for (name, value) in &trailers {
+                                encoder.field(name.as_str().as_bytes(), value.as_bytes(), false, block);
+                            }
+                        });
+                        state.wake_task();
+                    }
+                }
+                return;
+            }
+        };
+        let last = body.is_end_stream();
+        if data.is_empty() && !last {
+            continue;
+        }
+        loop {
+            let sent = std::future::poll_fn(|cx| {
+                let mut state = lock(&shared);
+                let (conn_window, max_frame) = (state.send_window, state.peer_max_frame);
+                let Some(stream) = state.streams.get_mut(&id).filter(|s| s.failed.is_none()) else {
+                    return Poll::Ready(None);
+                };
+                let room = stream.send_window.min(conn_window).min(i64::from(max_frame));
+                if room <= 0 && !data.is_empty() {
+                    stream.sender = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                let part = data.split_to((room.max(0) as usize).min(data.len()));
+                let end = last && data.is_empty();
+                stream.send_window -= part.len() as i64;
+                if end {
+                    stream.sent_end = true;
+                }
+                state.send_window -= part.len() as i64;
+                frame::put_data_head(&mut state.out, id, part.len(), end);
+                state.out.extend_from_slice(&part);
+                state.wake_task();
+                Poll::Ready(Some(data.is_empty()))
+            })
+            .await;
+            match sent {
+                None => return,
+                Some(true) => break,
+                Some(false) => {}
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// The reading end of a response body (in an [`super::http2::H2Body`]).
+pub struct UpstreamRecv(StreamGuard);
+
+impl UpstreamRecv {
+    pub(super) fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        let id = self.0.id;
+        let mut state = lock(&self.0.shared);
+        let Some(stream) = state.streams.get_mut(&id) else {
+            return Poll::Ready(Some(Err("the stream is gone".into())));
+        };
+        if let Some(data) = stream.data.pop_front() {
+            stream.unreported += data.len() as u32;
+            let update = stream.unreported >= STREAM_WINDOW / 2;
+            state.unreported += data.len() as u32;
+            if update || state.unreported >= CONNECTION_WINDOW / 2 {
+                state.wake_task();
+            }
+            return Poll::Ready(Some(Ok(data)));
+        }
+        if let Some(why) = &stream.failed {
+            return Poll::Ready(Some(Err(why.clone().into())));
+        }
+        if stream.ended {
+            return Poll::Ready(None);
+        }
+        stream.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    pub(super) fn poll_trailers(&mut self) -> Poll<Result<Option<HeaderMap>, BoxError>> {
+        let id = self.0.id;
+        let mut state = lock(&self.0.shared);
+        Poll::Ready(Ok(state.streams.get_mut(&id).and_then(|s| s.trailers.take())))
+    }
+
+    pub(super) fn is_end_stream(&self) -> bool {
+        let state = lock(&self.0.shared);
+        state
+            .streams
+            .get(&self.0.id)
+            .is_none_or(|s| s.ended && s.data.is_empty() && s.trailers.is_none() && s.failed.is_none())
+    }
+}
+
+// === the connection task ===
+
+struct Connection {
+    io: TcpStream,
+    shared: Arc<Mutex<State>>,
+    decoder: hpack::Decoder,
+    read: BytesMut,
+    write: Vec<u8>,
+    written: usize,
+    blocks: frame::BlockAssembly,
+    /// What the endpoint may still send on the connection.
+    recv_window: i64,
+}
+
+impl Connection {
+    /// Runs until the connection ends: why.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<String> {
+        loop {
+            // What requests queued, and the windows their readers gave back.
+            let idle = {
+                let mut state = lock(&self.shared);
+                if state.task.as_ref().is_none_or(|t| !t.will_wake(cx.waker())) {
+                    state.task = Some(cx.waker().clone());
+                }
+                let state = &mut *state;
+                for (&id, stream) in state.streams.iter_mut() {
+                    if stream.unreported >= STREAM_WINDOW / 2 && !stream.ended {
+                        frame::put_window_update(&mut state.out, id, stream.unreported);
+                        stream.recv_window += i64::from(stream.unreported);
+                        stream.unreported = 0;
+                    }
+                }
+                if state.unreported >= CONNECTION_WINDOW / 2 {
+                    frame::put_window_update(&mut state.out, 0, state.unreported);
+                    self.recv_window += i64::from(state.unreported);
+                    state.unreported = 0;
+                }
+                if self.written == self.write.len() {
+                    self.write.clear();
+                    self.written = 0;
+                }
+                self.write.append(&mut state.out);
+                // Let go by its pool (idle) and no stream left: the connection closes.
+                state.released && state.streams.is_empty()
+            };
+            if idle && self.written == self.write.len() {
+                return Poll::Ready("closed as idle".into());
+            }
+            while self.written < self.write.len() {
+                match Pin::new(&mut self.io).poll_write(cx, &self.write[self.written..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready("the endpoint closed the connection".into()),
+                    Poll::Ready(Ok(n)) => self.written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(format!("write failed: {e}")),
+                    Poll::Pending => break,
+                }
+            }
+            self.read.reserve(READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => return Poll::Ready("the endpoint closed the connection".into()),
+                Poll::Ready(Err(e)) => return Poll::Ready(format!("read failed: {e}")),
+                Poll::Ready(Ok(_)) => {}
+            }
+            if let Err(e) = self.on_bytes() {
+                let mut state = lock(&self.shared);
+                frame::put_goaway(&mut state.out, 0, e.code, b"");
+                self.write.append(&mut state.out);
+                drop(state);
+                let _ = Pin::new(&mut self.io).poll_write(cx, &self.write[self.written..]);
+                return Poll::Ready(format!("the endpoint broke the protocol: {e}"));
+            }
+        }
+    }
+
+    fn on_bytes(&mut self) -> Result<(), FrameError> {
+        let mut wake = Vec::new();
+        let result = (|| {
+            while let Some((_, used)) = frame::parse(&self.read, frame::DEFAULT_MAX_FRAME_SIZE)? {
+                let chunk = self.read.split_to(used).freeze();
+                let (f, _) = frame::parse(&chunk, frame::DEFAULT_MAX_FRAME_SIZE)?.expect("parsed above");
+                self.on_frame(f, &chunk, &mut wake)?;
+            }
+            Ok(())
+        })();
+        for w in wake {
+            w.wake();
+        }
+        result
+    }
+
+    fn on_frame(&mut self, f: Frame<'_>, chunk: &Bytes, wake: &mut Vec<Waker>) -> Result<(), FrameError> {
+        let max_block = 2 * MAX_RESPONSE_HEADERS + frame::DEFAULT_MAX_FRAME_SIZE as usize;
+        if let Some((stream, end_stream, block)) = self.blocks.feed(&f, max_block)? {
+            return self.on_header_block(stream, end_stream, &block, wake);
+        }
+        match f {
+            // Taken by the assembly above.
+            Frame::Headers { .. } | Frame::Continuation { .. } => {}
+            Frame::Data {
+                stream: id,
+                end_stream,
+                data,
+                flow_len,
+            } => {
+                self.recv_window = frame::take_window(self.recv_window, flow_len)?;
+                let mut state = lock(&self.shared);
+                let padding = flow_len - data.len() as u32;
+                match state.streams.get_mut(&id) {
+                    Some(stream) if !stream.ended && stream.failed.is_none() => {
+                        stream.recv_window -= i64::from(flow_len);
+                        stream.unreported += padding;
+                        if !data.is_empty() {
+                            stream.data.push_back(chunk.slice_ref(data));
+                        }
+                        stream.ended |= end_stream;
+                        wake.extend(stream.reader.take());
+                        state.unreported += padding;
+                    }
+                    _ => state.unreported += flow_len,
+                }
+            }
+            Frame::RstStream { stream: id, code } => {
+                let mut state = lock(&self.shared);
+                if let Some(stream) = state.streams.get_mut(&id) {
+                    let why = format!("the endpoint reset the stream ({})", code.0);
+                    fail(stream, &why, wake);
+                }
+            }
+            Frame::Settings { ack: true, .. } => {}
+            Frame::Settings { ack: false, settings } => {
+                let mut state = lock(&self.shared);
+                if let Some(size) = settings.max_frame_size {
+                    state.peer_max_frame = size;
+                }
+                if let Some(n) = settings.max_concurrent_streams {
+                    state.peer_max_streams = n as usize;
+                }
+                if settings.header_table_size.is_some() {
+                    state.encoder.peer_table_size_changed();
+                }
+                if let Some(window) = settings.initial_window_size {
+                    let delta = i64::from(window) - state.peer_initial_window;
+                    state.peer_initial_window = i64::from(window);
+                    for stream in state.streams.values_mut() {
+                        stream.send_window += delta;
+                        wake.extend(stream.sender.take());
+                    }
+                }
+                frame::put_settings_ack(&mut state.out);
+            }
+            Frame::Ping { ack: false, payload } => {
+                frame::put_ping(&mut lock(&self.shared).out, true, payload)
+            }
+            Frame::Ping { ack: true, .. } => {}
+            Frame::GoAway {
+                last_stream, code, ..
+            } => {
+                let mut state = lock(&self.shared);
+                state.unusable = Some(format!("the endpoint sent GOAWAY ({})", code.0));
+                for (&id, stream) in state.streams.iter_mut() {
+                    if id > last_stream {
+                        fail(stream, "the endpoint refused the stream (GOAWAY)", wake);
+                    }
+                }
+            }
+            Frame::WindowUpdate { stream: 0, increment } => {
+                let mut state = lock(&self.shared);
+                state.send_window += i64::from(increment);
+                for stream in state.streams.values_mut() {
+                    wake.extend(stream.sender.take());
+                }
+            }
+            Frame::WindowUpdate {
+                stream: id,
+                increment,
+            } => {
+                let mut state = lock(&self.shared);
+                if let Some(stream) = state.streams.get_mut(&id) {
+                    stream.send_window += i64::from(increment);
+                    wake.extend(stream.sender.take());
+                }
+            }
+            Frame::Priority { .. } | Frame::Unknown { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// A response head, an informational one (skipped), or trailers.
+    fn on_header_block(
+        &mut self,
+        id: u32,
+        end_stream: bool,
+        block: &[u8],
+        wake: &mut Vec<Waker>,
+    ) -> Result<(), FrameError> {
+        let mut status = None;
+        let mut headers = HeaderMap::new();
+        let mut malformed = false;
+        let decoded = self.decoder.decode(block, MAX_RESPONSE_HEADERS, |f| {
+            if f.name == b":status" {
+                status = std::str::from_utf8(f.value)
+                    .ok()
+                    .and_then(|s| s.parse::<u16>().ok());
+            } else if f.name.starts_with(b":") {
+                malformed = true;
+            } else {
+                match (
+                    http::header::HeaderName::from_bytes(f.name),
+                    HeaderValue::from_bytes(f.value),
+                ) {
+                    (Ok(name), Ok(value)) => {
+                        headers.append(name, value);
+                    }
+                    _ => malformed = true,
+                }
+            }
+        });
+        let too_large = match decoded {
+            Ok(()) => false,
+            Err(hpack::DecodeError::ListTooLarge { .. }) => true,
+            Err(e) => {
+                debug!("HPACK: {e}");
+                return Err(FrameError {
+                    code: ErrorCode::COMPRESSION_ERROR,
+                    stream: None,
+                    reason: "a header block that cannot be decoded",
+                });
+            }
+        };
+        let mut state = lock(&self.shared);
+        let Some(stream) = state.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        if too_large || malformed {
+            let why = if too_large {
+                "response headers over the limit"
+            } else {
+                "a malformed response head"
+            };
+            fail(stream, why, wake);
+            frame::put_rst_stream(&mut state.out, id, ErrorCode::PROTOCOL_ERROR);
+            return Ok(());
+        }
+        if !stream.head_seen {
+            let Some(status) = status.and_then(|s| StatusCode::from_u16(s).ok()) else {
+                fail(stream, "a response head without a valid :status", wake);
+                return Ok(());
+            };
+            if status.is_informational() {
+                return Ok(());
+            }
+            let mut response = Response::new(());
+            *response.status_mut() = status;
+            *response.version_mut() = http::Version::HTTP_2;
+            *response.headers_mut() = headers;
+            stream.head = Some(Ok(response));
+            stream.ended |= end_stream;
+            stream.head_seen = true;
+            wake.extend(stream.head_waiter.take());
+        } else {
+            stream.trailers = Some(headers);
+            stream.ended = true;
+            wake.extend(stream.reader.take());
+        }
+        Ok(())
+    }
+
+    fn fail_all(&mut self, why: &str) {
+        let mut wake = Vec::new();
+        let mut state = lock(&self.shared);
+        state.unusable.get_or_insert_with(|| why.to_string());
+        for stream in state.streams.values_mut() {
+            fail(stream, why, &mut wake);
+        }
+        drop(state);
+        for w in wake {
+            w.wake();
+        }
+    }
+}
+
+/// The stream fails with `why`: its head (if it did not come) and its body.
+fn fail(stream: &mut ClientStream, why: &str, wake: &mut Vec<Waker>) {
+    if stream.failed.is_some() || (stream.ended && stream.head_seen) {
+        return;
+    }
+    stream.failed = Some(why.to_string());
+    if !stream.head_seen {
+        stream.head = Some(Err(why.to_string()));
+        stream.head_seen = true;
+    }
+    wake.extend(stream.head_waiter.take());
+    wake.extend(stream.reader.take());
+    wake.extend(stream.sender.take());
+}
