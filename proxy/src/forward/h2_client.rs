@@ -635,7 +635,7 @@ impl Connection {
         wake: &mut Vec<Waker>,
     ) -> Result<(), FrameError> {
         let mut status = None;
-        let mut headers = HeaderMap::new();
+        let mut headers = HeaderMap::with_capacity(8);
         let mut malformed = false;
         let decoded = self.decoder.decode(block, MAX_RESPONSE_HEADERS, |f| {
             if f.name == b":status" {

@@ -547,7 +547,10 @@ where
             return Err(protocol("a new stream with an identifier not above the last"));
         }
         self.last_stream = id;
-        let mut request = RequestHead::default();
+        let mut request = RequestHead {
+            headers: HeaderMap::with_capacity(8),
+            ..RequestHead::default()
+        };
         let decoded = self
             .decoder
             .decode(block, self.max_header_list, |f| request.add(f));

@@ -120,23 +120,28 @@ pub struct Field<'a> {
 
 // === impl DynamicTable ===
 
-/// A dynamic table entry: name and value.
-type Entry = (Box<[u8]>, Box<[u8]>);
+/// A dynamic table entry: name and value in one buffer.
+#[derive(Debug)]
+struct Entry {
+    bytes: Vec<u8>,
+    name_len: usize,
+}
 
-/// A dynamic table: the newest entry first (index 62), evicted from the oldest.
+/// How many evicted entries' buffers are kept for the next ones.
+const SPARE_BUFFERS: usize = 16;
+
+/// A dynamic table: the newest entry first (index 62), evicted from the oldest. Evicted
+/// entries' buffers are reused, so a peer that indexes every field (nginx does) costs no
+/// allocation per field.
 #[derive(Debug, Default)]
 struct DynamicTable {
     entries: VecDeque<Entry>,
+    spare: Vec<Vec<u8>>,
     size: usize,
     max_size: usize,
 }
 
 impl DynamicTable {
-    fn get(&self, index: usize) -> Option<(&[u8], &[u8])> {
-        let (name, value) = self.entries.get(index)?;
-        Some((name, value))
-    }
-
     fn set_max_size(&mut self, max_size: usize) {
         self.max_size = max_size;
         self.evict_to(max_size);
@@ -144,20 +149,25 @@ impl DynamicTable {
 
     fn evict_to(&mut self, size: usize) {
         while self.size > size {
-            let (name, value) = self.entries.pop_back().expect("a table with a size has entries");
-            self.size -= name.len() + value.len() + ENTRY_OVERHEAD;
+            let entry = self.entries.pop_back().expect("a table with a size has entries");
+            self.size -= entry.bytes.len() + ENTRY_OVERHEAD;
+            if self.spare.len() < SPARE_BUFFERS {
+                let mut bytes = entry.bytes;
+                bytes.clear();
+                self.spare.push(bytes);
+            }
         }
     }
 
     /// Adds an entry; one larger than the whole table empties it and is not kept (§4.4).
-    fn insert(&mut self, name: &[u8], value: &[u8]) {
-        let size = name.len() + value.len() + ENTRY_OVERHEAD;
+    fn insert(&mut self, entry: Entry) {
+        let size = entry.bytes.len() + ENTRY_OVERHEAD;
         if size > self.max_size {
             self.evict_to(0);
             return;
         }
         self.evict_to(self.max_size - size);
-        self.entries.push_front((name.into(), value.into()));
+        self.entries.push_front(entry);
         self.size += size;
     }
 }
@@ -232,14 +242,14 @@ impl Decoder {
             let index = integer(&mut block, prefix)?;
             let (name, value): (&[u8], &[u8]) = if prefix == 7 {
                 // An indexed field: name and value from the tables.
-                lookup(&self.table, index)?
+                lookup(&self.table.entries, index)?
             } else {
                 let name = if index == 0 {
                     let (name, rest) = string(block, &mut self.name_buf)?;
                     block = rest;
                     name
                 } else {
-                    lookup(&self.table, index)?.0
+                    lookup(&self.table.entries, index)?.0
                 };
                 let (value, rest) = string(block, &mut self.value_buf)?;
                 block = rest;
@@ -255,10 +265,12 @@ impl Decoder {
                 });
             }
             if indexing {
-                // Copied out first: the entry `name` refers to may be the one evicted.
-                let name = name.to_vec();
-                let value = value.to_vec();
-                self.table.insert(&name, &value);
+                // Copied out before anything is evicted: `name` may be an entry's.
+                let mut bytes = self.table.spare.pop().unwrap_or_default();
+                bytes.extend_from_slice(name);
+                bytes.extend_from_slice(value);
+                let name_len = name.len();
+                self.table.insert(Entry { bytes, name_len });
             }
         }
         if too_large {
@@ -268,12 +280,15 @@ impl Decoder {
     }
 }
 
-/// Entry `index` of the static table (1–61) or of `table` (62 on).
-fn lookup(table: &DynamicTable, index: usize) -> Result<(&[u8], &[u8]), DecodeError> {
+/// Entry `index` of the static table (1–61) or of the dynamic table's `entries` (62 on).
+fn lookup(entries: &VecDeque<Entry>, index: usize) -> Result<(&[u8], &[u8]), DecodeError> {
     match index {
         0 => Err(DecodeError::BadIndex(0)),
         1..=61 => Ok(STATIC[index - 1]),
-        _ => table.get(index - 62).ok_or(DecodeError::BadIndex(index)),
+        _ => entries
+            .get(index - 62)
+            .map(|e| e.bytes.split_at(e.name_len))
+            .ok_or(DecodeError::BadIndex(index)),
     }
 }
 
