@@ -9,7 +9,9 @@
 //! slice of the read buffer, not a copy), header blocks are decoded straight into the request
 //! and responses are encoded as literals, and streams are plain entries of this task's map:
 //! no locks or wakers between a stream and its connection except for a request body, which
-//! the upstream side may read from another task.
+//! the upstream side may read from another task. Measured (callgrind, one worker, h2c to an
+//! nginx upstream, `h2load -c 1`): 66.1k → 51.9k instructions per request against the lane,
+//! the upstream side still on the `h2` crate then.
 //!
 //! Kept from the `h2` crate's server as the lane configures it: the listener's limits (
 //! concurrent streams, stream and connection windows, header list size); streams over the
@@ -20,30 +22,35 @@
 //! of known length gets `content-length` and a missing `Date` is added; a failing response
 //! body resets its stream (INTERNAL_ERROR); on drain, GOAWAY and the streams in flight finish.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::{AbortHandle, Abortable};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, DATE};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{HeaderValue, CONTENT_LENGTH, DATE};
+use http::{HeaderMap, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::Either;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::debug;
 
+mod head;
+mod incoming;
+
+use head::{add_field, encode_fields, RequestHead};
+pub use incoming::Inbound;
+use incoming::{lock, Incoming};
+
 use super::body::ProxyBody;
 use super::http2::H2Body;
 use super::Forward;
 use crate::codec::frame::{self, ErrorCode, Frame, FrameError};
 use crate::codec::{hpack, StreamMap};
-use crate::compress::BoxError;
 use crate::hardening::LimitsConfig;
 
 /// How much is read from the socket at a time.
@@ -86,65 +93,6 @@ pub async fn serve<IO>(
         conn.poll(cx)
     })
     .await;
-}
-
-// === request bodies ===
-
-/// A request body on its way from the connection to whoever reads it (the upstream side, maybe
-/// on another task), and the flow-control credit it gives back as it is read.
-#[derive(Default)]
-struct Incoming {
-    data: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
-    /// END_STREAM came.
-    ended: bool,
-    /// The stream was reset, or broke the rules: the body fails with this.
-    failed: Option<&'static str>,
-    /// Bytes read and not yet given back to the client in WINDOW_UPDATE.
-    released: u32,
-    reader: Option<Waker>,
-    connection: Option<Waker>,
-}
-
-/// The reading end of a request body (in an [`H2Body`]).
-pub struct Inbound(Arc<Mutex<Incoming>>);
-
-fn lock(shared: &Mutex<Incoming>) -> std::sync::MutexGuard<'_, Incoming> {
-    shared.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Inbound {
-    pub(super) fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
-        let mut incoming = lock(&self.0);
-        if let Some(data) = incoming.data.pop_front() {
-            incoming.released += data.len() as u32;
-            if let Some(connection) = &incoming.connection {
-                connection.wake_by_ref();
-            }
-            return Poll::Ready(Some(Ok(data)));
-        }
-        if let Some(why) = incoming.failed {
-            return Poll::Ready(Some(Err(why.into())));
-        }
-        if incoming.ended {
-            return Poll::Ready(None);
-        }
-        incoming.reader = Some(cx.waker().clone());
-        Poll::Pending
-    }
-
-    pub(super) fn poll_trailers(
-        &mut self,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<HeaderMap>, BoxError>> {
-        // Only asked once the data has ended, and trailers come with the end.
-        Poll::Ready(Ok(lock(&self.0).trailers.take()))
-    }
-
-    pub(super) fn is_end_stream(&self) -> bool {
-        let incoming = lock(&self.0);
-        incoming.ended && incoming.data.is_empty() && incoming.trailers.is_none() && incoming.failed.is_none()
-    }
 }
 
 // === the connection ===
@@ -884,104 +832,5 @@ fn compression(e: hpack::DecodeError) -> FrameError {
         code: ErrorCode::COMPRESSION_ERROR,
         stream: None,
         reason: "a header block that cannot be decoded",
-    }
-}
-
-/// Appends the fields of `headers`, sensitive values never indexed.
-fn encode_fields(encoder: &hpack::Encoder, headers: &HeaderMap, block: &mut Vec<u8>) {
-    for (name, value) in headers {
-        encoder.field(
-            name.as_str().as_bytes(),
-            value.as_bytes(),
-            value.is_sensitive(),
-            block,
-        );
-    }
-}
-
-/// Adds a regular field to `headers`: `false` when it is not valid in HTTP/2 (RFC 9113
-/// §8.2): uppercase or invalid names, invalid values, connection-specific fields, a `te`
-/// other than `trailers`.
-fn add_field(headers: &mut HeaderMap, f: hpack::Field<'_>) -> bool {
-    if f.name.iter().any(u8::is_ascii_uppercase) {
-        return false;
-    }
-    let Ok(name) = HeaderName::from_bytes(f.name) else {
-        return false;
-    };
-    let Ok(mut value) = HeaderValue::from_bytes(f.value) else {
-        return false;
-    };
-    let connection_specific = matches!(
-        name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
-    );
-    if connection_specific || (name == http::header::TE && f.value != b"trailers") {
-        return false;
-    }
-    value.set_sensitive(f.never_indexed);
-    headers.append(name, value);
-    true
-}
-
-/// A request's head as its fields are decoded.
-#[derive(Default)]
-struct RequestHead {
-    method: Option<Method>,
-    scheme: Option<Bytes>,
-    authority: Option<Bytes>,
-    path: Option<Bytes>,
-    headers: HeaderMap,
-    malformed: bool,
-    regular_seen: bool,
-}
-
-impl RequestHead {
-    fn add(&mut self, f: hpack::Field<'_>) {
-        if let Some(pseudo) = f.name.strip_prefix(b":") {
-            let slot = match pseudo {
-                b"method" => {
-                    self.malformed |= self.method.is_some() || self.regular_seen;
-                    self.method = Method::from_bytes(f.value).ok();
-                    self.malformed |= self.method.is_none();
-                    return;
-                }
-                b"scheme" => &mut self.scheme,
-                b"authority" => &mut self.authority,
-                b"path" => &mut self.path,
-                _ => {
-                    self.malformed = true;
-                    return;
-                }
-            };
-            self.malformed |= slot.is_some() || self.regular_seen;
-            *slot = Some(Bytes::copy_from_slice(f.value));
-            return;
-        }
-        self.regular_seen = true;
-        self.malformed |= !add_field(&mut self.headers, f);
-    }
-
-    /// The request, or `None` when it is malformed (RFC 9113 §8.3.1).
-    fn into_request(self) -> Option<Request<()>> {
-        if self.malformed {
-            return None;
-        }
-        let method = self.method?;
-        let mut uri = Uri::builder();
-        if method == Method::CONNECT {
-            uri = uri.authority(self.authority?.as_ref());
-        } else {
-            let path = self.path.filter(|p| !p.is_empty())?;
-            uri = uri.scheme(self.scheme?.as_ref()).path_and_query(path.as_ref());
-            if let Some(authority) = self.authority {
-                uri = uri.authority(authority.as_ref());
-            }
-        }
-        let mut req = Request::new(());
-        *req.method_mut() = method;
-        *req.uri_mut() = uri.build().ok()?;
-        *req.headers_mut() = self.headers;
-        Some(req)
     }
 }
