@@ -509,8 +509,9 @@ struct Servers {
 
 impl Servers {
     /// Serves one accepted connection (plaintext or TLS) whose first bytes `stream` holds, until
-    /// it ends or the drain closes it: on the HTTP/2 lane when they are HTTP/2's preface, on
-    /// hyper's server otherwise. `watcher` keeps the drain waiting until then.
+    /// it ends or the drain closes it: when they are HTTP/2's preface, on the own HTTP/2 server
+    /// (or, with `own_http2_codec: false`, the lane on `h2`); on hyper's server otherwise.
+    /// `watcher` keeps the drain waiting until then.
     async fn serve<IO>(
         &self,
         stream: relay::Prefixed<IO>,
