@@ -77,7 +77,8 @@ pub struct FrameError {
     pub reason: &'static str,
 }
 
-fn connection_error(code: ErrorCode, reason: &'static str) -> FrameError {
+/// An error of the whole connection (answered with GOAWAY).
+pub fn connection_error(code: ErrorCode, reason: &'static str) -> FrameError {
     FrameError {
         code,
         stream: None,

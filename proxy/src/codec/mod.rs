@@ -16,6 +16,16 @@
 pub mod frame;
 pub mod hpack;
 
+/// The connection error of a header block that cannot be decoded: the two ends' HPACK tables
+/// are out of step (RFC 9113 §4.3).
+pub fn compression_error(e: hpack::DecodeError) -> frame::FrameError {
+    tracing::debug!("HPACK: {e}");
+    frame::connection_error(
+        frame::ErrorCode::COMPRESSION_ERROR,
+        "a header block that cannot be decoded",
+    )
+}
+
 /// A map of a connection's streams by identifier. Identifiers are distinct small integers a
 /// connection hands out in order, so they are their own hash (SipHash, the default, cost more
 /// than the rest of a lookup).

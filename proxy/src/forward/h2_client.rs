@@ -695,14 +695,7 @@ impl Connection {
         let too_large = match decoded {
             Ok(()) => false,
             Err(hpack::DecodeError::ListTooLarge { .. }) => true,
-            Err(e) => {
-                debug!("HPACK: {e}");
-                return Err(FrameError {
-                    code: ErrorCode::COMPRESSION_ERROR,
-                    stream: None,
-                    reason: "a header block that cannot be decoded",
-                });
-            }
+            Err(e) => return Err(crate::codec::compression_error(e)),
         };
         let mut state = lock(&self.shared);
         let Some(stream) = state.streams.get_mut(&id) else {

@@ -241,6 +241,8 @@ enum Recv {
     Crate(RecvStream),
     Own(super::h2_server::Inbound),
     Upstream(h2_client::UpstreamRecv),
+    /// A request that came without a body (END_STREAM on its HEADERS).
+    Ended,
 }
 
 impl Recv {
@@ -255,6 +257,7 @@ impl Recv {
             }
             Recv::Own(own) => own.poll_data(cx),
             Recv::Upstream(up) => up.poll_data(cx),
+            Recv::Ended => Poll::Ready(None),
         }
     }
 
@@ -263,6 +266,7 @@ impl Recv {
             Recv::Crate(recv) => recv.poll_trailers(cx).map_err(BoxError::from),
             Recv::Own(own) => own.poll_trailers(cx),
             Recv::Upstream(up) => up.poll_trailers(),
+            Recv::Ended => Poll::Ready(Ok(None)),
         }
     }
 
@@ -271,6 +275,7 @@ impl Recv {
             Recv::Crate(recv) => recv.is_end_stream(),
             Recv::Own(own) => own.is_end_stream(),
             Recv::Upstream(up) => up.is_end_stream(),
+            Recv::Ended => true,
         }
     }
 }
@@ -297,10 +302,11 @@ impl H2Body {
         })
     }
 
-    /// The body of a request on cogmesh's own server connection.
-    pub(super) fn own(inbound: super::h2_server::Inbound, headers: &http::HeaderMap) -> H2Body {
+    /// The body of a request on cogmesh's own server connection: `None` when the request came
+    /// without one.
+    pub(super) fn own(inbound: Option<super::h2_server::Inbound>, headers: &http::HeaderMap) -> H2Body {
         H2Body {
-            recv: Recv::Own(inbound),
+            recv: inbound.map_or(Recv::Ended, Recv::Own),
             data_ended: false,
             remaining: content_length(headers),
         }

@@ -340,21 +340,19 @@ where
                 }
                 self.early_resets += 1;
                 if self.early_resets > self.max_early_resets {
-                    return Err(FrameError {
-                        code: ErrorCode::ENHANCE_YOUR_CALM,
-                        stream: None,
-                        reason: "too many streams reset before their response within a second",
-                    });
+                    return Err(frame::connection_error(
+                        ErrorCode::ENHANCE_YOUR_CALM,
+                        "too many streams reset before their response within a second",
+                    ));
                 }
             }
             Frame::WindowUpdate { stream: 0, increment } => {
                 self.send_window += i64::from(increment);
                 if self.send_window > i64::from(frame::MAX_WINDOW) {
-                    return Err(FrameError {
-                        code: ErrorCode::FLOW_CONTROL_ERROR,
-                        stream: None,
-                        reason: "the connection window went past 2^31-1",
-                    });
+                    return Err(frame::connection_error(
+                        ErrorCode::FLOW_CONTROL_ERROR,
+                        "the connection window went past 2^31-1",
+                    ));
                 }
             }
             Frame::WindowUpdate { stream, increment } => {
@@ -393,11 +391,10 @@ where
             for s in self.streams.values_mut() {
                 s.send_window += delta;
                 if s.send_window > i64::from(frame::MAX_WINDOW) {
-                    return Err(FrameError {
-                        code: ErrorCode::FLOW_CONTROL_ERROR,
-                        stream: None,
-                        reason: "a stream window went past 2^31-1",
-                    });
+                    return Err(frame::connection_error(
+                        ErrorCode::FLOW_CONTROL_ERROR,
+                        "a stream window went past 2^31-1",
+                    ));
                 }
             }
         }
@@ -474,7 +471,7 @@ where
             });
             match decoded {
                 Err(hpack::DecodeError::ListTooLarge { .. }) => malformed = true,
-                Err(e) => return Err(compression(e)),
+                Err(e) => return Err(crate::codec::compression_error(e)),
                 Ok(()) => {}
             }
             if malformed || !end_stream {
@@ -509,7 +506,7 @@ where
                 }
                 return Ok(());
             }
-            Err(e) => return Err(compression(e)),
+            Err(e) => return Err(crate::codec::compression_error(e)),
             Ok(()) => {}
         }
         if self.draining || self.peer_done || self.streams.len() >= self.max_streams {
@@ -520,25 +517,13 @@ where
             return self.reset_new(id, ErrorCode::PROTOCOL_ERROR);
         };
         let expected = super::http2::content_length(req.headers());
-        let incoming = (!end_stream).then(|| {
-            Arc::new(Mutex::new(Incoming {
-                ended: false,
-                ..Incoming::default()
-            }))
-        });
-        let body = match &incoming {
-            Some(shared) => H2Body::own(Inbound(Arc::clone(shared)), req.headers()),
-            None => {
-                let shared = Incoming {
-                    ended: true,
-                    ..Incoming::default()
-                };
-                H2Body::own(Inbound(Arc::new(Mutex::new(shared))), req.headers())
-            }
-        };
         if end_stream && expected.is_some_and(|n| n != 0) {
             return self.reset_new(id, ErrorCode::PROTOCOL_ERROR);
         }
+        // A request without a body shares nothing with the connection.
+        let incoming = (!end_stream).then(|| Arc::new(Mutex::new(Incoming::default())));
+        let inbound = incoming.as_ref().map(|shared| Inbound(Arc::clone(shared)));
+        let body = H2Body::own(inbound, req.headers());
         *req.version_mut() = Version::HTTP_2;
         let req = req.map(|()| Either::Right(body));
         let forward = self.forward.clone();
@@ -752,11 +737,10 @@ where
     fn count_local_reset(&mut self) -> Result<(), FrameError> {
         self.local_resets += 1;
         if self.local_resets > self.max_local_resets {
-            return Err(FrameError {
-                code: ErrorCode::ENHANCE_YOUR_CALM,
-                stream: None,
-                reason: "too many streams reset for errors",
-            });
+            return Err(frame::connection_error(
+                ErrorCode::ENHANCE_YOUR_CALM,
+                "too many streams reset for errors",
+            ));
         }
         Ok(())
     }
@@ -819,18 +803,5 @@ fn end_stream_state(stream: Stream, why: &'static str) {
 }
 
 fn protocol(reason: &'static str) -> FrameError {
-    FrameError {
-        code: ErrorCode::PROTOCOL_ERROR,
-        stream: None,
-        reason,
-    }
-}
-
-fn compression(e: hpack::DecodeError) -> FrameError {
-    debug!("HPACK: {e}");
-    FrameError {
-        code: ErrorCode::COMPRESSION_ERROR,
-        stream: None,
-        reason: "a header block that cannot be decoded",
-    }
+    frame::connection_error(ErrorCode::PROTOCOL_ERROR, reason)
 }
