@@ -2,6 +2,12 @@
 //! their inbound sidecars, and a client sidecar taking load of which one request in four fails
 //! (the workload's `/status/500`). The view shows the loaded service with its replicas, a
 //! non-zero request rate and the 75 % success rate, in JSON and as a table.
+//!
+//! The client sidecar balances round robin: with a random choice of endpoint, one failure in four
+//! puts five failures in a row on one endpoint every thousand requests or so, and the outlier
+//! detector then ejects it (Envoy's `consecutive_5xx` default, rightly) — the breaker column would
+//! depend on luck. Alternating endpoints under "three successes, one failure" never gives either
+//! endpoint two failures in a row, so both breakers must stay closed.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +50,8 @@ fn top_once_shows_the_loaded_service_with_its_rate_and_success() {
             &cp_addr,
             "--service",
             "gateway",
+            "--balancer",
+            "round_robin",
         ],
     );
     eventually(
