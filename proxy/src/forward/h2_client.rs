@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -24,6 +25,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::HeaderValue;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
+use tokio::io::AsyncWrite;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -65,8 +68,9 @@ struct ClientStream {
 }
 
 struct State {
-    /// The socket; writing is done under this state's lock, by whoever queued frames.
-    io: Arc<TcpStream>,
+    /// The socket's writing half; writing is done under this state's lock, by whoever queued
+    /// frames.
+    io: OwnedWriteHalf,
     /// Frames to write, queued by requests and by the connection task, and how much of them
     /// is written.
     out: Vec<u8>,
@@ -114,6 +118,21 @@ impl State {
         true
     }
 
+    /// The connection task's flush: like [`State::flush`], and when the socket is full, the
+    /// task is woken once it takes more. `Ready(false)`: the socket failed.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        while self.written < self.out.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(false),
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.out.clear();
+        self.written = 0;
+        Poll::Ready(true)
+    }
+
     /// Sends what a request queued: written now, or by the task when the socket is full or
     /// failed.
     fn send(&mut self) {
@@ -145,7 +164,7 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 /// Connects (the TCP connection given), sends the preface and SETTINGS, and starts the
 /// connection's task on the current worker.
 pub fn start(io: TcpStream, addr: SocketAddr) -> Handle {
-    let io = Arc::new(io);
+    let (reader, io) = io.into_split();
     let mut out = Vec::with_capacity(READ_CHUNK);
     out.extend_from_slice(frame::PREFACE);
     use frame::setting::*;
@@ -159,7 +178,7 @@ pub fn start(io: TcpStream, addr: SocketAddr) -> Handle {
     );
     frame::put_window_update(&mut out, 0, CONNECTION_WINDOW - DEFAULT_WINDOW as u32);
     let state = State {
-        io: Arc::clone(&io),
+        io,
         out,
         written: 0,
         encoder: hpack::Encoder::default(),
@@ -178,7 +197,7 @@ pub fn start(io: TcpStream, addr: SocketAddr) -> Handle {
     let handle = Handle(Arc::new(Token(Arc::clone(&shared))));
     tokio::spawn(async move {
         let mut conn = Connection {
-            io,
+            reader,
             shared,
             decoder: hpack::Decoder::new(hpack::DEFAULT_TABLE_SIZE),
             read: BytesMut::with_capacity(READ_CHUNK),
@@ -480,7 +499,9 @@ impl UpstreamRecv {
 // === the connection task ===
 
 struct Connection {
-    io: Arc<TcpStream>,
+    /// The socket's reading half: read by this task only. (Read through `AsyncRead`, which
+    /// takes a short read as "drained" and so saves the read that would say `WouldBlock`.)
+    reader: OwnedReadHalf,
     shared: Arc<Mutex<State>>,
     decoder: hpack::Decoder,
     read: BytesMut,
@@ -512,33 +533,23 @@ impl Connection {
                     self.recv_window += i64::from(state.unreported);
                     state.unreported = 0;
                 }
-                if !state.flush() {
-                    return Poll::Ready("write failed".into());
-                }
+                let unwritten = match state.poll_flush(cx) {
+                    Poll::Ready(false) => return Poll::Ready("write failed".into()),
+                    Poll::Ready(true) => false,
+                    Poll::Pending => true,
+                };
                 // Let go by its pool (idle) and no stream left: the connection closes.
-                (state.released && state.streams.is_empty(), !state.out.is_empty())
+                (state.released && state.streams.is_empty(), unwritten)
             };
             if idle && !unwritten {
                 return Poll::Ready("closed as idle".into());
             }
-            if unwritten {
-                match self.io.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => continue,
-                    Poll::Ready(Err(e)) => return Poll::Ready(format!("write failed: {e}")),
-                    Poll::Pending => {}
-                }
-            }
             self.read.reserve(READ_CHUNK);
-            match self.io.poll_read_ready(cx) {
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.read) {
                 Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => return Poll::Ready("the endpoint closed the connection".into()),
+                Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(format!("read failed: {e}")),
-                Poll::Ready(Ok(())) => {}
-            }
-            match self.io.try_read_buf(&mut self.read) {
-                Ok(0) => return Poll::Ready("the endpoint closed the connection".into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(format!("read failed: {e}")),
             }
             if let Err(e) = self.on_bytes() {
                 let mut state = lock(&self.shared);
