@@ -25,7 +25,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::HeaderValue;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
-use tokio::io::AsyncWrite;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -67,14 +66,29 @@ struct ClientStream {
     sent_end: bool,
 }
 
-struct State {
-    /// The socket's writing half; writing is done under this state's lock, by whoever queued
-    /// frames.
+/// A connection's socket for writing, and its state behind the lock.
+struct Shared {
+    /// Written by whoever queued frames, outside the lock (see [`Shared::write_out`]).
     io: OwnedWriteHalf,
-    /// Frames to write, queued by requests and by the connection task, and how much of them
-    /// is written.
+    state: Mutex<State>,
+}
+
+/// How [`Shared::write_out`] left what was queued.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// All of it is written, or another thread is writing it now.
+    Done,
+    /// The socket is full: the rest waits for it to take more.
+    Full,
+    Failed,
+}
+
+struct State {
+    /// Frames to write, queued by requests and by the connection task.
     out: Vec<u8>,
-    written: usize,
+    /// A thread is writing `out`'s earlier part outside the lock; frames queued meanwhile
+    /// are written by it, after that part.
+    writing: bool,
     encoder: hpack::Encoder,
     next_stream: u32,
     streams: StreamMap<ClientStream>,
@@ -96,48 +110,52 @@ impl State {
             task.wake_by_ref();
         }
     }
+}
 
+impl Shared {
     /// Writes what is queued, as far as the socket takes it now: whoever queued frames sends
     /// them, with no hop to the connection's task (on another worker, a wake-up costs a
-    /// syscall on each side). What is left, the task writes once the socket takes more.
-    /// `false` when the socket failed.
-    fn flush(&mut self) -> bool {
-        while self.written < self.out.len() {
-            match self.io.try_write(&self.out[self.written..]) {
-                Ok(0) => return false,
-                Ok(n) => self.written += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.wake_task();
-                    return true;
+    /// syscall on each side). The socket is written with the lock released, so a request
+    /// queueing its frames, or the connection task handing out a response, does not wait
+    /// for a write (nor sleep on the lock); what is queued meanwhile is written after, by
+    /// the same thread. Takes the lock held and gives it back.
+    fn write_out<'a>(&'a self, mut state: MutexGuard<'a, State>) -> (MutexGuard<'a, State>, Written) {
+        if state.writing {
+            return (state, Written::Done);
+        }
+        state.writing = true;
+        let mut outcome = Written::Done;
+        while !state.out.is_empty() && outcome == Written::Done {
+            let mut buf = std::mem::take(&mut state.out);
+            drop(state);
+            let mut at = 0;
+            while at < buf.len() {
+                match self.io.try_write(&buf[at..]) {
+                    Ok(0) => outcome = Written::Failed,
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => outcome = Written::Full,
+                    Err(_) => outcome = Written::Failed,
                 }
-                Err(_) => return false,
+                if outcome != Written::Done {
+                    break;
+                }
             }
+            buf.drain(..at);
+            state = lock(self);
+            // What was queued meanwhile goes after what is left (and `buf` keeps its capacity).
+            let queued = std::mem::replace(&mut state.out, buf);
+            state.out.extend_from_slice(&queued);
         }
-        self.out.clear();
-        self.written = 0;
-        true
-    }
-
-    /// The connection task's flush: like [`State::flush`], and when the socket is full, the
-    /// task is woken once it takes more. `Ready(false)`: the socket failed.
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
-        while self.written < self.out.len() {
-            match Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]) {
-                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(false),
-                Poll::Ready(Ok(n)) => self.written += n,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        self.out.clear();
-        self.written = 0;
-        Poll::Ready(true)
+        state.writing = false;
+        (state, outcome)
     }
 
     /// Sends what a request queued: written now, or by the task when the socket is full or
     /// failed.
-    fn send(&mut self) {
-        if !self.flush() {
-            self.wake_task();
+    fn send(&self, state: MutexGuard<'_, State>) {
+        let (mut state, outcome) = self.write_out(state);
+        if outcome != Written::Done {
+            state.wake_task();
         }
     }
 }
@@ -147,7 +165,7 @@ impl State {
 #[derive(Clone)]
 pub struct Handle(Arc<Token>);
 
-struct Token(Arc<Mutex<State>>);
+struct Token(Arc<Shared>);
 
 impl Drop for Token {
     fn drop(&mut self) {
@@ -157,8 +175,8 @@ impl Drop for Token {
     }
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    shared.state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Connects (the TCP connection given), sends the preface and SETTINGS, and starts the
@@ -178,9 +196,8 @@ pub fn start(io: TcpStream, addr: SocketAddr) -> Handle {
     );
     frame::put_window_update(&mut out, 0, CONNECTION_WINDOW - DEFAULT_WINDOW as u32);
     let state = State {
-        io,
         out,
-        written: 0,
+        writing: false,
         encoder: hpack::Encoder::default(),
         next_stream: 1,
         streams: StreamMap::default(),
@@ -193,7 +210,10 @@ pub fn start(io: TcpStream, addr: SocketAddr) -> Handle {
         released: false,
         task: None,
     };
-    let shared = Arc::new(Mutex::new(state));
+    let shared = Arc::new(Shared {
+        io,
+        state: Mutex::new(state),
+    });
     let handle = Handle(Arc::new(Token(Arc::clone(&shared))));
     tokio::spawn(async move {
         let mut conn = Connection {
@@ -203,6 +223,7 @@ pub fn start(io: TcpStream, addr: SocketAddr) -> Handle {
             read: BytesMut::with_capacity(READ_CHUNK),
             blocks: frame::BlockAssembly::default(),
             recv_window: i64::from(CONNECTION_WINDOW),
+            woken: Vec::new(),
         };
         let why = std::future::poll_fn(|cx| conn.poll(cx)).await;
         debug!(endpoint = %addr, "HTTP/2 upstream connection ended: {why}");
@@ -280,7 +301,7 @@ impl Handle {
                     sent_end: end,
                 },
             );
-            state.send();
+            self.0 .0.send(state);
             id
         };
         let mut stream = StreamGuard {
@@ -318,7 +339,7 @@ impl Handle {
 
 /// A stream, until its response body is done with: dropped unfinished, it is reset.
 struct StreamGuard {
-    shared: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
     id: u32,
 }
 
@@ -353,14 +374,20 @@ impl Drop for StreamGuard {
         if let Some(sender) = stream.sender {
             sender.wake();
         }
-        state.send();
-        state.wake_task();
+        // The task has work only if the connection is now idle and let go, or windows are
+        // to be given back (waking it from another worker costs a syscall on each side).
+        let for_task =
+            (state.released && state.streams.is_empty()) || state.unreported >= CONNECTION_WINDOW / 2;
+        let (mut state, outcome) = self.shared.write_out(state);
+        if for_task || outcome != Written::Done {
+            state.wake_task();
+        }
     }
 }
 
 /// Sends a request body on stream `id` as the windows allow, then trailers or END_STREAM. A
 /// body that fails resets the stream (CANCEL).
-async fn send_body(shared: Arc<Mutex<State>>, id: u32, body: UpstreamBody) {
+async fn send_body(shared: Arc<Shared>, id: u32, body: UpstreamBody) {
     let mut body = std::pin::pin!(body);
     loop {
         let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
@@ -370,7 +397,7 @@ async fn send_body(shared: Arc<Mutex<State>>, id: u32, body: UpstreamBody) {
                 if let Some(stream) = state.streams.get_mut(&id) {
                     stream.sent_end = true;
                     frame::put_data_head(&mut state.out, id, 0, true);
-                    state.send();
+                    shared.send(state);
                 }
                 return;
             }
@@ -382,9 +409,10 @@ async fn send_body(shared: Arc<Mutex<State>>, id: u32, body: UpstreamBody) {
                     // The endpoint answers a reset with nothing: the stream fails here.
                     fail(stream, "the request body failed", &mut wake);
                     frame::put_rst_stream(&mut state.out, id, ErrorCode::CANCEL);
-                    state.send();
+                    shared.send(state);
+                } else {
+                    drop(state);
                 }
-                drop(state);
                 wake.into_iter().for_each(Waker::wake);
                 return;
             }
@@ -405,7 +433,7 @@ async fn send_body(shared: Arc<Mutex<State>>, id: u32, body: UpstreamBody) {
                                 encoder.field(name.as_str().as_bytes(), value.as_bytes(), false, block);
                             }
                         });
-                        state.send();
+                        shared.send(state);
                     }
                 }
                 return;
@@ -436,7 +464,7 @@ async fn send_body(shared: Arc<Mutex<State>>, id: u32, body: UpstreamBody) {
                 state.send_window -= part.len() as i64;
                 frame::put_data_head(&mut state.out, id, part.len(), end);
                 state.out.extend_from_slice(&part);
-                state.send();
+                shared.send(state);
                 Poll::Ready(Some(data.is_empty()))
             })
             .await;
@@ -502,12 +530,16 @@ struct Connection {
     /// The socket's reading half: read by this task only. (Read through `AsyncRead`, which
     /// takes a short read as "drained" and so saves the read that would say `WouldBlock`.)
     reader: OwnedReadHalf,
-    shared: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
     decoder: hpack::Decoder,
     read: BytesMut,
     blocks: frame::BlockAssembly,
     /// What the endpoint may still send on the connection.
     recv_window: i64,
+    /// Requests to wake for what was read, woken once this task no longer holds the lock or
+    /// is about to take it again: a request on another worker wakes at once and takes the
+    /// lock itself (on contention both threads would sleep on the futex).
+    woken: Vec<Waker>,
 }
 
 impl Connection {
@@ -520,29 +552,40 @@ impl Connection {
                 if state.task.as_ref().is_none_or(|t| !t.will_wake(cx.waker())) {
                     state.task = Some(cx.waker().clone());
                 }
-                let state = &mut *state;
-                for (&id, stream) in state.streams.iter_mut() {
+                let State { streams, out, .. } = &mut *state;
+                for (&id, stream) in streams.iter_mut() {
                     if stream.unreported >= STREAM_WINDOW / 2 && !stream.ended {
-                        frame::put_window_update(&mut state.out, id, stream.unreported);
+                        frame::put_window_update(out, id, stream.unreported);
                         stream.recv_window += i64::from(stream.unreported);
                         stream.unreported = 0;
                     }
                 }
                 if state.unreported >= CONNECTION_WINDOW / 2 {
-                    frame::put_window_update(&mut state.out, 0, state.unreported);
-                    self.recv_window += i64::from(state.unreported);
+                    let unreported = state.unreported;
+                    frame::put_window_update(&mut state.out, 0, unreported);
+                    self.recv_window += i64::from(unreported);
                     state.unreported = 0;
                 }
-                let unwritten = match state.poll_flush(cx) {
-                    Poll::Ready(false) => return Poll::Ready("write failed".into()),
-                    Poll::Ready(true) => false,
-                    Poll::Pending => true,
-                };
+                let (state, outcome) = self.shared.write_out(state);
+                if outcome == Written::Failed {
+                    return Poll::Ready("write failed".into());
+                }
                 // Let go by its pool (idle) and no stream left: the connection closes.
-                (state.released && state.streams.is_empty(), unwritten)
+                (
+                    state.released && state.streams.is_empty(),
+                    outcome == Written::Full,
+                )
             };
+            self.woken.drain(..).for_each(Waker::wake);
             if idle && !unwritten {
                 return Poll::Ready("closed as idle".into());
+            }
+            if unwritten {
+                match self.shared.io.as_ref().poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(format!("write failed: {e}")),
+                    Poll::Pending => {}
+                }
             }
             self.read.reserve(READ_CHUNK);
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.read) {
@@ -554,14 +597,16 @@ impl Connection {
             if let Err(e) = self.on_bytes() {
                 let mut state = lock(&self.shared);
                 frame::put_goaway(&mut state.out, 0, e.code, b"");
-                state.flush();
+                drop(self.shared.write_out(state));
+                self.woken.drain(..).for_each(Waker::wake);
                 return Poll::Ready(format!("the endpoint broke the protocol: {e}"));
             }
         }
     }
 
+    /// Handles the frames read; whom they concern is in `self.woken`.
     fn on_bytes(&mut self) -> Result<(), FrameError> {
-        let mut wake = Vec::new();
+        let mut wake = std::mem::take(&mut self.woken);
         let result = (|| {
             while let Some((_, used)) = frame::parse(&self.read, frame::DEFAULT_MAX_FRAME_SIZE)? {
                 let chunk = self.read.split_to(used).freeze();
@@ -570,9 +615,7 @@ impl Connection {
             }
             Ok(())
         })();
-        for w in wake {
-            w.wake();
-        }
+        self.woken = wake;
         result
     }
 
