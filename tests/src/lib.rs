@@ -106,6 +106,20 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs `tests/python/<script>` with `args` in the venv (at most 60 s) and returns the JSON
+/// object it printed last. A non-zero exit or no JSON fails the test with the script's output.
+pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = run_with_timeout(
+        Command::new(python())
+            .arg(repo_root().join("tests/python").join(script))
+            .args(args),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(0), "{script} {args:?} failed: {out}\n{err}");
+    serde_json::from_str(out.trim().lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{script} {args:?} printed no JSON ({e}): {out}"))
+}
+
 /// A child process that is stopped (SIGTERM, then SIGKILL after 5 s) when dropped.
 pub struct Proc {
     pub name: String,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cogmesh_e2e::{
-    counting_upstream, eventually, free_addr, python, repo_root, run_with_timeout, start_workload, wait_tcp,
+    counting_upstream, eventually, free_addr, python, python_json, repo_root, start_workload, wait_tcp,
     ConnectionEnd, Proc, Proxy,
 };
 use cogmesh_proto::v1::workload_client::WorkloadClient;
@@ -176,19 +176,8 @@ fn peer_script() -> std::path::PathBuf {
 }
 
 fn python_client(target: std::net::SocketAddr, case: &str) -> serde_json::Value {
-    let (code, out, err) = run_with_timeout(
-        Command::new(python()).arg(peer_script()).args([
-            "client",
-            "--target",
-            &target.to_string(),
-            "--case",
-            case,
-        ]),
-        Duration::from_secs(60),
-    );
-    assert_eq!(code, Some(0), "python client case {case} failed: {out}\n{err}");
-    serde_json::from_str(out.trim().lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("python client printed no JSON ({e}): {out}"))
+    let target = target.to_string();
+    python_json("grpc_peer.py", &["client", "--target", &target, "--case", case])
 }
 
 #[test]

@@ -4,10 +4,7 @@
 //! both HTTP/2 servers of the proxy: cogmesh's own codec (`--own-http2-codec`) and the lane on
 //! the `h2` crate, and both must answer the same way.
 
-use std::process::Command;
-use std::time::Duration;
-
-use cogmesh_e2e::{python, repo_root, run_with_timeout, start_workload, Proxy};
+use cogmesh_e2e::{python_json, start_workload, Proxy};
 use serde_json::{json, Value};
 
 /// The two HTTP/2 servers: the own codec, and the lane on the `h2` crate.
@@ -33,19 +30,8 @@ services:
 }
 
 fn peer(proxy: &Proxy, case: &str, n: usize) -> Value {
-    let script = repo_root().join("tests/python/h2_peer.py");
-    let (code, out, err) = run_with_timeout(
-        Command::new(python()).arg(script).args([
-            case,
-            &proxy.listen.port().to_string(),
-            "--n",
-            &n.to_string(),
-        ]),
-        Duration::from_secs(60),
-    );
-    assert_eq!(code, Some(0), "h2 peer case {case} failed: {out}\n{err}");
-    serde_json::from_str(out.trim().lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("h2 peer printed no JSON ({e}): {out}"))
+    let port = proxy.listen.port().to_string();
+    python_json("h2_peer.py", &[case, &port, "--n", &n.to_string()])
 }
 
 #[test]

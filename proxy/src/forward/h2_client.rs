@@ -244,11 +244,13 @@ impl Handle {
         state.unusable.is_none() && state.streams.len() < state.peer_max_streams
     }
 
-    /// Sends `req` (its URI absolute) and waits for the response head; the request body is
-    /// sent meanwhile, and what is left of it after the head arrives goes on in a task.
+    /// Sends `req` (`:authority` is `authority`, `:path` the request's path and query) and
+    /// waits for the response head; the request body is sent meanwhile, and what is left of it
+    /// after the head arrives goes on in a task.
     pub async fn send(
         &self,
         addr: SocketAddr,
+        authority: &http::uri::Authority,
         req: Request<UpstreamBody>,
     ) -> Result<Response<super::http2::H2Body>, ProxyError> {
         let (parts, body) = req.into_parts();
@@ -263,17 +265,15 @@ impl Handle {
             }
             let id = state.next_stream;
             state.next_stream += 2;
-            let authority = parts.uri.authority().map_or("", |a| a.as_str());
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let scheme = parts.uri.scheme_str().unwrap_or("http");
             let max_frame = state.peer_max_frame;
             let State { out, encoder, .. } = &mut *state;
             frame::put_headers_with(out, id, end, max_frame, |block| {
                 encoder.begin(block);
                 for (name, value) in [
                     (":method", parts.method.as_str()),
-                    (":scheme", scheme),
-                    (":authority", authority),
+                    (":scheme", "http"),
+                    (":authority", authority.as_str()),
                     (":path", path),
                 ] {
                     encoder.field(name.as_bytes(), value.as_bytes(), false, block);

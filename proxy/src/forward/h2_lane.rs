@@ -28,7 +28,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::header::{HeaderValue, CONTENT_LENGTH, DATE};
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::Either;
@@ -36,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::watch;
 use tracing::debug;
 
-use super::http2::{pipe, H2Body};
+use super::http2::{complete_response_head, pipe, H2Body};
 use super::Forward;
 use crate::error::error_chain;
 use crate::hardening::LimitsConfig;
@@ -171,16 +170,7 @@ async fn exchange(forward: Forward, req: Request<RecvStream>, mut respond: SendR
     // Connection-specific fields, which HTTP/2 forbids, are gone already: the request path
     // removes the upstream's (`strip_hop_by_hop`) and makes none of its own.
     let (mut parts, body) = response.into_parts();
-    if let Some(len) = body.size_hint().exact() {
-        if !parts.headers.contains_key(CONTENT_LENGTH) {
-            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
-        }
-    }
-    // A response forwarded without a `Date` gets one (RFC 9110 §6.6.1), as hyper's server
-    // gives it; so do the proxy's own.
-    if !parts.headers.contains_key(DATE) {
-        parts.headers.insert(DATE, now_http_date());
-    }
+    complete_response_head(&mut parts.headers, &body);
     let end = body.is_end_stream();
     let stream = match respond.send_response(Response::from_parts(parts, ()), end) {
         Ok(stream) => stream,
@@ -192,29 +182,4 @@ async fn exchange(forward: Forward, req: Request<RecvStream>, mut respond: SendR
     if !end {
         pipe(body, stream, h2::Reason::INTERNAL_ERROR).await;
     }
-}
-
-thread_local! {
-    /// This worker's `Date` value and the second it was made for.
-    static DATE_NOW: std::cell::RefCell<(u64, HeaderValue)> =
-        const { std::cell::RefCell::new((0, HeaderValue::from_static(""))) };
-}
-
-/// The current time as an HTTP date, formatted once a second per worker.
-pub(super) fn now_http_date() -> HeaderValue {
-    let now = std::time::SystemTime::now();
-    let second = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    DATE_NOW.with(|cached| {
-        let mut cached = cached.borrow_mut();
-        if cached.0 != second {
-            let formatted = httpdate::fmt_http_date(now);
-            *cached = (
-                second,
-                HeaderValue::from_str(&formatted).expect("an HTTP date is a valid header value"),
-            );
-        }
-        cached.1.clone()
-    })
 }

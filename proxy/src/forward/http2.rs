@@ -25,7 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::{FutureExt, Shared};
 use h2::{RecvStream, SendStream};
-use http::header::CONTENT_LENGTH;
+use http::header::{HeaderValue, CONTENT_LENGTH, DATE};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
@@ -123,12 +123,13 @@ async fn open(addr: SocketAddr, connect_timeout: Duration) -> Result<h2_client::
     Ok(h2_client::start(stream, addr))
 }
 
-/// Sends `req` (its URI absolute, for `:scheme` and `:authority`) on connection `index` of
-/// `conns` and waits for the response headers.
+/// Sends `req` to the endpoint at `addr` (`:authority` is `authority`, `:path` the request's
+/// path and query) on connection `index` of `conns` and waits for the response headers.
 pub async fn send(
     conns: &Http2Conns,
     index: usize,
     addr: SocketAddr,
+    authority: &http::uri::Authority,
     connect_timeout: Duration,
     req: Request<UpstreamBody>,
 ) -> Result<Response<H2Body>, ProxyError> {
@@ -147,7 +148,7 @@ pub async fn send(
         debug!(endpoint = %addr, "HTTP/2 connection unusable, opening another");
         broken = Some(generation);
     };
-    connection.send(addr, req).await
+    connection.send(addr, authority, req).await
 }
 
 /// Sends a body on its stream: data as the peer's flow control allows, then trailers or the end
@@ -311,6 +312,45 @@ impl H2Body {
             remaining: content_length(headers),
         }
     }
+}
+
+/// What a response head sent to an HTTP/2 client gets from this end, whichever server sends
+/// it: `content-length` when the body's size is known and the head has none, and a `Date` when
+/// it has none (RFC 9110 §6.6.1), as hyper's server gives it; so do the proxy's own responses.
+pub(super) fn complete_response_head(headers: &mut http::HeaderMap, body: &impl Body) {
+    if let Some(len) = body.size_hint().exact() {
+        if !headers.contains_key(CONTENT_LENGTH) {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        }
+    }
+    if !headers.contains_key(DATE) {
+        headers.insert(DATE, now_http_date());
+    }
+}
+
+thread_local! {
+    /// This worker's `Date` value and the second it was made for.
+    static DATE_NOW: std::cell::RefCell<(u64, HeaderValue)> =
+        const { std::cell::RefCell::new((0, HeaderValue::from_static(""))) };
+}
+
+/// The current time as an HTTP date, formatted once a second per worker.
+fn now_http_date() -> HeaderValue {
+    let now = std::time::SystemTime::now();
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE_NOW.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let formatted = httpdate::fmt_http_date(now);
+            *cached = (
+                second,
+                HeaderValue::from_str(&formatted).expect("an HTTP date is a valid header value"),
+            );
+        }
+        cached.1.clone()
+    })
 }
 
 pub(super) fn content_length(headers: &http::HeaderMap) -> Option<u64> {

@@ -121,27 +121,26 @@ impl Upstreams {
             }
         };
         if req.version() == Version::HTTP_2 {
+            let index = self.http2_index(open);
+            let Some(client) = tls else {
+                // cogmesh's own client takes `:authority` as it is and `:path` from the URI.
+                let (addr, timeout) = (endpoint.addr, self.http1.connect_timeout);
+                let response =
+                    http2::send(&endpoint.http2, index, addr, &endpoint.authority, timeout, req).await?;
+                return Ok((response.map(Either::Right), None));
+            };
+            // hyper's client takes both from an absolute URI.
             let uri = Uri::builder()
-                .scheme(if tls.is_some() { "https" } else { "http" })
+                .scheme("https")
                 .authority(endpoint.authority.clone())
                 .path_and_query(origin_form(req.uri()))
                 .build()
                 .expect("scheme, authority and path are valid");
             *req.uri_mut() = uri;
-            let index = self.http2_index(open);
-            let response = match tls {
-                None => {
-                    let timeout = self.http1.connect_timeout;
-                    let response = http2::send(&endpoint.http2, index, endpoint.addr, timeout, req).await?;
-                    return Ok((response.map(Either::Right), None));
-                }
-                Some(client) => {
-                    client
-                        .http2_for(open, self.streams_per_connection)
-                        .request(req)
-                        .await
-                }
-            };
+            let response = client
+                .http2_for(open, self.streams_per_connection)
+                .request(req)
+                .await;
             return match response {
                 Ok(r) => Ok((r.map(Either::Left), None)),
                 Err(e) => Err(ProxyError::from_client(endpoint.addr, &e)),

@@ -31,7 +31,6 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::{AbortHandle, Abortable};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use http::header::{HeaderValue, CONTENT_LENGTH, DATE};
 use http::{HeaderMap, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::Either;
@@ -132,6 +131,9 @@ struct Connection<IO> {
     encoder: hpack::Encoder,
     streams: StreamMap<Stream>,
     exchanges: FuturesUnordered<Exchange>,
+    /// The streams whose response [`Connection::send_bodies`] has just ended, kept to reuse
+    /// its allocation (one per response otherwise).
+    finished: Vec<u32>,
     /// The highest stream the client opened.
     last_stream: u32,
     /// A header block split over CONTINUATIONs.
@@ -198,6 +200,7 @@ where
             encoder: hpack::Encoder::default(),
             streams: StreamMap::default(),
             exchanges: FuturesUnordered::new(),
+            finished: Vec::new(),
             last_stream: 0,
             blocks: frame::BlockAssembly::default(),
             peer_max_frame: frame::DEFAULT_MAX_FRAME_SIZE,
@@ -555,14 +558,7 @@ where
         };
         stream.abort = None;
         let (mut parts, body) = response.into_parts();
-        if let Some(len) = body.size_hint().exact() {
-            if !parts.headers.contains_key(CONTENT_LENGTH) {
-                parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
-            }
-        }
-        if !parts.headers.contains_key(DATE) {
-            parts.headers.insert(DATE, super::h2_lane::now_http_date());
-        }
+        super::http2::complete_response_head(&mut parts.headers, &body);
         let end = body.is_end_stream();
         let encoder = &mut self.encoder;
         frame::put_headers_with(&mut self.write, id, end, self.peer_max_frame, |block| {
@@ -581,7 +577,7 @@ where
     /// Sends what response bodies have, as the windows allow: whether anything was sent.
     fn send_bodies(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
-        let mut done = Vec::new();
+        let mut done = std::mem::take(&mut self.finished);
         for (&id, stream) in self.streams.iter_mut() {
             let Some(body) = stream.outgoing.as_mut() else {
                 continue;
@@ -667,12 +663,14 @@ where
                 }
             }
         }
-        for id in done {
+        for &id in &done {
             if let Some(stream) = self.streams.get_mut(&id) {
                 stream.outgoing = None;
             }
             self.close_if_done(id);
         }
+        done.clear();
+        self.finished = done;
         progress
     }
 
