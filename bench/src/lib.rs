@@ -19,7 +19,9 @@
 //!    by h2load), and the ratio of cogmesh to each peer;
 //! 3. CPU seconds per 1000 requests (utime + stime from `/proc/PID/stat`, summed over all the
 //!    proxy's processes, before and after each run) and RSS: idle (VmRSS once ready) and peak under
-//!    load (VmHWM), summed over processes.
+//!    load (VmHWM), summed over processes;
+//! 4. the targets, one row each: the verdict on the medians, and in how many rounds the
+//!    target held between that round's own samples.
 //!
 //! Everything repeats in R interleaved rounds (default 3, the proxy order rotating each round) and
 //! the tables show medians: single runs on a small machine are noisy. Ports are picked at run time

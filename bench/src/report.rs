@@ -230,11 +230,131 @@ impl View<'_> {
         median(diffs)
     }
 
+    /// "k/m": of the m rounds in which cogmesh and every peer have a value, the k in which
+    /// `holds(cogmesh's value, peer's value)` for every peer.
+    fn rounds_held(
+        &self,
+        workers: usize,
+        proto: Proto,
+        peers: &[Kind],
+        value: impl Fn(&Sample) -> Option<f64>,
+        holds: impl Fn(f64, f64) -> bool,
+    ) -> String {
+        let (mut held, mut complete) = (0, 0);
+        for cogmesh in self.of(workers, Kind::Cogmesh, proto) {
+            let Some(mine) = value(cogmesh) else { continue };
+            let theirs: Option<Vec<f64>> = peers
+                .iter()
+                .map(|&k| {
+                    self.of(workers, k, proto)
+                        .find(|s| s.round == cogmesh.round)
+                        .and_then(&value)
+                })
+                .collect();
+            let Some(theirs) = theirs else { continue };
+            complete += 1;
+            if theirs.iter().all(|&p| holds(mine, p)) {
+                held += 1;
+            }
+        }
+        format!("{held}/{complete}")
+    }
+
     fn failures(&self, workers: usize, kind: Kind, proto: Proto) -> usize {
         self.samples
             .iter()
             .filter(|s| s.workers == workers && s.kind == kind && s.proto == proto && s.error.is_some())
             .count()
+    }
+}
+
+/// The issue's idle memory target, MiB.
+pub const IDLE_RSS_TARGET_MIB: f64 = 10.0;
+
+/// Table 4: the issue's targets cell by cell. The verdict compares the medians of the tables
+/// above; "rounds" counts the rounds in which the target held between that round's own samples
+/// (each proxy measured minutes apart at most), which tells a steady result from a coin toss on
+/// a noisy machine.
+fn targets(setup: &Setup, view: &View<'_>) -> String {
+    let peers: Vec<Kind> = setup
+        .kinds
+        .iter()
+        .copied()
+        .filter(|k| !matches!(k, Kind::Direct | Kind::Cogmesh))
+        .collect();
+    let mut table = Table::new(&["N", "target", "cogmesh", "best peer", "verdict", "rounds held"]);
+    if !setup.kinds.contains(&Kind::Cogmesh) || peers.is_empty() {
+        return String::new();
+    }
+    let p99 = |s: &Sample| s.latency.as_ref().map(|l| l.p99_us);
+    let rps = |s: &Sample| s.throughput.as_ref().map(|t| t.rps);
+    let throughput_protos: &[Proto] = if setup.h2c_throughput {
+        &[Proto::H1, Proto::H2c]
+    } else {
+        &[Proto::H1]
+    };
+    for &workers in &setup.workers {
+        for proto in [Proto::H1, Proto::H2c] {
+            let added = |kind| view.added(workers, kind, proto, |l| l.p99_us);
+            let best = best_peer(&peers, added, f64::total_cmp);
+            table.row(vec![
+                workers.to_string(),
+                format!("added p99 {} below every peer's", proto.label()),
+                signed(added(Kind::Cogmesh)),
+                best.map_or_else(|| "-".into(), |(k, v)| format!("{} {v:+.0}", k.name())),
+                verdict(added(Kind::Cogmesh), best.map(|b| b.1), |c, p| c < p),
+                view.rounds_held(workers, proto, &peers, p99, |c, p| c < p),
+            ]);
+        }
+        for &proto in throughput_protos {
+            let median_rps = |kind| view.median(workers, kind, proto, rps);
+            let best = best_peer(&peers, median_rps, |a, b| b.total_cmp(a));
+            table.row(vec![
+                workers.to_string(),
+                format!("throughput {} at least the best peer's", proto.label()),
+                opt(median_rps(Kind::Cogmesh), 0),
+                best.map_or_else(|| "-".into(), |(k, v)| format!("{} {v:.0}", k.name())),
+                verdict(median_rps(Kind::Cogmesh), best.map(|b| b.1), |c, p| c >= p),
+                view.rounds_held(workers, proto, &peers, rps, |c, p| c >= p),
+            ]);
+        }
+        let idle = |s: &Sample| s.rss_idle_kib.map(|kib| kib as f64 / 1024.0);
+        let idle_values = view.values(workers, Kind::Cogmesh, Proto::H1, idle);
+        let under = idle_values.iter().filter(|v| **v < IDLE_RSS_TARGET_MIB).count();
+        let median_idle = median(idle_values.clone());
+        table.row(vec![
+            workers.to_string(),
+            format!("idle RSS under {IDLE_RSS_TARGET_MIB:.0} MiB"),
+            opt(median_idle, 1),
+            String::new(),
+            verdict(median_idle, Some(IDLE_RSS_TARGET_MIB), |c, limit| c < limit),
+            format!("{under}/{}", idle_values.len()),
+        ]);
+    }
+    format!(
+        "\n4. The issue's targets — verdict on the medians above; rounds held: in how many rounds \
+         the target held between that round's own samples\n{}",
+        table.render()
+    )
+}
+
+/// The peer with the best median (first in `order`), and that median.
+fn best_peer(
+    peers: &[Kind],
+    value: impl Fn(Kind) -> Option<f64>,
+    order: impl Fn(&f64, &f64) -> std::cmp::Ordering,
+) -> Option<(Kind, f64)> {
+    peers
+        .iter()
+        .filter_map(|&k| value(k).map(|v| (k, v)))
+        .min_by(|a, b| order(&a.1, &b.1))
+}
+
+fn verdict(cogmesh: Option<f64>, bar: Option<f64>, holds: impl Fn(f64, f64) -> bool) -> String {
+    match (cogmesh, bar) {
+        (Some(c), Some(b)) if holds(c, b) => "met".into(),
+        (Some(_), Some(_)) => "missed".into(),
+        _ => "-".into(),
     }
 }
 
@@ -461,6 +581,7 @@ pub fn render(setup: &Setup, samples: &[Sample]) -> String {
         }
     }
     out.push_str(&table.render());
+    out.push_str(&targets(setup, &view));
     let disturbed: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.foreign_cpu_cores.is_some_and(|f| f > DISTURBED_CORES))
@@ -581,6 +702,71 @@ mod tests {
         // Only the case above the threshold is listed as disturbed.
         assert!(text.contains("1 of 6 cases"), "{text}");
         assert!(text.contains("  round 1 N=1: envoy HTTP/1.1 1.50\n"), "{text}");
+    }
+
+    #[test]
+    fn targets_give_the_verdict_on_medians_and_count_the_rounds_each_held() {
+        // cogmesh: p99 140 then 180 µs (added 40, 80: median 60); nginx 160 both (added 60).
+        // Throughput: cogmesh 40k then 44k (median 42k); nginx 42k both.
+        let samples = vec![
+            sample(0, Kind::Direct, 50.0, 80_000.0, 0.0),
+            sample(0, Kind::Cogmesh, 70.0, 40_000.0, 0.020),
+            sample(0, Kind::Nginx, 80.0, 42_000.0, 0.020),
+            sample(1, Kind::Direct, 50.0, 80_000.0, 0.0),
+            sample(1, Kind::Cogmesh, 90.0, 44_000.0, 0.020),
+            sample(1, Kind::Nginx, 80.0, 42_000.0, 0.020),
+        ];
+        let setup = Setup {
+            rounds: 2,
+            workers: vec![1],
+            kinds: vec![Kind::Direct, Kind::Cogmesh, Kind::Nginx],
+            rate: 1000,
+            latency_secs: 5.0,
+            latency_connections: 16,
+            throughput_secs: 5.0,
+            connections: 64,
+            threads: 2,
+            h2c_throughput: false,
+        };
+        let text = render(&setup, &samples);
+        let line = |target: &str| -> Vec<String> {
+            let line = text
+                .lines()
+                .find(|l| l.contains(target))
+                .unwrap_or_else(|| panic!("no line for {target:?} in {text}"));
+            line.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        // A tie is not "below": missed on the medians, held in the first round only.
+        assert_eq!(
+            line("added p99 HTTP/1.1"),
+            [
+                "1",
+                "added p99 HTTP/1.1 below every peer's",
+                "+60",
+                "nginx +60",
+                "missed",
+                "1/2"
+            ]
+        );
+        // No h2c samples: no verdict, no rounds.
+        assert_eq!(line("added p99 h2c")[4..], ["-", "0/0"]);
+        // A tie is "at least": met on the medians, held in the second round only.
+        assert_eq!(
+            line("throughput HTTP/1.1"),
+            [
+                "1",
+                "throughput HTTP/1.1 at least the best peer's",
+                "42000",
+                "nginx 42000",
+                "met",
+                "1/2"
+            ]
+        );
+        assert_eq!(line("idle RSS")[2..], ["4.0", "met", "2/2"]);
     }
 
     #[test]
