@@ -663,6 +663,22 @@ mod tests {
         s
     }
 
+    /// Two rounds at N = 1 of direct, cogmesh and `peer`, with the default loads.
+    fn two_rounds_of(peer: Kind) -> Setup {
+        Setup {
+            rounds: 2,
+            workers: vec![1],
+            kinds: vec![Kind::Direct, Kind::Cogmesh, peer],
+            rate: 1000,
+            latency_secs: 5.0,
+            latency_connections: 16,
+            throughput_secs: 5.0,
+            connections: 64,
+            threads: 2,
+            h2c_throughput: false,
+        }
+    }
+
     #[test]
     fn added_latency_pairs_rounds_and_ratios_compare_to_cogmesh() {
         let samples = vec![
@@ -679,18 +695,7 @@ mod tests {
         let view = View { samples: &samples };
         assert_eq!(view.added(1, Kind::Cogmesh, Proto::H1, |l| l.p50_us), Some(20.0));
         assert_eq!(view.added(1, Kind::Envoy, Proto::H1, |l| l.p50_us), Some(80.0));
-        let setup = Setup {
-            rounds: 2,
-            workers: vec![1],
-            kinds: vec![Kind::Direct, Kind::Cogmesh, Kind::Envoy],
-            rate: 1000,
-            latency_secs: 5.0,
-            latency_connections: 16,
-            throughput_secs: 5.0,
-            connections: 64,
-            threads: 2,
-            h2c_throughput: false,
-        };
+        let setup = two_rounds_of(Kind::Envoy);
         let text = render(&setup, &samples);
         // cogmesh adds 20 µs at p50, envoy 80: ratio 0.25; throughput 42k vs 21k: ratio 2.00.
         assert!(text.contains("0.25/"), "{text}");
@@ -716,18 +721,7 @@ mod tests {
             sample(1, Kind::Cogmesh, 90.0, 44_000.0, 0.020),
             sample(1, Kind::Nginx, 80.0, 42_000.0, 0.020),
         ];
-        let setup = Setup {
-            rounds: 2,
-            workers: vec![1],
-            kinds: vec![Kind::Direct, Kind::Cogmesh, Kind::Nginx],
-            rate: 1000,
-            latency_secs: 5.0,
-            latency_connections: 16,
-            throughput_secs: 5.0,
-            connections: 64,
-            threads: 2,
-            h2c_throughput: false,
-        };
+        let setup = two_rounds_of(Kind::Nginx);
         let text = render(&setup, &samples);
         let line = |target: &str| -> Vec<String> {
             let line = text
