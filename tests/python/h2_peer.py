@@ -46,9 +46,11 @@ class Client:
         if data:
             self.sock.sendall(data)
 
-    def request(self, path, method="GET", headers=(), body=None, end=True):
+    def request(self, path, method="GET", headers=(), body=None, end=True, authority="proxy"):
         sid = self.conn.get_next_available_stream_id()
-        fields = [(":method", method), (":scheme", "http"), (":authority", "proxy"), (":path", path)]
+        fields = [(":method", method), (":scheme", "http"), (":path", path)]
+        if authority is not None:
+            fields.insert(2, (":authority", authority))
         fields += list(headers)
         self.conn.send_headers(sid, fields, end_stream=end and body is None)
         self.bodies[sid] = bytearray()
@@ -157,6 +159,22 @@ def case_headers(port):
     }
 
 
+def case_no_authority(port):
+    """A request without :authority (RFC 9113 §8.3.1 allows it) that names its host in `host`,
+    then one with both."""
+    c = Client(port)
+    bare = c.request("/headers", authority=None, headers=[("host", "bare.example")])
+    c.wait(lambda: c.finished(bare))
+    both = c.request("/headers", authority="both.example")
+    c.wait(lambda: c.finished(both))
+    seen = {}
+    for name, sid in (("bare", bare), ("both", both)):
+        answer = json.loads(bytes(c.bodies[sid]) or b"{}")
+        host = answer.get("headers", {}).get("host")
+        seen[name] = [c.statuses.get(sid), c.resets.get(sid), host]
+    return seen
+
+
 def case_refused(port, n):
     """`n` slow streams sent at once, before the server's SETTINGS are read."""
     c = Client(port)
@@ -184,7 +202,7 @@ def case_rapid_reset(port, n):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("case", choices=["basics", "headers", "refused", "rapid_reset"])
+    parser.add_argument("case", choices=["basics", "headers", "no_authority", "refused", "rapid_reset"])
     parser.add_argument("port", type=int)
     parser.add_argument("--n", type=int, default=0)
     args = parser.parse_args()
@@ -192,6 +210,8 @@ def main():
         out = case_basics(args.port)
     elif args.case == "headers":
         out = case_headers(args.port)
+    elif args.case == "no_authority":
+        out = case_no_authority(args.port)
     elif args.case == "refused":
         out = case_refused(args.port, args.n)
     else:

@@ -89,6 +89,23 @@ fn header_blocks_limits_and_malformed_requests() {
 }
 
 #[test]
+fn a_request_without_authority_is_served_with_its_host_header() {
+    let upstream = start_workload("h2-protocol");
+    for server in SERVERS {
+        let proxy = proxy(server, upstream.addr);
+        let got = peer(&proxy, "no_authority", 0);
+        // [status, reset code, the Host the HTTP/1.1 upstream saw]: RFC 9113 §8.3.1 lets a
+        // client leave out :authority; the request is served and its `host` reaches the
+        // upstream. With :authority and no `host`, the authority becomes the Host.
+        let want = json!({
+            "bare": [200, null, "bare.example"],
+            "both": [200, null, "both.example"],
+        });
+        assert_eq!(got, want, "{server}");
+    }
+}
+
+#[test]
 fn streams_over_the_limit_are_refused() {
     let upstream = start_workload("h2-protocol");
     for server in SERVERS {

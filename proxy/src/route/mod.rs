@@ -441,10 +441,9 @@ fn route_policy(
     }))
 }
 
-/// The request's host without port: from the URI (HTTP/2 `:authority`, absolute-form) or the
-/// `Host` header.
-/// What route matching reads of a request: the host it names (the URI's, else `Host`, port
-/// included), its path, and the first value of a header.
+/// What route matching reads of a request: the host it names (the URI's, from HTTP/2
+/// `:authority` or an absolute-form target, else the `Host` header, which may carry a port that
+/// matching strips), its path, and the first value of a header.
 pub trait RouteInput {
     fn host(&self) -> Option<&str>;
     fn path(&self) -> &str;
