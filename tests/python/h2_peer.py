@@ -171,7 +171,7 @@ def case_no_authority(port):
     for name, sid in (("bare", bare), ("both", both)):
         answer = json.loads(bytes(c.bodies[sid]) or b"{}")
         host = answer.get("headers", {}).get("host")
-        seen[name] = [c.statuses.get(sid), c.resets.get(sid), host]
+        seen[name] = [c.statuses.get(sid), c.resets.get(sid), host, answer.get("authority")]
     return seen
 
 

@@ -94,15 +94,36 @@ fn a_request_without_authority_is_served_with_its_host_header() {
     for server in SERVERS {
         let proxy = proxy(server, upstream.addr);
         let got = peer(&proxy, "no_authority", 0);
-        // [status, reset code, the Host the HTTP/1.1 upstream saw]: RFC 9113 §8.3.1 lets a
-        // client leave out :authority; the request is served and its `host` reaches the
-        // upstream. With :authority and no `host`, the authority becomes the Host.
+        // [status, reset code, the upstream's Host header, its :authority]: RFC 9113 §8.3.1
+        // lets a client leave out :authority; the request is served and its `host` reaches the
+        // HTTP/1.1 upstream. With :authority and no `host`, the authority becomes the Host.
         let want = json!({
-            "bare": [200, null, "bare.example"],
-            "both": [200, null, "both.example"],
+            "bare": [200, null, "bare.example", null],
+            "both": [200, null, "both.example", null],
         });
         assert_eq!(got, want, "{server}");
     }
+}
+
+/// The client's authority reaches an HTTP/2 upstream as `:authority`, as it reaches an
+/// HTTP/1.1 one as `Host`: from an HTTP/2 client's `:authority` or `host`, and from an HTTP/1.1
+/// client's `Host`, which does not go on beside it.
+#[test]
+fn the_clients_authority_reaches_an_http2_upstream() {
+    let upstream = start_workload("h2-protocol");
+    let proxy = proxy_to(SERVERS[0], "http2", upstream.addr);
+    let got = peer(&proxy, "no_authority", 0);
+    let want = json!({
+        "bare": [200, null, null, "bare.example"],
+        "both": [200, null, null, "both.example"],
+    });
+    assert_eq!(got, want);
+    // cogmesh_e2e::http_get sends `Host: <the proxy's address>`.
+    let (status, body) = cogmesh_e2e::http_get(proxy.listen, "/headers").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["authority"], proxy.listen.to_string(), "{seen}");
+    assert_eq!(seen["headers"]["host"], Value::Null, "{seen}");
 }
 
 #[test]

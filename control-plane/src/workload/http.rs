@@ -8,7 +8,7 @@
 //! | `/bytes?n=N`                    | 200, N bytes, byte i = i mod 251, in 64 KiB chunks      |
 //! | `/sleep?ms=N`                   | 200 after N ms                                          |
 //! | `/status/CODE`                  | CODE (200..=599, else 400)                              |
-//! | `/headers`                      | 200, JSON `{"version", "headers"}` of the request       |
+//! | `/headers`                      | 200, JSON `{"version", "authority", "headers"}`          |
 //! | `/ws`                           | 101 and a WebSocket echo (see [`super::ws`]), 400 without upgrade |
 //! | `/work[?ms=N]`                  | 200 `done` after a slot and the service time (N ms, else drawn); 503 `queue full` with `Retry-After: 1` (see [`super::sim`]) |
 //! | `POST /admin/delay?ms=D[&for_ms=T]` | 200; adds D ms to `/work` and `Infer` arriving in the next T ms (until cleared without T; D=0 clears) |
@@ -213,6 +213,7 @@ fn status(code: &str) -> Response<BoxBody> {
 fn headers(req: &Request<Incoming>) -> Response<BoxBody> {
     let json = serde_json::json!({
         "version": format!("{:?}", req.version()),
+        "authority": req.uri().authority().map(|a| a.as_str()),
         "headers": headers_json(req.headers()),
     });
     let mut response = Response::new(full(json.to_string()));

@@ -124,12 +124,14 @@ impl Upstreams {
             let index = self.http2_index(open);
             let Some(client) = tls else {
                 // cogmesh's own client takes `:authority` as it is and `:path` from the URI.
+                let authority = forwarded_authority(&mut req).unwrap_or_else(|| endpoint.authority.clone());
                 let (addr, timeout) = (endpoint.addr, self.http1.connect_timeout);
-                let response =
-                    http2::send(&endpoint.http2, index, addr, &endpoint.authority, timeout, req).await?;
+                let response = http2::send(&endpoint.http2, index, addr, &authority, timeout, req).await?;
                 return Ok((response.map(Either::Right), None));
             };
-            // hyper's client takes both from an absolute URI.
+            // hyper's client takes both from an absolute URI, and dials and pools connections
+            // by its authority: that has to be the endpoint's address, so over TLS the upstream
+            // sees that as `:authority`, not the client's.
             let uri = Uri::builder()
                 .scheme("https")
                 .authority(endpoint.authority.clone())
@@ -155,6 +157,19 @@ impl Upstreams {
         let (response, lease) = pool::send(endpoint, req, self.http1, tls, breaker).await?;
         Ok((response.map(Either::Left), Some(lease)))
     }
+}
+
+/// The authority an HTTP/2 request carries on as `:authority` (RFC 9113 §8.3.1), as Envoy and
+/// Linkerd keep the client's: the URI's (an HTTP/2 client's `:authority`, an absolute-form
+/// target), else the `Host` header's, which then leaves the headers so that the two cannot
+/// differ. `None` when the client named no valid one.
+fn forwarded_authority<B>(req: &mut Request<B>) -> Option<http::uri::Authority> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.clone());
+    }
+    let authority = http::uri::Authority::try_from(req.headers().get(HOST)?.as_bytes()).ok()?;
+    req.headers_mut().remove(HOST);
+    Some(authority)
 }
 
 /// The path and query of `uri`, `/` when it has none.
