@@ -282,16 +282,21 @@ fn mtls_between_sidecars_with_plaintext_at_both_ends() {
         heads.iter().any(|h| h.starts_with("GET /hello?x=1 HTTP/1.1\r\n")),
         "the server should read a plaintext request, got {heads:?}"
     );
-    // HTTP/2 from the client: A → B is HTTP/2 over TLS (ALPN h2), B → server HTTP/1.1.
+    // HTTP/2 from the client: A → B is HTTP/2 over TLS (ALPN h2), B → server HTTP/1.1. The
+    // client's authority (curl's: A's address) crosses as `:authority` and reaches the server
+    // as its Host, as it does over HTTP/1.1.
     let (code, body, err) = curl(&["--http2-prior-knowledge", &a.url("/over-h2")]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(body, "hello");
-    assert!(server
-        .heads
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|h| h.starts_with("GET /over-h2 HTTP/1.1\r\n")));
+    let heads = server.heads.lock().unwrap().clone();
+    for path in ["/hello?x=1", "/over-h2"] {
+        let head = heads
+            .iter()
+            .find(|h| h.starts_with(&format!("GET {path} HTTP/1.1\r\n")))
+            .unwrap_or_else(|| panic!("no request for {path}: {heads:?}"));
+        let host = format!("\r\nhost: {}\r\n", a.listen);
+        assert!(head.to_ascii_lowercase().contains(&host), "{path}: {head}");
+    }
 
     // TLS 1.3 between A and B, on both sides' counters.
     assert!(metric(&a, r#"tls_handshake_total{side="client",version="TLSv1_3"}"#) >= 1.0);

@@ -122,27 +122,24 @@ impl Upstreams {
         };
         if req.version() == Version::HTTP_2 {
             let index = self.http2_index(open);
+            // The client's authority goes on as `:authority`.
+            let authority = forwarded_authority(&mut req).unwrap_or_else(|| endpoint.authority.clone());
             let Some(client) = tls else {
                 // cogmesh's own client takes `:authority` as it is and `:path` from the URI.
-                let authority = forwarded_authority(&mut req).unwrap_or_else(|| endpoint.authority.clone());
                 let (addr, timeout) = (endpoint.addr, self.http1.connect_timeout);
                 let response = http2::send(&endpoint.http2, index, addr, &authority, timeout, req).await?;
                 return Ok((response.map(Either::Right), None));
             };
-            // hyper's client takes both from an absolute URI, and dials and pools connections
-            // by its authority: that has to be the endpoint's address, so over TLS the upstream
-            // sees that as `:authority`, not the client's.
+            // hyper's client takes both from an absolute URI; the endpoint's clients dial the
+            // endpoint whatever the authority.
             let uri = Uri::builder()
                 .scheme("https")
-                .authority(endpoint.authority.clone())
+                .authority(authority)
                 .path_and_query(origin_form(req.uri()))
                 .build()
                 .expect("scheme, authority and path are valid");
             *req.uri_mut() = uri;
-            let response = client
-                .http2_for(open, self.streams_per_connection)
-                .request(req)
-                .await;
+            let response = client.http2_clients(endpoint.addr)[index].request(req).await;
             return match response {
                 Ok(r) => Ok((r.map(Either::Left), None)),
                 Err(e) => Err(ProxyError::from_client(endpoint.addr, &e)),

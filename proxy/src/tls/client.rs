@@ -4,16 +4,20 @@
 //!
 //! One [`ServiceTlsClient`] per service with `tls`, built with the routing table; its rustls
 //! configuration reads the [`IdentityStore`] at each handshake, so rotations need no rebuild.
-//! HTTP/1.1 connections are opened by the pool ([`connect`]); HTTP/2 goes through a pooled
-//! hyper client per service whose connector is [`TlsConnector`].
+//! HTTP/1.1 connections are opened by the pool ([`connect`]); HTTP/2 goes through pooled hyper
+//! clients per endpoint, whose connector is [`TlsConnector`]: hyper's client sends its URI's
+//! authority as `:authority` and pools connections by it, so the URI carries the client's
+//! authority and the connector dials its endpoint whatever that says.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
@@ -82,8 +86,9 @@ pub struct ServiceTlsClient {
     /// `config` offering ALPN `http/1.1` only (the pool already chose the protocol).
     http1_config: Arc<ClientConfig>,
     origin: Origin,
-    /// HTTP/2 clients, made on first use (most services speak one protocol).
-    http2: OnceLock<Arc<[Client<TlsConnector, crate::forward::UpstreamBody>]>>,
+    /// HTTP/2 clients of each endpoint, made on its first HTTP/2 request. Read on every request
+    /// without a lock; an endpoint seen for the first time copies the map.
+    http2: ArcSwap<HashMap<SocketAddr, Http2Clients>>,
 }
 
 impl ServiceTlsClient {
@@ -113,7 +118,7 @@ impl ServiceTlsClient {
             http1_config: with_alpn(&config, b"http/1.1"),
             config,
             origin,
-            http2: OnceLock::new(),
+            http2: ArcSwap::default(),
         }
     }
 
@@ -126,30 +131,33 @@ impl ServiceTlsClient {
             .unwrap_or_else(|| ServerName::IpAddress(endpoint.ip().into()))
     }
 
-    /// The HTTP/2 client for the next stream to an endpoint with `in_flight` streams open.
-    pub fn http2_for(
-        &self,
-        in_flight: u64,
-        streams_per_connection: u64,
-    ) -> &Client<TlsConnector, crate::forward::UpstreamBody> {
-        let clients = self.http2.get_or_init(|| {
-            let connector = TlsConnector {
-                config: with_alpn(&self.config, b"h2"),
-                tls: Arc::new(self.handshaker()),
-            };
-            (0..crate::forward::MAX_HTTP2_CONNECTIONS)
-                .map(|_| {
-                    Client::builder(TokioExecutor::new())
-                        .http2_only(true)
-                        .pool_idle_timeout(self.origin.idle_timeout)
-                        .pool_timer(TokioTimer::new())
-                        .timer(TokioTimer::new())
-                        .build(connector.clone())
-                })
-                .collect()
+    /// The HTTP/2 clients of `endpoint`, one per connection it may have.
+    pub fn http2_clients(&self, endpoint: SocketAddr) -> Http2Clients {
+        if let Some(clients) = self.http2.load().get(&endpoint) {
+            return Arc::clone(clients);
+        }
+        let connector = TlsConnector {
+            config: with_alpn(&self.config, b"h2"),
+            tls: Arc::new(self.handshaker()),
+            endpoint,
+        };
+        let made: Http2Clients = (0..crate::forward::MAX_HTTP2_CONNECTIONS)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .http2_only(true)
+                    .pool_idle_timeout(self.origin.idle_timeout)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(connector.clone())
+            })
+            .collect();
+        // Two workers may make them at once: the first stored wins.
+        self.http2.rcu(|clients| {
+            let mut clients = HashMap::clone(clients);
+            clients.entry(endpoint).or_insert_with(|| Arc::clone(&made));
+            clients
         });
-        let i = (in_flight / streams_per_connection.max(1)) as usize;
-        &clients[i.min(clients.len() - 1)]
+        self.http2.load().get(&endpoint).map_or(made, Arc::clone)
     }
 
     fn handshaker(&self) -> Handshaker {
@@ -236,11 +244,17 @@ fn describe(err: &std::io::Error) -> String {
     }
 }
 
-/// The connector of a service's HTTP/2 client: TCP to the URI's address, then TLS with ALPN h2.
+/// The HTTP/2 clients of one endpoint, one per connection it may have (see
+/// [`crate::forward::MAX_HTTP2_CONNECTIONS`]).
+pub type Http2Clients = Arc<[Client<TlsConnector, crate::forward::UpstreamBody>]>;
+
+/// The connector of an endpoint's HTTP/2 clients: TCP to the endpoint (not to the URI's
+/// authority, which is the client's), then TLS with ALPN h2.
 #[derive(Clone)]
 pub struct TlsConnector {
     config: Arc<ClientConfig>,
     tls: Arc<Handshaker>,
+    endpoint: SocketAddr,
 }
 
 impl tower::Service<Uri> for TlsConnector {
@@ -252,14 +266,11 @@ impl tower::Service<Uri> for TlsConnector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
+    fn call(&mut self, _uri: Uri) -> Self::Future {
         let config = Arc::clone(&self.config);
         let tls = Arc::clone(&self.tls);
+        let endpoint = self.endpoint;
         Box::pin(async move {
-            let endpoint: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("not an endpoint address: {uri}")))?;
             let name = tls
                 .server_name
                 .as_ref()
