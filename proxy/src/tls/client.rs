@@ -131,7 +131,8 @@ impl ServiceTlsClient {
             .unwrap_or_else(|| ServerName::IpAddress(endpoint.ip().into()))
     }
 
-    /// The HTTP/2 clients of `endpoint`, one per connection it may have.
+    /// The HTTP/2 clients of `endpoint`, one per connection it may have. hyper pools by
+    /// authority, so requests naming different authorities get connections of their own.
     pub fn http2_clients(&self, endpoint: SocketAddr) -> Http2Clients {
         if let Some(clients) = self.http2.load().get(&endpoint) {
             return Arc::clone(clients);
