@@ -161,17 +161,21 @@ def case_headers(port):
 
 def case_no_authority(port):
     """A request without :authority (RFC 9113 §8.3.1 allows it) that names its host in `host`,
-    then one with both."""
+    one with :authority only, and one whose `host` differs from its :authority (a client
+    breaking §8.3.1, on a connection of its own that does not check)."""
     c = Client(port)
     bare = c.request("/headers", authority=None, headers=[("host", "bare.example")])
     c.wait(lambda: c.finished(bare))
     both = c.request("/headers", authority="both.example")
     c.wait(lambda: c.finished(both))
+    loose = Client(port, validate=False)
+    clash = loose.request("/headers", authority="clash.example", headers=[("host", "other.example")])
+    loose.wait(lambda: loose.finished(clash))
     seen = {}
-    for name, sid in (("bare", bare), ("both", both)):
-        answer = json.loads(bytes(c.bodies[sid]) or b"{}")
+    for name, client, sid in (("bare", c, bare), ("both", c, both), ("clash", loose, clash)):
+        answer = json.loads(bytes(client.bodies[sid]) or b"{}")
         host = answer.get("headers", {}).get("host")
-        seen[name] = [c.statuses.get(sid), c.resets.get(sid), host, answer.get("authority")]
+        seen[name] = [client.statuses.get(sid), client.resets.get(sid), host, answer.get("authority")]
     return seen
 
 

@@ -96,10 +96,12 @@ fn a_request_without_authority_is_served_with_its_host_header() {
         let got = peer(&proxy, "no_authority", 0);
         // [status, reset code, the upstream's Host header, its :authority]: RFC 9113 §8.3.1
         // lets a client leave out :authority; the request is served and its `host` reaches the
-        // HTTP/1.1 upstream. With :authority and no `host`, the authority becomes the Host.
+        // HTTP/1.1 upstream. With :authority and no `host`, the authority becomes the Host; a
+        // `host` of its own stays (§8.3.1 says to make one only when there is none).
         let want = json!({
             "bare": [200, null, "bare.example", null],
             "both": [200, null, "both.example", null],
+            "clash": [200, null, "other.example", null],
         });
         assert_eq!(got, want, "{server}");
     }
@@ -107,7 +109,7 @@ fn a_request_without_authority_is_served_with_its_host_header() {
 
 /// The client's authority reaches an HTTP/2 upstream as `:authority`, as it reaches an
 /// HTTP/1.1 one as `Host`: from an HTTP/2 client's `:authority` or `host`, and from an HTTP/1.1
-/// client's `Host`, which does not go on beside it.
+/// client's `Host`. No `host` goes on beside it, so none can differ from it (RFC 9113 §8.3.1).
 #[test]
 fn the_clients_authority_reaches_an_http2_upstream() {
     let upstream = start_workload("h2-protocol");
@@ -116,6 +118,7 @@ fn the_clients_authority_reaches_an_http2_upstream() {
     let want = json!({
         "bare": [200, null, null, "bare.example"],
         "both": [200, null, null, "both.example"],
+        "clash": [200, null, null, "clash.example"],
     });
     assert_eq!(got, want);
     // cogmesh_e2e::http_get sends `Host: <the proxy's address>`.

@@ -158,15 +158,15 @@ impl Upstreams {
 
 /// The authority an HTTP/2 request carries on as `:authority` (RFC 9113 §8.3.1), as Envoy and
 /// Linkerd keep the client's: the URI's (an HTTP/2 client's `:authority`, an absolute-form
-/// target), else the `Host` header's, which then leaves the headers so that the two cannot
-/// differ. `None` when the client named no valid one.
+/// target), else the `Host` header's. `Host` leaves the headers either way: over HTTP/2 the
+/// authority is `:authority`, and a `Host` beside it must not differ. `None` when the client
+/// named no valid authority.
 fn forwarded_authority<B>(req: &mut Request<B>) -> Option<http::uri::Authority> {
+    let host = req.headers_mut().remove(HOST);
     if let Some(authority) = req.uri().authority() {
         return Some(authority.clone());
     }
-    let authority = http::uri::Authority::try_from(req.headers().get(HOST)?.as_bytes()).ok()?;
-    req.headers_mut().remove(HOST);
-    Some(authority)
+    http::uri::Authority::try_from(host?.as_bytes()).ok()
 }
 
 /// The path and query of `uri`, `/` when it has none.
