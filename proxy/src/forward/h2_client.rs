@@ -244,9 +244,9 @@ impl Handle {
         state.unusable.is_none() && state.streams.len() < state.peer_max_streams
     }
 
-    /// Sends `req` (`:authority` is `authority`, `:path` the request's path and query) and
-    /// waits for the response head; the request body is sent meanwhile, and what is left of it
-    /// after the head arrives goes on in a task.
+    /// Sends `req` (`:authority` is the URI's, else `authority`; `:path` the request's path and
+    /// query) and waits for the response head; the request body is sent meanwhile, and what is
+    /// left of it after the head arrives goes on in a task.
     pub async fn send(
         &self,
         addr: SocketAddr,
@@ -266,6 +266,7 @@ impl Handle {
             let id = state.next_stream;
             state.next_stream += 2;
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let authority = parts.uri.authority().unwrap_or(authority);
             let max_frame = state.peer_max_frame;
             let State { out, encoder, .. } = &mut *state;
             frame::put_headers_with(out, id, end, max_frame, |block| {

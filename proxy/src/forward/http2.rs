@@ -123,8 +123,9 @@ async fn open(addr: SocketAddr, connect_timeout: Duration) -> Result<h2_client::
     Ok(h2_client::start(stream, addr))
 }
 
-/// Sends `req` to the endpoint at `addr` (`:authority` is `authority`, `:path` the request's
-/// path and query) on connection `index` of `conns` and waits for the response headers.
+/// Sends `req` to the endpoint at `addr` (`:authority` is the URI's, else `authority`; `:path`
+/// the request's path and query) on connection `index` of `conns` and waits for the response
+/// headers.
 pub async fn send(
     conns: &Http2Conns,
     index: usize,

@@ -122,14 +122,21 @@ impl Upstreams {
         };
         if req.version() == Version::HTTP_2 {
             let index = self.http2_index(open);
-            // The client's authority goes on as `:authority`.
-            let authority = forwarded_authority(&mut req).unwrap_or_else(|| endpoint.authority.clone());
+            // The client's authority goes on as `:authority`: its URI's, else its Host's, else
+            // the endpoint's address.
+            let from_host = host_authority(&mut req);
             let Some(client) = tls else {
-                // cogmesh's own client takes `:authority` as it is and `:path` from the URI.
+                // cogmesh's own client takes `:authority` from the URI (without a copy), else
+                // this one, and `:path` from the URI.
+                let otherwise = from_host.as_ref().unwrap_or(&endpoint.authority);
                 let (addr, timeout) = (endpoint.addr, self.http1.connect_timeout);
-                let response = http2::send(&endpoint.http2, index, addr, &authority, timeout, req).await?;
+                let response = http2::send(&endpoint.http2, index, addr, otherwise, timeout, req).await?;
                 return Ok((response.map(Either::Right), None));
             };
+            let authority = req.uri().authority().cloned();
+            let authority = authority
+                .or(from_host)
+                .unwrap_or_else(|| endpoint.authority.clone());
             // hyper's client takes both from an absolute URI; the endpoint's clients dial the
             // endpoint whatever the authority.
             let uri = Uri::builder()
@@ -156,17 +163,16 @@ impl Upstreams {
     }
 }
 
-/// The authority an HTTP/2 request carries on as `:authority` (RFC 9113 §8.3.1), as Envoy and
-/// Linkerd keep the client's: the URI's (an HTTP/2 client's `:authority`, an absolute-form
-/// target), else the `Host` header's. `Host` leaves the headers either way: over HTTP/2 the
-/// authority is `:authority`, and a `Host` beside it must not differ. `None` when the client
-/// named no valid authority.
-fn forwarded_authority<B>(req: &mut Request<B>) -> Option<http::uri::Authority> {
-    let host = req.headers_mut().remove(HOST);
-    if let Some(authority) = req.uri().authority() {
-        return Some(authority.clone());
+/// For a request going on over HTTP/2, where the client's authority is `:authority` (RFC 9113
+/// §8.3.1), as Envoy and Linkerd keep it: takes `Host` out of the headers (a `Host` beside
+/// `:authority` must not differ from it) and gives its value when the URI names no authority
+/// (an HTTP/1.1 client in origin form, an HTTP/2 client that sent `host` only).
+fn host_authority<B>(req: &mut Request<B>) -> Option<http::uri::Authority> {
+    let host = req.headers_mut().remove(HOST)?;
+    if req.uri().authority().is_some() {
+        return None;
     }
-    http::uri::Authority::try_from(host?.as_bytes()).ok()
+    http::uri::Authority::try_from(host.as_bytes()).ok()
 }
 
 /// The path and query of `uri`, `/` when it has none.
