@@ -178,6 +178,17 @@ pub struct Setup {
     pub h2c_throughput: bool,
 }
 
+impl Setup {
+    /// The protocols with a closed-loop (maximum throughput) run.
+    fn throughput_protos(&self) -> &'static [Proto] {
+        if self.h2c_throughput {
+            &[Proto::H1, Proto::H2c]
+        } else {
+            &[Proto::H1]
+        }
+    }
+}
+
 struct View<'a> {
     samples: &'a [Sample],
 }
@@ -282,53 +293,55 @@ fn targets(setup: &Setup, view: &View<'_>) -> String {
         .copied()
         .filter(|k| !matches!(k, Kind::Direct | Kind::Cogmesh))
         .collect();
-    let mut table = Table::new(&["N", "target", "cogmesh", "best peer", "verdict", "rounds held"]);
     if !setup.kinds.contains(&Kind::Cogmesh) || peers.is_empty() {
         return String::new();
     }
+    let mut table = Table::new(&["N", "target", "cogmesh", "best peer", "verdict", "rounds held"]);
     let p99 = |s: &Sample| s.latency.as_ref().map(|l| l.p99_us);
     let rps = |s: &Sample| s.throughput.as_ref().map(|t| t.rps);
-    let throughput_protos: &[Proto] = if setup.h2c_throughput {
-        &[Proto::H1, Proto::H2c]
-    } else {
-        &[Proto::H1]
-    };
     for &workers in &setup.workers {
         for proto in [Proto::H1, Proto::H2c] {
             let added = |kind| view.added(workers, kind, proto, |l| l.p99_us);
-            let best = best_peer(&peers, added, f64::total_cmp);
+            let (mine, best) = (added(Kind::Cogmesh), best_peer(&peers, added, f64::total_cmp));
             table.row(vec![
                 workers.to_string(),
                 format!("added p99 {} below every peer's", proto.label()),
-                signed(added(Kind::Cogmesh)),
+                signed(mine),
                 best.map_or_else(|| "-".into(), |(k, v)| format!("{} {v:+.0}", k.name())),
-                verdict(added(Kind::Cogmesh), best.map(|b| b.1), |c, p| c < p),
+                verdict(mine, best.map(|b| b.1), |c, p| c < p),
                 view.rounds_held(workers, proto, &peers, p99, |c, p| c < p),
             ]);
         }
-        for &proto in throughput_protos {
+        for &proto in setup.throughput_protos() {
             let median_rps = |kind| view.median(workers, kind, proto, rps);
-            let best = best_peer(&peers, median_rps, |a, b| b.total_cmp(a));
+            let (mine, best) = (
+                median_rps(Kind::Cogmesh),
+                best_peer(&peers, median_rps, |a, b| b.total_cmp(a)),
+            );
             table.row(vec![
                 workers.to_string(),
                 format!("throughput {} at least the best peer's", proto.label()),
-                opt(median_rps(Kind::Cogmesh), 0),
+                opt(mine, 0),
                 best.map_or_else(|| "-".into(), |(k, v)| format!("{} {v:.0}", k.name())),
-                verdict(median_rps(Kind::Cogmesh), best.map(|b| b.1), |c, p| c >= p),
+                verdict(mine, best.map(|b| b.1), |c, p| c >= p),
                 view.rounds_held(workers, proto, &peers, rps, |c, p| c >= p),
             ]);
         }
         let idle = |s: &Sample| s.rss_idle_kib.map(|kib| kib as f64 / 1024.0);
         let idle_values = view.values(workers, Kind::Cogmesh, Proto::H1, idle);
-        let under = idle_values.iter().filter(|v| **v < IDLE_RSS_TARGET_MIB).count();
-        let median_idle = median(idle_values.clone());
+        let held = format!(
+            "{}/{}",
+            idle_values.iter().filter(|v| **v < IDLE_RSS_TARGET_MIB).count(),
+            idle_values.len()
+        );
+        let median_idle = median(idle_values);
         table.row(vec![
             workers.to_string(),
             format!("idle RSS under {IDLE_RSS_TARGET_MIB:.0} MiB"),
             opt(median_idle, 1),
             String::new(),
             verdict(median_idle, Some(IDLE_RSS_TARGET_MIB), |c, limit| c < limit),
-            format!("{under}/{}", idle_values.len()),
+            held,
         ]);
     }
     format!(
@@ -483,12 +496,7 @@ pub fn render(setup: &Setup, samples: &[Sample]) -> String {
         out.push_str(&table.render());
     }
 
-    let throughput_protos: &[Proto] = if setup.h2c_throughput {
-        &[Proto::H1, Proto::H2c]
-    } else {
-        &[Proto::H1]
-    };
-    for &proto in throughput_protos {
+    for &proto in setup.throughput_protos() {
         let tool = match proto {
             Proto::H1 => format!("wrk -t {}", setup.threads),
             Proto::H2c => format!("h2load -t {} -m 1", setup.threads),

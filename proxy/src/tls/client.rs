@@ -82,9 +82,11 @@ impl Origin {
 /// The TLS client of one service.
 pub struct ServiceTlsClient {
     pub settings: ServiceTls,
-    config: Arc<ClientConfig>,
-    /// `config` offering ALPN `http/1.1` only (the pool already chose the protocol).
+    /// The rustls configuration offering ALPN `http/1.1` only (the pool already chose the
+    /// protocol).
     http1_config: Arc<ClientConfig>,
+    /// The same offering ALPN `h2` only, for the HTTP/2 clients.
+    http2_config: Arc<ClientConfig>,
     origin: Origin,
     /// HTTP/2 clients of each endpoint, made on its first HTTP/2 request. Read on every request
     /// without a lock; an endpoint seen for the first time copies the map.
@@ -116,7 +118,7 @@ impl ServiceTlsClient {
         ServiceTlsClient {
             settings: settings.clone(),
             http1_config: with_alpn(&config, b"http/1.1"),
-            config,
+            http2_config: with_alpn(&config, b"h2"),
             origin,
             http2: ArcSwap::default(),
         }
@@ -138,7 +140,7 @@ impl ServiceTlsClient {
             return Arc::clone(clients);
         }
         let connector = TlsConnector {
-            config: with_alpn(&self.config, b"h2"),
+            config: Arc::clone(&self.http2_config),
             tls: Arc::new(self.handshaker()),
             endpoint,
         };
