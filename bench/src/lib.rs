@@ -21,7 +21,10 @@
 //!    proxy's processes, before and after each run) and RSS: idle (VmRSS once ready) and peak under
 //!    load (VmHWM), summed over processes;
 //! 4. the targets, one row each: the verdict on the medians, and in how many rounds the
-//!    target held between that round's own samples.
+//!    target held between that round's own samples;
+//! 5. with `--head-to-head`: cogmesh and each peer at the same time, each under its own open-loop
+//!    client, so that both tails come from the same seconds of a noisy machine (and a target row
+//!    per protocol in 4).
 //!
 //! Everything repeats in R interleaved rounds (default 3, the proxy order rotating each round) and
 //! the tables show medians: single runs on a small machine are noisy. Ports are picked at run time
@@ -43,9 +46,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use crate::load::{ClosedLoop, Oha};
+use crate::load::{ClosedLoop, Latency, Oha};
 use crate::peers::{Instance, Kind, Proto, Tools, Upstream};
-use crate::report::{Sample, Setup};
+use crate::report::{Duel, Sample, Setup};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -100,6 +103,11 @@ pub struct Options {
     /// Also measure h2c maximum throughput (h2load), which adds a closed-loop run per proxy.
     #[arg(long)]
     pub h2c_throughput: bool,
+    /// Also run cogmesh and each peer head to head: both at the same time, each under its own
+    /// open-loop client at `--rate`, so that whatever disturbs the machine disturbs both (table 5
+    /// and a target row per protocol). Adds one latency run per peer, N and protocol and round.
+    #[arg(long)]
+    pub head_to_head: bool,
     /// nginx worker processes of the upstream.
     #[arg(long, default_value_t = 1)]
     pub upstream_workers: usize,
@@ -175,7 +183,7 @@ impl Plan {
     }
 
     /// Rough wall time: load runs plus ~0.7 s of start/stop per proxy process.
-    fn estimate(&self, h2c_throughput: bool) -> Duration {
+    fn estimate(&self, h2c_throughput: bool, head_to_head: bool) -> Duration {
         let per_proto = self.warmup + self.latency + Duration::from_millis(700);
         let h2c_max = if h2c_throughput {
             self.throughput
@@ -183,7 +191,24 @@ impl Plan {
             Duration::ZERO
         };
         let per_case = per_proto * 2 + self.throughput + h2c_max;
-        per_case * (self.rounds * self.workers.len() * self.kinds.len()) as u32
+        let cases = per_case * (self.rounds * self.workers.len() * self.kinds.len()) as u32;
+        let duels = if head_to_head {
+            let peers = self.peers().len() + 1;
+            (self.warmup + self.latency + Duration::from_millis(1400))
+                * (self.rounds * self.workers.len() * 2 * peers) as u32
+        } else {
+            Duration::ZERO
+        };
+        cases + duels
+    }
+
+    /// The proxies cogmesh is compared with.
+    fn peers(&self) -> Vec<Kind> {
+        let others = |k: &&Kind| !matches!(k, Kind::Direct | Kind::Cogmesh);
+        if !self.kinds.contains(&Kind::Cogmesh) {
+            return Vec::new();
+        }
+        self.kinds.iter().filter(others).copied().collect()
     }
 }
 
@@ -238,7 +263,7 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
     if busy > 0.10 {
         println!("  warning: something else is using the CPU (a build?): expect noisy latency tails");
     }
-    let estimate = plan.estimate(options.h2c_throughput);
+    let estimate = plan.estimate(options.h2c_throughput, options.head_to_head);
     eprintln!(
         "estimated time: about {} min {} s",
         estimate.as_secs() / 60,
@@ -259,6 +284,7 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
     };
     let started = Instant::now();
     let mut samples = Vec::new();
+    let mut duels = Vec::new();
     for round in 0..plan.rounds {
         for &workers in &plan.workers {
             // Rotate the order each round so no proxy always runs first or right after another.
@@ -279,6 +305,26 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
                     samples.push(sample);
                 }
             }
+            if options.head_to_head {
+                let mut peers = plan.peers();
+                if !peers.is_empty() {
+                    let len = peers.len();
+                    peers.rotate_left(round % len);
+                }
+                // Last, cogmesh against itself: how far apart the method puts two equal proxies.
+                let control = (!peers.is_empty()).then_some(Kind::Cogmesh);
+                for peer in peers.into_iter().chain(control) {
+                    for proto in [Proto::H1, Proto::H2c] {
+                        let mut duel = Duel::new(round, workers, proto, peer);
+                        if let Err(err) = duel_into(&mut duel, options, tools, plan, &upstream, &oha, dir) {
+                            duel.error = Some(format!("{err:#}"));
+                        }
+                        procs::check_interrupted()?;
+                        eprintln!("[{:>4.0}s] {}", started.elapsed().as_secs_f64(), duel.summary());
+                        duels.push(duel);
+                    }
+                }
+            }
         }
         upstream.server.check_alive().context("the upstream nginx died")?;
     }
@@ -296,15 +342,20 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
         threads: options.threads,
         h2c_throughput: options.h2c_throughput,
     };
-    print!("{}", report::render(&setup, &samples));
-    let failures: Vec<&Sample> = samples.iter().filter(|s| s.error.is_some()).collect();
+    print!("{}", report::render(&setup, &samples, &duels));
+    let failures: Vec<String> = samples
+        .iter()
+        .filter(|s| s.error.is_some())
+        .map(Sample::summary)
+        .chain(duels.iter().filter(|d| d.error.is_some()).map(Duel::summary))
+        .collect();
     if !failures.is_empty() {
         println!(
             "\n{} case(s) failed and are left out of the medians:",
             failures.len()
         );
-        for sample in &failures {
-            println!("  {}", sample.summary());
+        for summary in &failures {
+            println!("  {summary}");
         }
     }
     println!("\ntotal time {:.0} s", started.elapsed().as_secs_f64());
@@ -318,6 +369,7 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
             "throughput_secs": plan.throughput.as_secs_f64(),
             "connections": options.connections,
             "samples": samples,
+            "head_to_head": duels,
         });
         fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("write {}", path.display()))?;
@@ -416,6 +468,70 @@ impl Case {
         sample.rss_peak_kib = usage(&instance).map(|u| u.hwm_kib);
         Ok(())
     }
+}
+
+/// One head-to-head run: fresh cogmesh and peer processes, warmed up and then measured at the
+/// same time, each by an oha of its own.
+fn duel_into(
+    duel: &mut Duel,
+    options: &Options,
+    tools: &Tools,
+    plan: &Plan,
+    upstream: &Upstream,
+    oha: &Oha,
+    dir: &Path,
+) -> Result<()> {
+    let case_dir = dir.join(format!(
+        "r{}-n{}-h2h-{}-{}",
+        duel.round + 1,
+        duel.workers,
+        duel.peer.name(),
+        duel.proto.label().replace('/', "")
+    ));
+    let start = |kind: Kind, name: &str| -> Result<(Instance, PathBuf)> {
+        let kind_dir = case_dir.join(name);
+        fs::create_dir_all(&kind_dir)?;
+        let instance = Instance::start(
+            kind,
+            duel.proto,
+            duel.workers,
+            upstream,
+            tools,
+            &kind_dir,
+            &options.cogmesh_arg,
+        )?;
+        Ok((instance, kind_dir))
+    };
+    let (mut cogmesh, cogmesh_dir) = start(Kind::Cogmesh, "cogmesh")?;
+    let (mut other, other_dir) = start(duel.peer, &format!("peer-{}", duel.peer.name()))?;
+    let both = |duration: Duration| -> Result<(Latency, Latency)> {
+        let run = |instance: &Instance, work_dir: &Path| {
+            oha.open_loop(&instance.url(), duel.proto, options.rate, duration, work_dir)
+        };
+        std::thread::scope(|scope| {
+            let mine = scope.spawn(|| run(&cogmesh, &cogmesh_dir));
+            let theirs = run(&other, &other_dir);
+            let mine = mine
+                .join()
+                .map_err(|_| anyhow::anyhow!("the load thread panicked"))?;
+            Ok((mine?, theirs?))
+        })
+    };
+    if !plan.warmup.is_zero() {
+        let (mine, theirs) = both(plan.warmup)?;
+        if mine.ok == 0 || theirs.ok == 0 {
+            bail!(
+                "warm-up got no 200 response: {} / {}",
+                mine.failures,
+                theirs.failures
+            );
+        }
+    }
+    let (mine, theirs) = both(plan.latency)?;
+    duel.cogmesh = Some(mine);
+    duel.other = Some(theirs);
+    alive(&mut cogmesh)?;
+    alive(&mut other)
 }
 
 fn alive(instance: &mut Instance) -> Result<()> {

@@ -95,6 +95,68 @@ impl Sample {
     }
 }
 
+/// One head-to-head run: cogmesh and one peer at the same time, each under an open-loop client
+/// of its own at the same rate, in front of the same upstream. Whatever disturbs the machine
+/// meanwhile disturbs both.
+#[derive(Debug, Clone, Serialize)]
+pub struct Duel {
+    pub round: usize,
+    pub workers: usize,
+    pub proto: Proto,
+    pub peer: Kind,
+    pub cogmesh: Option<Latency>,
+    pub other: Option<Latency>,
+    pub error: Option<String>,
+}
+
+impl Duel {
+    pub fn new(round: usize, workers: usize, proto: Proto, peer: Kind) -> Duel {
+        Duel {
+            round,
+            workers,
+            proto,
+            peer,
+            cogmesh: None,
+            other: None,
+            error: None,
+        }
+    }
+
+    /// One line for the progress log.
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "round {} N={} head to head {:<8} cogmesh vs {}:",
+            self.round + 1,
+            self.workers,
+            self.proto.label(),
+            self.peer.name()
+        );
+        let percentiles = |l: &Latency| format!("{:.0}/{:.0}/{:.0}", l.p50_us, l.p99_us, l.p999_us);
+        if let (Some(c), Some(o)) = (&self.cogmesh, &self.other) {
+            let _ = write!(line, " p50/p99/p99.9 {} vs {} µs", percentiles(c), percentiles(o));
+        }
+        if let Some(err) = &self.error {
+            let _ = write!(line, " | FAILED: {}", err.lines().next().unwrap_or_default());
+        }
+        line
+    }
+
+    /// (cogmesh's, the peer's) value, for a run that completed.
+    fn both(&self, value: impl Fn(&Latency) -> f64) -> Option<(f64, f64)> {
+        match (&self.cogmesh, &self.other, &self.error) {
+            (Some(c), Some(o), None) => Some((value(c), value(o))),
+            _ => None,
+        }
+    }
+}
+
+/// The completed duels of N workers, a protocol and a peer.
+fn duels_of(duels: &[Duel], workers: usize, proto: Proto, peer: Kind) -> impl Iterator<Item = &Duel> {
+    duels
+        .iter()
+        .filter(move |d| d.workers == workers && d.proto == proto && d.peer == peer && d.error.is_none())
+}
+
 pub fn median(mut values: Vec<f64>) -> Option<f64> {
     values.retain(|v| v.is_finite());
     if values.is_empty() {
@@ -286,7 +348,7 @@ pub const IDLE_RSS_TARGET_MIB: f64 = 10.0;
 /// above; "rounds" counts the rounds in which the target held between that round's own samples
 /// (each proxy measured minutes apart at most), which tells a steady result from a coin toss on
 /// a noisy machine.
-fn targets(setup: &Setup, view: &View<'_>) -> String {
+fn targets(setup: &Setup, view: &View<'_>, duels: &[Duel]) -> String {
     let peers: Vec<Kind> = setup
         .kinds
         .iter()
@@ -311,6 +373,9 @@ fn targets(setup: &Setup, view: &View<'_>) -> String {
                 verdict(mine, best.map(|b| b.1), |c, p| c < p),
                 view.rounds_held(workers, proto, &peers, p99, |c, p| c < p),
             ]);
+            if let Some(row) = head_to_head_target(workers, proto, &peers, duels) {
+                table.row(row);
+            }
         }
         for &proto in setup.throughput_protos() {
             let median_rps = |kind| view.median(workers, kind, proto, rps);
@@ -347,6 +412,120 @@ fn targets(setup: &Setup, view: &View<'_>) -> String {
     format!(
         "\n4. The issue's targets — verdict on the medians above; rounds held: in how many rounds \
          the target held between that round's own samples\n{}",
+        table.render()
+    )
+}
+
+/// The head-to-head row of the targets: cogmesh's p99 below the peer's in every duel. The
+/// closest peer is shown (the largest median of cogmesh's p99 ÷ the peer's); the verdict is on
+/// each peer's medians, and a round holds when cogmesh was below in every duel of that round.
+fn head_to_head_target(workers: usize, proto: Proto, peers: &[Kind], duels: &[Duel]) -> Option<Vec<String>> {
+    let p99 = |l: &Latency| l.p99_us;
+    let medians: Vec<(Kind, f64, f64)> = peers
+        .iter()
+        .filter_map(|&peer| {
+            let (mine, theirs): (Vec<f64>, Vec<f64>) = duels_of(duels, workers, proto, peer)
+                .filter_map(|d| d.both(p99))
+                .unzip();
+            Some((peer, median(mine)?, median(theirs)?))
+        })
+        .collect();
+    let closest = medians
+        .iter()
+        .max_by(|a, b| (a.1 / a.2).total_cmp(&(b.1 / b.2)))?;
+    let met = medians.len() == peers.len() && medians.iter().all(|(_, mine, theirs)| mine < theirs);
+    let rounds: std::collections::BTreeSet<usize> = duels.iter().map(|d| d.round).collect();
+    let (mut held, mut complete) = (0, 0);
+    for round in rounds {
+        let results: Option<Vec<(f64, f64)>> = peers
+            .iter()
+            .map(|&peer| {
+                duels_of(duels, workers, proto, peer)
+                    .find(|d| d.round == round)
+                    .and_then(|d| d.both(p99))
+            })
+            .collect();
+        let Some(results) = results else { continue };
+        complete += 1;
+        if results.iter().all(|(mine, theirs)| mine < theirs) {
+            held += 1;
+        }
+    }
+    Some(vec![
+        workers.to_string(),
+        format!("p99 {} below every peer's, head to head", proto.label()),
+        format!("{:.0}", closest.1),
+        format!("{} {:.0}", closest.0.name(), closest.2),
+        if met { "met" } else { "missed" }.to_string(),
+        format!("{held}/{complete}"),
+    ])
+}
+
+/// Table 5: each duel's medians side by side.
+fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
+    if duels.is_empty() {
+        return String::new();
+    }
+    let mut table = Table::new(&[
+        "N",
+        "peer",
+        "protocol",
+        "cogmesh p50/p99/p99.9",
+        "peer p50/p99/p99.9",
+        "cogmesh÷peer p99",
+        "rounds cogmesh's p99 lower",
+    ]);
+    for &workers in &setup.workers {
+        for proto in [Proto::H1, Proto::H2c] {
+            let peers = setup
+                .kinds
+                .iter()
+                .filter(|k| !matches!(k, Kind::Direct | Kind::Cogmesh));
+            for &peer in peers.chain([&Kind::Cogmesh]) {
+                let runs: Vec<&Duel> = duels_of(duels, workers, proto, peer).collect();
+                if runs.is_empty() {
+                    continue;
+                }
+                let med = |value: fn(&Latency) -> f64| -> (Option<f64>, Option<f64>) {
+                    let (mine, theirs) = runs.iter().filter_map(|d| d.both(value)).unzip();
+                    (median(mine), median(theirs))
+                };
+                let [p50, p99, p999] = [
+                    |l: &Latency| l.p50_us,
+                    |l: &Latency| l.p99_us,
+                    |l: &Latency| l.p999_us,
+                ]
+                .map(med);
+                let mine = [p50.0, p99.0, p999.0].map(|v| opt(v, 0)).join("/");
+                let theirs = [p50.1, p99.1, p999.1].map(|v| opt(v, 0)).join("/");
+                let lower = runs
+                    .iter()
+                    .filter_map(|d| d.both(|l| l.p99_us))
+                    .filter(|(mine, theirs)| mine < theirs)
+                    .count();
+                let name = match peer {
+                    Kind::Cogmesh => "cogmesh (control)".to_string(),
+                    _ => peer.name().to_string(),
+                };
+                table.row(vec![
+                    workers.to_string(),
+                    name,
+                    proto.label().to_string(),
+                    mine,
+                    theirs,
+                    ratio(p99.0, p99.1),
+                    format!("{lower}/{}", runs.len()),
+                ]);
+            }
+        }
+    }
+    format!(
+        "\n5. Head to head — cogmesh and one peer at the same time, each under its own open loop of \
+         {} req/s ({} connections, {:.0} s), same upstream; absolute µs, median of the rounds; \
+         control: cogmesh against a second cogmesh, the method's own spread\n{}",
+        setup.rate,
+        setup.latency_connections,
+        setup.latency_secs,
         table.render()
     )
 }
@@ -405,7 +584,7 @@ fn spread(values: &[f64]) -> String {
     format!("{lo:.0}–{hi:.0}")
 }
 
-pub fn render(setup: &Setup, samples: &[Sample]) -> String {
+pub fn render(setup: &Setup, samples: &[Sample], duels: &[Duel]) -> String {
     let view = View { samples };
     let mut out = String::new();
     let rounds = format!(
@@ -589,7 +768,8 @@ pub fn render(setup: &Setup, samples: &[Sample]) -> String {
         }
     }
     out.push_str(&table.render());
-    out.push_str(&targets(setup, &view));
+    out.push_str(&targets(setup, &view, duels));
+    out.push_str(&head_to_head(setup, duels));
     let disturbed: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.foreign_cpu_cores.is_some_and(|f| f > DISTURBED_CORES))
@@ -704,7 +884,7 @@ mod tests {
         assert_eq!(view.added(1, Kind::Cogmesh, Proto::H1, |l| l.p50_us), Some(20.0));
         assert_eq!(view.added(1, Kind::Envoy, Proto::H1, |l| l.p50_us), Some(80.0));
         let setup = two_rounds_of(Kind::Envoy);
-        let text = render(&setup, &samples);
+        let text = render(&setup, &samples, &[]);
         // cogmesh adds 20 µs at p50, envoy 80: ratio 0.25; throughput 42k vs 21k: ratio 2.00.
         assert!(text.contains("0.25/"), "{text}");
         assert!(text.contains("2.00"), "{text}");
@@ -730,18 +910,8 @@ mod tests {
             sample(1, Kind::Nginx, 80.0, 42_000.0, 0.020),
         ];
         let setup = two_rounds_of(Kind::Nginx);
-        let text = render(&setup, &samples);
-        let line = |target: &str| -> Vec<String> {
-            let line = text
-                .lines()
-                .find(|l| l.contains(target))
-                .unwrap_or_else(|| panic!("no line for {target:?} in {text}"));
-            line.split("  ")
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .map(String::from)
-                .collect()
-        };
+        let text = render(&setup, &samples, &[]);
+        let line = |target: &str| cells(&text, "", target);
         // A tie is not "below": missed on the medians, held in the first round only.
         assert_eq!(
             line("added p99 HTTP/1.1"),
@@ -769,6 +939,97 @@ mod tests {
             ]
         );
         assert_eq!(line("idle RSS")[2..], ["4.0", "met", "2/2"]);
+    }
+
+    /// The cells of the first line of `text` that contains `needle`, from the line starting with
+    /// `from` on.
+    fn cells(text: &str, from: &str, needle: &str) -> Vec<String> {
+        let line = text
+            .lines()
+            .skip_while(|l| !l.starts_with(from))
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line for {needle:?} in {text}"));
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    fn duel(round: usize, peer: Kind, cogmesh_p99: f64, peer_p99: f64) -> Duel {
+        let latency = |p99_us: f64| Latency {
+            p50_us: p99_us / 2.0,
+            p99_us,
+            p999_us: p99_us * 2.0,
+            rps: 1000.0,
+            ok: 5000,
+            ..Latency::default()
+        };
+        let mut d = Duel::new(round, 1, Proto::H1, peer);
+        d.cogmesh = Some(latency(cogmesh_p99));
+        d.other = Some(latency(peer_p99));
+        d
+    }
+
+    #[test]
+    fn head_to_head_compares_each_duel_and_names_the_closest_peer() {
+        let mut setup = two_rounds_of(Kind::Nginx);
+        setup.kinds.push(Kind::Haproxy);
+        setup.kinds.sort();
+        // nginx: cogmesh lower in round 1 (400 < 500), higher in round 2 (600 > 450).
+        // HAProxy: cogmesh lower in round 1; its run of round 2 failed, which counts nowhere, so
+        // round 2 has no verdict.
+        let mut failed = duel(1, Kind::Haproxy, 1.0, 9999.0);
+        failed.error = Some("oha exited".into());
+        let duels = vec![
+            duel(0, Kind::Nginx, 400.0, 500.0),
+            duel(0, Kind::Haproxy, 300.0, 900.0),
+            duel(1, Kind::Nginx, 600.0, 450.0),
+            failed,
+            duel(0, Kind::Cogmesh, 500.0, 520.0),
+            duel(1, Kind::Cogmesh, 510.0, 490.0),
+        ];
+        let text = render(&setup, &[], &duels);
+        let cells = |needle: &str| cells(&text, "4. ", needle);
+        // nginx: medians 500 vs 475 (ratio 1.05): the closest peer, and the target is missed.
+        assert_eq!(
+            cells("head to head"),
+            [
+                "1",
+                "p99 HTTP/1.1 below every peer's, head to head",
+                "500",
+                "nginx 475",
+                "missed",
+                "1/1"
+            ]
+        );
+        assert_eq!(
+            cells("nginx  ")[2..],
+            ["HTTP/1.1", "250/500/1000", "238/475/950", "1.05", "1/2"]
+        );
+        assert_eq!(
+            cells("haproxy  ")[2..],
+            ["HTTP/1.1", "150/300/600", "450/900/1800", "0.33", "1/1"]
+        );
+        // The control is a row of table 5, not a peer of the target.
+        assert_eq!(
+            cells("cogmesh (control)")[2..],
+            ["HTTP/1.1", "252/505/1010", "252/505/1010", "1.00", "1/2"]
+        );
+    }
+
+    #[test]
+    fn head_to_head_target_needs_every_peer_below() {
+        let setup = two_rounds_of(Kind::Nginx);
+        let duels = vec![
+            duel(0, Kind::Nginx, 400.0, 500.0),
+            duel(1, Kind::Nginx, 420.0, 450.0),
+        ];
+        let text = render(&setup, &[], &duels);
+        let line = text.lines().find(|l| l.contains("head to head")).unwrap();
+        assert!(line.contains("met") && line.ends_with("2/2"), "{text}");
+        // Without duels there is neither the table nor the row.
+        assert!(!render(&setup, &[], &[]).contains("head to head"));
     }
 
     #[test]
