@@ -273,6 +273,21 @@ pub fn parse_nginx_version(text: &str) -> Option<(u32, u32, u32)> {
     ))
 }
 
+/// The upstream protocol the extra cogmesh arguments ask for (`--protocol X` or `--protocol=X`);
+/// the last one wins, as with clap.
+pub fn cogmesh_upstream_protocol(args: &[String]) -> Option<&str> {
+    let mut protocol = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if let Some(value) = arg.strip_prefix("--protocol=") {
+            protocol = Some(value);
+        } else if arg == "--protocol" {
+            protocol = args.next().map(String::as_str);
+        }
+    }
+    protocol
+}
+
 /// The nginx `listen` line for a plain-text listener; for h2c, nginx before 1.25.1 takes `http2` as
 /// a listen parameter (prior knowledge only), later versions have the `http2 on` directive.
 fn nginx_listen(version: (u32, u32, u32), addr: SocketAddr, proto: Proto) -> String {
@@ -540,8 +555,10 @@ impl Instance {
         cogmesh_args: &[String],
     ) -> Result<Instance> {
         // nginx can only proxy HTTP/1.x: its h2c case goes to the upstream's HTTP/1.1 listener.
-        let up = match kind {
-            Kind::Nginx => upstream.h1,
+        // So does cogmesh's when told to speak HTTP/1.1 upstream (and to the h2c one for HTTP/2).
+        let up = match (kind, cogmesh_upstream_protocol(cogmesh_args)) {
+            (Kind::Nginx, _) | (Kind::Cogmesh, Some("http1")) => upstream.h1,
+            (Kind::Cogmesh, Some("http2")) => upstream.h2c,
             _ => upstream.addr(proto),
         };
         if kind == Kind::Direct {
@@ -704,6 +721,24 @@ mod tests {
             Some((1, 27, 4))
         );
         assert_eq!(parse_nginx_version("nginx version: openresty"), None);
+    }
+
+    #[test]
+    fn cogmesh_upstream_protocol_reads_both_spellings_and_the_last_wins() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            cogmesh_upstream_protocol(&args(&["--protocol=http1"])),
+            Some("http1")
+        );
+        assert_eq!(
+            cogmesh_upstream_protocol(&args(&["--protocol", "http2", "--workers", "2"])),
+            Some("http2")
+        );
+        assert_eq!(
+            cogmesh_upstream_protocol(&args(&["--protocol=http2", "--protocol", "http1"])),
+            Some("http1")
+        );
+        assert_eq!(cogmesh_upstream_protocol(&args(&["--no-http1-relay"])), None);
     }
 
     #[test]
