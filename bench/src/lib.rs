@@ -108,7 +108,12 @@ pub struct Options {
     /// and a target row per protocol). Adds one latency run per peer, N and protocol and round.
     #[arg(long)]
     pub head_to_head: bool,
-    /// nginx worker processes of the upstream.
+    /// The upstream server: nginx, or `workload` (`cogmesh workload`, hyper, from
+    /// `target/release/cogmesh`: `cargo build --release -p cogmesh-control`), whose HTTP/2 sends a
+    /// response's head and data together.
+    #[arg(long, value_enum, default_value_t = UpstreamServer::Nginx)]
+    pub upstream_server: UpstreamServer,
+    /// nginx worker processes of the upstream (nginx only).
     #[arg(long, default_value_t = 1)]
     pub upstream_workers: usize,
     /// The cogmesh-proxy binary [default: <repo>/target/release/cogmesh-proxy].
@@ -123,6 +128,12 @@ pub struct Options {
     /// Also write every sample and the tables' inputs as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamServer {
+    Nginx,
+    Workload,
 }
 
 /// The settings in force once `--quick` and the defaults are applied.
@@ -245,9 +256,14 @@ pub fn run(options: &Options) -> Result<()> {
 fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir: &Path) -> Result<bool> {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "cogmesh proxy bench: {} round(s), N = {:?}, {} CPU cores, upstream nginx with {} worker(s), \
-         1 KiB body, loopback",
-        plan.rounds, plan.workers, cores, options.upstream_workers
+        "cogmesh proxy bench: {} round(s), N = {:?}, {} CPU cores, upstream {}, 1 KiB body, loopback",
+        plan.rounds,
+        plan.workers,
+        cores,
+        match options.upstream_server {
+            UpstreamServer::Nginx => format!("nginx with {} worker(s)", options.upstream_workers),
+            UpstreamServer::Workload => "cogmesh workload".to_string(),
+        }
     );
     for line in tools.versions().iter().chain(skipped) {
         println!("  {line}");
@@ -270,7 +286,19 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
         estimate.as_secs() % 60
     );
 
-    let mut upstream = Upstream::start(tools, dir, options.upstream_workers)?;
+    let mut upstream = match options.upstream_server {
+        UpstreamServer::Nginx => Upstream::start(tools, dir, options.upstream_workers)?,
+        UpstreamServer::Workload => {
+            let bin = tools.repo.join("target/release/cogmesh");
+            if !peers::is_executable(&bin) {
+                bail!(
+                    "{} not found: build it with `cargo build --release -p cogmesh-control`",
+                    bin.display()
+                );
+            }
+            Upstream::start_workload(&bin, dir)?
+        }
+    };
     let oha = Oha {
         bin: &tools.oha,
         connections: options.latency_connections,
@@ -326,7 +354,7 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
                 }
             }
         }
-        upstream.server.check_alive().context("the upstream nginx died")?;
+        upstream.server.check_alive().context("the upstream died")?;
     }
     drop(upstream);
 

@@ -490,7 +490,7 @@ static_resources:
     )
 }
 
-/// The nginx that every case ends at.
+/// The server that every case ends at: nginx, or `cogmesh workload`.
 pub struct Upstream {
     pub server: Server,
     pub h1: SocketAddr,
@@ -507,7 +507,7 @@ impl Upstream {
             &conf,
             nginx_upstream_config(dir, tools.nginx_version, workers, h1, h2c),
         )?;
-        let mut server = Server::spawn(
+        let server = Server::spawn(
             "upstream-nginx",
             Command::new(&tools.nginx)
                 .arg("-p")
@@ -518,6 +518,27 @@ impl Upstream {
                 .arg(dir.join("upstream.error.log")),
             dir,
         )?;
+        Upstream::ready(server, h1, h2c)
+    }
+
+    /// `cogmesh workload` as the upstream instead: hyper, HTTP/1.1 and h2c on one port, 1 KiB
+    /// of `x` at `/`. Its HTTP/2 sends a response's head and data in one write, where nginx's,
+    /// on a connection carrying many streams, often sends the data apart and later.
+    pub fn start_workload(bin: &Path, dir: &Path) -> Result<Upstream> {
+        let addr = loopback(free_port()?);
+        let server = Server::spawn(
+            "upstream-workload",
+            Command::new(bin)
+                .arg("workload")
+                .arg("--listen")
+                .arg(addr.to_string()),
+            dir,
+        )?;
+        Upstream::ready(server, addr, addr)
+    }
+
+    /// Once both listeners answer.
+    fn ready(mut server: Server, h1: SocketAddr, h2c: SocketAddr) -> Result<Upstream> {
         wait_ready(&mut server, Duration::from_secs(15), || {
             check_h1(h1)?;
             procs::h2c_handshake(h2c, Duration::from_secs(1))
