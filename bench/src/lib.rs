@@ -530,20 +530,36 @@ fn duel_into(
         )?;
         Ok((instance, kind_dir))
     };
-    let (mut cogmesh, cogmesh_dir) = start(Kind::Cogmesh, "cogmesh")?;
-    let (mut other, other_dir) = start(duel.peer, &format!("peer-{}", duel.peer.name()))?;
+    // Which side starts first and whose client runs on a thread of its own alternate by round:
+    // the control rows (cogmesh against cogmesh) showed the side started first and driven from
+    // the spawned thread behind in most rounds.
+    let swap = duel.round % 2 == 1;
+    let peer_name = format!("peer-{}", duel.peer.name());
+    let ((mut cogmesh, cogmesh_dir), (mut other, other_dir)) = if swap {
+        let other = start(duel.peer, &peer_name)?;
+        (start(Kind::Cogmesh, "cogmesh")?, other)
+    } else {
+        let cogmesh = start(Kind::Cogmesh, "cogmesh")?;
+        (cogmesh, start(duel.peer, &peer_name)?)
+    };
     let both = |duration: Duration| -> Result<(Latency, Latency)> {
         let run = |instance: &Instance, work_dir: &Path| {
             oha.open_loop(&instance.url(), duel.proto, options.rate, duration, work_dir)
         };
-        std::thread::scope(|scope| {
-            let mine = scope.spawn(|| run(&cogmesh, &cogmesh_dir));
-            let theirs = run(&other, &other_dir);
-            let mine = mine
+        let ((a, a_dir), (b, b_dir)) = if swap {
+            ((&other, &other_dir), (&cogmesh, &cogmesh_dir))
+        } else {
+            ((&cogmesh, &cogmesh_dir), (&other, &other_dir))
+        };
+        let (first, second) = std::thread::scope(|scope| {
+            let first = scope.spawn(|| run(a, a_dir));
+            let second = run(b, b_dir);
+            let first = first
                 .join()
                 .map_err(|_| anyhow::anyhow!("the load thread panicked"))?;
-            Ok((mine?, theirs?))
-        })
+            anyhow::Ok((first?, second?))
+        })?;
+        Ok(if swap { (second, first) } else { (first, second) })
     };
     if !plan.warmup.is_zero() {
         let (mine, theirs) = both(plan.warmup)?;
