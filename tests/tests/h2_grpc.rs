@@ -1,8 +1,8 @@
 //! HTTP/2 cleartext (prior knowledge) and gRPC through the proxy: 100 concurrent h2c streams;
 //! unary, server-, client- and bidi-streaming calls with a tonic client, and with Python grpcio
 //! as client and as server; non-OK `grpc-status` with its message passed through; upstream
-//! connections replaced and closed; uploads from both workers over one shared upstream
-//! connection; a client's reset and a drain with streams in flight.
+//! connections replaced and closed, one per worker; uploads from both workers at once; a
+//! client's reset and a drain with streams in flight.
 
 use std::process::Command;
 use std::time::Duration;
@@ -51,9 +51,10 @@ async fn h2c_with_100_concurrent_streams() {
     assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
 }
 
-/// Uploads from many client connections at once, so that with two workers both write to the
-/// one shared upstream HTTP/2 connection (the kernel spreads the eight client connections over
-/// the workers' listeners): 64 streams each send 256 KiB of their own pattern to the
+/// Uploads from many client connections at once, so that with two workers both write to
+/// their upstream HTTP/2 connections, many streams on each (the kernel spreads the eight client
+/// connections over the workers' listeners): 64 streams each send 256 KiB of their own pattern
+/// to the
 /// workload's `/echo`, past the 64 KiB stream window, and each gets exactly its bytes back.
 /// Frames written out of order, lost or mixed on the upstream connection show as a protocol
 /// error, a stream with no answer (60 s) or a body that differs. (How often two writers meet
@@ -268,6 +269,30 @@ async fn another_upstream_connection_opens_per_stream_limit() {
     concurrent_h2(&proxy, 30).await;
     let n = upstream.accepted();
     assert!((2..=8).contains(&n), "{n} upstream connections");
+}
+
+/// With two workers, each opens an HTTP/2 connection of its own to the endpoint and keeps
+/// using it: 40 h2c client connections, one request each, spread over the workers by
+/// `SO_REUSEPORT` (all 40 on one worker has odds of 2^-39), make exactly two upstream
+/// connections. A worker does not send on the other's connection, whose task (reading the
+/// responses) runs on the other worker's thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_opens_its_own_upstream_h2_connection() {
+    let upstream = counting_upstream(true, Duration::ZERO, ConnectionEnd::Never).await;
+    let proxy = Proxy::quick(&[upstream.addr], &["--workers", "2"]);
+    for i in 0..40 {
+        // A client of its own: a new TCP connection to the proxy.
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<Empty<Bytes>>();
+        let resp = client.get(proxy.url("/").parse().unwrap()).await;
+        assert_eq!(resp.expect("h2c request").status(), 200, "request {i}");
+    }
+    let n = upstream.accepted();
+    assert_eq!(
+        n, 2,
+        "{n} upstream connections for 40 h2c requests from two workers"
+    );
 }
 
 /// An HTTP/2 connection the upstream closed is replaced by the next request, which succeeds;

@@ -60,8 +60,9 @@ pub type UpstreamBody = Either<DownstreamBody, CodedBody>;
 /// The upstream connections, shared by every listener and worker thread.
 ///
 /// HTTP/1: idle keep-alive connections per endpoint (see [`pool`]), closed after the idle
-/// timeout. HTTP/2: up to [`MAX_HTTP2_CONNECTIONS`] multiplexed connections per endpoint (see
-/// [`http2`]; with TLS, [`crate::tls::client`]): a request goes on connection
+/// timeout. HTTP/2: up to [`MAX_HTTP2_CONNECTIONS`] multiplexed connections per endpoint, in
+/// plain text for each worker (see [`http2`]; with TLS, shared by the workers, see
+/// [`crate::tls::client`]): a request goes on connection
 /// `in_flight / http2_streams_per_connection` of its endpoint, so an endpoint gets another
 /// connection for every `http2_streams_per_connection` concurrent streams instead of queueing
 /// behind one connection's stream limit.
@@ -71,7 +72,7 @@ pub struct Upstreams {
     streams_per_connection: u64,
 }
 
-/// The most HTTP/2 connections to one endpoint.
+/// The most HTTP/2 connections to one endpoint (in plain text, from one worker).
 pub const MAX_HTTP2_CONNECTIONS: usize = 8;
 
 impl Upstreams {
