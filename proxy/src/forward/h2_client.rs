@@ -4,8 +4,8 @@
 //! A connection is shared by the requests of the worker that opened it, each on its own task
 //! ([`super::http2::Http2Conns`]; the code does not rely on them being on one thread), so its
 //! state is behind one lock: the frames waiting to be written, the streams (a response head,
-//! data and trailers received, windows), the peer's settings. Requests encode their HEADERS and DATA
-//! into it from their own tasks and write them to the socket themselves, with the lock
+//! data and trailers received, windows), the peer's settings. Requests encode their HEADERS and
+//! DATA into it from their own tasks and write them to the socket themselves, with the lock
 //! released and one writer at a time ([`Shared::write_out`]). One task per connection, on the
 //! worker that opened it, writes what the socket did not take, reads the endpoint's frames,
 //! decodes response heads (the HPACK decoder is that task's alone) and wakes whoever waits. A
