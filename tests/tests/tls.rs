@@ -353,6 +353,49 @@ fn mtls_between_sidecars_with_plaintext_at_both_ends() {
     );
 }
 
+/// With two workers, sidecar A opens an mTLS HTTP/2 connection of its own per worker to
+/// sidecar B and keeps using it: 40 h2c requests, each from a new curl (a new connection to A,
+/// spread over A's workers by `SO_REUSEPORT`; all 40 on one worker has odds of 2^-39), reach B
+/// over exactly two TLS connections, counted by both sides' handshakes.
+#[test]
+fn each_worker_of_a_sidecar_opens_its_own_mtls_http2_connection() {
+    let pki = Pki::new("workers");
+    let app = start_workload("tls-workers");
+    let b_dir = pki.identity("b", &spiffe("default", "server"), Validity::Current);
+    let a_dir = pki.identity("a", &spiffe("default", "client"), Validity::Current);
+    let (b, _) = inbound_sidecar(&b_dir, app.addr);
+    let (a, _) = Proxy::with_config_logged(&format!(
+        r#"
+admin: "{{admin}}"
+workers: 2
+tls: {{ identity_dir: "{dir}" }}
+listeners:
+  - {{ name: outbound, address: "{{listen}}", default_service: b }}
+services:
+  - {{ name: b, endpoints: ["{b}"], tls: {{ identity: "{id}" }} }}
+"#,
+        dir = a_dir.display(),
+        b = b.listen,
+        id = spiffe("default", "server"),
+    ));
+    for i in 0..40 {
+        let (code, out, err) = curl(&[
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            &a.url("/"),
+        ]);
+        assert_eq!(code, Some(0), "request {i}: {err}");
+        assert_eq!(out, "200 2", "request {i}");
+    }
+    let server = r#"tls_handshake_total{side="server",version="TLSv1_3"}"#;
+    let client = r#"tls_handshake_total{side="client",version="TLSv1_3"}"#;
+    assert_eq!(metric(&b, server), 2.0, "B's handshakes");
+    assert_eq!(metric(&a, client), 2.0, "A's handshakes");
+}
+
 /// An edge listener with a certificate of its own (no sidecar identity).
 #[test]
 fn curl_and_openssl_against_an_inbound_tls_listener() {

@@ -72,8 +72,8 @@ impl std::fmt::Debug for Http2Conns {
 }
 
 impl Http2Conns {
-    /// Connection `index` to `addr` (worker `w`'s `k`-th is `w * MAX_HTTP2_CONNECTIONS + k`),
-    /// opened (or reopened, when `broken` names the opening found unusable) as needed.
+    /// Connection `index` to `addr`, opened (or reopened, when `broken` names the opening
+    /// found unusable) as needed.
     fn connection(
         &self,
         index: usize,
@@ -133,8 +133,8 @@ async fn open(addr: SocketAddr, connect_timeout: Duration) -> Result<h2_client::
 }
 
 /// Sends `req` to the endpoint at `addr` (`:authority` is the URI's, else `authority`; `:path`
-/// the request's path and query) on the current worker's connection `index` of `conns` and
-/// waits for the response headers.
+/// the request's path and query) on connection `index` of `conns` (the current worker's, see
+/// [`super::Upstreams`]) and waits for the response headers.
 pub async fn send(
     conns: &Http2Conns,
     index: usize,
@@ -145,10 +145,9 @@ pub async fn send(
 ) -> Result<Response<H2Body>, ProxyError> {
     // Hop-by-hop headers, which HTTP/2 forbids, are gone already (`strip_hop_by_hop`).
     // A connection found unusable before the request went out is replaced once.
-    let slot = crate::worker::index() * super::MAX_HTTP2_CONNECTIONS + index;
     let mut broken = None;
     let connection = loop {
-        let (connecting, generation) = conns.connection(slot, addr, connect_timeout, broken);
+        let (connecting, generation) = conns.connection(index, addr, connect_timeout, broken);
         let connection = connecting.await.map_err(|cause| ProxyError::UpstreamConnect {
             endpoint: addr,
             cause,

@@ -60,19 +60,20 @@ pub type UpstreamBody = Either<DownstreamBody, CodedBody>;
 /// The upstream connections, shared by every listener and worker thread.
 ///
 /// HTTP/1: idle keep-alive connections per endpoint (see [`pool`]), closed after the idle
-/// timeout. HTTP/2: up to [`MAX_HTTP2_CONNECTIONS`] multiplexed connections per endpoint, in
-/// plain text for each worker (see [`http2`]; with TLS, shared by the workers, see
-/// [`crate::tls::client`]): a request goes on connection
-/// `in_flight / http2_streams_per_connection` of its endpoint, so an endpoint gets another
-/// connection for every `http2_streams_per_connection` concurrent streams instead of queueing
-/// behind one connection's stream limit.
+/// timeout. HTTP/2: up to [`MAX_HTTP2_CONNECTIONS`] multiplexed connections per endpoint and
+/// worker (see [`http2`]; with TLS, [`crate::tls::client`]): a request goes on its worker's
+/// connection `in_flight / http2_streams_per_connection` of its endpoint, so an endpoint gets
+/// another connection for every `http2_streams_per_connection` concurrent streams instead of
+/// queueing behind one connection's stream limit. A worker sends only on connections it
+/// opened, whose task runs on its thread: on another worker's, each request would cost two
+/// cross-thread wake-ups (see [`http2`] for what that measured).
 #[derive(Clone)]
 pub struct Upstreams {
     http1: PoolSettings,
     streams_per_connection: u64,
 }
 
-/// The most HTTP/2 connections to one endpoint (in plain text, from one worker).
+/// The most HTTP/2 connections to one endpoint from one worker.
 pub const MAX_HTTP2_CONNECTIONS: usize = 8;
 
 impl Upstreams {
@@ -97,9 +98,11 @@ impl Upstreams {
     }
 
     /// Which of an endpoint's HTTP/2 connections the next stream goes on, with `in_flight`
-    /// streams open to it.
+    /// streams open to it: the current worker's `in_flight / streams_per_connection`-th, worker
+    /// `w`'s `k`-th being `w * MAX_HTTP2_CONNECTIONS + k`.
     fn http2_index(&self, in_flight: u64) -> usize {
-        ((in_flight / self.streams_per_connection) as usize).min(MAX_HTTP2_CONNECTIONS - 1)
+        let k = ((in_flight / self.streams_per_connection) as usize).min(MAX_HTTP2_CONNECTIONS - 1);
+        crate::worker::index() * MAX_HTTP2_CONNECTIONS + k
     }
 
     /// Sends a request that is ready for the hop and waits for the response headers.
@@ -147,7 +150,8 @@ impl Upstreams {
                 .build()
                 .expect("scheme, authority and path are valid");
             *req.uri_mut() = uri;
-            let response = client.http2_clients(endpoint.addr)[index].request(req).await;
+            let clients = client.http2_clients(endpoint.addr);
+            let response = clients[index.min(clients.len() - 1)].request(req).await;
             return match response {
                 Ok(r) => Ok((r.map(Either::Left), None)),
                 Err(e) => Err(ProxyError::from_client(endpoint.addr, &e)),

@@ -133,8 +133,10 @@ impl ServiceTlsClient {
             .unwrap_or_else(|| ServerName::IpAddress(endpoint.ip().into()))
     }
 
-    /// The HTTP/2 clients of `endpoint`, one per connection it may have. hyper pools by
-    /// authority, so requests naming different authorities get connections of their own.
+    /// The HTTP/2 clients of `endpoint`, one per connection it may have: each worker has
+    /// [`crate::forward::MAX_HTTP2_CONNECTIONS`] of its own, so that a connection's task runs
+    /// on the worker that sends on it. hyper pools by authority, so requests naming different
+    /// authorities get connections of their own.
     pub fn http2_clients(&self, endpoint: SocketAddr) -> Http2Clients {
         if let Some(clients) = self.http2.load().get(&endpoint) {
             return Arc::clone(clients);
@@ -144,7 +146,7 @@ impl ServiceTlsClient {
             tls: Arc::new(self.handshaker()),
             endpoint,
         };
-        let made: Http2Clients = (0..crate::forward::MAX_HTTP2_CONNECTIONS)
+        let made: Http2Clients = (0..crate::forward::MAX_HTTP2_CONNECTIONS * crate::worker::count())
             .map(|_| {
                 Client::builder(TokioExecutor::new())
                     .http2_only(true)
@@ -247,7 +249,7 @@ fn describe(err: &std::io::Error) -> String {
     }
 }
 
-/// The HTTP/2 clients of one endpoint, one per connection it may have (see
+/// The HTTP/2 clients of one endpoint, one per connection it may have, worker by worker (see
 /// [`crate::forward::MAX_HTTP2_CONNECTIONS`]).
 pub type Http2Clients = Arc<[Client<TlsConnector, crate::forward::UpstreamBody>]>;
 
