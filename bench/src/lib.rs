@@ -24,7 +24,9 @@
 //!    target held between that round's own samples;
 //! 5. with `--head-to-head`: cogmesh and each peer at the same time, each under its own open-loop
 //!    client, so that both tails come from the same seconds of a noisy machine (and a target row
-//!    per protocol in 4).
+//!    per protocol in 4), and a sign test over the rounds: whether cogmesh was lower (or higher)
+//!    in more of them than chance. `--head-to-head-only` runs this table alone, so that enough
+//!    rounds for the test fit in the time.
 //!
 //! Everything repeats in R interleaved rounds (default 3, the proxy order rotating each round) and
 //! the tables show medians: single runs on a small machine are noisy. Ports are picked at run time
@@ -108,6 +110,11 @@ pub struct Options {
     /// and a target row per protocol). Adds one latency run per peer, N and protocol and round.
     #[arg(long)]
     pub head_to_head: bool,
+    /// Only the head-to-head runs (implies `--head-to-head`): no solo latency, throughput or
+    /// memory runs, so that many more rounds fit in the same time. Table 5 then decides between
+    /// cogmesh and each peer with a sign test over the rounds.
+    #[arg(long)]
+    pub head_to_head_only: bool,
     /// The upstream server: nginx, or `workload` (`cogmesh workload`, hyper, from
     /// `target/release/cogmesh`: `cargo build --release -p cogmesh-control`), whose HTTP/2 sends a
     /// response's head and data together.
@@ -194,7 +201,7 @@ impl Plan {
     }
 
     /// Rough wall time: load runs plus ~0.7 s of start/stop per proxy process.
-    fn estimate(&self, h2c_throughput: bool, head_to_head: bool) -> Duration {
+    fn estimate(&self, h2c_throughput: bool, head_to_head: bool, solo: bool) -> Duration {
         let per_proto = self.warmup + self.latency + Duration::from_millis(700);
         let h2c_max = if h2c_throughput {
             self.throughput
@@ -202,7 +209,11 @@ impl Plan {
             Duration::ZERO
         };
         let per_case = per_proto * 2 + self.throughput + h2c_max;
-        let cases = per_case * (self.rounds * self.workers.len() * self.kinds.len()) as u32;
+        let cases = if solo {
+            per_case * (self.rounds * self.workers.len() * self.kinds.len()) as u32
+        } else {
+            Duration::ZERO
+        };
         let duels = if head_to_head {
             let peers = self.peers().len() + 1;
             (self.warmup + self.latency + Duration::from_millis(1400))
@@ -279,7 +290,9 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
     if busy > 0.10 {
         println!("  warning: something else is using the CPU (a build?): expect noisy latency tails");
     }
-    let estimate = plan.estimate(options.h2c_throughput, options.head_to_head);
+    let solo = !options.head_to_head_only;
+    let head_to_head = options.head_to_head || options.head_to_head_only;
+    let estimate = plan.estimate(options.h2c_throughput, head_to_head, solo);
     eprintln!(
         "estimated time: about {} min {} s",
         estimate.as_secs() / 60,
@@ -316,8 +329,8 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
     for round in 0..plan.rounds {
         for &workers in &plan.workers {
             // Rotate the order each round so no proxy always runs first or right after another.
-            let mut order = plan.kinds.clone();
-            let len = order.len();
+            let mut order = if solo { plan.kinds.clone() } else { Vec::new() };
+            let len = order.len().max(1);
             order.rotate_left(round % len);
             for kind in order {
                 for proto in [Proto::H1, Proto::H2c] {
@@ -333,7 +346,7 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
                     samples.push(sample);
                 }
             }
-            if options.head_to_head {
+            if head_to_head {
                 let mut peers = plan.peers();
                 if !peers.is_empty() {
                     let len = peers.len();
@@ -369,6 +382,7 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
         connections: options.connections,
         threads: options.threads,
         h2c_throughput: options.h2c_throughput,
+        solo,
     };
     print!("{}", report::render(&setup, &samples, &duels));
     let failures: Vec<String> = samples

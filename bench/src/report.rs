@@ -238,6 +238,8 @@ pub struct Setup {
     pub connections: usize,
     pub threads: usize,
     pub h2c_throughput: bool,
+    /// Whether the solo runs (tables 1–3) were made; not with `--head-to-head-only`.
+    pub solo: bool,
 }
 
 impl Setup {
@@ -363,19 +365,24 @@ fn targets(setup: &Setup, view: &View<'_>, duels: &[Duel]) -> String {
     let rps = |s: &Sample| s.throughput.as_ref().map(|t| t.rps);
     for &workers in &setup.workers {
         for proto in [Proto::H1, Proto::H2c] {
-            let added = |kind| view.added(workers, kind, proto, |l| l.p99_us);
-            let (mine, best) = (added(Kind::Cogmesh), best_peer(&peers, added, f64::total_cmp));
-            table.row(vec![
-                workers.to_string(),
-                format!("added p99 {} below every peer's", proto.label()),
-                signed(mine),
-                best.map_or_else(|| "-".into(), |(k, v)| format!("{} {v:+.0}", k.name())),
-                verdict(mine, best.map(|b| b.1), |c, p| c < p),
-                view.rounds_held(workers, proto, &peers, p99, |c, p| c < p),
-            ]);
+            if setup.solo {
+                let added = |kind| view.added(workers, kind, proto, |l| l.p99_us);
+                let (mine, best) = (added(Kind::Cogmesh), best_peer(&peers, added, f64::total_cmp));
+                table.row(vec![
+                    workers.to_string(),
+                    format!("added p99 {} below every peer's", proto.label()),
+                    signed(mine),
+                    best.map_or_else(|| "-".into(), |(k, v)| format!("{} {v:+.0}", k.name())),
+                    verdict(mine, best.map(|b| b.1), |c, p| c < p),
+                    view.rounds_held(workers, proto, &peers, p99, |c, p| c < p),
+                ]);
+            }
             if let Some(row) = head_to_head_target(workers, proto, &peers, duels) {
                 table.row(row);
             }
+        }
+        if !setup.solo {
+            continue;
         }
         for &proto in setup.throughput_protos() {
             let median_rps = |kind| view.median(workers, kind, proto, rps);
@@ -474,6 +481,7 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
         "peer p50/p99/p99.9",
         "cogmesh÷peer p99",
         "rounds cogmesh's p99 lower",
+        "sign test",
     ]);
     for &workers in &setup.workers {
         for proto in [Proto::H1, Proto::H2c] {
@@ -498,11 +506,9 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
                 .map(med);
                 let mine = [p50.0, p99.0, p999.0].map(|v| opt(v, 0)).join("/");
                 let theirs = [p50.1, p99.1, p999.1].map(|v| opt(v, 0)).join("/");
-                let lower = runs
-                    .iter()
-                    .filter_map(|d| d.both(|l| l.p99_us))
-                    .filter(|(mine, theirs)| mine < theirs)
-                    .count();
+                let pairs: Vec<(f64, f64)> = runs.iter().filter_map(|d| d.both(|l| l.p99_us)).collect();
+                let lower = pairs.iter().filter(|(mine, theirs)| mine < theirs).count();
+                let higher = pairs.iter().filter(|(mine, theirs)| mine > theirs).count();
                 let name = match peer {
                     Kind::Cogmesh => "cogmesh (control)".to_string(),
                     _ => peer.name().to_string(),
@@ -515,6 +521,7 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
                     theirs,
                     ratio(p99.0, p99.1),
                     format!("{lower}/{}", runs.len()),
+                    sign_test_verdict(lower, higher),
                 ]);
             }
         }
@@ -522,12 +529,39 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
     format!(
         "\n5. Head to head — cogmesh and one peer at the same time, each under its own open loop of \
          {} req/s ({} connections, {:.0} s), same upstream; absolute µs, median of the rounds; \
-         control: cogmesh against a second cogmesh, the method's own spread\n{}",
+         control: cogmesh against a second cogmesh, the method's own spread; sign test: \
+         whether cogmesh's p99 was lower (or higher) in more rounds than chance gives two equal \
+         proxies, two-sided, at 5 %\n{}",
         setup.rate,
         setup.latency_connections,
         setup.latency_secs,
         table.render()
     )
+}
+
+/// The chance that two equal proxies split the rounds at least as unevenly as `lower` to
+/// `higher` (rounds with equal p99s left out): the two-sided exact sign test.
+pub fn sign_test(lower: usize, higher: usize) -> f64 {
+    let n = lower + higher;
+    let fewer = lower.min(higher);
+    // P(X <= fewer) for X ~ Binomial(n, 1/2), summed term by term: C(n, i+1) = C(n, i)(n-i)/(i+1).
+    let (mut term, mut tail) = (0.5f64.powi(n as i32), 0.0);
+    for i in 0..=fewer {
+        tail += term;
+        term *= (n - i) as f64 / (i + 1) as f64;
+    }
+    (2.0 * tail).min(1.0)
+}
+
+/// "lower" or "higher" when the sign test rejects equal proxies at 5 %, else "tie"; with p.
+fn sign_test_verdict(lower: usize, higher: usize) -> String {
+    let p = sign_test(lower, higher);
+    let word = match (p < 0.05, lower > higher) {
+        (false, _) => "tie",
+        (true, true) => "lower",
+        (true, false) => "higher",
+    };
+    format!("{word}, p {p:.3}")
 }
 
 /// The peer with the best median (first in `order`), and that median.
@@ -584,8 +618,8 @@ fn spread(values: &[f64]) -> String {
     format!("{lo:.0}–{hi:.0}")
 }
 
-pub fn render(setup: &Setup, samples: &[Sample], duels: &[Duel]) -> String {
-    let view = View { samples };
+/// Tables 1–3, from the runs of one proxy at a time.
+fn solo_tables(setup: &Setup, view: &View<'_>) -> String {
     let mut out = String::new();
     let rounds = format!(
         "median of {} round{}",
@@ -768,6 +802,15 @@ pub fn render(setup: &Setup, samples: &[Sample], duels: &[Duel]) -> String {
         }
     }
     out.push_str(&table.render());
+    out
+}
+
+pub fn render(setup: &Setup, samples: &[Sample], duels: &[Duel]) -> String {
+    let view = View { samples };
+    let mut out = String::new();
+    if setup.solo {
+        out.push_str(&solo_tables(setup, &view));
+    }
     out.push_str(&targets(setup, &view, duels));
     out.push_str(&head_to_head(setup, duels));
     let disturbed: Vec<&Sample> = samples
@@ -864,6 +907,7 @@ mod tests {
             connections: 64,
             threads: 2,
             h2c_throughput: false,
+            solo: true,
         }
     }
 
@@ -1005,16 +1049,37 @@ mod tests {
         );
         assert_eq!(
             cells("nginx  ")[2..],
-            ["HTTP/1.1", "250/500/1000", "238/475/950", "1.05", "1/2"]
+            [
+                "HTTP/1.1",
+                "250/500/1000",
+                "238/475/950",
+                "1.05",
+                "1/2",
+                "tie, p 1.000"
+            ]
         );
         assert_eq!(
             cells("haproxy  ")[2..],
-            ["HTTP/1.1", "150/300/600", "450/900/1800", "0.33", "1/1"]
+            [
+                "HTTP/1.1",
+                "150/300/600",
+                "450/900/1800",
+                "0.33",
+                "1/1",
+                "tie, p 1.000"
+            ]
         );
         // The control is a row of table 5, not a peer of the target.
         assert_eq!(
             cells("cogmesh (control)")[2..],
-            ["HTTP/1.1", "252/505/1010", "252/505/1010", "1.00", "1/2"]
+            [
+                "HTTP/1.1",
+                "252/505/1010",
+                "252/505/1010",
+                "1.00",
+                "1/2",
+                "tie, p 1.000"
+            ]
         );
     }
 
@@ -1030,6 +1095,53 @@ mod tests {
         assert!(line.contains("met") && line.ends_with("2/2"), "{text}");
         // Without duels there is neither the table nor the row.
         assert!(!render(&setup, &[], &[]).contains("head to head"));
+    }
+
+    #[test]
+    fn sign_test_is_the_exact_two_sided_binomial() {
+        // No rounds, or an even split: nothing against equal proxies.
+        assert_eq!(sign_test(0, 0), 1.0);
+        assert_eq!(sign_test(3, 3), 1.0);
+        // 4 of 4: 2 × 1/16.
+        assert!((sign_test(4, 0) - 0.125).abs() < 1e-12);
+        // 13 of 16: 2 × (1 + 16 + 120 + 560) / 65536; symmetric in its arguments.
+        let p = 2.0 * 697.0 / 65536.0;
+        assert!((sign_test(13, 3) - p).abs() < 1e-12);
+        assert!((sign_test(3, 13) - p).abs() < 1e-12);
+        assert_eq!(sign_test_verdict(13, 3), "lower, p 0.021");
+        assert_eq!(sign_test_verdict(3, 13), "higher, p 0.021");
+        assert_eq!(sign_test_verdict(11, 5), "tie, p 0.210");
+    }
+
+    #[test]
+    fn head_to_head_only_shows_the_duels_and_their_targets() {
+        let mut setup = two_rounds_of(Kind::Nginx);
+        setup.solo = false;
+        setup.rounds = 6;
+        // cogmesh lower in all 6 rounds: p = 2/64, "lower".
+        let duels: Vec<Duel> = (0..6).map(|r| duel(r, Kind::Nginx, 400.0, 500.0)).collect();
+        let text = render(&setup, &[], &duels);
+        for absent in [
+            "1. Latency added",
+            "2. Maximum throughput",
+            "3. CPU seconds",
+            "added p99",
+            "idle RSS",
+        ] {
+            assert!(!text.contains(absent), "{absent:?} in:\n{text}");
+        }
+        assert_eq!(
+            cells(&text, "4. ", "head to head"),
+            [
+                "1",
+                "p99 HTTP/1.1 below every peer's, head to head",
+                "400",
+                "nginx 500",
+                "met",
+                "6/6"
+            ]
+        );
+        assert_eq!(cells(&text, "5. ", "nginx  ")[6..], ["6/6", "lower, p 0.031"]);
     }
 
     #[test]
