@@ -561,7 +561,11 @@ fn sign_test_verdict(lower: usize, higher: usize) -> String {
         (true, true) => "lower",
         (true, false) => "higher",
     };
-    format!("{word}, p {p:.3}")
+    if p < 0.001 {
+        format!("{word}, p < 0.001")
+    } else {
+        format!("{word}, p {p:.3}")
+    }
 }
 
 /// The peer with the best median (first in `order`), and that median.
@@ -1111,6 +1115,7 @@ mod tests {
         assert_eq!(sign_test_verdict(13, 3), "lower, p 0.021");
         assert_eq!(sign_test_verdict(3, 13), "higher, p 0.021");
         assert_eq!(sign_test_verdict(11, 5), "tie, p 0.210");
+        assert_eq!(sign_test_verdict(12, 0), "lower, p < 0.001");
     }
 
     #[test]
