@@ -10,6 +10,8 @@
 #       --trace-sampling-ratio 0.01              # any extra cogmesh-proxy flags
 #   PROXIES=cogmesh PROTOCOLS=h2c bench/instructions.sh   # a subset
 #   COUNT=syscalls WORKERS=2 bench/instructions.sh        # system calls per request instead
+#   KEEP=/tmp/calls bench/instructions.sh        # keep the callgrind (or strace) files, for
+#                                                # callgrind_annotate: where the instructions go
 #
 # One nginx upstream (1 KiB body, an HTTP/1.1 and an h2c listener) and, in turn, each proxy with
 # one worker in front of it under `valgrind --tool=callgrind`; oha sends 1000 and then, in a
@@ -56,6 +58,10 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    if [ -n "${KEEP:-}" ]; then
+        mkdir -p "$KEEP"
+        cp "$WORK/$COUNT".* "$KEEP"/ 2>/dev/null || true
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
