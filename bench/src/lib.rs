@@ -245,6 +245,13 @@ pub fn run(options: &Options) -> Result<()> {
     let repo = peers::repo_root();
     let mut tools = Tools::find(&repo, options.cogmesh_bin.as_deref())?;
     let (plan, skipped) = Plan::new(options, &tools)?;
+    if options.head_to_head_only && plan.peers().is_empty() {
+        bail!(
+            "--head-to-head-only needs cogmesh and at least one of envoy, haproxy, nginx in --proxies, \
+             with their binaries{}",
+            skipped.iter().map(|s| format!("; {s}")).collect::<String>()
+        );
+    }
     let dir = std::env::temp_dir().join(format!("cogmesh-bench-{}", std::process::id()));
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     // Run every round on the same cogmesh build, even if a rebuild replaces the binary meanwhile.
