@@ -114,7 +114,7 @@ PIDS+=($!)
 # The command line of proxy $1 for protocol $2 listening on port $3 (admin on $4, cogmesh only).
 proxy_command() {
     local up=$UP_H1
-    [ "$2" = h2c ] && [ "$1" != nginx ] && up=$UP_H2C
+    [ "$2" = h2c ] && [ "$1" != nginx ] && [ "$COGMESH_UPSTREAM" != http1 ] && up=$UP_H2C
     case "$1" in
     cogmesh)
         echo "$BIN --listen 127.0.0.1:$3 --upstream 127.0.0.1:$up --admin 127.0.0.1:$4 --workers $WORKERS ${EXTRA[*]}"
@@ -171,10 +171,19 @@ count() {
     "${counter[@]}" $(proxy_command "$1" "$2" "$listen" "$admin") >"$WORK/proxy.$1.$2.$3.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
+    # Counted only once a request through the proxy gets a 200: a proxy answering 502 does other work.
+    local status=""
     for _ in $(seq 300); do
-        curl -s -o /dev/null "${client[@]/--http2/--http2-prior-knowledge}" "http://127.0.0.1:$listen/" && break
+        status=$(curl -s -o /dev/null -w '%{http_code}' "${client[@]/--http2/--http2-prior-knowledge}" \
+            "http://127.0.0.1:$listen/" || true)
+        [ "$status" = 200 ] && break
         sleep 0.2
     done
+    if [ "$status" != 200 ]; then
+        echo "instructions.sh: $1 ($2) answered ${status:-nothing} instead of 200; its log:" >&2
+        tail -5 "$WORK/proxy.$1.$2.$3.log" >&2
+        exit 1
+    fi
     "$OHA" --no-tui -n "$3" "${load[@]}" "${client[@]}" "http://127.0.0.1:$listen/" >/dev/null
     sleep 0.5
     if [ "$COUNT" = instructions ]; then
@@ -192,6 +201,16 @@ count() {
 }
 
 EXTRA=("$@")
+# With --protocol=http1, cogmesh speaks HTTP/1.1 to the upstream's HTTP/1.1 listener, as nginx does.
+COGMESH_UPSTREAM=$(python3 -c 'import sys
+a = sys.argv[1:]
+p = ""
+for i, x in enumerate(a):
+    if x.startswith("--protocol="):
+        p = x.split("=", 1)[1]
+    elif x == "--protocol" and i + 1 < len(a):
+        p = a[i + 1]
+print(p)' "$@")
 if [ "$COUNT" = instructions ]; then
     echo "Instructions per request (callgrind; totals of 5000 and 1000 requests subtracted, over 4000)"
 else
