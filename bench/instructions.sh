@@ -202,15 +202,13 @@ count() {
 
 EXTRA=("$@")
 # With --protocol=http1, cogmesh speaks HTTP/1.1 to the upstream's HTTP/1.1 listener, as nginx does.
-COGMESH_UPSTREAM=$(python3 -c 'import sys
-a = sys.argv[1:]
-p = ""
-for i, x in enumerate(a):
-    if x.startswith("--protocol="):
-        p = x.split("=", 1)[1]
-    elif x == "--protocol" and i + 1 < len(a):
-        p = a[i + 1]
-print(p)' "$@")
+COGMESH_UPSTREAM=""
+previous=""
+for arg in "$@"; do
+    case "$arg" in --protocol=*) COGMESH_UPSTREAM=${arg#--protocol=} ;; esac
+    [ "$previous" = --protocol ] && COGMESH_UPSTREAM=$arg
+    previous=$arg
+done
 if [ "$COUNT" = instructions ]; then
     echo "Instructions per request (callgrind; totals of 5000 and 1000 requests subtracted, over 4000)"
 else

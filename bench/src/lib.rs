@@ -337,8 +337,10 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
         for &workers in &plan.workers {
             // Rotate the order each round so no proxy always runs first or right after another.
             let mut order = if solo { plan.kinds.clone() } else { Vec::new() };
-            let len = order.len().max(1);
-            order.rotate_left(round % len);
+            if !order.is_empty() {
+                let len = order.len();
+                order.rotate_left(round % len);
+            }
             for kind in order {
                 for proto in [Proto::H1, Proto::H2c] {
                     let case = Case {

@@ -541,7 +541,7 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
 
 /// The chance that two equal proxies split the rounds at least as unevenly as `lower` to
 /// `higher` (rounds with equal p99s left out): the two-sided exact sign test.
-pub fn sign_test(lower: usize, higher: usize) -> f64 {
+fn sign_test(lower: usize, higher: usize) -> f64 {
     let n = lower + higher;
     let fewer = lower.min(higher);
     // P(X <= fewer) for X ~ Binomial(n, 1/2), summed term by term: C(n, i+1) = C(n, i)(n-i)/(i+1).
