@@ -539,6 +539,9 @@ fn duel_into(
         duel.peer.name(),
         duel.proto.label().replace('/', "")
     ));
+    let cogmesh_args = peers::duel_cogmesh_args(duel.peer, duel.proto, &options.cogmesh_arg);
+    duel.upstream =
+        [Kind::Cogmesh, duel.peer].map(|kind| peers::upstream_protocol(kind, duel.proto, &cogmesh_args));
     let start = |kind: Kind, name: &str| -> Result<(Instance, PathBuf)> {
         let kind_dir = case_dir.join(name);
         fs::create_dir_all(&kind_dir)?;
@@ -549,7 +552,7 @@ fn duel_into(
             upstream,
             tools,
             &kind_dir,
-            &options.cogmesh_arg,
+            &cogmesh_args,
         )?;
         Ok((instance, kind_dir))
     };

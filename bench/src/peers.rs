@@ -11,6 +11,11 @@
 //! (`http2_protocol_options` on the cluster) and HAProxy (`proto h2` on the server); nginx cannot
 //! proxy HTTP/2 to an upstream (`proxy_pass` speaks HTTP/1.x only), so its h2c case goes out over
 //! pooled HTTP/1.1.
+//!
+//! Head to head, both proxies of a duel speak the same protocol to the upstream
+//! ([`duel_cogmesh_args`]): against nginx over h2c, cogmesh goes out over HTTP/1.1 too. The
+//! upstream servers answer HTTP/2 later than HTTP/1.1, so a duel across upstream protocols would
+//! compare the upstreams, not the proxies.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -286,6 +291,34 @@ pub fn cogmesh_upstream_protocol(args: &[String]) -> Option<&str> {
         }
     }
     protocol
+}
+
+/// The protocol a proxy of `kind` speaks to the upstream when its clients speak `proto`.
+pub fn upstream_protocol(kind: Kind, proto: Proto, cogmesh_args: &[String]) -> Proto {
+    match (kind, cogmesh_upstream_protocol(cogmesh_args)) {
+        // nginx's proxy_pass speaks HTTP/1.x only.
+        (Kind::Nginx, _) | (Kind::Cogmesh, Some("http1")) => Proto::H1,
+        (Kind::Cogmesh, Some("http2")) => Proto::H2c,
+        _ => proto,
+    }
+}
+
+/// cogmesh's arguments in a duel against `peer`: the extra ones, plus the `--protocol` that makes
+/// cogmesh speak to the upstream as the peer does, unless the extra arguments choose one.
+pub fn duel_cogmesh_args(peer: Kind, proto: Proto, cogmesh_args: &[String]) -> Vec<String> {
+    let mut args = cogmesh_args.to_vec();
+    let mine = upstream_protocol(Kind::Cogmesh, proto, cogmesh_args);
+    let theirs = upstream_protocol(peer, proto, cogmesh_args);
+    if cogmesh_upstream_protocol(cogmesh_args).is_none() && mine != theirs {
+        args.push(
+            match theirs {
+                Proto::H1 => "--protocol=http1",
+                Proto::H2c => "--protocol=http2",
+            }
+            .to_string(),
+        );
+    }
+    args
 }
 
 /// The nginx `listen` line for a plain-text listener; for h2c, nginx before 1.25.1 takes `http2` as
@@ -575,13 +608,7 @@ impl Instance {
         dir: &Path,
         cogmesh_args: &[String],
     ) -> Result<Instance> {
-        // nginx can only proxy HTTP/1.x: its h2c case goes to the upstream's HTTP/1.1 listener.
-        // So does cogmesh's when told to speak HTTP/1.1 upstream (and to the h2c one for HTTP/2).
-        let up = match (kind, cogmesh_upstream_protocol(cogmesh_args)) {
-            (Kind::Nginx, _) | (Kind::Cogmesh, Some("http1")) => upstream.h1,
-            (Kind::Cogmesh, Some("http2")) => upstream.h2c,
-            _ => upstream.addr(proto),
-        };
+        let up = upstream.addr(upstream_protocol(kind, proto, cogmesh_args));
         if kind == Kind::Direct {
             return Ok(Instance {
                 kind,
@@ -760,6 +787,31 @@ mod tests {
             Some("http1")
         );
         assert_eq!(cogmesh_upstream_protocol(&args(&["--no-http1-relay"])), None);
+    }
+
+    #[test]
+    fn a_duel_puts_cogmesh_on_the_peers_upstream_protocol_unless_told_otherwise() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let none = args(&[]);
+        // nginx goes out over HTTP/1.1 whatever its clients speak; so does cogmesh against it.
+        assert_eq!(upstream_protocol(Kind::Nginx, Proto::H2c, &none), Proto::H1);
+        assert_eq!(
+            duel_cogmesh_args(Kind::Nginx, Proto::H2c, &none),
+            args(&["--protocol=http1"])
+        );
+        assert_eq!(
+            upstream_protocol(Kind::Cogmesh, Proto::H2c, &args(&["--protocol=http1"])),
+            Proto::H1
+        );
+        // Where the peer follows the client, so does cogmesh: nothing is added.
+        assert!(duel_cogmesh_args(Kind::Nginx, Proto::H1, &none).is_empty());
+        assert!(duel_cogmesh_args(Kind::Envoy, Proto::H2c, &none).is_empty());
+        assert!(duel_cogmesh_args(Kind::Haproxy, Proto::H2c, &none).is_empty());
+        assert!(duel_cogmesh_args(Kind::Cogmesh, Proto::H2c, &none).is_empty());
+        // A protocol chosen on the command line is kept, even where it differs from the peer's.
+        let h2 = args(&["--protocol", "http2"]);
+        assert_eq!(duel_cogmesh_args(Kind::Nginx, Proto::H2c, &h2), h2);
+        assert_eq!(upstream_protocol(Kind::Cogmesh, Proto::H1, &h2), Proto::H2c);
     }
 
     #[test]

@@ -104,6 +104,8 @@ pub struct Duel {
     pub workers: usize,
     pub proto: Proto,
     pub peer: Kind,
+    /// The protocol cogmesh and the peer speak to the upstream, in that order.
+    pub upstream: [Proto; 2],
     pub cogmesh: Option<Latency>,
     pub other: Option<Latency>,
     pub error: Option<String>,
@@ -116,20 +118,30 @@ impl Duel {
             workers,
             proto,
             peer,
+            upstream: [proto; 2],
             cogmesh: None,
             other: None,
             error: None,
         }
     }
 
+    /// The upstream protocol, as "h2c", or "HTTP/1.1 / h2c" (cogmesh's / the peer's) when they differ.
+    pub fn upstream_label(&self) -> String {
+        match self.upstream {
+            [mine, theirs] if mine == theirs => mine.label().to_string(),
+            [mine, theirs] => format!("{} / {}", mine.label(), theirs.label()),
+        }
+    }
+
     /// One line for the progress log.
     pub fn summary(&self) -> String {
         let mut line = format!(
-            "round {} N={} head to head {:<8} cogmesh vs {}:",
+            "round {} N={} head to head {:<8} cogmesh vs {} (upstream {}):",
             self.round + 1,
             self.workers,
             self.proto.label(),
-            self.peer.name()
+            self.peer.name(),
+            self.upstream_label()
         );
         let percentiles = |l: &Latency| format!("{:.0}/{:.0}/{:.0}", l.p50_us, l.p99_us, l.p999_us);
         if let (Some(c), Some(o)) = (&self.cogmesh, &self.other) {
@@ -477,6 +489,7 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
         "N",
         "peer",
         "protocol",
+        "upstream",
         "cogmesh p50/p99/p99.9",
         "peer p50/p99/p99.9",
         "cogmesh÷peer p99",
@@ -517,6 +530,7 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
                     workers.to_string(),
                     name,
                     proto.label().to_string(),
+                    runs[0].upstream_label(),
                     mine,
                     theirs,
                     ratio(p99.0, p99.1),
@@ -528,7 +542,8 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
     }
     format!(
         "\n5. Head to head — cogmesh and one peer at the same time, each under its own open loop of \
-         {} req/s ({} connections, {:.0} s), same upstream; absolute µs, median of the rounds; \
+         {} req/s ({} connections, {:.0} s), same upstream, spoken to in the same protocol \
+         (upstream: cogmesh's / the peer's where they differ); absolute µs, median of the rounds; \
          control: cogmesh against a second cogmesh, the method's own spread; sign test: \
          whether cogmesh's p99 was lower (or higher) in more rounds than chance gives two equal \
          proxies, two-sided, at 5 %\n{}",
@@ -1055,6 +1070,7 @@ mod tests {
             cells("nginx  ")[2..],
             [
                 "HTTP/1.1",
+                "HTTP/1.1",
                 "250/500/1000",
                 "238/475/950",
                 "1.05",
@@ -1065,6 +1081,7 @@ mod tests {
         assert_eq!(
             cells("haproxy  ")[2..],
             [
+                "HTTP/1.1",
                 "HTTP/1.1",
                 "150/300/600",
                 "450/900/1800",
@@ -1077,6 +1094,7 @@ mod tests {
         assert_eq!(
             cells("cogmesh (control)")[2..],
             [
+                "HTTP/1.1",
                 "HTTP/1.1",
                 "252/505/1010",
                 "252/505/1010",
@@ -1123,8 +1141,14 @@ mod tests {
         let mut setup = two_rounds_of(Kind::Nginx);
         setup.solo = false;
         setup.rounds = 6;
-        // cogmesh lower in all 6 rounds: p = 2/64, "lower".
-        let duels: Vec<Duel> = (0..6).map(|r| duel(r, Kind::Nginx, 400.0, 500.0)).collect();
+        // cogmesh lower in all 6 rounds: p = 2/64, "lower". Here (made up) cogmesh spoke h2c to
+        // the upstream and nginx HTTP/1.1: the upstream column says so.
+        let duels: Vec<Duel> = (0..6)
+            .map(|r| Duel {
+                upstream: [Proto::H2c, Proto::H1],
+                ..duel(r, Kind::Nginx, 400.0, 500.0)
+            })
+            .collect();
         let text = render(&setup, &[], &duels);
         for absent in [
             "1. Latency added",
@@ -1146,7 +1170,8 @@ mod tests {
                 "6/6"
             ]
         );
-        assert_eq!(cells(&text, "5. ", "nginx  ")[6..], ["6/6", "lower, p 0.031"]);
+        assert_eq!(cells(&text, "5. ", "nginx  ")[3], "h2c / HTTP/1.1");
+        assert_eq!(cells(&text, "5. ", "nginx  ")[7..], ["6/6", "lower, p 0.031"]);
     }
 
     #[test]
