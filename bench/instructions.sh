@@ -12,13 +12,15 @@
 #   COUNT=syscalls WORKERS=2 bench/instructions.sh        # system calls per request instead
 #   KEEP=/tmp/calls bench/instructions.sh        # keep the callgrind (or strace) files, for
 #                                                # callgrind_annotate: where the instructions go
+#   LOAD=closed CONNECTIONS=64 COUNT=syscalls bench/instructions.sh   # as in the throughput runs
 #
 # One nginx upstream (1 KiB body, an HTTP/1.1 and an h2c listener) and, in turn, each proxy with
 # one worker in front of it under `valgrind --tool=callgrind`; oha sends 1000 and then, in a
-# second run of a fresh proxy, 5000 requests over 4 connections. The difference of the two totals
-# over 4000 is the cost of one request, start-up and shutdown cancelled out. Each proxy speaks to
-# the upstream as in proxy-bench: HTTP/1.1 in → HTTP/1.1 out; h2c in → h2c out for cogmesh and
-# HAProxy, h2c in → HTTP/1.1 out for nginx (its proxy module speaks HTTP/1.x only). Ports are
+# second run of a fresh proxy, 5000 requests over 4 connections (CONNECTIONS=N for more). The
+# difference of the two totals over 4000 is the cost of one request, start-up and shutdown
+# cancelled out. Each proxy speaks to the upstream as in proxy-bench: HTTP/1.1 in → HTTP/1.1
+# out; h2c in → h2c out for cogmesh and HAProxy, h2c in → HTTP/1.1 out for nginx (its proxy
+# module speaks HTTP/1.x only). Ports are
 # picked at run time on 127.0.0.1; everything started is stopped on exit. Spans sent to an address
 # nobody listens on are counted as failed exports, which still includes building and encoding them.
 #
@@ -26,7 +28,8 @@
 # proxy-bench's latency runs: open loop at 1000 requests/s over 16 connections (1 and 5 s). Each
 # call costs about as much as a few thousand instructions, and a wake-up of another thread shows
 # as a `write` to its event fd and an `epoll_wait` more; WORKERS=N gives each proxy N workers
-# (cogmesh --workers, HAProxy nbthread, nginx worker_processes).
+# (cogmesh --workers, HAProxy nbthread, nginx worker_processes). LOAD=closed makes that load a
+# closed loop over CONNECTIONS connections (as proxy-bench's throughput runs, which strace slows).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,6 +39,7 @@ PROXIES="${PROXIES:-cogmesh,haproxy,nginx}"
 PROTOCOLS="${PROTOCOLS:-h1,h2c}"
 COUNT="${COUNT:-instructions}"
 WORKERS="${WORKERS:-1}"
+CONNECTIONS="${CONNECTIONS:-4}"
 case "$COUNT" in
 instructions) COUNTER=valgrind ;;
 syscalls) COUNTER=strace ;;
@@ -162,10 +166,11 @@ count() {
     [ "$2" = h2c ] && client=(--http2)
     if [ "$COUNT" = instructions ]; then
         counter=(valgrind --tool=callgrind --callgrind-out-file="$out")
-        load=(-c 4)
+        load=(-c "$CONNECTIONS")
     else
         counter=(strace -f -c -o "$out")
         load=(-c 16 -q 1000 --latency-correction)
+        [ "${LOAD:-open}" = closed ] && load=(-c "$CONNECTIONS")
     fi
     # shellcheck disable=SC2046 # the command line is split on purpose
     "${counter[@]}" $(proxy_command "$1" "$2" "$listen" "$admin") >"$WORK/proxy.$1.$2.$3.log" 2>&1 &
@@ -210,9 +215,12 @@ for arg in "$@"; do
     previous=$arg
 done
 if [ "$COUNT" = instructions ]; then
-    echo "Instructions per request (callgrind; totals of 5000 and 1000 requests subtracted, over 4000)"
+    echo "Instructions per request (callgrind, closed loop over $CONNECTIONS connections; totals of 5000" \
+        "and 1000 requests subtracted, over 4000)"
 else
-    echo "System calls per request (strace -f -c; open loop 1000/s, 16 connections; totals of 5000 and" \
+    LOAD_TEXT="open loop 1000/s, 16 connections"
+    [ "${LOAD:-open}" = closed ] && LOAD_TEXT="closed loop, $CONNECTIONS connections"
+    echo "System calls per request (strace -f -c; $LOAD_TEXT; totals of 5000 and" \
         "1000 requests subtracted, over 4000); $WORKERS worker(s) each"
 fi
 echo "cogmesh-proxy flags: ${EXTRA[*]:-(defaults)}; nginx $NGINX_VERSION; $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)"
