@@ -118,7 +118,9 @@ PIDS+=($!)
 # The command line of proxy $1 for protocol $2 listening on port $3 (admin on $4, cogmesh only).
 proxy_command() {
     local up=$UP_H1
-    [ "$2" = h2c ] && [ "$1" != nginx ] && [ "$COGMESH_UPSTREAM" != http1 ] && up=$UP_H2C
+    # nginx proxies over HTTP/1.x only; cogmesh too when its flags say --protocol=http1.
+    [ "$2" = h2c ] && [ "$1" != nginx ] && { [ "$1" != cogmesh ] || [ "$COGMESH_UPSTREAM" != http1 ]; } &&
+        up=$UP_H2C
     case "$1" in
     cogmesh)
         echo "$BIN --listen 127.0.0.1:$3 --upstream 127.0.0.1:$up --admin 127.0.0.1:$4 --workers $WORKERS ${EXTRA[*]}"
