@@ -317,6 +317,22 @@ impl View<'_> {
         median(diffs)
     }
 
+    /// (cogmesh's value, `kind`'s value) for each round in which both have one.
+    fn pairs(
+        &self,
+        workers: usize,
+        kind: Kind,
+        proto: Proto,
+        value: impl Fn(&Sample) -> Option<f64>,
+    ) -> Vec<(f64, f64)> {
+        self.of(workers, Kind::Cogmesh, proto)
+            .filter_map(|cogmesh| {
+                let theirs = self.of(workers, kind, proto).find(|s| s.round == cogmesh.round)?;
+                Some((value(cogmesh)?, value(theirs)?))
+            })
+            .collect()
+    }
+
     /// "k/m": of the m rounds in which cogmesh and every peer have a value, the k in which
     /// `holds(cogmesh's value, peer's value)` for every peer.
     fn rounds_held(
@@ -535,7 +551,7 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
                     theirs,
                     ratio(p99.0, p99.1),
                     format!("{lower}/{}", runs.len()),
-                    sign_test_verdict(lower, higher),
+                    sign_test_verdict(lower, higher, ["lower", "higher"]),
                 ]);
             }
         }
@@ -568,13 +584,14 @@ fn sign_test(lower: usize, higher: usize) -> f64 {
     (2.0 * tail).min(1.0)
 }
 
-/// "lower" or "higher" when the sign test rejects equal proxies at 5 %, else "tie"; with p.
-fn sign_test_verdict(lower: usize, higher: usize) -> String {
-    let p = sign_test(lower, higher);
-    let word = match (p < 0.05, lower > higher) {
+/// `words[0]` (cogmesh ahead in `wins` rounds) or `words[1]` (behind in `losses`) when the sign
+/// test rejects equal proxies at 5 %, else "tie"; with p.
+fn sign_test_verdict(wins: usize, losses: usize, words: [&str; 2]) -> String {
+    let p = sign_test(wins, losses);
+    let word = match (p < 0.05, wins > losses) {
         (false, _) => "tie",
-        (true, true) => "lower",
-        (true, false) => "higher",
+        (true, true) => words[0],
+        (true, false) => words[1],
     };
     if p < 0.001 {
         format!("{word}, p < 0.001")
@@ -735,7 +752,9 @@ fn solo_tables(setup: &Setup, view: &View<'_>) -> String {
         };
         let _ = writeln!(
             out,
-            "\n2. Maximum throughput, {} — closed loop, {tool} -c {}, {:.0} s; req/s, {rounds}",
+            "\n2. Maximum throughput, {} — closed loop, {tool} -c {}, {:.0} s; req/s, {rounds}; \
+             rounds cogmesh more: rounds in which cogmesh served more than the peer in that round; \
+             sign test: whether in more rounds than chance gives two equal proxies, two-sided, at 5 %",
             proto.label(),
             setup.connections,
             setup.throughput_secs
@@ -746,27 +765,40 @@ fn solo_tables(setup: &Setup, view: &View<'_>) -> String {
             "req/s",
             "×direct",
             "cogmesh÷peer",
+            "rounds cogmesh more",
+            "sign test",
             "min–max",
             "errors",
         ]);
+        let rps_of = |s: &Sample| s.throughput.as_ref().map(|t| t.rps);
         for &workers in &setup.workers {
-            let rps = |kind| view.median(workers, kind, proto, |s| s.throughput.as_ref().map(|t| t.rps));
+            let rps = |kind| view.median(workers, kind, proto, rps_of);
             for &kind in &setup.kinds {
                 let errors: u64 = view
                     .of(workers, kind, proto)
                     .filter_map(|s| s.throughput.as_ref().map(|t| t.errors))
                     .sum();
+                let (vs, more, sign) = if matches!(kind, Kind::Direct | Kind::Cogmesh) {
+                    Default::default()
+                } else {
+                    let pairs = view.pairs(workers, kind, proto, rps_of);
+                    let more = pairs.iter().filter(|(mine, theirs)| mine > theirs).count();
+                    let fewer = pairs.iter().filter(|(mine, theirs)| mine < theirs).count();
+                    (
+                        ratio(rps(Kind::Cogmesh), rps(kind)),
+                        format!("{more}/{}", pairs.len()),
+                        sign_test_verdict(more, fewer, ["more", "fewer"]),
+                    )
+                };
                 table.row(vec![
                     workers.to_string(),
                     format!("{}{}", kind.name(), failed_note(workers, kind, proto)),
                     opt(rps(kind), 0),
                     ratio(rps(kind), rps(Kind::Direct)),
-                    if kind == Kind::Direct {
-                        String::new()
-                    } else {
-                        vs_cogmesh(kind, rps(Kind::Cogmesh), rps(kind))
-                    },
-                    spread(&view.values(workers, kind, proto, |s| s.throughput.as_ref().map(|t| t.rps))),
+                    vs,
+                    more,
+                    sign,
+                    spread(&view.values(workers, kind, proto, rps_of)),
                     errors.to_string(),
                 ]);
             }
@@ -961,6 +993,48 @@ mod tests {
     }
 
     #[test]
+    fn throughput_pairs_each_round_of_a_peer_with_cogmesh_s_and_weighs_them_by_sign_test() {
+        // Seven rounds: cogmesh 50k each time; HAProxy 45k in six and 55k in one; nginx 40k in
+        // all seven, but its run of round 6 failed, which counts nowhere.
+        let mut samples = Vec::new();
+        for round in 0..7 {
+            samples.push(sample(round, Kind::Direct, 50.0, 90_000.0, 0.0));
+            samples.push(sample(round, Kind::Cogmesh, 70.0, 50_000.0, 0.02));
+            let haproxy = if round == 2 { 55_000.0 } else { 45_000.0 };
+            samples.push(sample(round, Kind::Haproxy, 70.0, haproxy, 0.02));
+            let mut nginx = sample(round, Kind::Nginx, 70.0, 40_000.0, 0.02);
+            if round == 6 {
+                nginx.error = Some("wrk exited".into());
+            }
+            samples.push(nginx);
+        }
+        let mut setup = two_rounds_of(Kind::Nginx);
+        setup.kinds.insert(2, Kind::Haproxy);
+        setup.rounds = 7;
+        let text = render(&setup, &samples, &[]);
+        let row = |needle: &str| cells(&text, "2. ", needle)[2..].to_vec();
+        // 6 of 7: p = 2 × 8/128, a tie at 5 %; 6 of 6: p = 2/64.
+        assert_eq!(
+            row("haproxy  "),
+            ["45000", "0.50", "1.11", "6/7", "tie, p 0.125", "45000–55000", "0"]
+        );
+        assert_eq!(
+            row("nginx (1 failed)"),
+            [
+                "40000",
+                "0.44",
+                "1.25",
+                "6/6",
+                "more, p 0.031",
+                "40000–40000",
+                "0"
+            ]
+        );
+        // cogmesh and direct are not compared with themselves.
+        assert_eq!(row("cogmesh  "), ["50000", "0.56", "50000–50000", "0"]);
+    }
+
+    #[test]
     fn targets_give_the_verdict_on_medians_and_count_the_rounds_each_held() {
         // cogmesh: p99 140 then 180 µs (added 40, 80: median 60); nginx 160 both (added 60).
         // Throughput: cogmesh 40k then 44k (median 42k); nginx 42k both.
@@ -1130,10 +1204,12 @@ mod tests {
         let p = 2.0 * 697.0 / 65536.0;
         assert!((sign_test(13, 3) - p).abs() < 1e-12);
         assert!((sign_test(3, 13) - p).abs() < 1e-12);
-        assert_eq!(sign_test_verdict(13, 3), "lower, p 0.021");
-        assert_eq!(sign_test_verdict(3, 13), "higher, p 0.021");
-        assert_eq!(sign_test_verdict(11, 5), "tie, p 0.210");
-        assert_eq!(sign_test_verdict(12, 0), "lower, p < 0.001");
+        let words = ["lower", "higher"];
+        assert_eq!(sign_test_verdict(13, 3, words), "lower, p 0.021");
+        assert_eq!(sign_test_verdict(3, 13, words), "higher, p 0.021");
+        assert_eq!(sign_test_verdict(11, 5, words), "tie, p 0.210");
+        assert_eq!(sign_test_verdict(12, 0, words), "lower, p < 0.001");
+        assert_eq!(sign_test_verdict(0, 12, ["more", "fewer"]), "fewer, p < 0.001");
     }
 
     #[test]
