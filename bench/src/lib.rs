@@ -50,7 +50,7 @@ use clap::Parser;
 
 use crate::load::{ClosedLoop, Latency, Oha};
 use crate::peers::{Instance, Kind, Proto, Tools, Upstream};
-use crate::report::{Duel, Sample, Setup};
+use crate::report::{Duel, RateDuel, Sample, Setup};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -115,6 +115,13 @@ pub struct Options {
     /// cogmesh and each peer with a sign test over the rounds.
     #[arg(long)]
     pub head_to_head_only: bool,
+    /// Only throughput duels (with `--head-to-head-only`, those too): for each peer, cogmesh and
+    /// the peer both running and the closed loop of `--connections` sent to each in turn,
+    /// cogmesh, peer, peer, cogmesh, `--throughput-secs` a run; HTTP/1.1, and h2c with
+    /// `--h2c-throughput`. No solo runs. Table 6 decides between cogmesh and each peer with a
+    /// sign test over the rounds, free of the drift between solo runs minutes apart.
+    #[arg(long)]
+    pub throughput_duels: bool,
     /// The upstream server: nginx, or `workload` (`cogmesh workload`, hyper, from
     /// `target/release/cogmesh`: `cargo build --release -p cogmesh-control`), whose HTTP/2 sends a
     /// response's head and data together.
@@ -201,7 +208,7 @@ impl Plan {
     }
 
     /// Rough wall time: load runs plus ~0.7 s of start/stop per proxy process.
-    fn estimate(&self, h2c_throughput: bool, head_to_head: bool, solo: bool) -> Duration {
+    fn estimate(&self, h2c_throughput: bool, head_to_head: bool, solo: bool, rate_duels: bool) -> Duration {
         let per_proto = self.warmup + self.latency + Duration::from_millis(700);
         let h2c_max = if h2c_throughput {
             self.throughput
@@ -221,7 +228,14 @@ impl Plan {
         } else {
             Duration::ZERO
         };
-        cases + duels
+        let rate_duels = if rate_duels {
+            let protos = if h2c_throughput { 2 } else { 1 };
+            (self.warmup * 2 + self.throughput * 4 + Duration::from_millis(1400))
+                * (self.rounds * self.workers.len() * protos * self.peers().len()) as u32
+        } else {
+            Duration::ZERO
+        };
+        cases + duels + rate_duels
     }
 
     /// The proxies cogmesh is compared with.
@@ -245,9 +259,9 @@ pub fn run(options: &Options) -> Result<()> {
     let repo = peers::repo_root();
     let mut tools = Tools::find(&repo, options.cogmesh_bin.as_deref())?;
     let (plan, skipped) = Plan::new(options, &tools)?;
-    if options.head_to_head_only && plan.peers().is_empty() {
+    if (options.head_to_head_only || options.throughput_duels) && plan.peers().is_empty() {
         bail!(
-            "--head-to-head-only needs cogmesh and at least one of envoy, haproxy, nginx in --proxies, \
+            "--head-to-head-only and --throughput-duels need cogmesh and at least one of envoy, haproxy, nginx in --proxies, \
              with their binaries{}",
             skipped.iter().map(|s| format!("; {s}")).collect::<String>()
         );
@@ -297,9 +311,14 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
     if busy > 0.10 {
         println!("  warning: something else is using the CPU (a build?): expect noisy latency tails");
     }
-    let solo = !options.head_to_head_only;
+    let solo = !options.head_to_head_only && !options.throughput_duels;
     let head_to_head = options.head_to_head || options.head_to_head_only;
-    let estimate = plan.estimate(options.h2c_throughput, head_to_head, solo);
+    let estimate = plan.estimate(
+        options.h2c_throughput,
+        head_to_head,
+        solo,
+        options.throughput_duels,
+    );
     eprintln!(
         "estimated time: about {} min {} s",
         estimate.as_secs() / 60,
@@ -333,6 +352,12 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut duels = Vec::new();
+    let mut rate_duels = Vec::new();
+    let rate_protos: &[Proto] = if options.h2c_throughput {
+        &[Proto::H1, Proto::H2c]
+    } else {
+        &[Proto::H1]
+    };
     for round in 0..plan.rounds {
         for &workers in &plan.workers {
             // Rotate the order each round so no proxy always runs first or right after another.
@@ -375,6 +400,26 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
                     }
                 }
             }
+            if options.throughput_duels {
+                let mut peers = plan.peers();
+                if !peers.is_empty() {
+                    let len = peers.len();
+                    peers.rotate_left(round % len);
+                }
+                for peer in peers {
+                    for &proto in rate_protos {
+                        let mut duel = RateDuel::new(round, workers, proto, peer);
+                        if let Err(err) =
+                            rate_duel_into(&mut duel, options, tools, plan, &upstream, &closed, dir)
+                        {
+                            duel.error = Some(format!("{err:#}"));
+                        }
+                        procs::check_interrupted()?;
+                        eprintln!("[{:>4.0}s] {}", started.elapsed().as_secs_f64(), duel.summary());
+                        rate_duels.push(duel);
+                    }
+                }
+            }
         }
         upstream.server.check_alive().context("the upstream died")?;
     }
@@ -393,12 +438,18 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
         h2c_throughput: options.h2c_throughput,
         solo,
     };
-    print!("{}", report::render(&setup, &samples, &duels));
+    print!("{}", report::render(&setup, &samples, &duels, &rate_duels));
     let failures: Vec<String> = samples
         .iter()
         .filter(|s| s.error.is_some())
         .map(Sample::summary)
         .chain(duels.iter().filter(|d| d.error.is_some()).map(Duel::summary))
+        .chain(
+            rate_duels
+                .iter()
+                .filter(|d| d.error.is_some())
+                .map(RateDuel::summary),
+        )
         .collect();
     if !failures.is_empty() {
         println!(
@@ -421,6 +472,7 @@ fn run_in(options: &Options, tools: &Tools, plan: &Plan, skipped: &[String], dir
             "connections": options.connections,
             "samples": samples,
             "head_to_head": duels,
+            "throughput_in_turn": rate_duels,
         });
         fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("write {}", path.display()))?;
@@ -602,6 +654,82 @@ fn duel_into(
     duel.other = Some(theirs);
     alive(&mut cogmesh)?;
     alive(&mut other)
+}
+
+/// One throughput duel: fresh cogmesh and peer processes, each warmed up by the closed loop,
+/// then measured by it in turn, cogmesh, peer, peer, cogmesh (peer first in odd rounds). A run
+/// with errors fails the duel: a proxy answering errors fast would look faster.
+#[allow(clippy::too_many_arguments)]
+fn rate_duel_into(
+    duel: &mut RateDuel,
+    options: &Options,
+    tools: &Tools,
+    plan: &Plan,
+    upstream: &Upstream,
+    closed: &ClosedLoop,
+    dir: &Path,
+) -> Result<()> {
+    let case_dir = dir.join(format!(
+        "r{}-n{}-turns-{}-{}",
+        duel.round + 1,
+        duel.workers,
+        duel.peer.name(),
+        duel.proto.label().replace('/', "")
+    ));
+    let cogmesh_args = peers::duel_cogmesh_args(duel.peer, duel.proto, &options.cogmesh_arg);
+    let mut sides = Vec::new();
+    for (kind, name) in [
+        (Kind::Cogmesh, "cogmesh".to_string()),
+        (duel.peer, format!("peer-{}", duel.peer.name())),
+    ] {
+        let kind_dir = case_dir.join(name);
+        fs::create_dir_all(&kind_dir)?;
+        let instance = Instance::start(
+            kind,
+            duel.proto,
+            duel.workers,
+            upstream,
+            tools,
+            &kind_dir,
+            &cogmesh_args,
+        )?;
+        sides.push((instance, kind_dir));
+    }
+    let run = |side: usize, duration: Duration| -> Result<f64> {
+        let (instance, work_dir) = &sides[side];
+        let throughput = closed.run(&instance.url(), duel.proto, duration, work_dir)?;
+        if throughput.errors > 0 || throughput.requests == 0 {
+            bail!(
+                "{}: {} errors in {} requests",
+                if side == 0 { "cogmesh" } else { duel.peer.name() },
+                throughput.errors,
+                throughput.requests
+            );
+        }
+        Ok(throughput.rps)
+    };
+    if !plan.warmup.is_zero() {
+        run(0, plan.warmup)?;
+        run(1, plan.warmup)?;
+    }
+    let order: [usize; 4] = if duel.round % 2 == 1 {
+        [1, 0, 0, 1]
+    } else {
+        [0, 1, 1, 0]
+    };
+    for side in order {
+        let rps = run(side, plan.throughput)?;
+        procs::check_interrupted()?;
+        if side == 0 {
+            duel.cogmesh.push(rps);
+        } else {
+            duel.other.push(rps);
+        }
+    }
+    for (instance, _) in &mut sides {
+        alive(instance)?;
+    }
+    Ok(())
 }
 
 fn alive(instance: &mut Instance) -> Result<()> {

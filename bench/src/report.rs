@@ -169,6 +169,102 @@ fn duels_of(duels: &[Duel], workers: usize, proto: Proto, peer: Kind) -> impl It
         .filter(move |d| d.workers == workers && d.proto == proto && d.peer == peer && d.error.is_none())
 }
 
+/// One throughput duel: cogmesh and one peer both running in front of the same upstream, and
+/// the same closed loop sent to each in turn, in the order cogmesh, peer, peer, cogmesh (peer
+/// first on odd rounds). A drift of the machine during the round weighs on both sides alike, so
+/// the pair of means compares the proxies where two solo runs minutes apart compare the machine.
+#[derive(Debug, Clone, Serialize)]
+pub struct RateDuel {
+    pub round: usize,
+    pub workers: usize,
+    pub proto: Proto,
+    pub peer: Kind,
+    /// Requests per second of each of cogmesh's runs, in the order they ran.
+    pub cogmesh: Vec<f64>,
+    /// The same for the peer.
+    pub other: Vec<f64>,
+    pub error: Option<String>,
+}
+
+impl RateDuel {
+    pub fn new(round: usize, workers: usize, proto: Proto, peer: Kind) -> RateDuel {
+        RateDuel {
+            round,
+            workers,
+            proto,
+            peer,
+            cogmesh: Vec::new(),
+            other: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// One line for the progress log.
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "round {} N={} throughput in turn {:<8} cogmesh vs {}:",
+            self.round + 1,
+            self.workers,
+            self.proto.label(),
+            self.peer.name(),
+        );
+        let runs = |rps: &[f64]| {
+            rps.iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = write!(line, " {} vs {} req/s", runs(&self.cogmesh), runs(&self.other));
+        if let Some(err) = &self.error {
+            let _ = write!(line, " | FAILED: {}", err.lines().next().unwrap_or_default());
+        }
+        line
+    }
+}
+
+/// A run that pairs cogmesh with one peer in a round: (cogmesh's value, the peer's value).
+trait Paired {
+    fn key(&self) -> (usize, usize, Proto, Kind);
+    fn pair(&self) -> Option<(f64, f64)>;
+}
+
+impl Paired for Duel {
+    fn key(&self) -> (usize, usize, Proto, Kind) {
+        (self.round, self.workers, self.proto, self.peer)
+    }
+
+    /// The two p99s, µs.
+    fn pair(&self) -> Option<(f64, f64)> {
+        self.both(|l| l.p99_us)
+    }
+}
+
+impl Paired for RateDuel {
+    fn key(&self) -> (usize, usize, Proto, Kind) {
+        (self.round, self.workers, self.proto, self.peer)
+    }
+
+    /// The mean requests per second of each side.
+    fn pair(&self) -> Option<(f64, f64)> {
+        let mean = |rps: &[f64]| (!rps.is_empty()).then(|| rps.iter().sum::<f64>() / rps.len() as f64);
+        match &self.error {
+            None => Some((mean(&self.cogmesh)?, mean(&self.other)?)),
+            Some(_) => None,
+        }
+    }
+}
+
+/// The pairs of one peer, N and protocol, round by round.
+fn pairs_of<T: Paired>(runs: &[T], workers: usize, proto: Proto, peer: Kind) -> Vec<(usize, (f64, f64))> {
+    runs.iter()
+        .filter(|r| {
+            let (_, w, p, k) = r.key();
+            (w, p, k) == (workers, proto, peer)
+        })
+        .filter_map(|r| Some((r.key().0, r.pair()?)))
+        .collect()
+}
+
 pub fn median(mut values: Vec<f64>) -> Option<f64> {
     values.retain(|v| v.is_finite());
     if values.is_empty() {
@@ -378,7 +474,7 @@ pub const IDLE_RSS_TARGET_MIB: f64 = 10.0;
 /// above; "rounds" counts the rounds in which the target held between that round's own samples
 /// (each proxy measured minutes apart at most), which tells a steady result from a coin toss on
 /// a noisy machine.
-fn targets(setup: &Setup, view: &View<'_>, duels: &[Duel]) -> String {
+fn targets(setup: &Setup, view: &View<'_>, duels: &[Duel], rate_duels: &[RateDuel]) -> String {
     let peers: Vec<Kind> = setup
         .kinds
         .iter()
@@ -405,7 +501,12 @@ fn targets(setup: &Setup, view: &View<'_>, duels: &[Duel]) -> String {
                     view.rounds_held(workers, proto, &peers, p99, |c, p| c < p),
                 ]);
             }
-            if let Some(row) = head_to_head_target(workers, proto, &peers, duels) {
+            let target = format!("p99 {} below every peer's, head to head", proto.label());
+            if let Some(row) = paired_target(workers, proto, &peers, duels, target, 0, |c, p| c < p) {
+                table.row(row);
+            }
+            let target = format!("throughput {} at least every peer's, in turn", proto.label());
+            if let Some(row) = paired_target(workers, proto, &peers, rate_duels, target, 0, |c, p| c >= p) {
                 table.row(row);
             }
         }
@@ -451,46 +552,62 @@ fn targets(setup: &Setup, view: &View<'_>, duels: &[Duel]) -> String {
     )
 }
 
-/// The head-to-head row of the targets: cogmesh's p99 below the peer's in every duel. The
-/// closest peer is shown (the largest median of cogmesh's p99 ÷ the peer's); the verdict is on
-/// each peer's medians, and a round holds when cogmesh was below in every duel of that round.
-fn head_to_head_target(workers: usize, proto: Proto, peers: &[Kind], duels: &[Duel]) -> Option<Vec<String>> {
-    let p99 = |l: &Latency| l.p99_us;
+/// A head-to-head row of the targets: `holds(cogmesh's value, the peer's)` against every peer.
+/// The closest peer is shown (the largest median of cogmesh's value ÷ the peer's, or the
+/// smallest when `holds` is "at least"); the verdict is on each peer's medians, and a round holds
+/// when it held against every peer in that round.
+fn paired_target<T: Paired>(
+    workers: usize,
+    proto: Proto,
+    peers: &[Kind],
+    runs: &[T],
+    target: String,
+    decimals: usize,
+    holds: fn(f64, f64) -> bool,
+) -> Option<Vec<String>> {
     let medians: Vec<(Kind, f64, f64)> = peers
         .iter()
         .filter_map(|&peer| {
-            let (mine, theirs): (Vec<f64>, Vec<f64>) = duels_of(duels, workers, proto, peer)
-                .filter_map(|d| d.both(p99))
+            let (mine, theirs): (Vec<f64>, Vec<f64>) = pairs_of(runs, workers, proto, peer)
+                .into_iter()
+                .map(|(_, pair)| pair)
                 .unzip();
             Some((peer, median(mine)?, median(theirs)?))
         })
         .collect();
-    let closest = medians
-        .iter()
-        .max_by(|a, b| (a.1 / a.2).total_cmp(&(b.1 / b.2)))?;
-    let met = medians.len() == peers.len() && medians.iter().all(|(_, mine, theirs)| mine < theirs);
-    let rounds: std::collections::BTreeSet<usize> = duels.iter().map(|d| d.round).collect();
+    // The peer for which `holds` has the least room: compare the ratios in `holds`' direction.
+    let closest = medians.iter().min_by(|a, b| {
+        let (ra, rb) = (a.1 / a.2, b.1 / b.2);
+        if holds(1.0, 2.0) {
+            rb.total_cmp(&ra)
+        } else {
+            ra.total_cmp(&rb)
+        }
+    })?;
+    let met = medians.len() == peers.len() && medians.iter().all(|(_, mine, theirs)| holds(*mine, *theirs));
+    let rounds: std::collections::BTreeSet<usize> = runs.iter().map(|r| r.key().0).collect();
     let (mut held, mut complete) = (0, 0);
     for round in rounds {
         let results: Option<Vec<(f64, f64)>> = peers
             .iter()
             .map(|&peer| {
-                duels_of(duels, workers, proto, peer)
-                    .find(|d| d.round == round)
-                    .and_then(|d| d.both(p99))
+                pairs_of(runs, workers, proto, peer)
+                    .into_iter()
+                    .find(|(r, _)| *r == round)
+                    .map(|(_, pair)| pair)
             })
             .collect();
         let Some(results) = results else { continue };
         complete += 1;
-        if results.iter().all(|(mine, theirs)| mine < theirs) {
+        if results.iter().all(|(mine, theirs)| holds(*mine, *theirs)) {
             held += 1;
         }
     }
     Some(vec![
         workers.to_string(),
-        format!("p99 {} below every peer's, head to head", proto.label()),
-        format!("{:.0}", closest.1),
-        format!("{} {:.0}", closest.0.name(), closest.2),
+        target,
+        format!("{:.decimals$}", closest.1),
+        format!("{} {:.decimals$}", closest.0.name(), closest.2),
         if met { "met" } else { "missed" }.to_string(),
         format!("{held}/{complete}"),
     ])
@@ -566,6 +683,69 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
         setup.rate,
         setup.latency_connections,
         setup.latency_secs,
+        table.render()
+    )
+}
+
+/// Table 6: the throughput duels, each peer's round means against cogmesh's.
+fn throughput_in_turn(setup: &Setup, rate_duels: &[RateDuel]) -> String {
+    if rate_duels.is_empty() {
+        return String::new();
+    }
+    let mut table = Table::new(&[
+        "N",
+        "peer",
+        "protocol",
+        "cogmesh req/s",
+        "peer req/s",
+        "cogmesh÷peer",
+        "rounds cogmesh more",
+        "sign test",
+        "failed",
+    ]);
+    for &workers in &setup.workers {
+        for proto in [Proto::H1, Proto::H2c] {
+            for &peer in setup
+                .kinds
+                .iter()
+                .filter(|k| !matches!(k, Kind::Direct | Kind::Cogmesh))
+            {
+                let failed = rate_duels
+                    .iter()
+                    .filter(|d| (d.workers, d.proto, d.peer) == (workers, proto, peer) && d.error.is_some())
+                    .count();
+                let pairs: Vec<(f64, f64)> = pairs_of(rate_duels, workers, proto, peer)
+                    .into_iter()
+                    .map(|(_, pair)| pair)
+                    .collect();
+                if pairs.is_empty() && failed == 0 {
+                    continue;
+                }
+                let more = pairs.iter().filter(|(mine, theirs)| mine > theirs).count();
+                let fewer = pairs.iter().filter(|(mine, theirs)| mine < theirs).count();
+                let (mine, theirs): (Vec<f64>, Vec<f64>) = pairs.iter().copied().unzip();
+                let (mine, theirs) = (median(mine), median(theirs));
+                table.row(vec![
+                    workers.to_string(),
+                    peer.name().to_string(),
+                    proto.label().to_string(),
+                    opt(mine, 0),
+                    opt(theirs, 0),
+                    ratio(mine, theirs),
+                    format!("{more}/{}", pairs.len()),
+                    sign_test_verdict(more, fewer, ["more", "fewer"]),
+                    failed.to_string(),
+                ]);
+            }
+        }
+    }
+    format!(
+        "\n6. Throughput in turn — cogmesh and one peer both running, the same closed loop ({} \
+         connections, {:.0} s a run) sent to each in turn, cogmesh, peer, peer, cogmesh (peer first \
+         in odd rounds); req/s: median over the rounds of each side's mean; sign test: whether \
+         cogmesh served more in more rounds than chance gives two equal proxies, two-sided, at 5 %\n{}",
+        setup.connections,
+        setup.throughput_secs,
         table.render()
     )
 }
@@ -856,14 +1036,15 @@ fn solo_tables(setup: &Setup, view: &View<'_>) -> String {
     out
 }
 
-pub fn render(setup: &Setup, samples: &[Sample], duels: &[Duel]) -> String {
+pub fn render(setup: &Setup, samples: &[Sample], duels: &[Duel], rate_duels: &[RateDuel]) -> String {
     let view = View { samples };
     let mut out = String::new();
     if setup.solo {
         out.push_str(&solo_tables(setup, &view));
     }
-    out.push_str(&targets(setup, &view, duels));
+    out.push_str(&targets(setup, &view, duels, rate_duels));
     out.push_str(&head_to_head(setup, duels));
+    out.push_str(&throughput_in_turn(setup, rate_duels));
     let disturbed: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.foreign_cpu_cores.is_some_and(|f| f > DISTURBED_CORES))
@@ -979,7 +1160,7 @@ mod tests {
         assert_eq!(view.added(1, Kind::Cogmesh, Proto::H1, |l| l.p50_us), Some(20.0));
         assert_eq!(view.added(1, Kind::Envoy, Proto::H1, |l| l.p50_us), Some(80.0));
         let setup = two_rounds_of(Kind::Envoy);
-        let text = render(&setup, &samples, &[]);
+        let text = render(&setup, &samples, &[], &[]);
         // cogmesh adds 20 µs at p50, envoy 80: ratio 0.25; throughput 42k vs 21k: ratio 2.00.
         assert!(text.contains("0.25/"), "{text}");
         assert!(text.contains("2.00"), "{text}");
@@ -1011,7 +1192,7 @@ mod tests {
         let mut setup = two_rounds_of(Kind::Nginx);
         setup.kinds.insert(2, Kind::Haproxy);
         setup.rounds = 7;
-        let text = render(&setup, &samples, &[]);
+        let text = render(&setup, &samples, &[], &[]);
         let row = |needle: &str| cells(&text, "2. ", needle)[2..].to_vec();
         // 6 of 7: p = 2 × 8/128, a tie at 5 %; 6 of 6: p = 2/64.
         assert_eq!(
@@ -1047,7 +1228,7 @@ mod tests {
             sample(1, Kind::Nginx, 80.0, 42_000.0, 0.020),
         ];
         let setup = two_rounds_of(Kind::Nginx);
-        let text = render(&setup, &samples, &[]);
+        let text = render(&setup, &samples, &[], &[]);
         let line = |target: &str| cells(&text, "", target);
         // A tie is not "below": missed on the medians, held in the first round only.
         assert_eq!(
@@ -1126,7 +1307,7 @@ mod tests {
             duel(0, Kind::Cogmesh, 500.0, 520.0),
             duel(1, Kind::Cogmesh, 510.0, 490.0),
         ];
-        let text = render(&setup, &[], &duels);
+        let text = render(&setup, &[], &duels, &[]);
         let cells = |needle: &str| cells(&text, "4. ", needle);
         // nginx: medians 500 vs 475 (ratio 1.05): the closest peer, and the target is missed.
         assert_eq!(
@@ -1186,11 +1367,11 @@ mod tests {
             duel(0, Kind::Nginx, 400.0, 500.0),
             duel(1, Kind::Nginx, 420.0, 450.0),
         ];
-        let text = render(&setup, &[], &duels);
+        let text = render(&setup, &[], &duels, &[]);
         let line = text.lines().find(|l| l.contains("head to head")).unwrap();
         assert!(line.contains("met") && line.ends_with("2/2"), "{text}");
         // Without duels there is neither the table nor the row.
-        assert!(!render(&setup, &[], &[]).contains("head to head"));
+        assert!(!render(&setup, &[], &[], &[]).contains("head to head"));
     }
 
     #[test]
@@ -1225,7 +1406,7 @@ mod tests {
                 ..duel(r, Kind::Nginx, 400.0, 500.0)
             })
             .collect();
-        let text = render(&setup, &[], &duels);
+        let text = render(&setup, &[], &duels, &[]);
         for absent in [
             "1. Latency added",
             "2. Maximum throughput",
@@ -1248,6 +1429,92 @@ mod tests {
         );
         assert_eq!(cells(&text, "5. ", "nginx  ")[3], "h2c / HTTP/1.1");
         assert_eq!(cells(&text, "5. ", "nginx  ")[7..], ["6/6", "lower, p 0.031"]);
+    }
+
+    fn rate_duel(round: usize, peer: Kind, proto: Proto, cogmesh: [f64; 2], other: [f64; 2]) -> RateDuel {
+        RateDuel {
+            cogmesh: cogmesh.to_vec(),
+            other: other.to_vec(),
+            ..RateDuel::new(round, 1, proto, peer)
+        }
+    }
+
+    #[test]
+    fn throughput_in_turn_compares_each_side_s_mean_round_by_round() {
+        let mut setup = two_rounds_of(Kind::Nginx);
+        setup.kinds.insert(2, Kind::Haproxy);
+        setup.solo = false;
+        setup.rounds = 6;
+        let mut rate_duels = Vec::new();
+        for round in 0..6 {
+            // HAProxy: cogmesh's mean 41k against 40k in every round (its runs 40k and 42k: the
+            // mean, not either run, decides). nginx: cogmesh ahead in 4, behind in 2.
+            rate_duels.push(rate_duel(
+                round,
+                Kind::Haproxy,
+                Proto::H1,
+                [40e3, 42e3],
+                [39e3, 41e3],
+            ));
+            let nginx = if round < 4 { 38e3 } else { 44e3 };
+            rate_duels.push(rate_duel(
+                round,
+                Kind::Nginx,
+                Proto::H1,
+                [41e3, 41e3],
+                [nginx, nginx],
+            ));
+        }
+        // A failed duel counts nowhere but in its column.
+        let mut failed = rate_duel(6, Kind::Nginx, Proto::H1, [1.0, 1.0], [9e9, 9e9]);
+        failed.error = Some("nginx: 3 errors in 100 requests".into());
+        rate_duels.push(failed);
+        let text = render(&setup, &[], &[], &rate_duels);
+        let row = |needle: &str| cells(&text, "6. ", needle)[2..].to_vec();
+        assert_eq!(
+            row("haproxy  "),
+            ["HTTP/1.1", "41000", "40000", "1.02", "6/6", "more, p 0.031", "0"]
+        );
+        assert_eq!(
+            row("nginx  "),
+            ["HTTP/1.1", "41000", "38000", "1.08", "4/6", "tie, p 0.688", "1"]
+        );
+        // The target: at least every peer's on the medians; the closest peer is HAProxy (1.02);
+        // a round holds when cogmesh served more than both: rounds 1–4.
+        assert_eq!(
+            cells(&text, "4. ", "in turn"),
+            [
+                "1",
+                "throughput HTTP/1.1 at least every peer's, in turn",
+                "41000",
+                "haproxy 40000",
+                "met",
+                "4/6"
+            ]
+        );
+        // No h2c duels: no h2c rows.
+        assert!(!text.contains("throughput h2c"), "{text}");
+        assert!(text
+            .lines()
+            .skip_while(|l| !l.starts_with("6. "))
+            .all(|l| !l.contains("h2c  ")));
+    }
+
+    #[test]
+    fn throughput_in_turn_misses_when_a_peer_served_more() {
+        let setup = two_rounds_of(Kind::Haproxy);
+        let rate_duels = vec![
+            rate_duel(0, Kind::Haproxy, Proto::H2c, [30e3, 30e3], [33e3, 33e3]),
+            rate_duel(1, Kind::Haproxy, Proto::H2c, [30e3, 30e3], [29e3, 29e3]),
+        ];
+        let text = render(&setup, &[], &[], &rate_duels);
+        assert_eq!(
+            cells(&text, "4. ", "in turn")[2..],
+            ["30000", "haproxy 31000", "missed", "1/2"]
+        );
+        // Without throughput duels there is neither the table nor the row.
+        let text = render(&setup, &[], &[], &[]);
+        assert!(!text.contains("in turn"), "{text}");
     }
 
     #[test]
