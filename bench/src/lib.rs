@@ -115,11 +115,11 @@ pub struct Options {
     /// cogmesh and each peer with a sign test over the rounds.
     #[arg(long)]
     pub head_to_head_only: bool,
-    /// Only throughput duels (with `--head-to-head-only`, those too): for each peer, cogmesh and
-    /// the peer both running and the closed loop of `--connections` sent to each in turn,
-    /// cogmesh, peer, peer, cogmesh, `--throughput-secs` a run; HTTP/1.1, and h2c with
-    /// `--h2c-throughput`. No solo runs. Table 6 decides between cogmesh and each peer with a
-    /// sign test over the rounds, free of the drift between solo runs minutes apart.
+    /// Throughput duels instead of the solo runs (add `--head-to-head` for the latency duels
+    /// too): for each peer, cogmesh and the peer both running and the closed loop of
+    /// `--connections` sent to each in turn, cogmesh, peer, peer, cogmesh, `--throughput-secs` a
+    /// run; HTTP/1.1, and h2c with `--h2c-throughput`. Table 6 decides between cogmesh and each
+    /// peer with a sign test over the rounds, free of the drift between solo runs a minute apart.
     #[arg(long)]
     pub throughput_duels: bool,
     /// The upstream server: nginx, or `workload` (`cogmesh workload`, hyper, from

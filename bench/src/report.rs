@@ -502,11 +502,11 @@ fn targets(setup: &Setup, view: &View<'_>, duels: &[Duel], rate_duels: &[RateDue
                 ]);
             }
             let target = format!("p99 {} below every peer's, head to head", proto.label());
-            if let Some(row) = paired_target(workers, proto, &peers, duels, target, 0, |c, p| c < p) {
+            if let Some(row) = paired_target(workers, proto, &peers, duels, target, Better::Lower) {
                 table.row(row);
             }
             let target = format!("throughput {} at least every peer's, in turn", proto.label());
-            if let Some(row) = paired_target(workers, proto, &peers, rate_duels, target, 0, |c, p| c >= p) {
+            if let Some(row) = paired_target(workers, proto, &peers, rate_duels, target, Better::AtLeast) {
                 table.row(row);
             }
         }
@@ -552,18 +552,35 @@ fn targets(setup: &Setup, view: &View<'_>, duels: &[Duel], rate_duels: &[RateDue
     )
 }
 
-/// A head-to-head row of the targets: `holds(cogmesh's value, the peer's)` against every peer.
-/// The closest peer is shown (the largest median of cogmesh's value ÷ the peer's, or the
-/// smallest when `holds` is "at least"); the verdict is on each peer's medians, and a round holds
-/// when it held against every peer in that round.
+/// Which way a paired target points.
+#[derive(Clone, Copy)]
+enum Better {
+    /// cogmesh's value below the peer's (latency).
+    Lower,
+    /// cogmesh's value at least the peer's (throughput).
+    AtLeast,
+}
+
+impl Better {
+    fn holds(self, mine: f64, theirs: f64) -> bool {
+        match self {
+            Better::Lower => mine < theirs,
+            Better::AtLeast => mine >= theirs,
+        }
+    }
+}
+
+/// A head-to-head row of the targets: the target held against every peer. The closest peer is
+/// shown (the one whose median cogmesh's is nearest to missing, by the ratio of the two); the
+/// verdict is on each peer's medians, and a round holds when the target held against every peer
+/// in that round.
 fn paired_target<T: Paired>(
     workers: usize,
     proto: Proto,
     peers: &[Kind],
     runs: &[T],
     target: String,
-    decimals: usize,
-    holds: fn(f64, f64) -> bool,
+    better: Better,
 ) -> Option<Vec<String>> {
     let medians: Vec<(Kind, f64, f64)> = peers
         .iter()
@@ -575,16 +592,15 @@ fn paired_target<T: Paired>(
             Some((peer, median(mine)?, median(theirs)?))
         })
         .collect();
-    // The peer for which `holds` has the least room: compare the ratios in `holds`' direction.
-    let closest = medians.iter().min_by(|a, b| {
-        let (ra, rb) = (a.1 / a.2, b.1 / b.2);
-        if holds(1.0, 2.0) {
-            rb.total_cmp(&ra)
-        } else {
-            ra.total_cmp(&rb)
-        }
-    })?;
-    let met = medians.len() == peers.len() && medians.iter().all(|(_, mine, theirs)| holds(*mine, *theirs));
+    let ratio_of = |m: &&(Kind, f64, f64)| m.1 / m.2;
+    let closest = match better {
+        Better::Lower => medians.iter().max_by(|a, b| ratio_of(a).total_cmp(&ratio_of(b))),
+        Better::AtLeast => medians.iter().min_by(|a, b| ratio_of(a).total_cmp(&ratio_of(b))),
+    }?;
+    let met = medians.len() == peers.len()
+        && medians
+            .iter()
+            .all(|(_, mine, theirs)| better.holds(*mine, *theirs));
     let rounds: std::collections::BTreeSet<usize> = runs.iter().map(|r| r.key().0).collect();
     let (mut held, mut complete) = (0, 0);
     for round in rounds {
@@ -599,15 +615,15 @@ fn paired_target<T: Paired>(
             .collect();
         let Some(results) = results else { continue };
         complete += 1;
-        if results.iter().all(|(mine, theirs)| holds(*mine, *theirs)) {
+        if results.iter().all(|(mine, theirs)| better.holds(*mine, *theirs)) {
             held += 1;
         }
     }
     Some(vec![
         workers.to_string(),
         target,
-        format!("{:.decimals$}", closest.1),
-        format!("{} {:.decimals$}", closest.0.name(), closest.2),
+        format!("{:.0}", closest.1),
+        format!("{} {:.0}", closest.0.name(), closest.2),
         if met { "met" } else { "missed" }.to_string(),
         format!("{held}/{complete}"),
     ])
