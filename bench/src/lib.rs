@@ -573,6 +573,62 @@ impl Case {
     }
 }
 
+/// Where and how the two processes of a duel start: the duel's directory, and cogmesh's
+/// arguments for the peer's upstream protocol.
+struct DuelSide {
+    case_dir: PathBuf,
+    proto: Proto,
+    workers: usize,
+    cogmesh_args: Vec<String>,
+}
+
+impl DuelSide {
+    /// `tag` names the kind of duel in the directory, e.g. `r3-n1-h2h-nginx-HTTP1.1`.
+    fn new(
+        dir: &Path,
+        tag: &str,
+        round: usize,
+        workers: usize,
+        proto: Proto,
+        peer: Kind,
+        options: &Options,
+    ) -> DuelSide {
+        DuelSide {
+            case_dir: dir.join(format!(
+                "r{}-n{workers}-{tag}-{}-{}",
+                round + 1,
+                peer.name(),
+                proto.label().replace('/', "")
+            )),
+            proto,
+            workers,
+            cogmesh_args: peers::duel_cogmesh_args(peer, proto, &options.cogmesh_arg),
+        }
+    }
+
+    /// A fresh `kind` process in the subdirectory `name`, and that directory.
+    fn start(
+        &self,
+        kind: Kind,
+        name: &str,
+        upstream: &Upstream,
+        tools: &Tools,
+    ) -> Result<(Instance, PathBuf)> {
+        let kind_dir = self.case_dir.join(name);
+        fs::create_dir_all(&kind_dir)?;
+        let instance = Instance::start(
+            kind,
+            self.proto,
+            self.workers,
+            upstream,
+            tools,
+            &kind_dir,
+            &self.cogmesh_args,
+        )?;
+        Ok((instance, kind_dir))
+    }
+}
+
 /// One head-to-head run: fresh cogmesh and peer processes, warmed up and then measured at the
 /// same time, each by an oha of its own.
 fn duel_into(
@@ -584,30 +640,18 @@ fn duel_into(
     oha: &Oha,
     dir: &Path,
 ) -> Result<()> {
-    let case_dir = dir.join(format!(
-        "r{}-n{}-h2h-{}-{}",
-        duel.round + 1,
+    let side = DuelSide::new(
+        dir,
+        "h2h",
+        duel.round,
         duel.workers,
-        duel.peer.name(),
-        duel.proto.label().replace('/', "")
-    ));
-    let cogmesh_args = peers::duel_cogmesh_args(duel.peer, duel.proto, &options.cogmesh_arg);
+        duel.proto,
+        duel.peer,
+        options,
+    );
     duel.upstream =
-        [Kind::Cogmesh, duel.peer].map(|kind| peers::upstream_protocol(kind, duel.proto, &cogmesh_args));
-    let start = |kind: Kind, name: &str| -> Result<(Instance, PathBuf)> {
-        let kind_dir = case_dir.join(name);
-        fs::create_dir_all(&kind_dir)?;
-        let instance = Instance::start(
-            kind,
-            duel.proto,
-            duel.workers,
-            upstream,
-            tools,
-            &kind_dir,
-            &cogmesh_args,
-        )?;
-        Ok((instance, kind_dir))
-    };
+        [Kind::Cogmesh, duel.peer].map(|kind| peers::upstream_protocol(kind, duel.proto, &side.cogmesh_args));
+    let start = |kind: Kind, name: &str| side.start(kind, name, upstream, tools);
     // Which side starts first and whose client runs on a thread of its own alternate by round:
     // the control rows (cogmesh against cogmesh) showed the side started first and driven from
     // the spawned thread behind in most rounds.
@@ -669,32 +713,19 @@ fn rate_duel_into(
     closed: &ClosedLoop,
     dir: &Path,
 ) -> Result<()> {
-    let case_dir = dir.join(format!(
-        "r{}-n{}-turns-{}-{}",
-        duel.round + 1,
+    let side = DuelSide::new(
+        dir,
+        "turns",
+        duel.round,
         duel.workers,
-        duel.peer.name(),
-        duel.proto.label().replace('/', "")
-    ));
-    let cogmesh_args = peers::duel_cogmesh_args(duel.peer, duel.proto, &options.cogmesh_arg);
-    let mut sides = Vec::new();
-    for (kind, name) in [
-        (Kind::Cogmesh, "cogmesh".to_string()),
-        (duel.peer, format!("peer-{}", duel.peer.name())),
-    ] {
-        let kind_dir = case_dir.join(name);
-        fs::create_dir_all(&kind_dir)?;
-        let instance = Instance::start(
-            kind,
-            duel.proto,
-            duel.workers,
-            upstream,
-            tools,
-            &kind_dir,
-            &cogmesh_args,
-        )?;
-        sides.push((instance, kind_dir));
-    }
+        duel.proto,
+        duel.peer,
+        options,
+    );
+    let mut sides = vec![
+        side.start(Kind::Cogmesh, "cogmesh", upstream, tools)?,
+        side.start(duel.peer, &format!("peer-{}", duel.peer.name()), upstream, tools)?,
+    ];
     let run = |side: usize, duration: Duration| -> Result<f64> {
         let (instance, work_dir) = &sides[side];
         let throughput = closed.run(&instance.url(), duel.proto, duration, work_dir)?;

@@ -669,8 +669,7 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
                 let mine = [p50.0, p99.0, p999.0].map(|v| opt(v, 0)).join("/");
                 let theirs = [p50.1, p99.1, p999.1].map(|v| opt(v, 0)).join("/");
                 let pairs: Vec<(f64, f64)> = runs.iter().filter_map(|d| d.both(|l| l.p99_us)).collect();
-                let lower = pairs.iter().filter(|(mine, theirs)| mine < theirs).count();
-                let higher = pairs.iter().filter(|(mine, theirs)| mine > theirs).count();
+                let (lower, sign) = rounds_ahead(&pairs, Better::Lower);
                 let name = match peer {
                     Kind::Cogmesh => "cogmesh (control)".to_string(),
                     _ => peer.name().to_string(),
@@ -684,7 +683,7 @@ fn head_to_head(setup: &Setup, duels: &[Duel]) -> String {
                     theirs,
                     ratio(p99.0, p99.1),
                     format!("{lower}/{}", runs.len()),
-                    sign_test_verdict(lower, higher, ["lower", "higher"]),
+                    sign,
                 ]);
             }
         }
@@ -737,8 +736,7 @@ fn throughput_in_turn(setup: &Setup, rate_duels: &[RateDuel]) -> String {
                 if pairs.is_empty() && failed == 0 {
                     continue;
                 }
-                let more = pairs.iter().filter(|(mine, theirs)| mine > theirs).count();
-                let fewer = pairs.iter().filter(|(mine, theirs)| mine < theirs).count();
+                let (more, sign) = rounds_ahead(&pairs, Better::AtLeast);
                 let (mine, theirs): (Vec<f64>, Vec<f64>) = pairs.iter().copied().unzip();
                 let (mine, theirs) = (median(mine), median(theirs));
                 table.row(vec![
@@ -749,7 +747,7 @@ fn throughput_in_turn(setup: &Setup, rate_duels: &[RateDuel]) -> String {
                     opt(theirs, 0),
                     ratio(mine, theirs),
                     format!("{more}/{}", pairs.len()),
-                    sign_test_verdict(more, fewer, ["more", "fewer"]),
+                    sign,
                     failed.to_string(),
                 ]);
             }
@@ -778,6 +776,17 @@ fn sign_test(lower: usize, higher: usize) -> f64 {
         term *= (n - i) as f64 / (i + 1) as f64;
     }
     (2.0 * tail).min(1.0)
+}
+
+/// Of (cogmesh's, the peer's) pairs, the rounds in which cogmesh was ahead (lower, or more), and
+/// the sign test's verdict on ahead against behind (equal rounds left out).
+fn rounds_ahead(pairs: &[(f64, f64)], better: Better) -> (usize, String) {
+    let count = |cmp: fn(&f64, &f64) -> bool| pairs.iter().filter(|(mine, theirs)| cmp(mine, theirs)).count();
+    let (below, above) = (count(f64::lt), count(f64::gt));
+    match better {
+        Better::Lower => (below, sign_test_verdict(below, above, ["lower", "higher"])),
+        Better::AtLeast => (above, sign_test_verdict(above, below, ["more", "fewer"])),
+    }
 }
 
 /// `words[0]` (cogmesh ahead in `wins` rounds) or `words[1]` (behind in `losses`) when the sign
@@ -978,12 +987,11 @@ fn solo_tables(setup: &Setup, view: &View<'_>) -> String {
                     Default::default()
                 } else {
                     let pairs = view.pairs(workers, kind, proto, rps_of);
-                    let more = pairs.iter().filter(|(mine, theirs)| mine > theirs).count();
-                    let fewer = pairs.iter().filter(|(mine, theirs)| mine < theirs).count();
+                    let (more, sign) = rounds_ahead(&pairs, Better::AtLeast);
                     (
                         ratio(rps(Kind::Cogmesh), rps(kind)),
                         format!("{more}/{}", pairs.len()),
-                        sign_test_verdict(more, fewer, ["more", "fewer"]),
+                        sign,
                     )
                 };
                 table.row(vec![
