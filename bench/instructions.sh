@@ -40,6 +40,7 @@ PROTOCOLS="${PROTOCOLS:-h1,h2c}"
 COUNT="${COUNT:-instructions}"
 WORKERS="${WORKERS:-1}"
 CONNECTIONS="${CONNECTIONS:-4}"
+LOAD="${LOAD:-open}"
 case "$COUNT" in
 instructions) COUNTER=valgrind ;;
 syscalls) COUNTER=strace ;;
@@ -172,7 +173,7 @@ count() {
     else
         counter=(strace -f -c -o "$out")
         load=(-c 16 -q 1000 --latency-correction)
-        [ "${LOAD:-open}" = closed ] && load=(-c "$CONNECTIONS")
+        [ "$LOAD" = closed ] && load=(-c "$CONNECTIONS")
     fi
     # shellcheck disable=SC2046 # the command line is split on purpose
     "${counter[@]}" $(proxy_command "$1" "$2" "$listen" "$admin") >"$WORK/proxy.$1.$2.$3.log" 2>&1 &
@@ -221,7 +222,7 @@ if [ "$COUNT" = instructions ]; then
         "and 1000 requests subtracted, over 4000)"
 else
     LOAD_TEXT="open loop 1000/s, 16 connections"
-    [ "${LOAD:-open}" = closed ] && LOAD_TEXT="closed loop, $CONNECTIONS connections"
+    [ "$LOAD" = closed ] && LOAD_TEXT="closed loop, $CONNECTIONS connections"
     echo "System calls per request (strace -f -c; $LOAD_TEXT; totals of 5000 and" \
         "1000 requests subtracted, over 4000); $WORKERS worker(s) each"
 fi

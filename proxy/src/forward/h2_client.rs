@@ -23,7 +23,7 @@
 //! on the lock while another writes (futex calls 0.2–0.6 → 0.01 per request). Batching the
 //! writes of a burst (`LOAD=closed CONNECTIONS=64 COUNT=syscalls`): 3.14 → 2.22 system calls
 //! per request (HAProxy 2.45), and h2c throughput (h2load, 64 connections, one worker) from
-//! 0.80 to 1.19 of HAProxy's.
+//! 0.80 of HAProxy's to parity (0.95–1.19 over runs; in turn, `--throughput-duels`, 1.00).
 
 use std::collections::VecDeque;
 use std::future::Future;
